@@ -1,0 +1,24 @@
+"""umt_fast: a fast engine for Unmasked-Teacher (UMT) video pre-training.
+
+torch is deliberately not pinned: clusters bring their own build (>= 2.6).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="umt_fast",
+    version="0.1.0",
+    description="Fast Unmasked-Teacher (UMT) video foundation-model training",
+    python_requires=">=3.10",
+    packages=find_packages(include=["umt_fast", "umt_fast.*"]) + ["umt_kernels"],
+    package_dir={"umt_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "numpy",
+        "av>=12",
+        "pyyaml",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "scikit-video"],
+        "gpu": [],
+    },
+)
