@@ -16,6 +16,7 @@ setup(
         "numpy",
         "av>=12",
         "pyyaml",
+        "timm",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "scikit-video"],

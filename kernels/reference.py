@@ -1,0 +1,142 @@
+"""Plain-PyTorch reference implementations of every umt_kernels op.
+
+Each function here has the same signature and semantics as the public op in
+``umt_kernels``; the fused Triton kernels are tested against these. They run on any
+device, contain no host synchronisation, and keep every shape static.
+
+Shape legend: G groups (e.g. frames or clips), N items per group, K kept items,
+H heads, D head dim, C channels, B batch, T frames, L aligned layers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_UINT63 = (1 << 63) - 1
+
+
+def philox_seed(seed: int, offset: int) -> int:
+    """Mixes (seed, offset) into one 63-bit generator seed (splitmix64 finaliser).
+
+    Both are Python ints, so this never touches the device.
+    """
+    z = (seed * 0x9E3779B97F4A7C15 + offset + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & _UINT63
+
+
+def uniform_noise(shape: tuple[int, ...], *, seed: int, offset: int, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) float32 noise that depends only on (seed, offset, shape, device type)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(philox_seed(seed, offset))
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def sample_without_replacement(
+    weights_GN: torch.Tensor,
+    k: int,
+    *,
+    seed: int,
+    offset: int = 0,
+    mode: str = "weighted",
+) -> torch.Tensor:
+    """Draws k of N items per group without replacement; returns sorted indices.
+
+    Gumbel-top-k: keeping the k largest of ``log(w) + Gumbel`` is exactly sequential
+    sampling without replacement with probabilities proportional to ``w``.
+
+    Args:
+        weights_GN: [G, N] non-negative weights (any float dtype; need not sum to 1).
+            Items with weight 0 are drawn only if fewer than k items have positive weight.
+            In ``uniform`` mode only the shape and device are used.
+        k: items to keep per group, 1 <= k <= N.
+        seed, offset: the randomness; the same (seed, offset, shape) gives the same draw.
+        mode: ``"weighted"`` (probability proportional to weights) or ``"uniform"``.
+
+    Returns:
+        idx_GK: [G, k] int64, ascending within each row, no duplicates.
+    """
+    if weights_GN.dim() != 2:
+        raise ValueError(f"weights_GN must be 2-D [G, N], got shape {tuple(weights_GN.shape)}")
+    num_items = weights_GN.shape[1]
+    if not 1 <= k <= num_items:
+        raise ValueError(f"k must be in [1, N={num_items}], got {k}")
+    if mode not in ("weighted", "uniform"):
+        raise ValueError(f"mode must be 'weighted' or 'uniform', got {mode!r}")
+    u = uniform_noise(tuple(weights_GN.shape), seed=seed, offset=offset, device=weights_GN.device)
+    if mode == "uniform":
+        keys = u
+    else:
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+        keys = torch.log(weights_GN.float()) + gumbel
+    idx = torch.topk(keys, k, dim=1, sorted=False).indices
+    return idx.sort(dim=1).values
+
+
+def cls_attention(q_cls_GHD: torch.Tensor, k_GHND: torch.Tensor, scale: float) -> torch.Tensor:
+    """Heads-averaged softmax attention of one (CLS) query over N keys.
+
+    Args:
+        q_cls_GHD: [G, H, D] the CLS query of each group (unscaled).
+        k_GHND: [G, H, N, D] keys.
+        scale: logit scale, usually 1/sqrt(D).
+
+    Returns:
+        [G, N] float32: softmax over N of scale * <q, k>, averaged over H.
+        No N x N matrix is formed.
+    """
+    logits_GHN = torch.einsum("ghd,ghnd->ghn", q_cls_GHD.float(), k_GHND.float()) * scale
+    return logits_GHN.softmax(dim=-1).mean(dim=1)
+
+
+def gather_rows(x_GNC: torch.Tensor, idx_GK: torch.Tensor) -> torch.Tensor:
+    """x_GNC [G, N, C], idx_GK [G, K] int64 -> [G, K, C]; gradients scatter-add back into x."""
+    return torch.gather(x_GNC, 1, idx_GK.unsqueeze(-1).expand(-1, -1, x_GNC.shape[-1]))
+
+
+def select_and_gather(
+    scores_GN: torch.Tensor, x_GNC: torch.Tensor, k: int, *, seed: int, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples k rows per group by ``scores`` (weighted, without replacement) and gathers them.
+
+    Returns ``(idx_GK [G, k] int64 sorted, x_GKC [G, k, C])``.
+    """
+    idx_GK = sample_without_replacement(scores_GN, k, seed=seed, offset=offset)
+    return idx_GK, gather_rows(x_GNC, idx_GK)
+
+
+def gather_patches(video_BCTHW: torch.Tensor, idx_BK: torch.Tensor, patch: int) -> torch.Tensor:
+    """Raw pixels of only the kept patches (im2col restricted to the visible set).
+
+    Args:
+        video_BCTHW: [B, C, T, H, W] with H and W divisible by ``patch``.
+        idx_BK: [B, K] int64 token indices t * (H/p * W/p) + h * (W/p) + w.
+        patch: patch side p (tubelet size 1).
+
+    Returns:
+        [B, K, C * p * p], each row flattened in (c, ph, pw) order: the order of a
+        Conv3d(kernel=(1, p, p)) weight flattened to [C_out, C*p*p].
+    """
+    B, C, T, H, W = video_BCTHW.shape
+    if H % patch or W % patch:
+        raise ValueError(f"frame size {H}x{W} is not divisible by patch size {patch}")
+    gh, gw = H // patch, W // patch
+    patches = (
+        video_BCTHW.reshape(B, C, T, gh, patch, gw, patch)
+        .permute(0, 2, 3, 5, 1, 4, 6)
+        .reshape(B, T * gh * gw, C * patch * patch)
+    )
+    return gather_rows(patches, idx_BK)
+
+
+def alignment_loss(student_LBNC: torch.Tensor, teacher_LBNC: torch.Tensor) -> torch.Tensor:
+    """UMT's unmasked-token alignment loss: mean over L, B, N of 2 - 2 cos(s, t).
+
+    Both inputs are normalised again here (a no-op up to rounding for the unit vectors the
+    models emit), so the value is a true cosine distance; accumulation is in fp32.
+    Returns a 0-dim float32 tensor.
+    """
+    s = F.normalize(student_LBNC.float(), dim=-1)
+    t = F.normalize(teacher_LBNC.float(), dim=-1)
+    return (2.0 - 2.0 * (s * t).sum(dim=-1)).mean()

@@ -1,0 +1,143 @@
+"""Student and teacher against the independent reference forward (tests/umt_reference.py)."""
+import pytest
+import torch
+
+from tests import umt_reference as ref
+from umt_fast import interop
+from umt_fast.masking import sample_visible_tokens
+from umt_fast.models.teacher import resize_clip_pos_embed
+
+T, IMG, PATCH = 2, 64, 16  # 2 frames of a 4x4 grid: 32 tokens
+
+
+def _video(B=2, T=T, img=IMG, seed=0, dtype=torch.float32):
+    return torch.randn(B, 3, T, img, img, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _visible(B, num_frames, patches, n_vis, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(num_frames * patches, generator=g)[:n_vis].sort().values for _ in range(B)])
+
+
+@pytest.mark.parametrize("wrapper", [None, "model", "module"])
+def test_student_matches_reference_fp32(tmp_path, wrapper):
+    sd = ref.random_student_state_dict(width=128, depth=3, heads=2, K=2, teacher_dim=48, seed=1)
+    path = tmp_path / "stage1.pth"
+    torch.save(sd if wrapper is None else {wrapper: sd, "epoch": 3}, path)
+    student = interop.load_student(path, num_frames=T, img_size=IMG, patch_size=PATCH)
+    assert not student.training
+    assert (student.arch.width, student.arch.depth, student.arch.heads) == (128, 3, 2)
+    assert (student.arch.return_layers, student.arch.teacher_dim) == (2, 48)
+
+    video = _video()
+    idx = _visible(2, T, 16, 7)
+    with torch.no_grad():
+        ours = student(video, idx)
+    expected = ref.student_forward(sd, video.double(), ref.bool_mask_from_indices(idx, T * 16), heads=2)
+    assert ours.shape == (2, 2, 7, 48)
+    torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.norm(dim=-1), torch.ones(2, 2, 7), atol=1e-5, rtol=0)
+
+
+def test_student_fp64_is_exact_to_reference():
+    sd = ref.random_student_state_dict(width=64, depth=2, heads=1, K=2, teacher_dim=32, seed=2)
+    student = interop.load_student(sd, num_frames=T, img_size=IMG).double()
+    video, idx = _video(dtype=torch.float64, seed=3), _visible(2, T, 16, 9, seed=4)
+    with torch.no_grad():
+        ours = student(video, idx)
+    expected = ref.student_forward(sd, video, ref.bool_mask_from_indices(idx, T * 16), heads=1)
+    torch.testing.assert_close(ours, expected, atol=1e-10, rtol=0)
+
+
+def test_student_gradients_reach_only_used_parameters():
+    sd = ref.random_student_state_dict(width=64, depth=2, heads=1, K=1, teacher_dim=32)
+    student = interop.load_student(sd, num_frames=T, img_size=IMG).train()
+    out = student(_video(), _visible(2, T, 16, 5))
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+    assert not any(n.endswith("pos_embed") for n in student.state_dict()), "sin-cos tables are not saved"
+
+
+@pytest.mark.parametrize(
+    "patch,res,file_grid,student_img",
+    [(16, 64, 4, 64),  # B/16 style: teacher at the student's resolution
+     (14, 56, 5, 64)],  # L/14 style: 196-px-like teacher, pos embed interpolated from a larger grid
+)
+def test_teacher_matches_reference(tmp_path, patch, res, file_grid, student_img):
+    sd = ref.random_clip_visual_state_dict(width=128, layers=3, patch=patch, output_dim=40, grid=file_grid, seed=5)
+    path = tmp_path / "clip_visual.pth"
+    torch.save({f"visual.{k}": v for k, v in sd.items()} | {"text_projection": torch.zeros(3, 3)}, path)
+    teacher = interop.load_teacher(path, input_resolution=res, return_layers=2)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+    video = _video(img=student_img, seed=6)
+    grid = res // patch
+    out = teacher(video)
+    idx = _visible(2, T, grid * grid, 6, seed=7)
+    targets = out.targets(idx)
+
+    sd_resized = dict(sd, positional_embedding=resize_clip_pos_embed(sd["positional_embedding"], grid))
+    full, attn = ref.teacher_forward(sd_resized, video.double(), res, return_layers=2)
+    expected_targets = torch.gather(full, 2, idx[None, :, :, None].expand(2, -1, -1, full.shape[-1]))
+    assert out.cls_attn.shape == (2, T, grid * grid)
+    torch.testing.assert_close(out.cls_attn.double(), attn.view(2, T, -1), atol=1e-5, rtol=0)
+    assert targets.shape == (2, 2, 6, 40)
+    torch.testing.assert_close(targets.double(), expected_targets, atol=1e-4, rtol=0)
+    assert (out.cls_attn.sum(-1) < 1).all(), "CLS-attention rows are not renormalised"
+
+
+def test_pos_embed_resize_is_bicubic_over_the_patch_grid():
+    W, g0, g = 8, 16, 14
+    pos = torch.randn(1 + g0 * g0, W, dtype=torch.float64)
+    resized = resize_clip_pos_embed(pos, g)
+    img = pos[1:].reshape(g0, g0, W).permute(2, 0, 1)[None]
+    expected = torch.nn.functional.interpolate(img, size=(g, g), mode="bicubic", align_corners=False)
+    assert resized.shape == (1 + g * g, W)
+    torch.testing.assert_close(resized[0], pos[0])
+    torch.testing.assert_close(resized[1:].reshape(g, g, W), expected[0].permute(1, 2, 0))
+
+
+def test_student_and_teacher_compose_into_the_reference_step():
+    """The whole stage-1 forward: teacher -> attention mask -> targets vs student, end to end."""
+    t_sd = ref.random_clip_visual_state_dict(width=64, layers=2, patch=16, output_dim=32, grid=4, seed=8)
+    s_sd = ref.random_student_state_dict(width=64, depth=2, heads=1, K=2, teacher_dim=32, seed=9)
+    teacher = interop.load_teacher(t_sd, input_resolution=IMG, return_layers=2)
+    student = interop.load_student(s_sd, num_frames=T, img_size=IMG)
+    video = _video(seed=10)
+    out = teacher(video)
+    idx = sample_visible_tokens("attention", batch_size=2, num_frames=T, patches_per_frame=16, ratio=0.75,
+                                seed=0, offset=0, device=video.device, cls_attn_BTP=out.cls_attn)
+    assert idx.shape == (2, T * 4)
+    with torch.no_grad():
+        s = student(video, idx)
+    mask = ref.bool_mask_from_indices(idx, T * 16)
+    full, _ = ref.teacher_forward(t_sd, video.double(), IMG, 2)
+    expected_t = full[:, ~mask].reshape(2, 2, -1, 32)  # the reference's boolean gather
+    torch.testing.assert_close(out.targets(idx).double(), expected_t, atol=1e-4, rtol=0)
+    expected_s = ref.student_forward(s_sd, video.double(), mask, heads=1)
+    torch.testing.assert_close(s.double(), expected_s, atol=1e-5, rtol=0)
+
+
+def test_loader_reports_missing_unexpected_and_wrong_shape_keys():
+    sd = ref.random_student_state_dict(width=64, depth=2, heads=1, K=2, teacher_dim=32)
+    del sd["encoder.norm.bias"]
+    sd["encoder.extra.weight"] = torch.zeros(1)
+    sd["encoder.blocks.1.mlp.fc2.bias"] = torch.zeros(3)
+    with pytest.raises(ValueError) as err:
+        interop.load_student(sd, num_frames=T, img_size=IMG)
+    msg = str(err.value)
+    assert "1 missing key(s): encoder.norm.bias" in msg
+    assert "1 unexpected key(s): encoder.extra.weight" in msg
+    assert "encoder.blocks.1.mlp.fc2.bias: file (3,) vs model (64,)" in msg
+
+
+def test_loaders_reject_the_wrong_kind_of_file(tmp_path):
+    clip = ref.random_clip_visual_state_dict(width=64, layers=1, patch=16, output_dim=8, grid=4)
+    with pytest.raises(ValueError, match="not a UMT stage-1 student"):
+        interop.load_student(clip)
+    with pytest.raises(ValueError, match="not an OpenAI CLIP visual state dict"):
+        interop.load_teacher(ref.random_student_state_dict(64, 1, 1, 1, 8))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        interop.load_teacher(tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="kernel"):
+        interop.load_student(ref.random_student_state_dict(64, 1, 1, 1, 8, patch=16), patch_size=14)

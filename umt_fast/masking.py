@@ -1,0 +1,76 @@
+"""Which tokens the student sees: attention (semantic), tube and random policies.
+
+Every policy returns sorted visible token indices [B, N_vis] (int64, on the device),
+with token index t * P + p. No boolean masks, no host syncs: shapes depend only on
+(T, P, ratio), so they are static for a given config.
+"""
+from __future__ import annotations
+
+import torch
+
+import umt_kernels
+
+POLICIES = ("attention", "tube", "random")
+
+
+def num_visible(num_tokens: int, ratio: float) -> int:
+    """The reference's count: N - int(N * ratio)."""
+    return num_tokens - int(num_tokens * ratio)
+
+
+def visible_tokens_per_clip(policy: str, num_frames: int, patches_per_frame: int, ratio: float) -> int:
+    if policy == "random":
+        return num_visible(num_frames * patches_per_frame, ratio)
+    return num_frames * num_visible(patches_per_frame, ratio)
+
+
+def _per_frame_to_clip(idx_BTK: torch.Tensor, patches_per_frame: int) -> torch.Tensor:
+    """[B, T, K] per-frame patch indices -> [B, T*K] clip token indices (still sorted)."""
+    B, T, K = idx_BTK.shape
+    frame_offset = torch.arange(T, device=idx_BTK.device).view(1, T, 1) * patches_per_frame
+    return (idx_BTK + frame_offset).reshape(B, T * K)
+
+
+def sample_visible_tokens(
+    policy: str,
+    *,
+    batch_size: int,
+    num_frames: int,
+    patches_per_frame: int,
+    ratio: float,
+    seed: int,
+    offset: int,
+    device: torch.device,
+    cls_attn_BTP: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Samples the visible set of every clip.
+
+    Args:
+        policy: ``attention``: per frame, draw N_vis = P - int(P * ratio) patches without
+            replacement with probability proportional to the teacher's CLS attention
+            (``cls_attn_BTP`` [B, T, P] required). ``tube``: one uniform per-frame draw of
+            the same size, repeated over all frames. ``random``: uniform over all T * P
+            tokens, T*P - int(T*P*ratio) kept.
+        seed, offset: randomness; the training loop passes (train seed, step).
+
+    Returns:
+        visible_idx_BN: [B, N_vis] int64, ascending.
+    """
+    B, T, P = batch_size, num_frames, patches_per_frame
+    if policy == "attention":
+        if cls_attn_BTP is None:
+            raise ValueError("the attention mask policy needs the teacher's cls_attn [B, T, P]")
+        idx = umt_kernels.sample_without_replacement(
+            cls_attn_BTP.reshape(B * T, P), num_visible(P, ratio), seed=seed, offset=offset
+        )
+        return _per_frame_to_clip(idx.view(B, T, -1), P)
+    if policy == "tube":
+        weights = torch.empty(B, P, device=device)
+        idx = umt_kernels.sample_without_replacement(weights, num_visible(P, ratio), seed=seed, offset=offset, mode="uniform")
+        return _per_frame_to_clip(idx.unsqueeze(1).expand(B, T, -1), P)
+    if policy == "random":
+        weights = torch.empty(B, T * P, device=device)
+        return umt_kernels.sample_without_replacement(
+            weights, num_visible(T * P, ratio), seed=seed, offset=offset, mode="uniform"
+        )
+    raise ValueError(f"mask policy must be one of {POLICIES}, got {policy!r}")

@@ -1,0 +1,196 @@
+"""The UMT student: a sparse video ViT that runs on the visible tokens only.
+
+Parameter names follow the reference's stage-1 checkpoints (``encoder.*``,
+``clip_decoder.{k}.*``), so its files load with no renaming.
+
+Shape legend: B clips, C=3 colours, T frames, H/W pixels, p patch, P = (H/p)*(W/p)
+patches per frame, N visible tokens per clip, D width, L aligned layers, Ct teacher dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath
+
+import umt_kernels
+from umt_fast.models.attention import multi_head_attention
+
+LN_EPS = 1e-6
+
+
+def sincos_table(num_positions: int, dim: int) -> torch.Tensor:
+    """The fixed 1-D Transformer sin-cos table [num_positions, dim], float32.
+
+    Interleaved like the reference: column 2i is sin(pos / 10000^(2i/dim)), column 2i+1
+    the matching cos. Computed in float64 and rounded once, as the reference does.
+    """
+    pos = np.arange(num_positions, dtype=np.float64)[:, None]
+    hid = np.arange(dim)
+    angles = pos / np.power(10000, 2 * (hid // 2) / dim)
+    table = np.empty_like(angles)
+    table[:, 0::2] = np.sin(angles[:, 0::2])
+    table[:, 1::2] = np.cos(angles[:, 1::2])
+    return torch.from_numpy(table).float()
+
+
+@dataclass(frozen=True)
+class StudentArch:
+    """Everything that fixes the student's parameter shapes and token grid."""
+
+    width: int
+    depth: int
+    heads: int
+    teacher_dim: int
+    return_layers: int = 6
+    num_frames: int = 8
+    img_size: int = 224
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+
+    @property
+    def patches_per_frame(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_frames * self.patches_per_frame
+
+
+class Attention(nn.Module):
+    """MHSA with a bias-free fused qkv plus learnable q_bias / v_bias (k bias is zero)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+        B, N, D = x_BND.shape
+        qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x_BND, self.qkv.weight, qkv_bias)
+        q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out_BHND = multi_head_attention(q, k, v)
+        return self.proj(out_BHND.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + DropPath(attn(LN(x))), then x + DropPath(mlp(LN(x)))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+        x_BND = x_BND + self.drop_path(self.attn(self.norm1(x_BND)))
+        return x_BND + self.drop_path(self.mlp(self.norm2(x_BND)))
+
+
+class PatchEmbed(nn.Module):
+    """Tubelet-1 patch embedding. Kept as a Conv3d for the checkpoint layout, but applied
+    as a matmul on the gathered visible patches only."""
+
+    def __init__(self, dim: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv3d(3, dim, kernel_size=(1, patch_size, patch_size), stride=(1, patch_size, patch_size))
+
+    def forward(self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor) -> torch.Tensor:
+        """[B, 3, T, H, W], [B, N] -> [B, N, D]."""
+        patches_BNK = umt_kernels.gather_patches(video_BCTHW, visible_idx_BN, self.patch_size)
+        weight = self.proj.weight.flatten(1)
+        return F.linear(patches_BNK.to(weight.dtype), weight, self.proj.bias)
+
+
+class Encoder(nn.Module):
+    def __init__(self, arch: StudentArch):
+        super().__init__()
+        self.arch = arch
+        self.patch_embed = PatchEmbed(arch.width, arch.patch_size)
+        drop_rates = np.linspace(0, arch.drop_path, arch.depth).tolist()
+        self.blocks = nn.ModuleList(Block(arch.width, arch.heads, arch.mlp_ratio, r) for r in drop_rates)
+        self.norm = nn.LayerNorm(arch.width, eps=LN_EPS)
+        self.register_buffer("pos_embed", sincos_table(arch.num_tokens, arch.width), persistent=False)
+
+    def forward(self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor) -> torch.Tensor:
+        """Returns the final-normed outputs of the last L blocks, [L, B, N, D], ascending depth."""
+        x = self.patch_embed(video_BCTHW, visible_idx_BN)
+        x = x + self.pos_embed.to(x.dtype)[visible_idx_BN]
+        first_tap = self.arch.depth - self.arch.return_layers
+        taps = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= first_tap:
+                taps.append(x)
+        return self.norm(torch.stack(taps))
+
+
+class AlignmentHead(nn.Module):
+    """Linear(D -> Ct) -> LayerNorm(Ct) -> L2 normalise (the reference's ``Linear_Decoder``)."""
+
+    def __init__(self, dim: int, teacher_dim: int):
+        super().__init__()
+        self.head = nn.Linear(dim, teacher_dim)
+        self.norm = nn.LayerNorm(teacher_dim, eps=LN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.norm(self.head(x)), dim=-1)
+
+
+class SparseVideoStudent(nn.Module):
+    """UMT stage-1 student: encoder on visible tokens + one alignment head per aligned layer."""
+
+    def __init__(self, arch: StudentArch):
+        super().__init__()
+        if arch.return_layers > arch.depth:
+            raise ValueError(f"return_layers={arch.return_layers} exceeds depth={arch.depth}")
+        self.arch = arch
+        self.encoder = Encoder(arch)
+        self.clip_decoder = nn.ModuleList(AlignmentHead(arch.width, arch.teacher_dim) for _ in range(arch.return_layers))
+        self.register_buffer("clip_pos_embed", sincos_table(arch.num_tokens, arch.width), persistent=False)
+        self.apply(_init_weights)
+
+    def forward(self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            video_BCTHW: [B, 3, T, H, W] normalised pixels.
+            visible_idx_BN: [B, N] int64 sorted token indices t * P + p (same N for all clips).
+
+        Returns:
+            [L, B, N, Ct] unit vectors; index 0 is the shallowest aligned block.
+        """
+        taps_LBND = self.encoder(video_BCTHW, visible_idx_BN)
+        taps_LBND = taps_LBND + self.clip_pos_embed.to(taps_LBND.dtype)[visible_idx_BN]
+        return torch.stack([head(taps_LBND[i]) for i, head in enumerate(self.clip_decoder)])
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
