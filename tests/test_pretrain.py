@@ -1,0 +1,163 @@
+"""End-to-end stage-1 runs on the real sample clips: demo, resume after SIGKILL, failure modes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests import umt_reference as ref
+from umt_fast import checkpoint as ckpt
+from umt_fast.config import build_config
+from umt_fast.data import sample_clip_paths
+from umt_fast.pretrain import main
+from umt_fast.train import loop
+from umt_fast.train.logging import read_metrics
+
+# The demo preset at a smaller resolution (4x4 grid, 4 visible tokens per frame), for speed.
+SMALL = ["--data.img_size", "64", "--teacher.input_resolution", "64", "--log.every_steps", "1"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _losses_by_step(run_dir):
+    """The last logged loss of every step (a resumed run logs some steps twice)."""
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r}
+
+
+def test_demo_trains_and_reports_where_it_saved(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    assert main(["--run-dir", str(run_dir), "--train.max_steps", "12"]) == 0
+    out = capsys.readouterr().out
+    final = ckpt.checkpoint_path(str(run_dir), 12)
+    assert f"run directory: {run_dir}" in out and f"checkpoint:    {final}" in out
+    assert os.path.isfile(final)
+    for name in ("config.yaml", "config.json", "log.txt", "metrics.jsonl"):
+        assert (run_dir / name).is_file()
+    records = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert {"step", "loss", "lr", "clips/s", "data/skipped"} <= set(records[0])
+    losses = [r["loss"] for r in records]
+    assert sum(losses[-3:]) / 3 < 0.75 * losses[0], losses
+    assert "step 12/12" in (run_dir / "log.txt").read_text()
+    state = torch.load(final, weights_only=False)
+    assert {"student", "optimizer", "step", "rng", "data_position", "config"} <= set(state)
+    assert state["step"] == 12 and state["data_position"] == 12 * 4
+
+
+def test_kill_and_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    args = SMALL + ["--train.max_steps", "8", "--checkpoint.every_steps", "3"]
+    straight = tmp_path / "straight"
+    assert main(["--run-dir", str(straight)] + args) == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "umt_fast.pretrain", "--run-dir", str(killed)] + args,
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not os.path.exists(ckpt.checkpoint_path(str(killed), 3)):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_saved = [s for s, _ in ckpt.list_checkpoints(str(killed))]
+    assert steps_saved and max(steps_saved) < 8, "the kill must land mid-run"
+
+    assert main(["--run-dir", str(killed), "--resume", "auto"] + args) == 0
+    expected, got = _losses_by_step(straight), _losses_by_step(killed)
+    assert sorted(got) == list(range(1, 9))
+    assert got == expected
+    events = [r for r in read_metrics(str(killed / "metrics.jsonl")) if r.get("event") == "resume"]
+    assert events and events[-1]["step"] == max(steps_saved)
+
+
+def test_resume_none_refuses_to_overwrite_a_run(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    assert main(["--run-dir", run_dir, "--train.max_steps", "1"] + SMALL) == 0
+    assert main(["--run-dir", run_dir, "--train.max_steps", "2", "--resume", "none"] + SMALL) == 2
+    assert "--resume auto" in capsys.readouterr().err
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1]
+
+
+def test_config_errors_stop_before_any_work(tmp_path, capsys):
+    run_dir = tmp_path / "never"
+    assert main(["--run-dir", str(run_dir), "--mask.ratio", "1.5"]) == 2
+    assert "mask.ratio" in capsys.readouterr().err
+    assert not run_dir.exists()
+    assert main(["--run-dir", str(run_dir), "--data.train_list", str(tmp_path / "missing.csv")]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_call = loop.PretrainStep.__call__
+
+    def poisoned(self, video, step):
+        loss = real_call(self, video, step)
+        return loss * float("nan") if step == 3 else loss
+
+    monkeypatch.setattr(loop.PretrainStep, "__call__", poisoned)
+    run_dir = str(tmp_path / "nan")
+    cfg = build_config(["--run-dir", run_dir, "--train.max_steps", "6", "--checkpoint.every_steps", "2",
+                        "--log.every_steps", "2"] + SMALL[:4])
+    with pytest.raises(loop.NonFiniteLossError) as err:
+        loop.train(cfg)
+    assert "steps 3 and 4" in str(err.value)
+    assert ckpt.checkpoint_path(run_dir, 2) in str(err.value)
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]
+    torch.load(ckpt.checkpoint_path(run_dir, 2), weights_only=False)  # intact
+
+
+def test_unreadable_videos_are_skipped_and_counted(tmp_path):
+    bad = tmp_path / "truncated clip.mp4"
+    bad.write_bytes(open(sample_clip_paths()[0], "rb").read()[:2048])
+    listing = tmp_path / "train.csv"
+    listing.write_text("".join(f"{p},0\n" for p in sample_clip_paths()) + f"{bad},0\n")
+    run_dir = tmp_path / "run"
+    assert main(["--run-dir", str(run_dir), "--data.train_list", str(listing), "--train.max_steps", "4"] + SMALL) == 0
+    records = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "loss" in r]
+    assert records[-1]["data/skipped"] >= 1
+    assert "truncated clip.mp4" in (run_dir / "log.txt").read_text()
+
+
+def test_mostly_unreadable_data_stops_with_examples(tmp_path):
+    listing = tmp_path / "train.csv"
+    lines = []
+    for i in range(40):
+        junk = tmp_path / f"junk_{i}.mp4"
+        junk.write_text("not a video")
+        lines.append(f"{junk},0")
+    lines.append(f"{sample_clip_paths()[0]},0")
+    listing.write_text("\n".join(lines) + "\n")
+    cfg = build_config(["--run-dir", str(tmp_path / "run"), "--data.train_list", str(listing),
+                        "--train.max_steps", "20"] + SMALL[:4])
+    with pytest.raises(RuntimeError, match="junk_"):
+        loop.train(cfg)
+
+
+def test_teacher_weights_file_with_visual_prefix_trains(tmp_path):
+    sd = ref.random_clip_visual_state_dict(width=128, layers=4, patch=16, output_dim=64, grid=7)
+    path = tmp_path / "clip.pth"
+    torch.save({f"visual.{k}": v for k, v in sd.items()}, path)
+    run_dir = str(tmp_path / "run")
+    # the file's 7x7 position grid is resized to the 4x4 grid of a 64-px teacher on load
+    assert main(["--run-dir", run_dir, "--teacher.weights", str(path), "--train.max_steps", "2"] + SMALL) == 0
+    assert "THE TEACHER IS RANDOM" not in open(os.path.join(run_dir, "log.txt")).read()
+
+
+def test_teacher_weights_of_the_wrong_arch_are_refused(tmp_path, capsys):
+    sd = ref.random_clip_visual_state_dict(width=64, layers=2, patch=16, output_dim=32, grid=7)
+    path = tmp_path / "clip.pth"
+    torch.save(sd, path)
+    assert main(["--run-dir", str(tmp_path / "run"), "--teacher.weights", str(path)] + SMALL) == 2
+    assert "--teacher.arch" in capsys.readouterr().err
+
+
+def test_help_lists_every_option():
+    out = subprocess.run([sys.executable, "-m", "umt_fast.pretrain", "--help"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    for option in ("--preset", "--run-dir", "--resume", "--train.max_steps", "--checkpoint.every_steps",
+                   "--log.every_steps", "--data.train_list", "--data.root", "--teacher.weights", "--mask.policy"):
+        assert option in out

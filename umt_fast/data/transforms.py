@@ -1,0 +1,158 @@
+"""The reference's pre-training augmentation, with all randomness from a passed `random.Random`.
+
+TSN frame sampling -> multi-scale crop on the fixed 13-offset grid (GroupMultiScaleCrop with
+fix_crop and more_fix_crop) -> bilinear resize -> horizontal flip -> [0, 1] -> ImageNet
+normalisation. The crop and resize run per clip in the loader workers (uint8, channels-last);
+`normalize_video` runs on the batch on the GPU.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MULTISCALE_CROP_SCALES",
+    "crop_resize_flip",
+    "fixed_crop_offsets",
+    "multiscale_crop_box",
+    "normalize_video",
+    "tsn_frame_indices",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MULTISCALE_CROP_SCALES = (1, 0.875, 0.75, 0.66)
+
+# The 13 crop positions, as multiples of (w_step, h_step): corners, centre, edge midpoints,
+# quarter points.
+_FIXED_CROP_GRID = (
+    (0, 0), (4, 0), (0, 4), (4, 4), (2, 2),
+    (0, 2), (4, 2), (2, 4), (2, 0),
+    (1, 1), (3, 1), (1, 3), (3, 3),
+)  # fmt: skip
+
+
+def tsn_frame_indices(num_video_frames: int, num_segments: int, rng: random.Random | None) -> list[int]:
+    """TSN sampling: one frame from each of `num_segments` equal segments of the video.
+
+    Segment i covers [b[i], b[i+1]) with b = linspace(0, num_video_frames, num_segments + 1)
+    truncated to int. With `rng` (training), a uniformly random frame of each segment; with
+    None, the middle one, (b[i] + b[i+1]) // 2. An empty segment (a video shorter than
+    num_segments) gives its start, at most num_video_frames - 1.
+
+    Returns:
+        num_segments sorted frame indices in [0, num_video_frames).
+    """
+    if num_video_frames < 1:
+        raise ValueError(f"num_video_frames must be >= 1, got {num_video_frames}")
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    bounds = np.linspace(0, num_video_frames, num_segments + 1).astype(int).tolist()
+    indices = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b <= a:
+            index = a
+        elif rng is None:
+            index = (a + b) // 2
+        else:
+            index = rng.randrange(a, b)
+        indices.append(min(index, num_video_frames - 1))
+    return sorted(indices)
+
+
+def fixed_crop_offsets(img_w: int, img_h: int, crop_w: int, crop_h: int) -> list[tuple[int, int]]:
+    """The 13 (x0, y0) positions of a crop_w x crop_h crop in an img_w x img_h frame.
+
+    In the reference's order: 4 corners, centre, 4 edge midpoints, 4 quarter points, on a
+    grid of steps w_step = (img_w - crop_w) // 4, h_step = (img_h - crop_h) // 4.
+    """
+    w_step, h_step = (img_w - crop_w) // 4, (img_h - crop_h) // 4
+    return [(i * w_step, j * h_step) for i, j in _FIXED_CROP_GRID]
+
+
+def multiscale_crop_box(
+    img_w: int,
+    img_h: int,
+    out_size: int,
+    rng: random.Random,
+    scales: tuple[float, ...] = MULTISCALE_CROP_SCALES,
+    max_distort: int = 1,
+) -> tuple[int, int, int, int]:
+    """A random crop box, as the reference's GroupMultiScaleCrop (fix_crop, more_fix_crop).
+
+    Side lengths are int(min(img_w, img_h) * scale), snapped to out_size when within 2 px;
+    width and height take scales at most `max_distort` apart; the position is one of
+    `fixed_crop_offsets`. Draws rng.choice twice (size pair, then offset), as the reference.
+
+    Returns:
+        (x0, y0, crop_w, crop_h) in pixels.
+    """
+    base = min(img_w, img_h)
+    sizes = [int(base * s) for s in scales]
+    crop_sizes = [out_size if abs(x - out_size) < 3 else x for x in sizes]
+    pairs = [
+        (w, h)
+        for i, h in enumerate(crop_sizes)
+        for j, w in enumerate(crop_sizes)
+        if abs(i - j) <= max_distort
+    ]
+    crop_w, crop_h = rng.choice(pairs)
+    x0, y0 = rng.choice(fixed_crop_offsets(img_w, img_h, crop_w, crop_h))
+    return x0, y0, crop_w, crop_h
+
+
+def crop_resize_flip(
+    frames_THWC: torch.Tensor, box: tuple[int, int, int, int], out_size: int, flip: bool
+) -> torch.Tensor:
+    """Crop every frame to `box`, resize to out_size x out_size, optionally mirror.
+
+    Args:
+        frames_THWC: uint8 [T, H, W, 3].
+        box: (x0, y0, crop_w, crop_h), e.g. from `multiscale_crop_box`; parts outside the
+            frame read as zeros.
+        out_size: output side length.
+        flip: mirror horizontally after resizing.
+
+    Returns:
+        uint8 [T, out_size, out_size, 3], contiguous.
+    """
+    if frames_THWC.dtype != torch.uint8 or frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
+        raise ValueError(f"expected uint8 [T, H, W, 3], got {frames_THWC.dtype} {list(frames_THWC.shape)}")
+    x0, y0, crop_w, crop_h = box
+    # A channels-last [T, 3, H, W] view: torchvision's fast uint8 antialiased path.
+    x_TCHW = frames_THWC.permute(0, 3, 1, 2)
+    x_TCHW = F.resized_crop(
+        x_TCHW, top=y0, left=x0, height=crop_h, width=crop_w, size=[out_size, out_size],
+        interpolation=InterpolationMode.BILINEAR, antialias=True,
+    )  # fmt: skip
+    if flip:
+        x_TCHW = x_TCHW.flip(-1)
+    return x_TCHW.permute(0, 2, 3, 1).contiguous()
+
+
+def normalize_video(video_BTHWC: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 clips -> normalised model input: /255, minus ImageNet mean, over ImageNet std.
+
+    Runs on `video_BTHWC`'s device with Python-scalar constants, so no host<->device
+    transfer or sync (CUDA-graph and torch.compile friendly). Computes in float32 and
+    casts to `dtype` once.
+
+    Args:
+        video_BTHWC: uint8 [B, T, H, W, 3].
+
+    Returns:
+        `dtype` [B, 3, T, H, W], contiguous.
+    """
+    if video_BTHWC.dtype != torch.uint8 or video_BTHWC.ndim != 5 or video_BTHWC.shape[-1] != 3:
+        raise ValueError(f"expected uint8 [B, T, H, W, 3], got {video_BTHWC.dtype} {list(video_BTHWC.shape)}")
+    B, T, H, W, _ = video_BTHWC.shape
+    out_BCTHW = torch.empty((B, 3, T, H, W), dtype=dtype, device=video_BTHWC.device)
+    for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
+        out_BCTHW[:, c] = video_BTHWC[..., c].float().div_(255.0).sub_(mean).div_(std)
+    return out_BCTHW
