@@ -86,8 +86,9 @@ def cls_attention(q_cls_GHD: torch.Tensor, k_GHND: torch.Tensor, scale: float) -
         [G, N] float32: softmax over N of scale * <q, k>, averaged over H.
         No N x N matrix is formed.
     """
-    logits_GHN = torch.einsum("ghd,ghnd->ghn", q_cls_GHD.float(), k_GHND.float()) * scale
-    return logits_GHN.softmax(dim=-1).mean(dim=1)
+    with torch.autocast(device_type=q_cls_GHD.device.type, enabled=False):  # keep the scores in fp32
+        logits_GHN = torch.einsum("ghd,ghnd->ghn", q_cls_GHD.float(), k_GHND.float()) * scale
+        return logits_GHN.softmax(dim=-1).mean(dim=1)
 
 
 def gather_rows(x_GNC: torch.Tensor, idx_GK: torch.Tensor) -> torch.Tensor:

@@ -130,3 +130,12 @@ def test_alignment_loss_hand_worked_value():
     t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.5, math.sqrt(3) / 2]]).view(1, 1, 4, 2)
     # 2 - 2cos: 0, 2, 4, 1 -> mean 1.75
     assert umt_kernels.alignment_loss(s, t).item() == pytest.approx(1.75, abs=1e-6)
+
+
+def test_cls_attention_stays_fp32_under_bf16_autocast():
+    q, k = torch.randn(2, 2, 8, dtype=torch.float64), torch.randn(2, 2, 33, 8, dtype=torch.float64)
+    expected = umt_kernels.cls_attention(q, k, 8**-0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = umt_kernels.cls_attention(q.float(), k.float(), 8**-0.5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=0)
