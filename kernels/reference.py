@@ -57,6 +57,12 @@ def sample_without_replacement(
     Returns:
         idx_GK: [G, k] int64, ascending within each row, no duplicates.
     """
+    check_sampling_args(weights_GN, k, mode)
+    u = uniform_noise(tuple(weights_GN.shape), seed=seed, offset=offset, device=weights_GN.device)
+    return sample_from_noise(weights_GN, k, u, mode)
+
+
+def check_sampling_args(weights_GN: torch.Tensor, k: int, mode: str) -> None:
     if weights_GN.dim() != 2:
         raise ValueError(f"weights_GN must be 2-D [G, N], got shape {tuple(weights_GN.shape)}")
     num_items = weights_GN.shape[1]
@@ -64,12 +70,15 @@ def sample_without_replacement(
         raise ValueError(f"k must be in [1, N={num_items}], got {k}")
     if mode not in ("weighted", "uniform"):
         raise ValueError(f"mode must be 'weighted' or 'uniform', got {mode!r}")
-    u = uniform_noise(tuple(weights_GN.shape), seed=seed, offset=offset, device=weights_GN.device)
+
+
+def sample_from_noise(weights_GN: torch.Tensor, k: int, u_GN: torch.Tensor, mode: str) -> torch.Tensor:
+    """The selection rule given uniform noise ``u_GN`` in [0, 1): top-k of the Gumbel keys
+    ``log(w) - log(-log(u))`` (weighted) or of ``u`` itself (uniform), returned ascending."""
     if mode == "uniform":
-        keys = u
+        keys = u_GN
     else:
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-        keys = torch.log(weights_GN.float()) + gumbel
+        keys = torch.log(weights_GN.float()) - torch.log(-torch.log(u_GN.clamp_min(1e-20)))
     idx = torch.topk(keys, k, dim=1, sorted=False).indices
     return idx.sort(dim=1).values
 
@@ -141,3 +150,22 @@ def alignment_loss(student_LBNC: torch.Tensor, teacher_LBNC: torch.Tensor) -> to
     s = F.normalize(student_LBNC.float(), dim=-1)
     t = F.normalize(teacher_LBNC.float(), dim=-1)
     return (2.0 - 2.0 * (s * t).sum(dim=-1)).mean()
+
+
+def alignment_loss_backward(
+    grad: torch.Tensor, student_LBNC: torch.Tensor, teacher_LBNC: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`alignment_loss` w.r.t. both inputs, given the upstream 0-dim grad.
+
+    With x_hat = x / max(|x|, eps) and R rows: d/ds = -2 g / R * (t_hat - cos * s_hat) / |s|,
+    and symmetrically for t. Returned in the inputs' dtypes.
+    """
+    s, t = student_LBNC.float(), teacher_LBNC.float()
+    s_norm = s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    t_norm = t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    s_hat, t_hat = s / s_norm, t / t_norm
+    cos = (s_hat * t_hat).sum(dim=-1, keepdim=True)
+    coef = -2.0 * grad.float() / (s.numel() // s.shape[-1])
+    grad_s = coef * (t_hat - cos * s_hat) / s_norm
+    grad_t = coef * (s_hat - cos * t_hat) / t_norm
+    return grad_s.to(student_LBNC.dtype), grad_t.to(teacher_LBNC.dtype)

@@ -141,3 +141,14 @@ def test_loaders_reject_the_wrong_kind_of_file(tmp_path):
         interop.load_teacher(tmp_path / "nope.pth")
     with pytest.raises(ValueError, match="kernel"):
         interop.load_student(ref.random_student_state_dict(64, 1, 1, 1, 8, patch=16), patch_size=14)
+
+
+def test_fused_attention_sampling_matches_the_two_step_path():
+    t_sd = ref.random_clip_visual_state_dict(width=64, layers=2, patch=16, output_dim=32, grid=4, seed=11)
+    teacher = interop.load_teacher(t_sd, input_resolution=IMG, return_layers=2)
+    out = teacher(_video(seed=12))
+    idx, targets = out.sample_visible(4, seed=5, offset=9)
+    expected_idx = sample_visible_tokens("attention", batch_size=2, num_frames=T, patches_per_frame=16, ratio=0.8,
+                                         seed=5, offset=9, device=torch.device("cpu"), cls_attn_BTP=out.cls_attn)
+    assert torch.equal(idx, expected_idx)  # 16 - int(12.8) = 4 per frame
+    torch.testing.assert_close(targets, out.targets(idx), atol=0, rtol=0)

@@ -24,7 +24,7 @@ def visible_tokens_per_clip(policy: str, num_frames: int, patches_per_frame: int
     return num_frames * num_visible(patches_per_frame, ratio)
 
 
-def _per_frame_to_clip(idx_BTK: torch.Tensor, patches_per_frame: int) -> torch.Tensor:
+def frame_to_clip_indices(idx_BTK: torch.Tensor, patches_per_frame: int) -> torch.Tensor:
     """[B, T, K] per-frame patch indices -> [B, T*K] clip token indices (still sorted)."""
     B, T, K = idx_BTK.shape
     frame_offset = torch.arange(T, device=idx_BTK.device).view(1, T, 1) * patches_per_frame
@@ -63,11 +63,11 @@ def sample_visible_tokens(
         idx = umt_kernels.sample_without_replacement(
             cls_attn_BTP.reshape(B * T, P), num_visible(P, ratio), seed=seed, offset=offset
         )
-        return _per_frame_to_clip(idx.view(B, T, -1), P)
+        return frame_to_clip_indices(idx.view(B, T, -1), P)
     if policy == "tube":
         weights = torch.empty(B, P, device=device)
         idx = umt_kernels.sample_without_replacement(weights, num_visible(P, ratio), seed=seed, offset=offset, mode="uniform")
-        return _per_frame_to_clip(idx.unsqueeze(1).expand(B, T, -1), P)
+        return frame_to_clip_indices(idx.unsqueeze(1).expand(B, T, -1), P)
     if policy == "random":
         weights = torch.empty(B, T * P, device=device)
         return umt_kernels.sample_without_replacement(

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import umt_kernels
+from umt_fast.masking import frame_to_clip_indices
 from umt_fast.models.attention import multi_head_attention
 
 CLIP_LN_EPS = 1e-5
@@ -111,8 +112,9 @@ class TeacherOutput:
     Attributes:
         cls_attn: [B, T, P] float32, the last block's heads-averaged CLS-to-patch attention
             (softmax over all 1 + P keys, then the P patch columns; rows are not renormalised).
-        streams: [L, B, T*P, W] the residual stream after each of the last L blocks, CLS
-            removed, ascending depth, tokens in t * P + p order.
+        streams: [B, T*P, L, W] the residual stream after each of the last L blocks, CLS
+            removed, tokens in t * P + p order, layers in ascending depth. Token-major, so
+            that one row gather serves all L layers.
     """
 
     cls_attn: torch.Tensor
@@ -121,11 +123,31 @@ class TeacherOutput:
 
     def targets(self, visible_idx_BN: torch.Tensor) -> torch.Tensor:
         """[B, N] int64 -> [L, B, N, Ct] L2-normalised targets, computed on those rows only."""
-        L, B, TP, W = self.streams.shape
-        rows = umt_kernels.gather_rows(
-            self.streams.reshape(L * B, TP, W), visible_idx_BN.repeat(L, 1)
-        ).view(L, B, -1, W)
-        return self._teacher.project(rows)
+        B, TP, L, W = self.streams.shape
+        rows_BNX = umt_kernels.gather_rows(self.streams.view(B, TP, L * W), visible_idx_BN)
+        return self._project_rows(rows_BNX.view(B, -1, L, W))
+
+    def sample_visible(self, visible_per_frame: int, *, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention masking and target gather in one fused launch.
+
+        Per frame, draws ``visible_per_frame`` patches without replacement in proportion to
+        ``cls_attn`` and gathers their residual-stream rows (umt_kernels.select_and_gather).
+        The indices equal ``sample_visible_tokens("attention", ...)`` for the same seed/offset.
+
+        Returns:
+            (visible_idx_BN [B, T*k] int64 ascending, targets [L, B, T*k, Ct] L2-normalised).
+        """
+        B, T, P = self.cls_attn.shape
+        L, W = self.streams.shape[2:]
+        idx_GK, rows_GKX = umt_kernels.select_and_gather(
+            self.cls_attn.reshape(B * T, P), self.streams.view(B * T, P, L * W), visible_per_frame,
+            seed=seed, offset=offset,
+        )
+        visible_idx_BN = frame_to_clip_indices(idx_GK.view(B, T, -1), P)
+        return visible_idx_BN, self._project_rows(rows_GKX.view(B, -1, L, W))
+
+    def _project_rows(self, rows_BNLW: torch.Tensor) -> torch.Tensor:
+        return self._teacher.project(rows_BNLW.permute(2, 0, 1, 3))
 
 
 class CLIPVisionTeacher(nn.Module):
@@ -186,7 +208,7 @@ class CLIPVisionTeacher(nn.Module):
             if i >= first_tap:
                 taps.append(x[:, 1:])
         P = x.shape[1] - 1
-        streams = torch.stack(taps).reshape(len(taps), B, T * P, -1)
+        streams = torch.stack(taps, dim=2).view(B, T * P, len(taps), -1)
         return TeacherOutput(cls_attn=cls_attn[:, 1:].reshape(B, T, P), streams=streams, _teacher=self)
 
 

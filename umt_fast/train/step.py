@@ -2,7 +2,8 @@
 
     uint8 clip [B, T, H, W, 3] -> normalise on the device  -> x [B, 3, T, H, W]
     teacher(x)  -> CLS attention [B, T, P] + last-L residual streams
-    mask policy -> visible token indices [B, N] (sorted, on the device)
+    mask policy -> visible token indices [B, N] (sorted, on the device); for the attention
+                   policy, sampling and the gather of the teacher's rows are one fused launch
     teacher targets on those rows only [L, B, N, Ct];  student(x, idx) [L, B, N, Ct]
     loss = mean(2 - 2 cos) -> backward -> AdamW
 
@@ -18,7 +19,7 @@ import torch.nn as nn
 
 from umt_fast.data.transforms import normalize_video
 from umt_fast.losses import alignment_loss
-from umt_fast.masking import sample_visible_tokens
+from umt_fast.masking import num_visible, sample_visible_tokens
 from umt_fast.models.teacher import CLIPVisionTeacher
 
 
@@ -58,18 +59,22 @@ class PretrainStep:
         video = normalize_video(video_BTHWC.to(self.device, non_blocking=True))
         with torch.no_grad(), self._autocast():
             teacher_out = self.teacher(video)
-            visible_idx_BN = sample_visible_tokens(
-                self.mask_policy,
-                batch_size=video.shape[0],
-                num_frames=self.num_frames,
-                patches_per_frame=self.patches_per_frame,
-                ratio=self.mask_ratio,
-                seed=self.mask_seed,
-                offset=step,
-                device=self.device,
-                cls_attn_BTP=teacher_out.cls_attn,
-            )
-            targets_LBNC = teacher_out.targets(visible_idx_BN)
+            if self.mask_policy == "attention":
+                visible_idx_BN, targets_LBNC = teacher_out.sample_visible(
+                    num_visible(self.patches_per_frame, self.mask_ratio), seed=self.mask_seed, offset=step
+                )
+            else:
+                visible_idx_BN = sample_visible_tokens(
+                    self.mask_policy,
+                    batch_size=video.shape[0],
+                    num_frames=self.num_frames,
+                    patches_per_frame=self.patches_per_frame,
+                    ratio=self.mask_ratio,
+                    seed=self.mask_seed,
+                    offset=step,
+                    device=self.device,
+                )
+                targets_LBNC = teacher_out.targets(visible_idx_BN)
         del teacher_out  # frees the residual streams before the student's forward
         with self._autocast():
             student_LBNC = self.student(video, visible_idx_BN)
