@@ -70,7 +70,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("umt_kernels::alignment_loss", mutates_args=())
 def _loss_op(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    if not use_triton(student):
+    if student.dtype == torch.float64 or not use_triton(student):
         return reference.alignment_loss(student, teacher)
     s, t = _rows(student), _rows(teacher)
     R, C = s.shape
@@ -82,14 +82,14 @@ def _loss_op(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 @_loss_op.register_fake
 def _(student, teacher):
-    return student.new_empty((), dtype=torch.float32)
+    return student.new_empty((), dtype=reference.compute_dtype(student))
 
 
 @torch.library.custom_op("umt_kernels::alignment_loss_backward", mutates_args=())
 def _loss_backward_op(
     grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, need_s: bool, need_t: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if not use_triton(student):
+    if student.dtype == torch.float64 or not use_triton(student):
         return reference.alignment_loss_backward(grad, student, teacher)
     s, t = _rows(student), _rows(teacher)
     R, C = s.shape
@@ -129,7 +129,7 @@ def alignment_loss(student_KBNC: torch.Tensor, teacher_KBNC: torch.Tensor) -> to
             inputs are copied once).
 
     Returns:
-        0-dim float32. Differentiable in both inputs (gradients in the inputs' dtypes).
+        0-dim float32 (float64 inputs run the reference in float64). Differentiable in both inputs (gradients in the inputs' dtypes).
     """
     if student_KBNC.shape != teacher_KBNC.shape:
         raise ValueError(f"student {tuple(student_KBNC.shape)} and teacher {tuple(teacher_KBNC.shape)} shapes differ")

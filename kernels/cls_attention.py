@@ -47,14 +47,14 @@ def _launch(q_GHD: torch.Tensor, k_GHND: torch.Tensor, scale: float) -> torch.Te
 
 @torch.library.custom_op("umt_kernels::cls_attention", mutates_args=())
 def _cls_attention_op(q_cls_GHD: torch.Tensor, k_GHND: torch.Tensor, scale: float) -> torch.Tensor:
-    if use_triton(k_GHND):
+    if k_GHND.dtype != torch.float64 and use_triton(k_GHND):
         return _launch(q_cls_GHD, k_GHND, scale)
     return reference.cls_attention(q_cls_GHD, k_GHND, scale)
 
 
 @_cls_attention_op.register_fake
 def _(q_cls_GHD, k_GHND, scale):
-    return k_GHND.new_empty((k_GHND.shape[0], k_GHND.shape[2]), dtype=torch.float32)
+    return k_GHND.new_empty((k_GHND.shape[0], k_GHND.shape[2]), dtype=reference.compute_dtype(k_GHND))
 
 
 def _setup(ctx, inputs, output):
@@ -86,8 +86,8 @@ def cls_attention(q_cls_GHD: torch.Tensor, k_GHND: torch.Tensor, scale: float) -
         scale: the logit scale, usually D ** -0.5.
 
     Returns:
-        [G, N] float32; each row sums to 1. Computed in fp32 whatever the input dtype, one
-        [N, D] tile per head. Differentiable (the backward differentiates the reference).
+        [G, N] float32; each row sums to 1. Computed in fp32 whatever the 16/32-bit input
+        dtype, one [N, D] tile per head (float64 inputs run the reference in float64). Differentiable (the backward differentiates the reference).
     """
     if q_cls_GHD.dim() != 3 or k_GHND.dim() != 4 or k_GHND.shape[:2] != q_cls_GHD.shape[:2] \
             or k_GHND.shape[3] != q_cls_GHD.shape[2]:

@@ -15,6 +15,11 @@ import torch.nn.functional as F
 _UINT63 = (1 << 63) - 1
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32 and the 16-bit types, fp64 for fp64 (so gradcheck can run in fp64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def philox_seed(seed: int, offset: int) -> int:
     """Mixes (seed, offset) into one 63-bit generator seed (splitmix64 finaliser).
 
@@ -92,11 +97,12 @@ def cls_attention(q_cls_GHD: torch.Tensor, k_GHND: torch.Tensor, scale: float) -
         scale: logit scale, usually 1/sqrt(D).
 
     Returns:
-        [G, N] float32: softmax over N of scale * <q, k>, averaged over H.
-        No N x N matrix is formed.
+        [G, N] float32 (float64 for float64 inputs): softmax over N of scale * <q, k>,
+        averaged over H. No N x N matrix is formed.
     """
+    dtype = compute_dtype(q_cls_GHD)
     with torch.autocast(device_type=q_cls_GHD.device.type, enabled=False):  # keep the scores in fp32
-        logits_GHN = torch.einsum("ghd,ghnd->ghn", q_cls_GHD.float(), k_GHND.float()) * scale
+        logits_GHN = torch.einsum("ghd,ghnd->ghn", q_cls_GHD.to(dtype), k_GHND.to(dtype)) * scale
         return logits_GHN.softmax(dim=-1).mean(dim=1)
 
 
@@ -145,10 +151,11 @@ def alignment_loss(student_LBNC: torch.Tensor, teacher_LBNC: torch.Tensor) -> to
 
     Both inputs are normalised again here (a no-op up to rounding for the unit vectors the
     models emit), so the value is a true cosine distance; accumulation is in fp32.
-    Returns a 0-dim float32 tensor.
+    Returns a 0-dim float32 tensor (float64 for float64 inputs).
     """
-    s = F.normalize(student_LBNC.float(), dim=-1)
-    t = F.normalize(teacher_LBNC.float(), dim=-1)
+    dtype = compute_dtype(student_LBNC)
+    s = F.normalize(student_LBNC.to(dtype), dim=-1)
+    t = F.normalize(teacher_LBNC.to(dtype), dim=-1)
     return (2.0 - 2.0 * (s * t).sum(dim=-1)).mean()
 
 
@@ -160,12 +167,13 @@ def alignment_loss_backward(
     With x_hat = x / max(|x|, eps) and R rows: d/ds = -2 g / R * (t_hat - cos * s_hat) / |s|,
     and symmetrically for t. Returned in the inputs' dtypes.
     """
-    s, t = student_LBNC.float(), teacher_LBNC.float()
+    dtype = compute_dtype(student_LBNC)
+    s, t = student_LBNC.to(dtype), teacher_LBNC.to(dtype)
     s_norm = s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     t_norm = t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     s_hat, t_hat = s / s_norm, t / t_norm
     cos = (s_hat * t_hat).sum(dim=-1, keepdim=True)
-    coef = -2.0 * grad.float() / (s.numel() // s.shape[-1])
+    coef = -2.0 * grad.to(dtype) / (s.numel() // s.shape[-1])
     grad_s = coef * (t_hat - cos * s_hat) / s_norm
     grad_t = coef * (s_hat - cos * t_hat) / t_norm
     return grad_s.to(student_LBNC.dtype), grad_t.to(teacher_LBNC.dtype)
