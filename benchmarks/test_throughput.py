@@ -55,8 +55,9 @@ def test_pretrain_step_throughput(benchmark):
     for _ in range(2):
         run()  # warm-up
     benchmark.pedantic(run, rounds=5, iterations=1)
-    benchmark.extra_info.update(preset=preset, batch=batch, device=str(DEVICE),
-                                clips_per_s=batch / benchmark.stats.stats.mean)
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info.update(preset=preset, batch=batch, device=str(DEVICE),
+                                    clips_per_s=batch / benchmark.stats.stats.mean)
 
 
 @pytest.mark.parametrize("groups,n,k", [(512, 196, 40)])
@@ -69,7 +70,8 @@ def test_attention_sampling_throughput(benchmark, groups, n, k):
         _sync()
 
     benchmark(run)
-    benchmark.extra_info.update(groups=groups, rows_per_s=groups / benchmark.stats.stats.mean)
+    if benchmark.stats:
+        benchmark.extra_info.update(groups=groups, rows_per_s=groups / benchmark.stats.stats.mean)
 
 
 def test_gather_patches_throughput(benchmark):
@@ -83,4 +85,5 @@ def test_gather_patches_throughput(benchmark):
         _sync()
 
     benchmark(run)
-    benchmark.extra_info.update(clips_per_s=B / benchmark.stats.stats.mean)
+    if benchmark.stats:
+        benchmark.extra_info.update(clips_per_s=B / benchmark.stats.stats.mean)

@@ -47,9 +47,11 @@ def _sample_keys(w_ptr, stride_wn, group, cols, valid, N, seed, UNIFORM: tl.cons
     """Gumbel keys log(w) - log(-log(u)) (or u itself when UNIFORM) for one row."""
     noise = tl.rand(seed, group * N + cols)
     if UNIFORM:
-        return noise
-    w = tl.load(w_ptr + cols * stride_wn, mask=valid, other=1.0).to(tl.float32)
-    return tl.log(w) - tl.log(-tl.log(tl.maximum(noise, 1e-20)))
+        keys = noise
+    else:
+        w = tl.load(w_ptr + cols * stride_wn, mask=valid, other=1.0).to(tl.float32)
+        keys = tl.log(w) - tl.log(-tl.log(tl.maximum(noise, 1e-20)))
+    return keys
 
 
 @triton.jit
