@@ -18,9 +18,12 @@ setup(
         "pyyaml",
         "timm",
         "torchvision",
+        "matplotlib",  # mask figures and run reports (Agg canvas, no display needed)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "scikit-video"],
+        "dev": ["pytest", "pytest-benchmark", "scikit-video", "tensorboard", "wandb"],
         "gpu": [],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
     },
 )

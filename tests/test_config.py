@@ -68,6 +68,8 @@ def test_demo_preset_values():
     assert peak_lr(cfg) == pytest.approx(1e-3)
     assert 0 < scaled_min_lr(cfg) < peak_lr(cfg) / 10
     assert cfg.log.every_steps == 1 and cfg.checkpoint.every_steps == 20
+    assert cfg.log.mask_figure_every_steps == 20  # figures at steps 20 and 40 of the 40
+    assert (cfg.log.tensorboard, cfg.log.wandb) == (False, "")
     assert C.student_grid(cfg) == C.teacher_grid(cfg) == 7
     assert num_visible_per_frame(cfg) == 49 - int(49 * 0.8) == 10
 
@@ -144,6 +146,13 @@ def test_cli_overrides_of_each_type():
     assert cfg.optim.betas == (0.8, 0.99) and isinstance(cfg.optim.betas, tuple)
     assert cfg.run_dir == "runs/x" and cfg.resume == "none"
     assert cfg.preset == "demo"
+
+
+def test_log_options_for_figures_tensorboard_and_wandb():
+    cfg = build_config(["--log.mask_figure_every_steps", "5", "--log.tensorboard", "true",
+                        "--log.wandb", "umt-runs", "--log.wandb_mode", "offline"])
+    assert cfg.log == C.LogConfig(every_steps=1, mask_figure_every_steps=5, tensorboard=True, wandb="umt-runs",
+                                  wandb_mode="offline")
 
 
 @pytest.mark.parametrize(
@@ -265,6 +274,9 @@ BAD = [
     (["--teacher.arch", "vit_b32"], "teacher.arch", "vit_b32"),
     (["--data.max_bad_fraction", "1.5"], "data.max_bad_fraction", "1.5"),
     (["--log.every_steps", "0"], "log.every_steps", "0"),
+    (["--log.mask_figure_every_steps", "-1"], "log.mask_figure_every_steps", "-1"),
+    (["--log.wandb_mode", "offlne"], "log.wandb_mode", "did you mean 'offline'"),
+    (["--log.tensorboard", "sometimes"], "log.tensorboard", "sometimes"),
     (["--optim.lr", "nan"], "optim.lr", "nan"),
     (["--train.seed", "-1"], "train.seed", "-1"),
     (["--optim.warmup_lr", "-0.5"], "optim.warmup_lr", "-0.5"),

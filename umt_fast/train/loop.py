@@ -28,7 +28,7 @@ from umt_fast.data import (
     write_sample_clip_list,
 )
 from umt_fast.models import build_student, build_teacher
-from umt_fast.train.logging import MetricsWriter, ProgressLine, setup_logging
+from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages, setup_logging
 from umt_fast.train.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.train.step import PretrainStep
 
@@ -80,8 +80,9 @@ def _differing_fields(saved: dict, current: dict, prefix: str = "") -> list[str]
 
 def train(cfg: PretrainConfig) -> TrainResult:
     """Runs (or resumes) stage-1 pre-training as ``cfg`` says; returns where things are."""
+    check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)  # refuse before touching anything
     os.makedirs(cfg.run_dir, exist_ok=True)
-    resume_path = ckpt.find_resume_checkpoint(cfg.run_dir, cfg.resume)  # refuse before touching anything
+    resume_path = ckpt.find_resume_checkpoint(cfg.run_dir, cfg.resume)
     logger = setup_logging(cfg.run_dir)
     save_config(cfg, cfg.run_dir)
     device = resolve_device(cfg.train.device)
@@ -121,7 +122,12 @@ def train(cfg: PretrainConfig) -> TrainResult:
         start_step = state["step"]
         log.info("resumed from %s at step %d (data position %d)", resume_path, start_step, state["data_position"])
 
-    metrics = MetricsWriter(os.path.join(cfg.run_dir, "metrics.jsonl"))
+    rng = ckpt.rng_state()  # third-party loggers must not shift the run's random streams
+    metrics = build_metrics_sinks(
+        cfg.run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb, wandb_mode=cfg.log.wandb_mode,
+        config=config_to_dict(cfg), resume_step=start_step if resume_path is not None else None,
+    )  # fmt: skip
+    ckpt.restore_rng_state(rng)
     if resume_path is not None:
         metrics.write({"event": "resume", "step": start_step, "checkpoint": resume_path})
     log.info(
@@ -139,6 +145,14 @@ def train(cfg: PretrainConfig) -> TrainResult:
         mask_policy=cfg.mask.policy, mask_ratio=cfg.mask.ratio, mask_seed=cfg.train.seed,
         device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None,
     )
+
+    figures = None
+    if cfg.log.mask_figure_every_steps > 0:
+        from umt_fast.viz.training import MaskFigureReporter
+
+        figures = MaskFigureReporter(
+            cfg, [r.path for r in records], teacher, student, device, torch.bfloat16 if use_bf16 else None
+        )
 
     progress = ProgressLine(last_step, logger)
     last_checkpoint = resume_path
@@ -179,6 +193,13 @@ def train(cfg: PretrainConfig) -> TrainResult:
                 loss_sum.zero_()
                 window_steps, window_clips, data_time = 0, 0, 0.0
                 window_start = time.perf_counter()
+
+            if figures is not None and figures.due(done):
+                figure_start = time.perf_counter()
+                path = figures.maybe_write(done, metrics)
+                if path:
+                    log.info("wrote %s", path)
+                window_start += time.perf_counter() - figure_start  # keep drawing out of clips/s
 
             if done % cfg.checkpoint.every_steps == 0 or is_last:
                 last_checkpoint = ckpt.save_checkpoint(
