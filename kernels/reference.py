@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_UINT63 = (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -20,22 +22,47 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def philox_seed(seed: int, offset: int) -> int:
-    """Mixes (seed, offset) into one 63-bit generator seed (splitmix64 finaliser).
+def mix_seed(seed: int, offset: int) -> int:
+    """Mixes (seed, offset) into one 63-bit key (splitmix64), on the host: no device work."""
+    z = (seed * _GOLDEN + offset + 0x632BE59BD9B4E019) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return (z ^ (z >> 31)) >> 1
 
-    Both are Python ints, so this never touches the device.
+
+def _as_int64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform_noise(
+    shape: tuple[int, int], *, seed: int, offset: int, row_offset: int = 0, device: torch.device
+) -> torch.Tensor:
+    """Counter-based uniform noise in [0, 1): element (g, n) is a pure function of
+    (seed, offset, (row_offset + g) * N + n).
+
+    The splitmix64 finaliser of the counter plus the mixed key, top 24 bits. The Triton
+    kernels compute exactly the same values, so the reference and the kernels draw the same
+    samples. A function of the row's global index: a batch split over ranks or micro-batches
+    (each with its ``row_offset``) draws what the whole batch draws. No generator state, no
+    host sync, capturable in a CUDA graph.
+
+    Returns:
+        [G, N] float32, multiples of 2**-24.
     """
-    z = (seed * 0x9E3779B97F4A7C15 + offset + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & _UINT63
-
-
-def uniform_noise(shape: tuple[int, ...], *, seed: int, offset: int, device: torch.device) -> torch.Tensor:
-    """Uniform [0, 1) float32 noise that depends only on (seed, offset, shape, device type)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(philox_seed(seed, offset))
-    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    G, N = shape
+    key = mix_seed(seed, offset)
+    rows = torch.arange(row_offset, row_offset + G, device=device, dtype=torch.int64)
+    counter = rows[:, None] * N + torch.arange(N, device=device, dtype=torch.int64)
+    z = counter * _as_int64(_GOLDEN) + key
+    z = (z ^ _shr(z, 30)) * _as_int64(_MIX1)
+    z = (z ^ _shr(z, 27)) * _as_int64(_MIX2)
+    z = z ^ _shr(z, 31)
+    return _shr(z, 40).to(torch.float32) * 2.0**-24
 
 
 def sample_without_replacement(
@@ -44,6 +71,7 @@ def sample_without_replacement(
     *,
     seed: int,
     offset: int = 0,
+    row_offset: int = 0,
     mode: str = "weighted",
 ) -> torch.Tensor:
     """Draws k of N items per group without replacement; returns sorted indices.
@@ -57,13 +85,14 @@ def sample_without_replacement(
             In ``uniform`` mode only the shape and device are used.
         k: items to keep per group, 1 <= k <= N.
         seed, offset: the randomness; the same (seed, offset, shape) gives the same draw.
+        row_offset: global index of row 0 (for a slice of a larger batch).
         mode: ``"weighted"`` (probability proportional to weights) or ``"uniform"``.
 
     Returns:
         idx_GK: [G, k] int64, ascending within each row, no duplicates.
     """
     check_sampling_args(weights_GN, k, mode)
-    u = uniform_noise(tuple(weights_GN.shape), seed=seed, offset=offset, device=weights_GN.device)
+    u = uniform_noise(tuple(weights_GN.shape), seed=seed, offset=offset, row_offset=row_offset, device=weights_GN.device)
     return sample_from_noise(weights_GN, k, u, mode)
 
 
@@ -78,13 +107,14 @@ def check_sampling_args(weights_GN: torch.Tensor, k: int, mode: str) -> None:
 
 
 def sample_from_noise(weights_GN: torch.Tensor, k: int, u_GN: torch.Tensor, mode: str) -> torch.Tensor:
-    """The selection rule given uniform noise ``u_GN`` in [0, 1): top-k of the Gumbel keys
-    ``log(w) - log(-log(u))`` (weighted) or of ``u`` itself (uniform), returned ascending."""
+    """The selection rule given uniform noise ``u_GN`` in [0, 1): the k largest Gumbel keys
+    ``log(w) - log(-log(u))`` (weighted) or of ``u`` itself (uniform), equal keys taken in
+    index order, returned ascending."""
     if mode == "uniform":
         keys = u_GN
     else:
-        keys = torch.log(weights_GN.float()) - torch.log(-torch.log(u_GN.clamp_min(1e-20)))
-    idx = torch.topk(keys, k, dim=1, sorted=False).indices
+        keys = torch.log(weights_GN.float()) - torch.log(-torch.log(u_GN.clamp_min(2.0**-25)))
+    idx = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
     return idx.sort(dim=1).values
 
 
@@ -112,13 +142,13 @@ def gather_rows(x_GNC: torch.Tensor, idx_GK: torch.Tensor) -> torch.Tensor:
 
 
 def select_and_gather(
-    scores_GN: torch.Tensor, x_GNC: torch.Tensor, k: int, *, seed: int, offset: int = 0
+    scores_GN: torch.Tensor, x_GNC: torch.Tensor, k: int, *, seed: int, offset: int = 0, row_offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples k rows per group by ``scores`` (weighted, without replacement) and gathers them.
 
     Returns ``(idx_GK [G, k] int64 sorted, x_GKC [G, k, C])``.
     """
-    idx_GK = sample_without_replacement(scores_GN, k, seed=seed, offset=offset)
+    idx_GK = sample_without_replacement(scores_GN, k, seed=seed, offset=offset, row_offset=row_offset)
     return idx_GK, gather_rows(x_GNC, idx_GK)
 
 

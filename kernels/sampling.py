@@ -1,6 +1,8 @@
 """Weighted sampling without replacement (Gumbel-top-k), one Triton program per group.
 
-Per group the kernel draws Philox noise for all N items, forms the Gumbel keys, finds the
+Per group the kernel draws counter-based noise for all N items (the same splitmix64 values as
+``reference.uniform_noise``, so kernel and reference pick the same items), forms the Gumbel
+keys, finds the
 k-th largest key with a 32-step radix select on the keys' order-preserving integer image,
 and writes the selected items' indices at their rank among the selected: the output comes
 out ascending without a sort. Ties at the threshold (only possible with repeated keys, e.g.
@@ -43,72 +45,68 @@ def _topk_rank(keys, valid, k):
 
 
 @triton.jit
-def _sample_keys(w_ptr, stride_wn, group, cols, valid, N, seed, UNIFORM: tl.constexpr):
+def _uniform_noise(key, rows, cols, N):
+    """splitmix64 of the counter row * N + col plus the key; top 24 bits as a float in [0, 1)."""
+    z = (rows * N + cols).to(tl.uint64) * 0x9E3779B97F4A7C15 + key.to(tl.uint64)
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    return (z >> 40).to(tl.float32) * 5.9604644775390625e-08  # 2 ** -24
+
+
+@triton.jit
+def _sample_keys(w_ptr, stride_wn, row, cols, valid, N, key, UNIFORM: tl.constexpr):
     """Gumbel keys log(w) - log(-log(u)) (or u itself when UNIFORM) for one row."""
-    noise = tl.rand(seed, group * N + cols)
+    noise = _uniform_noise(key, row, cols, N)
     if UNIFORM:
         keys = noise
     else:
         w = tl.load(w_ptr + cols * stride_wn, mask=valid, other=1.0).to(tl.float32)
-        keys = tl.log(w) - tl.log(-tl.log(tl.maximum(noise, 1e-20)))
+        keys = tl.log(w) - tl.log(-tl.log(tl.maximum(noise, 2.9802322387695312e-08)))  # 2 ** -25
     return keys
 
 
 @triton.jit
 def _sample_kernel(
-    w_ptr, idx_ptr, N, k, stride_wg, stride_wn, seed,
+    w_ptr, idx_ptr, N, k, stride_wg, stride_wn, key, row_offset,
     UNIFORM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     group = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     valid = cols < N
-    keys = _sample_keys(w_ptr + group * stride_wg, stride_wn, group, cols, valid, N, seed, UNIFORM)
+    keys = _sample_keys(w_ptr + group * stride_wg, stride_wn, row_offset + group, cols, valid, N, key, UNIFORM)
     selected, rank = _topk_rank(keys, valid, k)
     tl.store(idx_ptr + group * k + rank, cols.to(tl.int64), mask=selected)
 
 
-@triton.jit
-def _noise_kernel(out_ptr, N, seed, BLOCK_N: tl.constexpr):
-    group = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + group * N + cols, tl.rand(seed, group * N + cols), mask=cols < N)
-
-
-def triton_uniform_noise(G: int, N: int, *, seed: int, offset: int, device: torch.device) -> torch.Tensor:
-    """[G, N] float32: exactly the uniform noise the Triton sampler draws for (seed, offset)."""
-    out = torch.empty(G, N, device=device, dtype=torch.float32)
-    _noise_kernel[(G,)](out, N, reference.philox_seed(seed, offset), BLOCK_N=block_size(N))
-    return out
-
-
-def _launch_sample(weights_GN: torch.Tensor, k: int, seed: int, offset: int, uniform: bool) -> torch.Tensor:
+def _launch_sample(weights_GN: torch.Tensor, k: int, seed: int, offset: int, row_offset: int, uniform: bool) -> torch.Tensor:
     G, N = weights_GN.shape
     idx = torch.empty(G, k, device=weights_GN.device, dtype=torch.int64)
     if G == 0:
         return idx
     BLOCK_N = block_size(N)
     _sample_kernel[(G,)](
-        weights_GN, idx, N, k, weights_GN.stride(0), weights_GN.stride(1), reference.philox_seed(seed, offset),
+        weights_GN, idx, N, k, weights_GN.stride(0), weights_GN.stride(1), reference.mix_seed(seed, offset), row_offset,
         UNIFORM=uniform, BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
     )
     return idx
 
 
 @torch.library.custom_op("umt_kernels::sample_without_replacement", mutates_args=())
-def _sample_op(weights_GN: torch.Tensor, k: int, seed: int, offset: int, uniform: bool) -> torch.Tensor:
+def _sample_op(weights_GN: torch.Tensor, k: int, seed: int, offset: int, row_offset: int, uniform: bool) -> torch.Tensor:
     if use_triton(weights_GN):
-        return _launch_sample(weights_GN, k, seed, offset, uniform)
+        return _launch_sample(weights_GN, k, seed, offset, row_offset, uniform)
     mode = "uniform" if uniform else "weighted"
-    return reference.sample_without_replacement(weights_GN, k, seed=seed, offset=offset, mode=mode)
+    return reference.sample_without_replacement(weights_GN, k, seed=seed, offset=offset, row_offset=row_offset, mode=mode)
 
 
 @_sample_op.register_fake
-def _(weights_GN, k, seed, offset, uniform):
+def _(weights_GN, k, seed, offset, row_offset, uniform):
     return weights_GN.new_empty((weights_GN.shape[0], k), dtype=torch.int64)
 
 
 def sample_without_replacement(
-    weights_GN: torch.Tensor, k: int, *, seed: int, offset: int = 0, mode: str = "weighted"
+    weights_GN: torch.Tensor, k: int, *, seed: int, offset: int = 0, row_offset: int = 0, mode: str = "weighted"
 ) -> torch.Tensor:
     """Draws k of N items per group without replacement (Gumbel-top-k); sorted indices.
 
@@ -117,15 +115,16 @@ def sample_without_replacement(
             drawn only when fewer than k items have positive weight. Unused in ``uniform`` mode
             (only its shape and device matter).
         k: items per group, 1 <= k <= N.
-        seed, offset: Python ints; the same (seed, offset, shape, backend) gives the same draw,
-            with no host sync. The training loop passes (run seed, step).
+        seed, offset: Python ints; the same (seed, offset) gives the same draw, with no host
+            sync and no generator state. The training loop passes (run seed, step).
+        row_offset: the global index of row 0 when ``weights_GN`` is a slice of a larger
+            batch: the draw of a row depends on (seed, offset, row_offset + g) only, so a batch
+            split over ranks or micro-batches draws exactly what the whole batch draws.
         mode: ``weighted`` (probability proportional to the weights) or ``uniform``.
 
     Returns:
-        [G, k] int64, strictly ascending per row. Not differentiable.
-
-    The Triton kernel and the reference use different random streams (Philox in the kernel,
-    torch's generator in the reference): each is reproducible, both have the same law.
+        [G, k] int64, strictly ascending per row. Not differentiable. The Triton kernel and
+        the reference return identical indices (same counter-based noise, ties by index).
     """
     reference.check_sampling_args(weights_GN, k, mode)
-    return _sample_op(weights_GN, k, seed, offset, mode == "uniform")
+    return _sample_op(weights_GN, k, seed, offset, row_offset, mode == "uniform")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import umt_kernels
+from umt_kernels import reference
 
 
 def _exact_inclusion(weights: list[float], k: int) -> list[float]:
@@ -52,6 +53,18 @@ def test_sampling_is_reproducible_and_depends_on_seed_and_offset():
     assert torch.equal(a, umt_kernels.sample_without_replacement(w, 10, seed=5, offset=7))
     assert not torch.equal(a, umt_kernels.sample_without_replacement(w, 10, seed=5, offset=8))
     assert not torch.equal(a, umt_kernels.sample_without_replacement(w, 10, seed=6, offset=7))
+
+
+def test_noise_is_uniform_and_a_function_of_the_global_row():
+    u = reference.uniform_noise((4000, 50), seed=3, offset=1, device=torch.device("cpu")).double()
+    assert ((u >= 0) & (u < 1)).all()
+    assert abs(u.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / u.numel())
+    hist = torch.histc(u, bins=16, min=0, max=1) / u.numel()
+    assert (hist - 1 / 16).abs().max() < 5 * math.sqrt((1 / 16) * (15 / 16) / u.numel())
+    lag = torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1]
+    assert abs(lag.item()) < 5 / math.sqrt(u.numel())
+    tail = reference.uniform_noise((10, 50), seed=3, offset=1, row_offset=3990, device=torch.device("cpu"))
+    assert torch.equal(tail.double(), u[3990:])
 
 
 def test_zero_weight_items_are_never_drawn_while_positive_ones_remain():

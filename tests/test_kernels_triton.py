@@ -12,7 +12,6 @@ import torch
 import umt_kernels
 from umt_kernels import reference
 from umt_kernels._backend import triton_can_run
-from umt_kernels.sampling import triton_uniform_noise
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_can_run(DEVICE), reason="needs a GPU or TRITON_INTERPRET=1")
@@ -38,12 +37,20 @@ def _randn(*shape, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("G,N,k", [(3, 7, 1), (2, 7, 7), (4, 50, 10), (2, 196, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["weighted", "uniform"])
-def test_sampler_equals_the_reference_rule_on_the_same_noise(G, N, k, dtype, mode):
+def test_sampler_draws_exactly_what_the_reference_draws(G, N, k, dtype, mode):
     weights = _rand(G, N, dtype=dtype) + 0.01
-    idx = umt_kernels.sample_without_replacement(weights, k, seed=11, offset=3, mode=mode)
-    noise = triton_uniform_noise(G, N, seed=11, offset=3, device=DEVICE)
-    assert torch.equal(idx, reference.sample_from_noise(weights, k, noise, mode))
+    idx = umt_kernels.sample_without_replacement(weights, k, seed=11, offset=3, row_offset=5, mode=mode)
+    with umt_kernels.backend("reference"):
+        expected = umt_kernels.sample_without_replacement(weights, k, seed=11, offset=3, row_offset=5, mode=mode)
+    assert torch.equal(idx, expected)
     assert idx.shape == (G, k) and (idx[:, 1:] > idx[:, :-1]).all()
+
+
+def test_a_slice_of_the_batch_draws_what_the_whole_batch_draws():
+    weights = _rand(6, 30)
+    whole = umt_kernels.sample_without_replacement(weights, 7, seed=2, offset=8)
+    halves = [umt_kernels.sample_without_replacement(weights[i:i + 3], 7, seed=2, offset=8, row_offset=i) for i in (0, 3)]
+    assert torch.equal(torch.cat(halves), whole)
 
 
 def test_sampler_reads_non_contiguous_weights():
@@ -77,24 +84,6 @@ def _exact_inclusion(weights, k):
         for i in seq:
             incl[i] += p
     return torch.tensor(incl)
-
-
-def test_kernel_noise_gives_the_exact_inclusion_law():
-    """The kernel's selection equals the reference rule on its own noise (tested above), so its
-    law is the Gumbel-top-k law if its Philox noise is i.i.d. uniform: check both."""
-    weights, k, draws = [0.5, 0.2, 0.15, 0.1, 0.05], 2, 20_000
-    # One flat launch gives the same noise as a [draws, 5] launch (offsets are g * N + n).
-    noise = triton_uniform_noise(1, draws * 5, seed=7, offset=0, device=DEVICE).view(draws, 5)
-    assert torch.equal(noise[:3], triton_uniform_noise(3, 5, seed=7, offset=0, device=DEVICE))
-    flat = noise.flatten().double().cpu()
-    assert abs(flat.mean() - 0.5) < 5 * math.sqrt(1 / 12 / flat.numel())
-    hist = torch.histc(flat, bins=10, min=0, max=1) / flat.numel()
-    assert (hist - 0.1).abs().max() < 5 * math.sqrt(0.09 / flat.numel())
-    w = torch.tensor(weights, device=DEVICE).expand(draws, -1)
-    idx = reference.sample_from_noise(w, k, noise, "weighted").cpu()
-    freq = torch.bincount(idx.flatten(), minlength=5) / draws
-    exact = _exact_inclusion(weights, k)
-    assert ((freq - exact).abs() <= 5 * (exact * (1 - exact) / draws).sqrt() + 1e-4).all(), (freq, exact)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="many programs: too slow for the interpreter")
@@ -142,8 +131,8 @@ def test_gather_rows_and_its_backward(G, N, K, C, dtype):
 def test_select_and_gather_is_the_sampler_plus_the_gather(G, N, k, C):
     scores = _rand(G, N, seed=5)
     x = _randn(G, N, C, seed=6).requires_grad_()
-    idx, rows = umt_kernels.select_and_gather(scores, x, k, seed=9, offset=4)
-    assert torch.equal(idx, umt_kernels.sample_without_replacement(scores, k, seed=9, offset=4))
+    idx, rows = umt_kernels.select_and_gather(scores, x, k, seed=9, offset=4, row_offset=2)
+    assert torch.equal(idx, umt_kernels.sample_without_replacement(scores, k, seed=9, offset=4, row_offset=2))
     assert torch.equal(rows, x.detach()[torch.arange(G, device=DEVICE)[:, None], idx])
     rows.sum().backward()
     expected = torch.zeros(G, N, device=DEVICE).scatter_(1, idx, 1.0)

@@ -69,3 +69,12 @@ def test_alignment_loss_is_the_reference_formula():
     assert alignment_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="same"):
         alignment_loss(s, t[:, :, :4])
+
+
+@pytest.mark.parametrize("policy", ["attention", "tube", "random"])
+def test_masks_do_not_depend_on_how_the_batch_is_split(policy):
+    attn = torch.rand(4, T, P)
+    kwargs = dict(num_frames=T, patches_per_frame=P, ratio=0.8, seed=3, offset=7, device=torch.device("cpu"))
+    whole = sample_visible_tokens(policy, batch_size=4, cls_attn_BTP=attn, **kwargs)
+    parts = [sample_visible_tokens(policy, batch_size=2, cls_attn_BTP=attn[i:i + 2], first_clip=i, **kwargs) for i in (0, 2)]
+    assert torch.equal(torch.cat(parts), whole)

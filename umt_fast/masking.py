@@ -42,6 +42,7 @@ def sample_visible_tokens(
     offset: int,
     device: torch.device,
     cls_attn_BTP: torch.Tensor | None = None,
+    first_clip: int = 0,
 ) -> torch.Tensor:
     """Samples the visible set of every clip.
 
@@ -52,6 +53,9 @@ def sample_visible_tokens(
             the same size, repeated over all frames. ``random``: uniform over all T * P
             tokens, T*P - int(T*P*ratio) kept.
         seed, offset: randomness; the training loop passes (train seed, step).
+        first_clip: the global index (within the step's global batch) of clip 0 of this batch.
+            A clip's mask depends on (seed, offset, its global index) only, so the masks do
+            not change with the number of ranks or micro-batches.
 
     Returns:
         visible_idx_BN: [B, N_vis] int64, ascending.
@@ -61,16 +65,18 @@ def sample_visible_tokens(
         if cls_attn_BTP is None:
             raise ValueError("the attention mask policy needs the teacher's cls_attn [B, T, P]")
         idx = umt_kernels.sample_without_replacement(
-            cls_attn_BTP.reshape(B * T, P), num_visible(P, ratio), seed=seed, offset=offset
+            cls_attn_BTP.reshape(B * T, P), num_visible(P, ratio), seed=seed, offset=offset, row_offset=first_clip * T
         )
         return frame_to_clip_indices(idx.view(B, T, -1), P)
     if policy == "tube":
         weights = torch.empty(B, P, device=device)
-        idx = umt_kernels.sample_without_replacement(weights, num_visible(P, ratio), seed=seed, offset=offset, mode="uniform")
+        idx = umt_kernels.sample_without_replacement(
+            weights, num_visible(P, ratio), seed=seed, offset=offset, row_offset=first_clip, mode="uniform"
+        )
         return frame_to_clip_indices(idx.unsqueeze(1).expand(B, T, -1), P)
     if policy == "random":
         weights = torch.empty(B, T * P, device=device)
         return umt_kernels.sample_without_replacement(
-            weights, num_visible(T * P, ratio), seed=seed, offset=offset, mode="uniform"
+            weights, num_visible(T * P, ratio), seed=seed, offset=offset, row_offset=first_clip, mode="uniform"
         )
     raise ValueError(f"mask policy must be one of {POLICIES}, got {policy!r}")

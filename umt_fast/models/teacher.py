@@ -127,12 +127,15 @@ class TeacherOutput:
         rows_BNX = umt_kernels.gather_rows(self.streams.view(B, TP, L * W), visible_idx_BN)
         return self._project_rows(rows_BNX.view(B, -1, L, W))
 
-    def sample_visible(self, visible_per_frame: int, *, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_visible(
+        self, visible_per_frame: int, *, seed: int, offset: int, first_clip: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention masking and target gather in one fused launch.
 
         Per frame, draws ``visible_per_frame`` patches without replacement in proportion to
         ``cls_attn`` and gathers their residual-stream rows (umt_kernels.select_and_gather).
-        The indices equal ``sample_visible_tokens("attention", ...)`` for the same seed/offset.
+        The indices equal ``sample_visible_tokens("attention", ...)`` for the same seed, offset
+        and ``first_clip`` (the global index of clip 0 in the step's batch).
 
         Returns:
             (visible_idx_BN [B, T*k] int64 ascending, targets [L, B, T*k, Ct] L2-normalised).
@@ -141,7 +144,7 @@ class TeacherOutput:
         L, W = self.streams.shape[2:]
         idx_GK, rows_GKX = umt_kernels.select_and_gather(
             self.cls_attn.reshape(B * T, P), self.streams.view(B * T, P, L * W), visible_per_frame,
-            seed=seed, offset=offset,
+            seed=seed, offset=offset, row_offset=first_clip * T,
         )
         visible_idx_BN = frame_to_clip_indices(idx_GK.view(B, T, -1), P)
         return visible_idx_BN, self._project_rows(rows_GKX.view(B, -1, L, W))
