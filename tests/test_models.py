@@ -1,4 +1,6 @@
 """Student and teacher against the independent reference forward (tests/umt_reference.py)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -152,3 +154,28 @@ def test_fused_attention_sampling_matches_the_two_step_path():
                                          seed=5, offset=9, device=torch.device("cpu"), cls_attn_BTP=out.cls_attn)
     assert torch.equal(idx, expected_idx)  # 16 - int(12.8) = 4 per frame
     torch.testing.assert_close(targets, out.targets(idx), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("num_blocks", [1, 3])
+def test_activation_checkpointing_gives_the_same_gradients(num_blocks):
+    sd = ref.random_student_state_dict(width=64, depth=3, heads=1, K=2, teacher_dim=32, seed=13)
+    video, idx = _video(seed=14), _visible(2, T, 16, 6, seed=15)
+
+    def grads(checkpointed):
+        student = interop.load_student(sd, num_frames=T, img_size=IMG)
+        student = type(student)(dataclasses.replace(student.arch, drop_path=0.3))
+        student.load_state_dict(sd)
+        student.train().set_activation_checkpointing(checkpointed)
+        torch.manual_seed(0)
+        student(video, idx).square().sum().backward()
+        return {n: p.grad for n, p in student.named_parameters()}
+
+    plain, checkpointed = grads(0), grads(num_blocks)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_activation_checkpointing_rejects_bad_counts():
+    student = interop.load_student(ref.random_student_state_dict(64, 2, 1, 1, 8), num_frames=T, img_size=IMG)
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        student.set_activation_checkpointing(3)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
+from torch.utils.checkpoint import checkpoint
 
 import umt_kernels
 from umt_fast.models.attention import multi_head_attention
@@ -133,6 +134,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(arch.width, arch.heads, arch.mlp_ratio, r) for r in drop_rates)
         self.norm = nn.LayerNorm(arch.width, eps=LN_EPS)
         self.register_buffer("pos_embed", sincos_table(arch.num_tokens, arch.width), persistent=False)
+        self.checkpointed_blocks = 0
 
     def forward(self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor) -> torch.Tensor:
         """Returns the final-normed outputs of the last L blocks, [L, B, N, D], ascending depth."""
@@ -141,7 +143,10 @@ class Encoder(nn.Module):
         first_tap = self.arch.depth - self.arch.return_layers
         taps = []
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            if i < self.checkpointed_blocks and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
             if i >= first_tap:
                 taps.append(x)
         return self.norm(torch.stack(taps))
@@ -184,6 +189,13 @@ class SparseVideoStudent(nn.Module):
         taps_LBND = self.encoder(video_BCTHW, visible_idx_BN)
         taps_LBND = taps_LBND + self.clip_pos_embed.to(taps_LBND.dtype)[visible_idx_BN]
         return torch.stack([head(taps_LBND[i]) for i, head in enumerate(self.clip_decoder)])
+
+    def set_activation_checkpointing(self, num_blocks: int) -> None:
+        """Recompute the first ``num_blocks`` blocks in the backward instead of storing their
+        activations (0 = off, depth = every block). Drop-path draws are replayed exactly."""
+        if not 0 <= num_blocks <= self.arch.depth:
+            raise ValueError(f"activation checkpointing: num_blocks must be in [0, {self.arch.depth}], got {num_blocks}")
+        self.encoder.checkpointed_blocks = num_blocks
 
 
 def _init_weights(module: nn.Module) -> None:
