@@ -86,7 +86,7 @@ def step_rows(batch: int, peak_tflops: float | None) -> list[dict]:
         teacher = build_teacher(cfg).cuda().to(torch.bfloat16)
         student = build_student(cfg, teacher.arch.output_dim).cuda()
         optimizer = build_optimizer(student, 1e-4, 0.05, (0.9, 0.95), 1e-8)
-        step = PretrainStep(student, teacher, optimizer, mask_policy="attention", mask_ratio=0.8, mask_seed=0,
+        step = PretrainStep(student, teacher, optimizer, mask_policy="attention", mask_ratio=0.8, seed=0,
                             device=torch.device("cuda"), autocast_dtype=torch.bfloat16)
         S, T = cfg.data.img_size, cfg.data.num_frames
         video = torch.randint(0, 256, (batch, T, S, S, 3), dtype=torch.uint8, device="cuda")

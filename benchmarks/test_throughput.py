@@ -36,7 +36,7 @@ def _step_setup():
     student = build_student(cfg, teacher.arch.output_dim).to(DEVICE)
     optimizer = build_optimizer(student, 1e-4, 0.05, (0.9, 0.95), 1e-8)
     step = PretrainStep(
-        student, teacher, optimizer, mask_policy="attention", mask_ratio=cfg.mask.ratio, mask_seed=0,
+        student, teacher, optimizer, mask_policy="attention", mask_ratio=cfg.mask.ratio, seed=0,
         device=DEVICE, autocast_dtype=torch.bfloat16 if ON_GPU else None,
     )
     S, T = cfg.data.img_size, cfg.data.num_frames

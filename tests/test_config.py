@@ -63,7 +63,7 @@ def test_demo_preset_values():
     assert (cfg.teacher.arch, cfg.teacher.weights, cfg.teacher.input_resolution) == ("tiny", "none", 112)
     assert cfg.data.train_list == "sample_clips"
     assert (cfg.data.num_frames, cfg.data.img_size, cfg.data.num_workers) == (4, 112, 0)
-    assert cfg.train.batch_size == 4 and cfg.train.max_steps == 40 and cfg.train.device == "auto"
+    assert cfg.train.global_batch_size == 4 and cfg.train.max_steps == 40 and cfg.train.device == "auto"
     assert cfg.optim.epochs == 40 and cfg.optim.warmup_epochs == 4
     assert peak_lr(cfg) == pytest.approx(1e-3)
     assert 0 < scaled_min_lr(cfg) < peak_lr(cfg) / 10
@@ -83,7 +83,7 @@ def test_umt_b16_k710_recipe():
     o = cfg.optim
     assert (o.lr, o.min_lr, o.weight_decay, o.betas, o.eps) == (1.5e-4, 1e-5, 0.05, (0.9, 0.95), 1e-8)
     assert (o.epochs, o.warmup_epochs, o.warmup_lr) == (200, 40, 0.0)
-    assert cfg.train.batch_size == 2048 and cfg.train.max_steps == 0
+    assert cfg.train.global_batch_size == 2048 and cfg.train.max_steps == 0
     assert peak_lr(cfg) == pytest.approx(1.2e-3)
     assert scaled_min_lr(cfg) == pytest.approx(8e-5)
     assert scaled_warmup_lr(cfg) == 0.0
@@ -202,7 +202,7 @@ def test_preset_then_yaml_then_cli(tmp_path):
     assert cfg.train.seed == 3 and cfg.data.flip is False and cfg.run_dir == "from_yaml"
     assert cfg.train.max_steps == 22  # CLI over YAML
     assert cfg.optim.betas == (0.5, 0.6)
-    assert cfg.train.batch_size == demo.train.batch_size  # untouched: preset
+    assert cfg.train.global_batch_size == demo.train.global_batch_size  # untouched: preset
     assert cfg.student == demo.student and cfg.mask == demo.mask
 
 
@@ -266,9 +266,9 @@ BAD = [
     (["--checkpoint.every_steps", "0"], "checkpoint.every_steps", "0"),
     (["--optim.betas", "0.9"], "optim.betas", "0.9"),
     (["--optim.betas", "0.9,1.0"], "optim.betas", "1.0"),
-    (["--train.batch_size", "four"], "train.batch_size", "four"),
+    (["--train.global_batch_size", "four"], "train.global_batch_size", "four"),
     (["--train.device", "tpu"], "train.device", "tpu"),
-    (["--train.precision", "fp16"], "train.precision", "fp16"),
+    (["--train.precision", "fp8"], "train.precision", "fp8"),
     (["--optim.warmup_epochs", "41"], "optim.warmup_epochs", "41"),
     (["--student.drop_path", "1.0"], "student.drop_path", "1.0"),
     (["--teacher.arch", "vit_b32"], "teacher.arch", "vit_b32"),
@@ -322,8 +322,8 @@ def test_ratio_just_below_one_still_leaves_a_visible_token():
 
 def test_direct_assignment_of_a_wrong_type_is_caught():
     cfg = get_preset("demo")
-    cfg.train.batch_size = "4"
-    with pytest.raises(ValueError, match="train.batch_size"):
+    cfg.train.global_batch_size = "4"
+    with pytest.raises(ValueError, match="train.global_batch_size"):
         validate(cfg)
     cfg = get_preset("demo")
     cfg.data.flip = 1
@@ -426,8 +426,8 @@ def test_config_from_dict_rejects_unknown_keys_and_bad_types():
     with pytest.raises(ValueError, match="bogus"):
         config_from_dict(d)
     d = config_to_dict(get_preset("demo"))
-    d["train"]["batch_size"] = 4.5
-    with pytest.raises(ValueError, match="train.batch_size"):
+    d["train"]["global_batch_size"] = 4.5
+    with pytest.raises(ValueError, match="train.global_batch_size"):
         config_from_dict(d)
     d = config_to_dict(get_preset("demo"))
     d["teacher"]["weights"] = None

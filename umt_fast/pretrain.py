@@ -4,7 +4,7 @@ Run the built-in demo (tiny models on the sample clips, a few minutes on a lapto
 
     python -m umt_fast.pretrain
 
-The published recipes (one node, 8 GPUs):
+The published recipes (one node, 8 GPUs; add --dist.strategy fsdp to shard the student):
 
     torchrun --nproc_per_node 8 -m umt_fast.pretrain --preset umt_b16_k710 \\
         --data.train_list k710_train.csv --data.root /data/k710 \\
@@ -33,12 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(argv)
         if not cfg.run_dir:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError("--run-dir is required under torchrun (every rank must write to the same place)")
             cfg.run_dir = default_run_dir(cfg.preset)
         check_paths(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from umt_fast.distributed import destroy_distributed
     from umt_fast.train.loop import train  # torch and friends load only once the config is valid
 
     try:
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; resume with --resume auto --run-dir " + cfg.run_dir, file=sys.stderr)
         return 130
+    finally:
+        destroy_distributed()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"run directory: {os.path.abspath(result.run_dir)}")
     print(f"checkpoint:    {os.path.abspath(result.last_checkpoint) if result.last_checkpoint else '(none)'}")
     if result.last_loss is not None:

@@ -225,15 +225,33 @@ class BadSampleBudget:
 
 
 class PositionSampler(Sampler[int]):
-    """Yields sample positions start, start + 1, ... forever."""
+    """Yields one rank's sample positions, forever.
 
-    def __init__(self, start: int):
+    With ``world_size`` ranks sharing global batches of ``global_batch_size`` clips, rank r
+    reads positions [s*G + r*b, s*G + r*b + b) of global step s (b = G / world_size), so the
+    clips of a global step do not depend on the number of ranks. A single rank reads
+    start, start + 1, ... .
+    """
+
+    def __init__(self, start: int, global_batch_size: int | None = None, rank: int = 0, world_size: int = 1):
         if start < 0:
             raise ValueError(f"start position must be >= 0, got {start}")
-        self.start = start
+        if world_size > 1:
+            if global_batch_size is None or global_batch_size % world_size:
+                raise ValueError(f"global batch {global_batch_size} is not divisible by {world_size} ranks")
+            if start % global_batch_size:
+                raise ValueError(f"start position {start} is not a multiple of the global batch {global_batch_size}")
+        self.start, self.global_batch_size, self.rank, self.world_size = start, global_batch_size, rank, world_size
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.count(self.start)
+        if self.world_size == 1:
+            return itertools.count(self.start)
+        G, per_rank = self.global_batch_size, self.global_batch_size // self.world_size
+        return (
+            s * G + self.rank * per_rank + j
+            for s in itertools.count(self.start // G)
+            for j in range(per_rank)
+        )
 
 
 def _init_worker(worker_id: int) -> None:
@@ -242,12 +260,21 @@ def _init_worker(worker_id: int) -> None:
 
 
 def build_pretrain_loader(
-    dataset: PretrainClipDataset, batch_size: int, start_position: int, num_workers: int, pin_memory: bool
+    dataset: PretrainClipDataset,
+    batch_size: int,
+    start_position: int,
+    num_workers: int,
+    pin_memory: bool,
+    *,
+    global_batch_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """An endless loader whose batch j holds positions [start + j*B, start + (j+1)*B).
+    """An endless loader of batches of ``batch_size`` consecutive positions of this rank.
 
-    Resuming with start_position = step * batch_size yields exactly the batches that an
-    uninterrupted run yields from `step` on.
+    A single rank's batch j holds positions [start + j*B, start + (j+1)*B). Resuming with
+    start_position = step * global batch yields exactly the batches that an uninterrupted run
+    yields from ``step`` on. With several ranks see :class:`PositionSampler`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -256,7 +283,7 @@ def build_pretrain_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=PositionSampler(start_position),
+        sampler=PositionSampler(start_position, global_batch_size, rank, world_size),
         drop_last=True,
         collate_fn=collate_clips,
         num_workers=num_workers,

@@ -248,20 +248,24 @@ def build_metrics_sinks(
     return MetricsSinks(sinks)
 
 
-def setup_logging(run_dir: str) -> logging.Logger:
-    """Logs ``umt_fast.*`` to ``<run_dir>/log.txt`` (everything) and the console (warnings and info)."""
+def setup_logging(run_dir: str | None) -> logging.Logger:
+    """Logs ``umt_fast.*`` to ``<run_dir>/log.txt`` (everything) and the console (warnings and info).
+
+    ``run_dir=None`` (ranks other than 0) logs warnings and errors to the console only.
+    """
     logger = logging.getLogger("umt_fast")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if run_dir is not None else logging.WARNING)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    file_handler = logging.FileHandler(os.path.join(run_dir, "log.txt"), encoding="utf-8")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     console.addFilter(lambda record: not getattr(record, "progress", False))
-    logger.addHandler(file_handler)
     logger.addHandler(console)
+    if run_dir is not None:
+        file_handler = logging.FileHandler(os.path.join(run_dir, "log.txt"), encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(file_handler)
     logger.propagate = False
     return logger
 

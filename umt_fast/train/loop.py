@@ -1,4 +1,8 @@
-"""The stage-1 training loop: build, resume, step, log, checkpoint."""
+"""The stage-1 training loop: build, resume, step, log, checkpoint.
+
+Works the same in one process (CPU or GPU) and under torchrun (DDP or FSDP2): rank 0 writes
+the run directory's logs, metrics and figures; every rank takes part in checkpoints.
+"""
 from __future__ import annotations
 
 import logging
@@ -27,12 +31,16 @@ from umt_fast.data import (
     read_annotation_list,
     write_sample_clip_list,
 )
+from umt_fast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, unwrap, wrap_student
 from umt_fast.models import build_student, build_teacher
+from umt_fast.models.attention import set_attention_backend
 from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages, setup_logging
 from umt_fast.train.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.train.step import PretrainStep
 
 log = logging.getLogger(__name__)
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,24 +55,20 @@ class TrainResult:
     last_loss: float | None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but no CUDA device is available; use --train.device auto or cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _train_list_path(cfg: PretrainConfig) -> str:
-    if cfg.data.train_list == SAMPLE_CLIPS:
-        return write_sample_clip_list(os.path.join(cfg.run_dir, "sample_clips.csv"))
-    return cfg.data.train_list
+def _train_list_path(cfg: PretrainConfig, info: DistInfo) -> str:
+    if cfg.data.train_list != SAMPLE_CLIPS:
+        return cfg.data.train_list
+    path = os.path.join(cfg.run_dir, "sample_clips.csv")
+    if info.is_main:
+        write_sample_clip_list(path)
+    barrier()
+    return path
 
 
 def _differing_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -78,19 +82,67 @@ def _differing_fields(saved: dict, current: dict, prefix: str = "") -> list[str]
     return out
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch of every step is split: over ranks, then into micro-batches."""
+
+    global_batch: int
+    per_rank: int
+    micro: int
+
+    @property
+    def accumulation(self) -> int:
+        return self.per_rank // self.micro
+
+
+def plan_batches(cfg: PretrainConfig, world_size: int) -> BatchPlan:
+    G = cfg.train.global_batch_size
+    if G % world_size:
+        raise ValueError(
+            f"train.global_batch_size={G} must be divisible by the number of ranks ({world_size})"
+        )
+    per_rank = G // world_size
+    micro = cfg.train.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(
+            f"train.micro_batch_size={micro} must divide the per-rank batch "
+            f"(train.global_batch_size {G} / {world_size} ranks = {per_rank})"
+        )
+    return BatchPlan(G, per_rank, micro)
+
+
+def _compile(student, teacher, mode: str, backend: str) -> None:
+    """In place (Module.compile keeps parameter names): per block, or the student's whole forward."""
+    if mode == "none":
+        return
+    for block in teacher.transformer.resblocks:
+        block.compile(backend=backend)
+    if mode == "blocks":
+        for block in student.encoder.blocks:
+            block.compile(backend=backend)
+    else:
+        student.compile(backend=backend)
+
+
 def train(cfg: PretrainConfig) -> TrainResult:
     """Runs (or resumes) stage-1 pre-training as ``cfg`` says; returns where things are."""
-    check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)  # refuse before touching anything
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    info = init_distributed(cfg.train.device)
+    plan = plan_batches(cfg, info.world_size)
+    if info.is_main:
+        check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)  # refuse before touching anything
+        os.makedirs(cfg.run_dir, exist_ok=True)
+    barrier()
     resume_path = ckpt.find_resume_checkpoint(cfg.run_dir, cfg.resume)
-    logger = setup_logging(cfg.run_dir)
-    save_config(cfg, cfg.run_dir)
-    device = resolve_device(cfg.train.device)
+    logger = setup_logging(cfg.run_dir if info.is_main else None)
+    if info.is_main:
+        save_config(cfg, cfg.run_dir)
+    device = info.device
     seed_everything(cfg.train.seed)
+    set_attention_backend(cfg.train.attention)
 
-    records = read_annotation_list(_train_list_path(cfg), root=cfg.data.root)
-    B = cfg.train.batch_size
-    steps_per_epoch = max(1, len(records) // B)
+    records = read_annotation_list(_train_list_path(cfg, info), root=cfg.data.root)
+    G = plan.global_batch
+    steps_per_epoch = max(1, len(records) // G)
     total_steps = cfg.optim.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     schedule = WarmupCosineSchedule(
@@ -101,97 +153,116 @@ def train(cfg: PretrainConfig) -> TrainResult:
         warmup_lr=scaled_warmup_lr(cfg),
     )
 
-    use_bf16 = device.type == "cuda" and cfg.train.precision == "bf16"
+    low_precision = _AUTOCAST[cfg.train.precision] if device.type == "cuda" else None
     teacher = build_teacher(cfg).to(device)
-    if use_bf16:
-        teacher = teacher.to(torch.bfloat16)
+    if low_precision is not None:
+        teacher = teacher.to(low_precision)  # frozen: bf16/fp16 weights, LayerNorm statistics in fp32
     student = build_student(cfg, teacher_dim=teacher.arch.output_dim).to(device)
-    optimizer = build_optimizer(student, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+    student.set_activation_checkpointing(cfg.train.checkpointed_blocks(student.arch.depth))
+    _compile(student, teacher, cfg.train.compile, cfg.train.compile_backend)
+    model = wrap_student(student, cfg.dist.strategy, info, low_precision)
+    optimizer = build_optimizer(model, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+    scaler = torch.amp.GradScaler("cuda") if low_precision == torch.float16 else None
     budget = BadSampleBudget(cfg.data.max_bad_fraction)
 
     start_step = 0
     if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path)
-        changed = _differing_fields(state.get("config", {}), config_to_dict(cfg))
+        meta = ckpt.restore_checkpoint(resume_path, model, optimizer)
+        changed = _differing_fields(meta.get("config", {}), config_to_dict(cfg))
         if changed:
             log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changed))
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        budget.load_state_dict(state["bad_samples"])
-        ckpt.restore_rng_state(state["rng"])
-        start_step = state["step"]
-        log.info("resumed from %s at step %d (data position %d)", resume_path, start_step, state["data_position"])
+        if info.is_main:  # the counts are global totals; the other ranks count from zero
+            budget.load_state_dict(meta["bad_samples"])
+        if scaler is not None and "grad_scaler" in meta:
+            scaler.load_state_dict(meta["grad_scaler"])
+        start_step = meta["step"]
+        log.info("resumed from %s at step %d (data position %d)", resume_path, start_step, meta["data_position"])
 
-    rng = ckpt.rng_state()  # third-party loggers must not shift the run's random streams
-    metrics = build_metrics_sinks(
-        cfg.run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb, wandb_mode=cfg.log.wandb_mode,
-        config=config_to_dict(cfg), resume_step=start_step if resume_path is not None else None,
-    )  # fmt: skip
-    ckpt.restore_rng_state(rng)
-    if resume_path is not None:
-        metrics.write({"event": "resume", "step": start_step, "checkpoint": resume_path})
+    metrics = None
+    if info.is_main:
+        rng = ckpt.rng_state()  # third-party loggers must not shift the run's random streams
+        metrics = build_metrics_sinks(
+            cfg.run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb, wandb_mode=cfg.log.wandb_mode,
+            config=config_to_dict(cfg), resume_step=start_step if resume_path is not None else None,
+        )  # fmt: skip
+        ckpt.restore_rng_state(rng)
+        if resume_path is not None:
+            metrics.write({"event": "resume", "step": start_step, "checkpoint": resume_path})
     log.info(
-        "preset %s | student %s (%.1fM params) | teacher %s | %d clips, batch %d, %d steps (%d per epoch) | device %s",
+        "preset %s | student %s (%.1fM params) | teacher %s | %d clips | global batch %d = %d ranks x %d x %d "
+        "micro-batches | %d steps (%d per epoch) | %s, %s, attention %s, compile %s",
         cfg.preset, cfg.student.size, sum(p.numel() for p in student.parameters()) / 1e6, cfg.teacher.arch,
-        len(records), B, last_step, steps_per_epoch, device,
+        len(records), G, info.world_size, plan.micro, plan.accumulation, last_step, steps_per_epoch, device,
+        cfg.train.precision if device.type == "cuda" else "fp32", cfg.train.attention, cfg.train.compile,
     )
 
     dataset = PretrainClipDataset(records, cfg.data.num_frames, cfg.data.img_size, seed=cfg.train.seed, flip=cfg.data.flip)
     loader = build_pretrain_loader(
-        dataset, B, start_position=start_step * B, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda"
+        dataset, plan.micro, start_position=start_step * G, num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda", global_batch_size=G, rank=info.rank, world_size=info.world_size,
     )
     step_fn = PretrainStep(
-        student, teacher, optimizer,
-        mask_policy=cfg.mask.policy, mask_ratio=cfg.mask.ratio, mask_seed=cfg.train.seed,
-        device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None,
+        model, teacher, optimizer,
+        mask_policy=cfg.mask.policy, mask_ratio=cfg.mask.ratio, seed=cfg.train.seed, device=device,
+        autocast_dtype=low_precision, grad_scaler=scaler, rank=info.rank, first_clip=info.rank * plan.per_rank,
     )
 
     figures = None
-    if cfg.log.mask_figure_every_steps > 0:
-        from umt_fast.viz.training import MaskFigureReporter
+    if cfg.log.mask_figure_every_steps > 0 and info.is_main:
+        if info.distributed and cfg.dist.strategy == "fsdp":
+            log.warning("log.mask_figure_every_steps is ignored under FSDP (rank 0 cannot run a sharded student alone)")
+        else:
+            from umt_fast.viz.training import MaskFigureReporter
 
-        figures = MaskFigureReporter(
-            cfg, [r.path for r in records], teacher, student, device, torch.bfloat16 if use_bf16 else None
-        )
+            figures = MaskFigureReporter(cfg, [r.path for r in records], teacher, student, device, low_precision)
 
-    progress = ProgressLine(last_step, logger)
+    progress = ProgressLine(last_step, logger) if info.is_main else None
     last_checkpoint = resume_path
     last_loss = None
     loss_sum = torch.zeros((), device=device)
-    window_steps, window_clips, data_time = 0, 0, 0.0
+    window_steps, data_time = 0, 0.0
     window_start = time.perf_counter()
-    student.train()
+    model.train()
     batches = iter(loader)
     try:
         for step in range(start_step, last_step):
             fetch_start = time.perf_counter()
-            batch = next(batches)
+            micro_batches = []
+            for _ in range(plan.accumulation):
+                batch = next(batches)
+                budget.update(plan.micro, batch["skipped"])
+                micro_batches.append(batch["video"])
             data_time += time.perf_counter() - fetch_start
-            budget.update(B, batch["skipped"])
 
             lr = schedule.set_lr(optimizer, step)
-            loss_sum += step_fn(batch["video"], step)
+            loss_sum += step_fn(micro_batches, step)
             window_steps += 1
-            window_clips += B
             done = step + 1
 
             is_last = done == last_step
-            if done % cfg.log.every_steps == 0 or is_last or done % cfg.checkpoint.every_steps == 0:
-                last_loss = (loss_sum / window_steps).item()  # the only host sync, once per log window
+            save_now = done % cfg.checkpoint.every_steps == 0 or is_last
+            if done % cfg.log.every_steps == 0 or save_now:
+                # The only host sync: once per logging window, summed over ranks.
+                counts = torch.tensor([budget.num_skipped, budget.num_seen], device=device, dtype=torch.float32)
+                totals = all_reduce_sum(torch.cat([loss_sum.view(1), counts])).tolist()
+                last_loss = totals[0] / (window_steps * info.world_size)
+                num_skipped, num_seen = int(totals[1]), int(totals[2])
                 if not np.isfinite(last_loss):
                     raise NonFiniteLossError(
                         f"loss became {last_loss} between steps {done - window_steps + 1} and {done}; stopping. "
                         f"The last good checkpoint is {last_checkpoint or '(none yet)'}; lower --optim.lr or check the data."
                     )
                 elapsed = time.perf_counter() - window_start
-                metrics.write({
-                    "step": done, "loss": last_loss, "lr": lr, "clips/s": window_clips / elapsed,
-                    "data_time": data_time / window_steps, "data/skipped": budget.num_skipped,
-                    "epoch": step // steps_per_epoch, "time": time.time(),
-                })
-                progress.update(done, last_loss, lr, window_clips / elapsed)
+                clips_per_s = window_steps * G / elapsed
+                if info.is_main:
+                    metrics.write({
+                        "step": done, "loss": last_loss, "lr": lr, "clips/s": clips_per_s,
+                        "data_time": data_time / window_steps, "data/skipped": num_skipped,
+                        "epoch": step // steps_per_epoch, "time": time.time(),
+                    })
+                    progress.update(done, last_loss, lr, clips_per_s)
                 loss_sum.zero_()
-                window_steps, window_clips, data_time = 0, 0, 0.0
+                window_steps, data_time = 0, 0.0
                 window_start = time.perf_counter()
 
             if figures is not None and figures.due(done):
@@ -201,21 +272,23 @@ def train(cfg: PretrainConfig) -> TrainResult:
                     log.info("wrote %s", path)
                 window_start += time.perf_counter() - figure_start  # keep drawing out of clips/s
 
-            if done % cfg.checkpoint.every_steps == 0 or is_last:
+            if save_now:
+                meta = {
+                    "data_position": done * G,
+                    "bad_samples": {**budget.state_dict(), "num_skipped": num_skipped, "num_seen": num_seen},
+                    "config": config_to_dict(cfg),
+                    "world_size": info.world_size,
+                }
+                if scaler is not None:
+                    meta["grad_scaler"] = scaler.state_dict()
                 last_checkpoint = ckpt.save_checkpoint(
-                    cfg.run_dir, done,
-                    {
-                        "student": student.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "data_position": done * B,
-                        "bad_samples": budget.state_dict(),
-                        "config": config_to_dict(cfg),
-                    },
-                    keep_last=cfg.checkpoint.keep_last,
+                    cfg.run_dir, done, model, optimizer, meta, keep_last=cfg.checkpoint.keep_last, info=info
                 )
                 log.info("saved checkpoint %s", last_checkpoint)
     finally:
-        progress.close()
-        metrics.close()
+        if progress is not None:
+            progress.close()
+        if metrics is not None:
+            metrics.close()
         del batches, loader
     return TrainResult(cfg.run_dir, last_checkpoint, last_step, last_loss)

@@ -1,14 +1,17 @@
 """One stage-1 optimizer step, as data (DESIGN.md "One stage-1 step").
 
-    uint8 clip [B, T, H, W, 3] -> normalise on the device  -> x [B, 3, T, H, W]
-    teacher(x)  -> CLS attention [B, T, P] + last-L residual streams
-    mask policy -> visible token indices [B, N] (sorted, on the device); for the attention
+    uint8 clips [m, T, H, W, 3] -> normalise on the device -> x [m, 3, T, H, W]
+    teacher(x)  -> CLS attention [m, T, P] + last-L residual streams
+    mask policy -> visible token indices [m, N] (sorted, on the device); for the attention
                    policy, sampling and the gather of the teacher's rows are one fused launch
-    teacher targets on those rows only [L, B, N, Ct];  student(x, idx) [L, B, N, Ct]
-    loss = mean(2 - 2 cos) -> backward -> AdamW
+    teacher targets on those rows only [L, m, N, Ct];  student(x, idx) [L, m, N, Ct]
+    loss = mean(2 - 2 cos) -> backward      (once per micro-batch of m clips)
+    -> AdamW step                           (once per optimizer step)
 
 The step never reads a value back to the host: the loss is returned as a device tensor and
-read only when logging. Every shape depends on the config alone.
+read only when logging. Every shape depends on the config alone. Randomness is a function of
+(seed, step, rank) and of each clip's index in the global batch, so a step is reproducible on
+resume and its masks do not depend on how the batch is split over ranks and micro-batches.
 """
 from __future__ import annotations
 
@@ -18,13 +21,28 @@ import torch
 import torch.nn as nn
 
 from umt_fast.data.transforms import normalize_video
+from umt_fast.distributed import set_gradient_sync, unwrap
 from umt_fast.losses import alignment_loss
 from umt_fast.masking import num_visible, sample_visible_tokens
 from umt_fast.models.teacher import CLIPVisionTeacher
+from umt_kernels.reference import mix_seed
 
 
 class PretrainStep:
-    """Callable ``(video_BTHWC_uint8, step) -> loss`` (0-dim float32 on the device)."""
+    """Callable ``(micro_batches, step) -> loss``.
+
+    Args:
+        student: the student, possibly wrapped in DDP or sharded with FSDP2.
+        teacher: the frozen teacher (replicated).
+        optimizer: over the student's parameters.
+        mask_policy, mask_ratio: see umt_fast.masking.
+        seed: the run seed (masks, drop path).
+        device: where the step runs.
+        autocast_dtype: bf16 / fp16 autocast on the GPU, None for fp32.
+        grad_scaler: a GradScaler for fp16, else None.
+        rank: this process's rank (drop-path streams differ per rank).
+        first_clip: global index, within every global batch, of this rank's first clip.
+    """
 
     def __init__(
         self,
@@ -34,19 +52,25 @@ class PretrainStep:
         *,
         mask_policy: str,
         mask_ratio: float,
-        mask_seed: int,
+        seed: int,
         device: torch.device,
         autocast_dtype: torch.dtype | None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        rank: int = 0,
+        first_clip: int = 0,
     ):
         self.student = student
         self.teacher = teacher
         self.optimizer = optimizer
         self.mask_policy = mask_policy
         self.mask_ratio = mask_ratio
-        self.mask_seed = mask_seed
+        self.seed = seed
         self.device = device
         self.autocast_dtype = autocast_dtype
-        arch = student.arch
+        self.grad_scaler = grad_scaler
+        self.rank = rank
+        self.first_clip = first_clip
+        arch = unwrap(student).arch
         self.num_frames = arch.num_frames
         self.patches_per_frame = arch.patches_per_frame
 
@@ -55,13 +79,15 @@ class PretrainStep:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def __call__(self, video_BTHWC: torch.Tensor, step: int) -> torch.Tensor:
+    def micro_batch_loss(self, video_BTHWC: torch.Tensor, step: int, first_clip: int) -> torch.Tensor:
+        """Forward of one micro-batch: uint8 [m, T, H, W, 3] -> 0-dim fp32 loss (with graph)."""
         video = normalize_video(video_BTHWC.to(self.device, non_blocking=True))
         with torch.no_grad(), self._autocast():
             teacher_out = self.teacher(video)
             if self.mask_policy == "attention":
                 visible_idx_BN, targets_LBNC = teacher_out.sample_visible(
-                    num_visible(self.patches_per_frame, self.mask_ratio), seed=self.mask_seed, offset=step
+                    num_visible(self.patches_per_frame, self.mask_ratio), seed=self.seed, offset=step,
+                    first_clip=first_clip,
                 )
             else:
                 visible_idx_BN = sample_visible_tokens(
@@ -70,16 +96,39 @@ class PretrainStep:
                     num_frames=self.num_frames,
                     patches_per_frame=self.patches_per_frame,
                     ratio=self.mask_ratio,
-                    seed=self.mask_seed,
+                    seed=self.seed,
                     offset=step,
                     device=self.device,
+                    first_clip=first_clip,
                 )
                 targets_LBNC = teacher_out.targets(visible_idx_BN)
         del teacher_out  # frees the residual streams before the student's forward
         with self._autocast():
             student_LBNC = self.student(video, visible_idx_BN)
-        loss = alignment_loss(student_LBNC, targets_LBNC)
+        return alignment_loss(student_LBNC, targets_LBNC)
+
+    def __call__(self, micro_batches: list[torch.Tensor] | torch.Tensor, step: int) -> torch.Tensor:
+        """One optimizer step over this rank's clips (one uint8 tensor, or a list of micro-batches).
+
+        Returns:
+            0-dim fp32 on the device: this rank's mean loss over its micro-batches.
+        """
+        if isinstance(micro_batches, torch.Tensor):
+            micro_batches = [micro_batches]
+        torch.manual_seed(mix_seed(self.seed, step) + self.rank)  # drop path: reproducible on resume
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        total = torch.zeros((), device=self.device)
+        first_clip, count = self.first_clip, len(micro_batches)
+        for i, video in enumerate(micro_batches):
+            with set_gradient_sync(self.student, i == count - 1):
+                loss = self.micro_batch_loss(video, step, first_clip)
+                scaled = loss / count
+                (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
+            total += loss.detach()
+            first_clip += video.shape[0]
+        if self.grad_scaler:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        return total / count

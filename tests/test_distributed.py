@@ -1,0 +1,65 @@
+"""Multi-process training on CPU with gloo: the same global batch gives the same losses on one
+rank or two (DDP and FSDP2), with or without gradient accumulation, and a checkpoint saved at
+one world size resumes at another."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from umt_fast import checkpoint as ckpt
+from umt_fast.train.logging import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["--data.img_size", "64", "--teacher.input_resolution", "64", "--log.every_steps", "1",
+        "--train.global_batch_size", "4", "--data.num_workers", "0"]
+
+
+def _run(run_dir, nproc, *extra):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "umt_fast.pretrain"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29500 + os.getpid() % 1000), "-m", "umt_fast.pretrain"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd + ["--run-dir", str(run_dir)] + ARGS + list(extra), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def single_rank_losses(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("one") / "run", 1, "--train.max_steps", "4")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_rank(tmp_path, single_rank_losses, strategy):
+    losses = _run(tmp_path / "run", 2, "--train.max_steps", "4", "--dist.strategy", strategy)
+    assert sorted(losses) == [1, 2, 3, 4]
+    for step, loss in single_rank_losses.items():
+        assert loss == pytest.approx(losses[step], abs=1e-4), (step, single_rank_losses, losses)
+
+
+def test_gradient_accumulation_matches_one_pass(tmp_path, single_rank_losses):
+    losses = _run(tmp_path / "run", 1, "--train.max_steps", "4", "--train.micro_batch_size", "2")
+    for step, loss in single_rank_losses.items():
+        assert loss == pytest.approx(losses[step], abs=1e-4)
+
+
+def test_fsdp_checkpoint_resumes_in_a_single_process(tmp_path, single_rank_losses):
+    run_dir = tmp_path / "run"
+    _run(run_dir, 2, "--train.max_steps", "2", "--dist.strategy", "fsdp", "--checkpoint.every_steps", "2")
+    assert [s for s, _ in ckpt.list_checkpoints(str(run_dir))] == [2]
+    resumed = _run(run_dir, 1, "--train.max_steps", "4", "--resume", "auto")
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(single_rank_losses[step], abs=1e-4)
+
+
+def test_global_batch_must_split_over_ranks(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(30500 + os.getpid() % 1000), "-m", "umt_fast.pretrain",
+           "--run-dir", str(tmp_path / "run")] + ARGS + ["--train.global_batch_size", "3"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0 and "train.global_batch_size=3" in proc.stderr

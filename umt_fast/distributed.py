@@ -1,0 +1,103 @@
+"""torchrun initialisation, DDP / FSDP2 wrapping and the few collectives the loop needs.
+
+A single process (no torchrun) runs with world size 1 and no process group; every helper here
+is then a no-op, so the same loop serves one CPU and many GPUs.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK and starts the process group (NCCL on GPUs,
+    gloo on CPUs). ``device_name`` is train.device: auto, cpu or cuda."""
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is available; use --train.device auto or cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
+            device_id=device if use_cuda else None,
+        )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sums ``tensor`` over ranks, in place (identity in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def wrap_student(student: nn.Module, strategy: str, info: DistInfo, param_dtype: torch.dtype | None) -> nn.Module:
+    """DDP or FSDP2 around the student; the module itself in a single process.
+
+    FSDP2 shards every transformer block and then the root, with a mixed-precision policy that
+    computes in ``param_dtype`` (bf16/fp16 on the GPU) and reduces gradients in fp32.
+    """
+    if not info.distributed:
+        return student
+    if strategy == "ddp":
+        device_ids = [info.local_rank] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in student.encoder.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(student, mp_policy=policy)
+    return student
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool):
+    """Context for one micro-batch: skip the gradient all-reduce except on the last one."""
+    import contextlib
+
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
