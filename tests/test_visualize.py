@@ -269,16 +269,24 @@ def test_bench_cli_draws_reference_rows_beside_ours(tmp_path, capsys):
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"machine_info": {"node": "ci"}, "benchmarks": [
         bench("test_sampling_reference[512-196-40]", 4e-3, rows_per_s=1.2e5),
+        bench("test_kernel[gather_rows-reference_system]", 9e-3, impl="reference_system", GBps=20.0),
         bench("test_step_throughput", 0.4, clips_per_s=9.7),
+        bench("test_kernel[gather_rows-triton]", 1e-3, impl="triton", GBps=180.0),
+        bench("test_kernel[gather_rows-reference]", 3e-3, impl="reference", GBps=60.0),
         bench("test_sampling_throughput[512-196-40]", 2e-3, rows_per_s=2.4e5),
     ]}))
     rows, _ = load_benchmarks(str(results))
+    # same operation together, ours first; groups in order of first appearance
     assert [r.name for r in order_rows(rows)] == [
-        "test_step_throughput", "test_sampling_throughput[512-196-40]", "test_sampling_reference[512-196-40]",
+        "test_kernel[gather_rows-triton]", "test_kernel[gather_rows-reference_system]",
+        "test_kernel[gather_rows-reference]",
+        "test_step_throughput",
+        "test_sampling_throughput[512-196-40]", "test_sampling_reference[512-196-40]",
     ]
+    assert [r.is_reference for r in order_rows(rows)] == [False, True, True, False, False, True]
     assert main(["bench", str(results)]) == 0
     width, height, pixels = _png(tmp_path / "results.png")
-    assert (width, height) == bench_figure_size(3)
+    assert (width, height) == bench_figure_size(num_rows=6, num_groups=3)
     _assert_not_blank(pixels)
 
     bad = tmp_path / "bad.json"

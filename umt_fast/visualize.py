@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="a pre-training checkpoint: adds the student-vs-teacher row; without --preset or "
                            "--config, the run's config.yaml next to its checkpoints/ folder is used")
     mask.add_argument("--out", metavar="PNG", help="output file (default: <video name>_mask.png here)")
+    _add_compact_option(mask)
 
     run = commands.add_parser(
         "run",
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or its metrics.jsonl")
     run.add_argument("--out", metavar="PNG", help="output file (default: RUN_DIR/report.png)")
     run.add_argument("--html", action="store_true", help="also write a self-contained HTML page next to the PNG")
+    _add_compact_option(run)
 
     bench = commands.add_parser(
         "bench",
@@ -87,7 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("results", metavar="RESULTS.json")
     bench.add_argument("--out", metavar="PNG", help="output file (default: RESULTS.png next to it)")
+    _add_compact_option(bench)
     return parser
+
+
+def _add_compact_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compact", action="store_true",
+                        help="5 bits per colour channel: about half the file size (e.g. for committing)")
 
 
 def _default_out(path: str, suffix: str, here: bool) -> str:
@@ -106,6 +114,15 @@ def _config_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _device(name: str):
+    """train.device (auto, cpu, cuda) -> a torch.device; one device, no process group."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is available; use --train.device auto or cpu")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def mask_command(args: argparse.Namespace) -> list[str]:
     """Draw the mask figure of args.video; returns the written paths."""
     import torch
@@ -114,7 +131,6 @@ def mask_command(args: argparse.Namespace) -> list[str]:
     from umt_fast.config import SAMPLE_CLIPS, build_config
     from umt_fast.data import VideoDecodeError
     from umt_fast.models import build_student, build_teacher
-    from umt_fast.train.loop import resolve_device
     from umt_fast.viz.mask_figure import (
         MaskFigureInfo,
         compute_mask_views,
@@ -137,7 +153,7 @@ def mask_command(args: argparse.Namespace) -> list[str]:
         argv += ["--data.train_list", SAMPLE_CLIPS]  # validation wants one; the figure reads only the video
     cfg = build_config(argv, prog="python -m umt_fast.visualize mask")
     seed = cfg.train.seed if args.seed is None else args.seed
-    device = resolve_device(cfg.train.device)
+    device = _device(cfg.train.device)
 
     try:
         clip = load_eval_clip(args.video, cfg.data.num_frames, cfg.data.img_size)
@@ -169,7 +185,7 @@ def mask_command(args: argparse.Namespace) -> list[str]:
         seed=seed, step=step,
     )  # fmt: skip
     out = args.out or _default_out(args.video, "_mask.png", here=True)
-    save_figure(draw_mask_figure(views, info), out)
+    save_figure(draw_mask_figure(views, info), out, compact=args.compact)
     return [out]
 
 
@@ -179,7 +195,7 @@ def run_command(args: argparse.Namespace) -> list[str]:
 
     metrics = load_run_metrics(args.run_dir)
     out = args.out or os.path.join(os.path.dirname(metrics.path), "report.png")
-    save_figure(draw_run_report(metrics), out)
+    save_figure(draw_run_report(metrics), out, compact=args.compact)
     written = [out]
     if args.html:
         written.append(write_run_html(metrics, out, os.path.splitext(out)[0] + ".html"))
@@ -192,7 +208,7 @@ def bench_command(args: argparse.Namespace) -> list[str]:
 
     rows, machine_info = load_benchmarks(args.results)
     out = args.out or _default_out(args.results, ".png", here=False)
-    save_figure(draw_bench_report(rows, machine_info, title=os.path.basename(args.results)), out)
+    save_figure(draw_bench_report(rows, machine_info, title=os.path.basename(args.results)), out, compact=args.compact)
     return [out]
 
 

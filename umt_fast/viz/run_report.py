@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from umt_fast.train.logging import format_duration, read_metrics_counting_skips
 from umt_fast.viz.render import new_figure
@@ -183,6 +183,8 @@ def draw_run_report(metrics: RunMetrics) -> Figure:
         style = dict(marker="o", markersize=3) if ok.sum() <= 60 else {}
         if key == "data/skipped":
             ax.step(steps[ok], y[ok], where="post", color="C3", **style)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylim(-0.5, max(1.0, float(np.nanmax(y))) * 1.1 + 0.5)
         else:
             ax.plot(steps[ok], y[ok], color="C0", linewidth=1.2, **style)
         if key == "loss" and ok.sum() > 20:
