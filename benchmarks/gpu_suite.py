@@ -1,15 +1,20 @@
 """The one-command GPU check: kernel tests compiled for real, kernel and step benchmarks.
 
-    python -m benchmarks.gpu_suite [--out DIR] [--skip-tests]
+    python -m benchmarks.gpu_suite [--out DIR] [--skip-tests] [--max-batch N]
+    python -m benchmarks.gpu_suite --tiny        # the same step rows with tiny models, on a CPU
 
 Prints a markdown table last (paste it into benchmarks/RESULTS.md) and writes
 ``gpu_suite.json`` to --out. Sections:
-  1. the Triton kernel tests (tests/test_kernels_triton.py) compiled on this GPU;
-  2. the card's measured copy bandwidth;
-  3. each umt_kernels op at UMT-L shapes: Triton vs the plain-PyTorch reference vs, for masking
+  1. the card's measured bf16 matmul rate (the MFU denominator);
+  2. the Triton kernel tests (tests/test_kernels_triton.py) compiled on this GPU;
+  3. the card's measured copy bandwidth;
+  4. each umt_kernels op at UMT-L shapes: Triton vs the plain-PyTorch reference vs, for masking
      and the CLS row, the reference system's path; GB/s against the copy bandwidth;
-  4. the stage-1 training step (UMT-B and UMT-L shapes, random teacher, bf16): clips/s and
-     model FLOP utilisation with the kernels vs the references, and a host-sync check.
+  5. the stage-1 step at UMT-B and UMT-L shapes (8 frames, 224 px, mask 0.8, random teacher,
+     synthetic clips already on the GPU, the largest batch up to 64 that fits): teacher
+     forward, student forward+backward and optimizer ms, step ms, clips/s, MFU from
+     ``model_flops_per_clip``, peak memory and a host-sync check; beside it the
+     reference-style step (benchmarks/reference_style.py) and the ratio.
 Designed to finish in well under 5 minutes on an H100.
 """
 from __future__ import annotations
@@ -67,61 +72,163 @@ def kernel_rows(copy_gbps: float) -> list[dict]:
 
 
 def _vit_forward_flops(tokens: int, seq: int, width: int, depth: int) -> float:
-    """Matmul FLOPs of a ViT forward: 24 W^2 per token per block, plus 4 * seq * W for attention."""
+    """Matmul FLOPs of a ViT forward: 24 W^2 per token per block (qkv 6, proj 2, MLP 16), plus
+    4 * seq * W per token per block for the two attention matmuls."""
     return depth * tokens * (24 * width * width + 4 * seq * width)
 
 
-def step_rows(batch: int, peak_tflops: float | None) -> list[dict]:
-    import umt_kernels
-    from umt_fast.config import TEACHER_ARCHS, get_preset
-    from umt_fast.masking import visible_tokens_per_clip
+def model_flops_per_clip(teacher_arch, student_arch, teacher_grid: int, num_visible: int) -> float:
+    """Teacher forward on every frame (CLS included) + student forward and backward (3x) on the
+    visible tokens; the heads and the loss are negligible. UMT-L: ~1.0 + ~0.6 TFLOP."""
+    T, P = student_arch.num_frames, teacher_grid**2
+    teacher = _vit_forward_flops(T * (P + 1), P + 1, teacher_arch.width, teacher_arch.layers)
+    student = 3 * _vit_forward_flops(num_visible, num_visible, student_arch.width, student_arch.depth)
+    return teacher + student
+
+
+def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 8192 if device.type == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = _time(lambda: a @ b, device, warmup=3, reps=10)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _time(fn, device: torch.device, warmup: int = 3, reps: int = 10) -> float:
+    if device.type == "cuda":
+        return _time_ms(fn, warmup, reps)
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def _build(preset: str, device: torch.device, tiny: bool):
+    from umt_fast.config import get_preset
     from umt_fast.models import build_student, build_teacher
+
+    cfg = get_preset(preset)
+    cfg.teacher.weights = "none"
+    if tiny:
+        cfg.data.img_size = cfg.teacher.input_resolution = 64
+    torch.manual_seed(0)
+    teacher = build_teacher(cfg).to(device)
+    if device.type == "cuda":
+        teacher = teacher.to(torch.bfloat16)
+    student = build_student(cfg, teacher.arch.output_dim).to(device)
+    return cfg, teacher, student
+
+
+def _largest_batch(try_batch, batches):
+    """Runs ``try_batch(b)`` for b in ``batches`` (descending) until one fits in memory."""
+    for batch in batches:
+        try:
+            return batch, try_batch(batch)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    raise RuntimeError(f"not even a batch of {batches[-1]} fits")
+
+
+def step_rows(device: torch.device, tiny: bool, matmul_tflops: float, max_batch: int = 64) -> list[dict]:
+    """Per preset: our step (with its parts) and the reference-style step, at the largest batch
+    that fits (up to ``max_batch``), synthetic uint8 clips already on the device."""
+    import umt_kernels
+    from benchmarks.reference_style import ReferenceStyleStep
+    from umt_fast.losses import alignment_loss
+    from umt_fast.masking import num_visible, visible_tokens_per_clip
     from umt_fast.train.optim import build_optimizer
     from umt_fast.train.step import PretrainStep
+    from umt_fast.data.transforms import normalize_video
 
+    on_gpu = device.type == "cuda"
+    autocast = torch.bfloat16 if on_gpu else None
+    reps = 3 if tiny else 5
+    presets = ("demo",) if tiny else ("umt_b16_k710", "umt_l16_k710")
+    batches = (2,) if tiny else tuple(b for b in (64, 48, 32, 16, 8) if b <= max_batch)
     rows = []
-    for preset in ("umt_b16_k710", "umt_l16_k710"):
-        cfg = get_preset(preset)
-        cfg.teacher.weights = "none"
-        teacher = build_teacher(cfg).cuda().to(torch.bfloat16)
-        student = build_student(cfg, teacher.arch.output_dim).cuda()
-        optimizer = build_optimizer(student, 1e-4, 0.05, (0.9, 0.95), 1e-8)
-        step = PretrainStep(student, teacher, optimizer, mask_policy="attention", mask_ratio=0.8, seed=0,
-                            device=torch.device("cuda"), autocast_dtype=torch.bfloat16)
+    for preset in presets:
+        cfg, teacher, student = _build(preset, device, tiny)
         S, T = cfg.data.img_size, cfg.data.num_frames
-        video = torch.randint(0, 256, (batch, T, S, S, 3), dtype=torch.uint8, device="cuda")
-        t_arch, s_arch = TEACHER_ARCHS[cfg.teacher.arch], student.arch
-        P = (cfg.teacher.input_resolution // t_arch["patch_size"]) ** 2
-        n_vis = visible_tokens_per_clip("attention", T, P, 0.8)
-        flops = batch * (_vit_forward_flops(T * (P + 1), P + 1, t_arch["width"], t_arch["layers"])
-                         + 3 * _vit_forward_flops(n_vis, n_vis, s_arch.width, s_arch.depth))
-        for impl in ("triton", "reference"):
+        P = student.arch.patches_per_frame
+        flops = model_flops_per_clip(teacher.arch, student.arch, teacher.arch.grid,
+                                     visible_tokens_per_clip("attention", T, P, cfg.mask.ratio))
+
+        def ours(batch):
+            optimizer = build_optimizer(student, 1e-4, 0.05, (0.9, 0.95), 1e-8)
+            step = PretrainStep(student, teacher, optimizer, mask_policy="attention", mask_ratio=cfg.mask.ratio,
+                                seed=0, device=device, autocast_dtype=autocast)
+            video_u8 = torch.randint(0, 256, (batch, T, S, S, 3), dtype=torch.uint8, device=device)
+            counter = iter(range(10**9))
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            step_ms = _time(lambda: step(video_u8, next(counter)), device, warmup=2, reps=reps)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+            video = normalize_video(video_u8)
+            k = num_visible(P, cfg.mask.ratio)
+
+            def teacher_part():
+                with torch.no_grad(), step._autocast():
+                    return teacher(video).sample_visible(k, seed=0, offset=0)
+
+            idx, targets = teacher_part()
+
+            def student_part():
+                with step._autocast():
+                    alignment_loss(student(video, idx), targets).backward()
+
+            parts = {"teacher fwd ms": _time(teacher_part, device, 1, reps),
+                     "student fwd+bwd ms": _time(student_part, device, 1, reps),
+                     "optimizer ms": _time(optimizer.step, device, 1, reps)}
+            sync = "n/a (CPU)"
+            if on_gpu:
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    step(video_u8, next(counter))
+                    sync = "none"
+                except RuntimeError as exc:
+                    sync = f"SYNC: {str(exc)[:60]}"
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            return step_ms, parts, peak, sync
+
+        def reference_style(batch):
+            ref_student = type(student)(student.arch).to(device)
+            ref_student.load_state_dict(student.state_dict())
+            ref_teacher = teacher.to(torch.float16) if on_gpu else teacher
+            step = ReferenceStyleStep(ref_student, ref_teacher, cfg.mask.ratio, device)
+            video_u8 = torch.randint(0, 256, (batch, T, S, S, 3), dtype=torch.uint8, device=device)
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            ms = _time(lambda: step(video_u8, 0), device, warmup=2, reps=reps)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+            if on_gpu:
+                teacher.to(torch.bfloat16)
+            return ms, peak
+
+        results = {}
+        for name, fn in (("umt_fast", ours), ("reference-style", reference_style)):
             try:
-                counter = iter(range(10**9))
-                with umt_kernels.backend(impl):
-                    torch.cuda.reset_peak_memory_stats()
-                    ms = _time_ms(lambda: step(video, next(counter)), warmup=3, reps=10)
-                    sync_ok = "n/a"
-                    if impl == "triton":
-                        torch.cuda.synchronize()
-                        torch.cuda.set_sync_debug_mode("error")
-                        try:
-                            step(video, next(counter))
-                            sync_ok = "no host sync"
-                        except RuntimeError as exc:
-                            sync_ok = f"SYNC: {str(exc)[:80]}"
-                        finally:
-                            torch.cuda.set_sync_debug_mode("default")
-                tflops = flops / (ms * 1e-3) / 1e12
-                rows.append({
-                    "preset": preset, "impl": impl, "batch": batch, "ms/step": ms, "clips/s": batch / (ms * 1e-3),
-                    "TFLOP/s": tflops, "MFU %": 100 * tflops / peak_tflops if peak_tflops else None,
-                    "peak GiB": torch.cuda.max_memory_allocated() / 2**30, "host syncs": sync_ok,
-                })
+                batch, out = _largest_batch(fn, batches)
+                step_ms = out[0]
+                tflops = batch * flops / (step_ms * 1e-3) / 1e12
+                row = {"preset": preset, "path": name, "batch": batch, "step ms": step_ms,
+                       "clips/s": batch / (step_ms * 1e-3), "model TFLOP/s": tflops,
+                       "MFU % (of measured matmul)": 100 * tflops / matmul_tflops}
+                if name == "umt_fast":
+                    row.update(out[1])
+                    row.update({"peak GiB": out[2], "host syncs": out[3]})
+                else:
+                    row["peak GiB"] = out[1]
+                results[name] = row
             except Exception as exc:
-                rows.append({"preset": preset, "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:200]})
-        del teacher, student, optimizer, step, video
-        torch.cuda.empty_cache()
+                results[name] = {"preset": preset, "path": name, "error": f"{type(exc).__name__}: {exc}"[:200]}
+            rows.append(results[name])
+        if "clips/s" in results["umt_fast"] and "clips/s" in results["reference-style"]:
+            results["umt_fast"]["x reference-style"] = results["umt_fast"]["clips/s"] / results["reference-style"]["clips/s"]
+        del teacher, student
+        if on_gpu:
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -147,39 +254,49 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_suite.json")
     parser.add_argument("--skip-tests", action="store_true", help="skip the kernel tests")
-    parser.add_argument("--step-batch", type=int, default=32, help="clips per step in the step benchmark")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_suite needs a CUDA device", file=sys.stderr)
+    parser.add_argument("--max-batch", type=int, default=64, help="largest step batch to try")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the demo's tiny models at batch 2, no kernel tests or kernel rows: runs on a CPU in seconds")
+    args = parser.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not args.tiny:
+        print("gpu_suite needs a CUDA device (or --tiny for the CPU)", file=sys.stderr)
         return 2
+    device = torch.device("cuda" if on_gpu else "cpu")
     import triton
 
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    report = {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__, "triton": triton.__version__,
-              "capability": ".".join(map(str, torch.cuda.get_device_capability()))}
+    name = torch.cuda.get_device_name() if on_gpu else "CPU"
+    report = {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__, "triton": triton.__version__}
+    if on_gpu:
+        report["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
     print(json.dumps(report), flush=True)
-    sections = [("tests", lambda: None if args.skip_tests else run_kernel_tests()),
-                ("copy_GBps", copy_bandwidth_gbps),
-                ("kernels", lambda: kernel_rows(report["copy_GBps"])),
-                ("steps", lambda: step_rows(args.step_batch, peak))]
+    sections = [("matmul_TFLOPs", lambda: measured_matmul_tflops(device, torch.bfloat16 if on_gpu else torch.float32))]
+    if on_gpu and not args.tiny:
+        sections += [("tests", lambda: None if args.skip_tests else run_kernel_tests()),
+                     ("copy_GBps", copy_bandwidth_gbps),
+                     ("kernels", lambda: kernel_rows(report["copy_GBps"]))]
+    sections.append(("steps", lambda: step_rows(device, args.tiny, report["matmul_TFLOPs"], args.max_batch)))
     for key, fn in sections:
         try:
             report[key] = fn()
         except Exception:
             report[key] = {"error": traceback.format_exc()[-1000:]}
         print(f"[{key}] done", flush=True)
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:
             json.dump(report, f, indent=1, default=str)
 
     print(f"\n## {report['date']} {name} (torch {report['torch']}, triton {report['triton']})")
-    print(f"kernel tests: {report['tests']}")
-    print(f"copy bandwidth: {_fmt(report['copy_GBps'])} GB/s\n")
-    kernels = report["kernels"]
+    print(f"measured matmul rate: {_fmt(report['matmul_TFLOPs'])} TFLOP/s ({'bf16' if on_gpu else 'fp32'})")
+    if "tests" in report:
+        print(f"kernel tests: {report['tests']}")
+    if "copy_GBps" in report:
+        print(f"copy bandwidth: {_fmt(report['copy_GBps'])} GB/s\n")
+    kernels = report.get("kernels")
     if isinstance(kernels, list):
         by = {(r["op"], r["impl"]): r.get("ms") for r in kernels}
         fused = [by.get(("select_and_gather", i)) for i in ("triton", "reference_system")]
@@ -188,10 +305,11 @@ def main() -> int:
             print(f"select_and_gather + cls_attention vs the reference system's path: "
                   f"{(fused[1] + attn[1]) / (fused[0] + attn[0]):.1f}x faster (target >= 5x)\n")
         print(markdown_table(kernels))
-    else:
+    elif kernels is not None:
         print(kernels)
     print()
-    print(markdown_table(report["steps"]) if isinstance(report["steps"], list) else report["steps"])
+    steps = report["steps"]
+    print(markdown_table(steps) if isinstance(steps, list) else steps)
     return 0
 
 

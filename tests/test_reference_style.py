@@ -1,0 +1,24 @@
+"""The throughput suite's baseline computes the same function as our step."""
+import torch
+
+from benchmarks.reference_style import _host_mask, _student_forward, _teacher_forward
+from umt_fast.config import get_preset
+from umt_fast.models import build_student, build_teacher
+
+
+def test_reference_style_forward_equals_ours_for_the_same_mask():
+    cfg = get_preset("demo")
+    cfg.data.img_size = cfg.teacher.input_resolution = 64
+    torch.manual_seed(0)
+    teacher, student = build_teacher(cfg), None
+    student = build_student(cfg, teacher.arch.output_dim).eval()
+    video = torch.randn(2, 3, 4, 64, 64)
+    targets_full, attn = _teacher_forward(teacher, video)
+    ours = teacher(video)
+    torch.testing.assert_close(attn.view(2, 4, -1), ours.cls_attn, atol=1e-6, rtol=1e-5)
+    mask = _host_mask(attn, 4, 2)
+    assert mask.shape == (2, 64) and (~mask).sum() == 2 * 4 * 4
+    idx = torch.stack([torch.nonzero(~m).flatten() for m in mask])
+    torch.testing.assert_close(targets_full[:, ~mask].reshape(2, 2, -1, 64), ours.targets(idx), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(_student_forward(student, video, mask), student(video, idx), atol=1e-5, rtol=1e-5)
