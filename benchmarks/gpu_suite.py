@@ -6,7 +6,8 @@
 Prints a markdown table last (paste it into benchmarks/RESULTS.md) and writes
 ``gpu_suite.json`` to --out. Sections:
   1. the card's measured bf16 matmul rate (the MFU denominator);
-  2. the Triton kernel tests (tests/test_kernels_triton.py) compiled on this GPU;
+  2. the tests with GPU branches (kernels compiled for the card, attention backends, the
+     step under torch.cuda.set_sync_debug_mode("error")), see GPU_TESTS;
   3. the card's measured copy bandwidth;
   4. each umt_kernels op at UMT-L shapes: Triton vs the plain-PyTorch reference vs, for masking
      and the CLS row, the reference system's path; GB/s against the copy bandwidth;
@@ -31,6 +32,9 @@ import torch
 
 from benchmarks.common import BASELINES, OPS, UMT_L, bytes_moved, make_inputs, run_op
 
+GPU_TESTS = (  # the tests whose GPU branches only run here: kernels compiled, attention backends, host syncs
+    "tests/test_kernels_triton.py", "tests/test_attention.py", "tests/test_step.py", "tests/test_models.py",
+)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 
 
@@ -234,7 +238,7 @@ def step_rows(device: torch.device, tiny: bool, matmul_tflops: float, max_batch:
 
 def run_kernel_tests() -> dict:
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_kernels_triton.py", "-q", "-p", "no:cacheprovider"],
+    proc = subprocess.run([sys.executable, "-m", "pytest", *GPU_TESTS, "-q", "-p", "no:cacheprovider"],
                           capture_output=True, text=True)
     tail = (proc.stdout + proc.stderr).strip().splitlines()
     return {"returncode": proc.returncode, "summary": tail[-1] if tail else "", "seconds": time.time() - start,
