@@ -35,7 +35,8 @@ from benchmarks.common import BASELINES, OPS, UMT_L, bytes_moved, make_inputs, r
 GPU_TESTS = (  # the tests whose GPU branches only run here: kernels compiled, attention backends, host syncs
     "tests/test_kernels_triton.py", "tests/test_attention.py", "tests/test_step.py", "tests/test_models.py",
 )
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
+A100_BF16_TFLOPS = 312.0  # dense peak, for the wall-clock projection of the published schedule
+K710_CLIPS, STAGE1_EPOCHS, PUBLISHED_HOURS = 658_000, 200, 104
 
 
 def _time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
@@ -313,7 +314,18 @@ def main(argv: list[str] | None = None) -> int:
         print(kernels)
     print()
     steps = report["steps"]
-    print(markdown_table(steps) if isinstance(steps, list) else steps)
+    if isinstance(steps, list):
+        large = next((r for r in steps if r.get("preset") == "umt_l16_k710" and r.get("path") == "umt_fast"
+                      and "clips/s" in r), None)
+        if large:
+            mfu = large["MFU % (of measured matmul)"] / 100
+            flops = large["model TFLOP/s"] * 1e12 / large["clips/s"]
+            hours = STAGE1_EPOCHS * K710_CLIPS * flops / (32 * A100_BF16_TFLOPS * 1e12 * mfu) / 3600
+            print(f"projected UMT-L stage 1 (200 epochs x 658K clips) on 32 A100s at this MFU ({100 * mfu:.1f}% of "
+                  f"312 TFLOP/s, assuming the same utilisation there): {hours:.0f} h (published: ~{PUBLISHED_HOURS} h)\n")
+        print(markdown_table(steps))
+    else:
+        print(steps)
     return 0
 
 
