@@ -3,13 +3,15 @@ during pre-training, on the real sample clips and the demo's tiny models."""
 import glob
 import json
 import os
+import random
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from umt_fast.config import get_preset
+from umt_fast import checkpoint as ckpt
+from umt_fast.config import build_config, get_preset
 from umt_fast.data import sample_clip_paths
 from umt_fast.masking import num_visible, sample_visible_tokens
 from umt_fast.models import build_student, build_teacher
@@ -29,7 +31,7 @@ from umt_fast.viz.mask_figure import (
 )
 from umt_fast.viz.render import render_rgb, save_figure
 from umt_fast.viz.run_report import draw_run_report, load_run_metrics, run_figure_size
-from umt_fast.viz.training import mask_figure_path
+from umt_fast.viz.training import MaskFigureReporter, mask_figure_path
 
 # The demo preset at 64 px (a 4x4 token grid) with one-step logging, for speed.
 SMALL = ["--data.img_size", "64", "--teacher.input_resolution", "64", "--log.every_steps", "1"]
@@ -369,12 +371,6 @@ def test_pretraining_writes_mask_figures_without_changing_the_losses(tmp_path):
         return {r["step"]: r["loss"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if "loss" in r}
 
     assert losses(with_figures) == losses(plain)  # exactly
-    # and every random stream the checkpoints carry is where it would be without figures
-    rng_plain, rng_figures = (torch.load(os.path.join(d, "checkpoints", "step_00000004.pt"), weights_only=False)["rng"]
-                              for d in (plain, with_figures))
-    assert torch.equal(rng_plain["torch"], rng_figures["torch"])
-    assert rng_plain["python"] == rng_figures["python"]
-    assert all(np.array_equal(a, b) for a, b in zip(rng_plain["numpy"], rng_figures["numpy"]))
     assert not (plain / "figures").exists()
     pngs = sorted(glob.glob(str(with_figures / "figures" / "*.png")))
     assert pngs == [mask_figure_path(str(with_figures), 2), mask_figure_path(str(with_figures), 4)]
@@ -393,9 +389,35 @@ def test_pretraining_writes_mask_figures_without_changing_the_losses(tmp_path):
 
     # the run's checkpoint and config give the CLI's student row
     out = tmp_path / "from_checkpoint.png"
-    checkpoint = os.path.join(with_figures, "checkpoints", "step_00000004.pt")
+    checkpoint = ckpt.checkpoint_path(str(with_figures), 4)
     assert main(["mask", sample_clip_paths()[0], "--checkpoint", checkpoint, "--out", str(out)]) == 0
     assert _png(out)[:2] == mask_figure_size(4, 64, num_rows=6, num_title_lines=3)
+
+
+class _ImageSink:
+    def __init__(self):
+        self.images = []
+
+    def write_image(self, tag, image_HWC, step):
+        self.images.append((tag, image_HWC.shape, step))
+
+
+def test_drawing_leaves_every_rng_stream_and_the_train_mode_as_they_were(demo_models, tmp_path):
+    cfg, teacher, student = demo_models
+    cfg = build_config(["--run-dir", str(tmp_path), "--log.mask_figure_every_steps", "5"])
+    reporter = MaskFigureReporter(cfg, sample_clip_paths(), teacher, student, torch.device("cpu"), None)
+    student.train()
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    before = ckpt.rng_state()
+    sink = _ImageSink()
+    assert reporter.maybe_write(4, sink) is None  # not due
+    assert reporter.maybe_write(5, sink) == mask_figure_path(str(tmp_path), 5)
+    after = ckpt.rng_state()
+    assert torch.equal(before["torch"], after["torch"]) and before["python"] == after["python"]
+    assert all(np.array_equal(a, b) for a, b in zip(before["numpy"], after["numpy"]))
+    assert student.training
+    assert sink.images == [("mask_figure", _png(mask_figure_path(str(tmp_path), 5))[2].shape, 5)]
+    student.eval()
 
 
 def test_a_figure_that_fails_to_draw_only_warns(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@
         --teacher.weights clip_vit_b16_visual.pth --mask.ratio 0.8 --seed 0 --out mask.png
 
     # ... plus how well a trained student matches the teacher on the kept tokens
-    python -m umt_fast.visualize mask clip.mp4 --checkpoint runs/demo/checkpoints/step_00000040.pt
+    python -m umt_fast.visualize mask clip.mp4 --checkpoint runs/demo/checkpoints/step_00000040
 
     # loss, lr, clips/s, data time, skipped samples and MFU of a run (and an HTML page)
     python -m umt_fast.visualize run runs/demo-20261126-063144 --html
@@ -57,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     mask.add_argument("--seed", type=int, default=None,
                       help="seed of the masks (and of a random teacher's weights); default: train.seed")
     mask.add_argument("--checkpoint", metavar="PATH",
-                      help="a pre-training checkpoint: adds the student-vs-teacher row; without --preset or "
-                           "--config, the run's config.yaml next to its checkpoints/ folder is used")
+                      help="a pre-training checkpoint (RUN_DIR/checkpoints/step_N): adds the student-vs-teacher "
+                           "row; without --preset or --config, RUN_DIR/config.yaml is used")
     mask.add_argument("--out", metavar="PNG", help="output file (default: <video name>_mask.png here)")
     _add_compact_option(mask)
 
@@ -144,8 +144,9 @@ def mask_command(args: argparse.Namespace) -> list[str]:
         raise FileNotFoundError(f"{args.video}: no such video file")
     argv = _config_argv(args)
     if args.checkpoint is not None:
-        if not os.path.isfile(args.checkpoint):
-            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
+        if not os.path.exists(args.checkpoint):
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such checkpoint")
+        # <run_dir>/checkpoints/step_N -> <run_dir>/config.yaml
         run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))), "config.yaml")
         if "--preset" not in argv and "--config" not in argv and os.path.isfile(run_config):
             argv += ["--config", run_config]
