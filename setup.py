@@ -18,6 +18,7 @@ setup(
         "pyyaml",
         "timm",
         "torchvision",
+        "safetensors",  # weight export and Hugging Face / timm weight files
         "matplotlib",  # mask figures and run reports (Agg canvas, no display needed)
     ],
     extras_require={

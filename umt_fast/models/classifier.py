@@ -1,0 +1,171 @@
+"""The dense video ViT of fine-tuning, evaluation and feature extraction.
+
+Unlike the sparse stage-1 student, it runs on ALL tokens of a clip (no masking). Parameter
+names follow the reference's fine-tuning model (``patch_embed.proj.*``, ``blocks.{i}.*``,
+``fc_norm.*``, ``head.*``, ``pos_embed``), so its fine-tuned files load with no renaming and
+our files load in the reference code. The blocks are the student's, so a stage-1 encoder's
+weights drop in one for one.
+
+Two heads on top of the same backbone (UMT_SPEC.md section 3):
+
+* classifier (``num_classes > 0``): mean pool over tokens -> ``fc_norm`` LayerNorm ->
+  dropout -> Linear, as the reference's ``use_mean_pooling`` model (whose final ``norm`` is
+  then an identity);
+* encoder (``num_classes == 0``, ``final_norm=True``): the stage-1 encoder's final ``norm``
+  on every token; ``pooled`` is the mean of those tokens.
+
+Shape legend: B clips, T frames, H = W = img_size, p patch, P = (H/p)^2 patches per frame,
+N = T*P tokens, D width, K classes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from umt_fast.models.student import LN_EPS, Block, sincos_table
+
+HEAD_INIT_SCALE = 0.001
+"""The reference's ``init_scale``: the head's trunc-normal(std .02) weights and bias are
+multiplied by it, so fine-tuning starts from near-uniform predictions."""
+
+
+@dataclass(frozen=True)
+class VideoViTArch:
+    """Everything that fixes the dense ViT's parameter shapes and token grid."""
+
+    width: int
+    depth: int
+    heads: int
+    num_frames: int = 8
+    img_size: int = 224
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 0
+    """0 = no classification head (an encoder)."""
+    final_norm: bool = False
+    """Apply the encoder's final LayerNorm (``norm``) to every token (encoder use)."""
+    drop_path: float = 0.0
+    """Stochastic depth of the last block, linear from 0 over the blocks."""
+    head_dropout: float = 0.0
+    """Dropout before the classification head (the reference's ``fc_drop_rate``)."""
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_frames * self.grid**2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class VideoViT(nn.Module):
+    """Dense video ViT with an optional mean-pool classification head.
+
+    ``forward(video_BCTHW)`` returns logits [B, K] (or the pooled features [B, D] when
+    ``num_classes == 0``). ``pos_embed`` [1, N, D] is a saved buffer: the fixed 1-D sin-cos
+    table at construction, or a (resized) table loaded from a file.
+    """
+
+    def __init__(self, arch: VideoViTArch):
+        super().__init__()
+        if arch.img_size % arch.patch_size:
+            raise ValueError(f"img_size {arch.img_size} is not a multiple of patch_size {arch.patch_size}")
+        self.arch = arch
+        self.patch_embed = nn.Module()
+        p = arch.patch_size
+        self.patch_embed.proj = nn.Conv3d(3, arch.width, kernel_size=(1, p, p), stride=(1, p, p))
+        self.register_buffer("pos_embed", sincos_table(arch.num_tokens, arch.width)[None])
+        drop_rates = np.linspace(0, arch.drop_path, arch.depth).tolist()
+        self.blocks = nn.ModuleList(Block(arch.width, arch.heads, arch.mlp_ratio, r) for r in drop_rates)
+        self.norm = nn.LayerNorm(arch.width, eps=LN_EPS) if arch.final_norm else nn.Identity()
+        if arch.num_classes > 0:
+            self.fc_norm = nn.LayerNorm(arch.width, eps=LN_EPS)
+            self.head_dropout = nn.Dropout(arch.head_dropout)
+            self.head = nn.Linear(arch.width, arch.num_classes)
+        self.checkpoint_blocks = 0
+        self.apply(_init_weights)
+        if arch.num_classes > 0:
+            with torch.no_grad():
+                self.head.weight.mul_(HEAD_INIT_SCALE)
+                self.head.bias.mul_(HEAD_INIT_SCALE)
+
+    # -- timm-style surface ------------------------------------------------------------------
+
+    def set_grad_checkpointing(self, enable: bool = True, num_blocks: int | None = None) -> None:
+        """Recompute the first ``num_blocks`` blocks (all when None) in the backward pass
+        instead of keeping their activations (torch.utils.checkpoint, one call per block)."""
+        self.checkpoint_blocks = (self.arch.depth if num_blocks is None else num_blocks) if enable else 0
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names AdamW must not decay (besides every 1-D parameter and bias)."""
+        return {"pos_embed"}
+
+    def layer_id(self, name: str) -> int:
+        """Depth of a parameter for layer-wise lr decay: 0 for the patch embedding, i + 1 for
+        block i, depth + 1 for the norms and the head (the reference's ``get_num_layer``)."""
+        if name.startswith(("patch_embed.", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.arch.depth + 1
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        """[B, 3, T, H, W] normalised pixels -> [B, N, D] tokens (after ``norm``), N in t*P + p order."""
+        _, _, T, H, W = video_BCTHW.shape
+        if (T, H, W) != (self.arch.num_frames, self.arch.img_size, self.arch.img_size):
+            raise ValueError(
+                f"clip of {T} frames at {H}x{W} px, but the model is built for {self.arch.num_frames} frames at "
+                f"{self.arch.img_size}x{self.arch.img_size}"
+            )
+        x = self.patch_embed.proj(video_BCTHW.to(self.patch_embed.proj.weight.dtype))  # [B, D, T, g, g]
+        x = x.flatten(2).transpose(1, 2)
+        x = x + self.pos_embed.to(x.dtype)
+        for i, block in enumerate(self.blocks):
+            if i < self.checkpoint_blocks and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+    def forward_head(self, tokens_BND: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """[B, N, D] -> logits [B, K]; with ``pre_logits`` (or no head) the pooled [B, D]."""
+        pooled_BD = tokens_BND.mean(dim=1)
+        if self.arch.num_classes == 0:
+            return pooled_BD
+        pooled_BD = self.fc_norm(pooled_BD)
+        if pre_logits:
+            return pooled_BD
+        return self.head(self.head_dropout(pooled_BD))
+
+    def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(video_BCTHW))
+
+    def embed(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clip embedding [B, D], per-token features [B, N, D]).
+
+        The embedding is the mean of the tokens, through ``fc_norm`` for a classifier
+        (the head's input); the tokens are the final-normed ones for an encoder and the
+        last block's output for a classifier (whose ``norm`` is an identity).
+        """
+        tokens_BND = self.forward_features(video_BCTHW)
+        return self.forward_head(tokens_BND, pre_logits=True), tokens_BND
+
+
+def _init_weights(module: nn.Module) -> None:
+    """The reference fine-tuning model's init (what a model without ``--init`` starts from)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
