@@ -1,0 +1,262 @@
+"""Fine-tuning, evaluation and feature extraction, end to end on the bundled sample clips."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from tests import umt_reference as ref
+from umt_fast import evaluate, export, extract, finetune, interop
+from umt_fast.data import sample_clip_paths
+from umt_fast.data.labelled import multi_view_clip, multi_view_frame_indices, spatial_crop_offsets
+from umt_fast.finetune_config import PRESETS, build_config, get_preset, validate
+from umt_fast.models.classifier import VideoViT, VideoViTArch
+from umt_fast.train.logging import read_metrics
+
+# Synthetic labels a tiny model can learn from a few steps: the two carphone clips (the same
+# scene) share a class, the other two have one each. Chance is 1/3 of the clips.
+LABELS = {"bigbuckbunny.mp4": 1, "bikes.mp4": 2, "carphone_distorted.mp4": 0, "carphone_pristine.mp4": 0}
+SMALL = ["--data.img_size", "64", "--data.num_frames", "2", "--aug.rand_augment_ops", "1", "--aug.random_erasing", "0.25",
+         "--aug.mixup", "0", "--aug.cutmix", "0", "--optim.lr", "0.064", "--optim.warmup_epochs", "2",
+         "--log.every_steps", "4", "--eval.num_clips", "1", "--eval.num_crops", "1"]  # fmt: skip
+
+
+def _write_list(path, extra=()):
+    with open(path, "w") as f:
+        for clip in sample_clip_paths():
+            f.write(f"{clip},{LABELS[os.path.basename(clip)]}\n")
+        for line in extra:
+            f.write(line + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """One 12-step fine-tuning run, shared by the tests below."""
+    root = tmp_path_factory.mktemp("finetune")
+    train_list = _write_list(root / "train.csv")
+    (root / "classes.txt").write_text("carphone\nbunny\nbikes\n")
+    run_dir = root / "run"
+    args = ["--run-dir", str(run_dir), "--data.train_list", train_list, "--data.val_list", train_list,
+            "--data.class_names", str(root / "classes.txt"), "--optim.epochs", "12", "--checkpoint.every_steps", "6",
+            "--eval.every_steps", "6"] + SMALL  # fmt: skip
+    assert finetune.main(args) == 0
+    return {"root": root, "run_dir": run_dir, "list": train_list, "args": args}
+
+
+def test_finetune_learns_the_labels_and_records_train_and_eval_top1(finetuned):
+    run_dir = finetuned["run_dir"]
+    for name in ("config.yaml", "config.json", "log.txt", "metrics.jsonl", "eval.json"):
+        assert (run_dir / name).is_file(), name
+    records = read_metrics(str(run_dir / "metrics.jsonl"))
+    train = [r for r in records if "train/top1" in r]
+    assert [r["step"] for r in train] == [4, 6, 8, 12]  # every 4 steps, and at every checkpoint
+    assert {"loss", "lr", "clips/s", "data/skipped"} <= set(train[0])
+    assert max(r["train/top1"] for r in train[-2:]) > 100 / 3 + 10, train  # well above chance
+    evals = [r for r in records if "eval/top1" in r]
+    assert [r["step"] for r in evals] == [6, 12] and evals[-1]["eval/views"] == 1
+    assert evals[-1]["eval/top1"] > 100 / 3, evals
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["num_videos"] == 4 and report["worst_classes"][0]["name"] in ("carphone", "bunny", "bikes")
+    assert "step 12/12" in (run_dir / "log.txt").read_text()
+    assert [os.path.basename(p) for p in sorted(os.listdir(run_dir / "checkpoints"))] == ["step_00000006", "step_00000012"]
+
+
+def test_finetune_resumes_from_its_newest_checkpoint(finetuned):
+    args = [a if a != "12" else "14" for a in finetuned["args"]]  # a longer schedule: two more steps
+    assert finetune.main(args) == 0
+    records = read_metrics(str(finetuned["run_dir"] / "metrics.jsonl"))
+    resume = [r for r in records if r.get("event") == "resume"]
+    assert resume and resume[-1]["step"] == 12
+    assert records[-1]["step"] == 14 or records[-2]["step"] == 14
+
+
+def test_export_of_a_finetuned_run_loads_as_the_same_classifier(finetuned, tmp_path):
+    out = tmp_path / "classifier.safetensors"
+    assert export.main([str(finetuned["run_dir"]), "--out", str(out)]) == 0
+    description = json.loads((tmp_path / "classifier.json").read_text())
+    assert description["kind"] == "classifier" and description["class_names"] == ["carphone", "bunny", "bikes"]
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+    assert {"patch_embed.proj.weight", "pos_embed", "fc_norm.weight", "head.weight"} <= keys
+    exported, _ = evaluate.load_classifier(str(out), None, None, None)
+    from_run, _ = evaluate.load_classifier(str(finetuned["run_dir"]), None, None, None)
+    video = torch.randn(2, 3, 2, 64, 64)
+    torch.testing.assert_close(exported(video), from_run(video), atol=0, rtol=0)
+
+
+def test_evaluate_cli_writes_json_and_a_table_and_reports_unreadable_videos(finetuned, tmp_path, capsys):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video")
+    listing = _write_list(tmp_path / "val.csv", extra=[f"{bad},1"])
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--checkpoint", str(finetuned["run_dir"]), "--list", listing, "--num-clips", "2",
+                          "--num-workers", "0", "--out", str(out)]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert "top-1:" in captured.out and "worst classes:" in captured.out
+    assert f"unreadable video skipped: {bad}" in captured.err
+    report = json.loads(out.read_text())
+    assert report["num_videos"] == 4 and report["views_per_video"] == 6 and 0 <= report["top1"] <= 100
+    assert report["unreadable"][0]["path"] == str(bad)
+
+    clip = sample_clip_paths()[1]
+    assert evaluate.main(["--checkpoint", str(finetuned["run_dir"]), "--video", clip, "--num-clips", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{clip} (3 views):" and len(lines) == 4  # 3 classes: a top-3
+    assert {line.split()[1] for line in lines[1:]} == {"carphone", "bunny", "bikes"}
+
+
+class _ViewProbe(nn.Module):
+    """Logits that depend on the view's pixels; records every view it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.arch = VideoViTArch(width=8, depth=1, heads=1, num_frames=3, img_size=32, num_classes=4)
+        self.seen = []
+
+    def forward(self, video_BCTHW):
+        self.seen.append(video_BCTHW.shape[0])
+        means = video_BCTHW.mean(dim=(1, 2, 3, 4))
+        return torch.stack([means * k for k in range(4)], dim=-1)
+
+
+@pytest.mark.parametrize("num_clips,num_crops", [(2, 3), (3, 1)])
+def test_evaluation_averages_exactly_clips_x_crops_views_per_video(num_clips, num_crops):
+    paths = sample_clip_paths()[:2]
+    probe = _ViewProbe()
+    preds = evaluate.predict_videos(probe, paths, num_clips=num_clips, num_crops=num_crops, batch_size=4)
+    views = num_clips * num_crops
+    assert preds.views_per_video == views and sum(probe.seen) == 2 * views
+    for row, path in enumerate(paths):
+        clip_views = multi_view_clip(path, 3, 32, num_clips, num_crops)
+        assert clip_views.shape == (views, 3, 32, 32, 3)
+        expected = torch.stack([probe(evaluate.normalize_video(v[None])).softmax(-1)[0] for v in clip_views]).mean(0)
+        torch.testing.assert_close(preds.probs[row], expected)
+
+
+def test_view_geometry_follows_the_reference_test():
+    assert multi_view_frame_indices(100, 4, 1) == [[12, 37, 62, 87]]  # segment middles
+    assert multi_view_frame_indices(100, 4, 3)[0] == [6, 31, 56, 81]
+    assert spatial_crop_offsets(300, 224, 3) == [0, 38, 76] and spatial_crop_offsets(300, 224, 1) == [38]
+    wide = multi_view_clip(sample_clip_paths()[1], 2, 48, 1, 3)  # bikes: 640x272, crops along the width
+    assert not torch.equal(wide[0], wide[2])
+
+
+def test_accuracy_report_names_the_worst_classes_and_their_confusions():
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    labels = torch.tensor([0, 1, 1, 2])
+    report = evaluate.accuracy_report(probs, labels, ["a", "b", "c"])
+    assert report["top1"] == 75.0 and report["top5"] == 100.0
+    worst = report["worst_classes"][0]
+    assert (worst["name"], worst["top1"], worst["confused_with"]) == ("b", 50.0, [{"label": 0, "name": "a", "count": 1}])
+    assert "b" in evaluate.format_report(report)
+
+
+def test_layer_decay_groups_and_the_head_init():
+    cfg = get_preset("demo")
+    cfg.optim.layer_decay = 0.5
+    model = finetune.build_model(cfg, num_classes=3)
+    groups = finetune.layer_decay_param_groups(model, 0.05, 0.5)
+    scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    depth = model.arch.depth  # 4
+    assert scale_of[id(model.patch_embed.proj.weight)] == (0.5 ** (depth + 1), 0.05)
+    assert scale_of[id(model.blocks[0].attn.qkv.weight)] == (0.5**depth, 0.05)
+    assert scale_of[id(model.blocks[3].norm1.bias)] == (0.5, 0.0)
+    assert scale_of[id(model.head.weight)] == (1.0, 0.05) and scale_of[id(model.fc_norm.weight)] == (1.0, 0.0)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    optimizer = finetune.build_optimizer(model, cfg)
+    finetune.set_lr(optimizer, 1e-3)
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [1e-3 * 0.5**k for k in range(depth + 1, -1, -1)]
+
+
+def test_mixing_targets_and_erasing():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mix = finetune.draw_mix(32, 48, 0.8, 1.0, 1.0, 0.5, rng)
+        if mix.box is not None:
+            y0, y1, x0, x1 = mix.box
+            assert mix.lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (32 * 48))
+        assert 0 <= mix.lam <= 1
+    assert finetune.draw_mix(32, 32, 0.0, 0.0, 1.0, 0.5, rng).lam == 1.0
+    targets = finetune.soft_targets(torch.tensor([0, 2, 1]), 4, smoothing=0.1, lam=0.7)
+    torch.testing.assert_close(targets.sum(-1), torch.ones(3))
+    assert targets[0, 0] == pytest.approx(0.7 * 0.925 + 0.3 * 0.025)  # own label 0, partner (flipped) label 1
+    mask = finetune.random_erasing_mask(64, 16, 16, 1.0, np.random.default_rng(1))
+    areas = mask.float().mean(dim=(1, 2, 3))
+    assert mask.shape == (64, 1, 16, 16) and (areas > 0).float().mean() > 0.9 and (areas <= 1 / 3 + 0.05).all()
+    assert finetune.random_erasing_mask(8, 16, 16, 0.0, np.random.default_rng(1)) is None
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    arch = VideoViTArch(width=64, depth=2, heads=1, num_frames=2, img_size=32, num_classes=3)
+    torch.manual_seed(0)
+    plain = VideoViT(arch)
+    checkpointed = VideoViT(arch)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.set_grad_checkpointing(True)
+    video = torch.randn(2, 3, 2, 32, 32)
+    for model in (plain, checkpointed):
+        model(video).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_presets_and_config_errors(capsys):
+    for name in PRESETS:
+        cfg = get_preset(name)
+        if not cfg.data.train_list:
+            cfg.data.train_list = "train.csv"
+        validate(cfg)
+    cfg = build_config(["--preset", "umt_l16_ssv2", "--data.train_list", "x.csv"])
+    assert (cfg.optim.layer_decay, cfg.model.drop_path, cfg.aug.flip, cfg.train.checkpointed_blocks(24)) == (0.85, 0.2, False, 12)
+    with pytest.raises(ValueError, match=r"aug.switch_prob=1.5 is not allowed"):
+        build_config(["--aug.switch_prob", "1.5"])
+    with pytest.raises(ValueError, match="data.train_list is not set"):
+        build_config(["--preset", "umt_b16_k400"])
+    assert finetune.main(["--eval.num_crops", "2"]) == 2
+    assert "eval.num_crops=2 is not allowed" in capsys.readouterr().err
+
+
+def test_extract_writes_embeddings_deterministically_and_reports_unreadable_files(tmp_path, capsys):
+    sd = ref.random_student_state_dict(width=64, depth=2, heads=1, K=1, teacher_dim=16, seed=3)
+    torch.save({"model": sd}, tmp_path / "stage1.pth")
+    clips = sample_clip_paths()
+    bad = tmp_path / "missing.mp4"
+    common = ["--checkpoint", str(tmp_path / "stage1.pth"), "--num-frames", "2", "--img-size", "32",
+              "--num-workers", "0", "--batch-size", "3"]  # fmt: skip
+    out = tmp_path / "features.safetensors"
+    assert extract.main(common + ["--videos", *clips, str(bad), "--out", str(out), "--tokens"]) == 0
+    err = capsys.readouterr().err
+    assert f"unreadable video skipped: {bad}" in err and "extracted 5/5 videos" in err
+    with safe_open(str(out), "pt") as f:
+        embeddings, tokens = f.get_tensor("embeddings"), f.get_tensor("tokens")
+        meta = json.loads(f.metadata()["umt_fast"])
+    assert embeddings.shape == (4, 64) and tokens.shape == (4, 2 * 4, 64)
+    assert meta["paths"] == clips and meta["unreadable"][0]["path"] == str(bad)
+    torch.testing.assert_close(embeddings, tokens.mean(1))  # the mean of the final-normed tokens
+    described = json.loads((tmp_path / "features.json").read_text())
+    assert described["paths"] == clips and len(described["unreadable"]) == 1
+
+    listing = tmp_path / "videos.csv"
+    listing.write_text("".join(f"{c},0\n" for c in clips))
+    assert extract.main(common + ["--videos", str(listing), "--out", str(tmp_path / "again.npy")]) == 0
+    again = np.load(tmp_path / "again.npy")
+    np.testing.assert_array_equal(again, embeddings.numpy())  # same features, run to run and batch to batch
+
+    encoder = interop.load_video_vit(tmp_path / "stage1.pth", num_frames=2, img_size=32)
+    one = extract.extract_features(encoder, clips[2:3])[1]
+    torch.testing.assert_close(one[0], embeddings[2], atol=1e-5, rtol=0)
+
+
+def test_demo_preset_runs_on_the_sample_clips(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    assert finetune.main(["--run-dir", str(run_dir), "--train.max_steps", "2", "--log.every_steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"run directory: {run_dir}" in out and "eval:" in out and "on 4 videos x 6 views" in out
+    records = read_metrics(str(run_dir / "metrics.jsonl"))
+    assert [r["step"] for r in records if "train/top1" in r] == [1, 2]
+    assert any("eval/top1" in r for r in records)
+    assert (run_dir / "sample_clips.csv").is_file()

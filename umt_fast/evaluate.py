@@ -1,0 +1,332 @@
+"""Multi-view evaluation of a video classifier (UMT_SPEC.md section 3, "Test").
+
+Every video is seen as ``num_clips`` temporal clips x ``num_crops`` spatial crops (short side
+resized to the input size, crops along the long side); the softmax scores of its views are
+averaged. Reports top-1 / top-5, per-class accuracy and the worst classes with what they are
+mistaken for, as JSON and as a table.
+
+    # a fine-tuning run (its newest checkpoint) or a classifier file, on an annotation list
+    python -m umt_fast.evaluate --checkpoint runs/ft_b16_k400 --list k400_val.csv --root /data/k400 \\
+        --class-names k400_classes.txt --num-clips 4 --num-crops 3 --out eval_k400.json
+
+    # one video: its top-5 labels
+    python -m umt_fast.evaluate --checkpoint umt_b16_k400.safetensors --video clip.mp4 \\
+        --class-names k400_classes.txt --num-frames 8 --img-size 224
+
+Unreadable videos are skipped, listed in the report and on stderr, and left out of the accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from umt_fast.data.annotations import read_annotation_list
+from umt_fast.data.decoding import VideoDecodeError
+from umt_fast.data.labelled import multi_view_clip, read_class_names
+from umt_fast.data.transforms import normalize_video
+from umt_fast.models.classifier import VideoViT
+
+log = logging.getLogger(__name__)
+
+WORST_CLASSES_SHOWN = 10
+
+
+class _ViewsDataset(Dataset):
+    """Video i -> (i, uint8 views [V, T, S, S, 3] or None, error text or None)."""
+
+    def __init__(self, paths: list[str], num_frames: int, img_size: int, num_clips: int, num_crops: int):
+        self.paths, self.shape = paths, (num_frames, img_size, num_clips, num_crops)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, multi_view_clip(self.paths[i], *self.shape), None
+        except VideoDecodeError as e:
+            return i, None, e.reason
+
+
+@dataclass
+class Predictions:
+    """Averaged softmax scores of the videos that could be read.
+
+    Attributes:
+        paths: the readable videos, in input order.
+        probs: float32 [len(paths), K], the mean over views of the softmax.
+        views_per_video: num_clips x num_crops.
+        failed: (path, reason) of every unreadable video.
+    """
+
+    paths: list[str]
+    probs: torch.Tensor
+    views_per_video: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def autocast_for(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on a GPU when asked; nothing on a CPU."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_videos(
+    model: VideoViT,
+    paths: list[str],
+    *,
+    num_clips: int,
+    num_crops: int,
+    batch_size: int = 16,
+    device: torch.device = torch.device("cpu"),
+    precision: str = "bf16",
+    num_workers: int = 0,
+    on_video: Callable[[int, int], None] | None = None,
+) -> Predictions:
+    """Runs ``model`` on every view of every video and averages the softmax per video.
+
+    Args:
+        model: a classifier (num_classes > 0); its arch fixes frames and input size.
+        batch_size: views per forward pass (views of several videos share a batch).
+        on_video: called as on_video(done, total) after each video (progress).
+    """
+    arch = model.arch
+    if arch.num_classes == 0:
+        raise ValueError("evaluation needs a classifier (a model with a head); this model has none")
+    was_training = model.training
+    model.eval()
+    views_per_video = num_clips * num_crops
+    loader = DataLoader(
+        _ViewsDataset(paths, arch.num_frames, arch.img_size, num_clips, num_crops), batch_size=None,
+        num_workers=num_workers, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    probs_by_video: dict[int, torch.Tensor] = {}
+    failed: list[tuple[str, str]] = []
+    pending: list[tuple[int, torch.Tensor]] = []  # (video, views) not yet run
+
+    def flush(force: bool) -> None:
+        while pending and (force or sum(v.shape[0] for _, v in pending) >= batch_size):
+            views = torch.cat([v for _, v in pending]).to(device, non_blocking=True)
+            owners = [i for i, v in pending for _ in range(v.shape[0])]
+            pending.clear()
+            scores = []
+            for chunk in views.split(batch_size):
+                with autocast_for(device, precision):
+                    logits = model(normalize_video(chunk))
+                scores.append(logits.float().softmax(-1))
+            scores = torch.cat(scores).cpu()
+            for i in dict.fromkeys(owners):
+                rows = [r for r, owner in enumerate(owners) if owner == i]
+                probs_by_video[i] = scores[rows].mean(0)
+
+    for done, (i, views, error) in enumerate(loader, start=1):
+        if views is None:
+            failed.append((paths[i], error))
+            log.warning("skipping unreadable video %s: %s", paths[i], error)
+        else:
+            assert views.shape[0] == views_per_video
+            pending.append((i, views))
+            flush(force=False)
+        if on_video is not None:
+            on_video(done, len(paths))
+    flush(force=True)
+    model.train(was_training)
+    order = sorted(probs_by_video)
+    probs = torch.stack([probs_by_video[i] for i in order]) if order else torch.empty(0, arch.num_classes)
+    return Predictions([paths[i] for i in order], probs, views_per_video, failed)
+
+
+def class_name(names: list[str] | None, label: int) -> str:
+    return names[label] if names and 0 <= label < len(names) else str(label)
+
+
+def accuracy_report(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None = None) -> dict[str, Any]:
+    """Top-1 / top-5 (in %, over videos) and the worst classes.
+
+    Args:
+        probs: [V, K] averaged scores; labels: int64 [V].
+
+    Returns:
+        {"num_videos", "top1", "top5", "mean_class_top1", "worst_classes": [{"label", "name",
+        "videos", "top1", "confused_with": [{"label", "name", "count"}]}]}
+    """
+    num_videos, num_classes = probs.shape
+    if num_videos == 0:
+        return {"num_videos": 0, "top1": None, "top5": None, "mean_class_top1": None, "worst_classes": []}
+    top5 = probs.topk(min(5, num_classes), dim=-1).indices
+    predicted = top5[:, 0]
+    correct1 = predicted == labels
+    correct5 = (top5 == labels[:, None]).any(-1)
+    per_class = []
+    for label in labels.unique().tolist():
+        rows = labels == label
+        wrong = predicted[rows & ~correct1]
+        confused = torch.bincount(wrong, minlength=num_classes) if wrong.numel() else torch.zeros(num_classes)
+        top_confused = [
+            {"label": c, "name": class_name(class_names, c), "count": int(confused[c])}
+            for c in confused.argsort(descending=True)[:3].tolist() if confused[c] > 0
+        ]  # fmt: skip
+        per_class.append({
+            "label": label, "name": class_name(class_names, label), "videos": int(rows.sum()),
+            "top1": 100.0 * float(correct1[rows].float().mean()), "confused_with": top_confused,
+        })  # fmt: skip
+    worst = sorted(per_class, key=lambda c: (c["top1"], -c["videos"], c["label"]))[:WORST_CLASSES_SHOWN]
+    return {
+        "num_videos": num_videos,
+        "top1": 100.0 * float(correct1.float().mean()),
+        "top5": 100.0 * float(correct5.float().mean()),
+        "mean_class_top1": sum(c["top1"] for c in per_class) / len(per_class),
+        "worst_classes": worst,
+    }
+
+
+def format_report(report: dict[str, Any], failed: list[tuple[str, str]] = ()) -> str:
+    """The report as a readable table."""
+    lines = [f"videos: {report['num_videos']}" + (f" ({len(failed)} unreadable, skipped)" if failed else "")]
+    if report["top1"] is not None:
+        lines += [
+            f"top-1:  {report['top1']:6.2f} %",
+            f"top-5:  {report['top5']:6.2f} %",
+            f"mean per-class top-1: {report['mean_class_top1']:6.2f} %",
+            "",
+            "worst classes:",
+            f"  {'class':<32} {'videos':>6} {'top-1 %':>8}  most often predicted instead",
+        ]
+        for c in report["worst_classes"]:
+            confused = ", ".join(f"{x['name']} ({x['count']})" for x in c["confused_with"]) or "-"
+            lines.append(f"  {c['name'][:32]:<32} {c['videos']:>6} {c['top1']:>8.1f}  {confused}")
+    for path, reason in failed:
+        lines.append(f"unreadable: {path}: {reason}")
+    return "\n".join(lines)
+
+
+def load_classifier(path: str, num_frames: int | None, img_size: int | None, patch_size: int | None) -> tuple[VideoViT, dict]:
+    """A classifier from a fine-tuning run (dir or checkpoint), an export of ours or a reference
+    file; (model, what we know about it: num_frames, img_size, patch_size, class_names)."""
+    from umt_fast import export, interop
+
+    known: dict[str, Any] = {}
+    if os.path.isdir(path):
+        state_dict, description = export.read_run_checkpoint(path)
+        known = {k: description.get(k) for k in ("num_frames", "img_size", "patch_size", "class_names")}
+        source: Any = state_dict
+    else:
+        sidecar = export.sidecar_path(path)
+        if os.path.isfile(sidecar):
+            with open(sidecar, encoding="utf-8") as f:
+                description = json.load(f)
+            known = {k: description.get(k) for k in ("num_frames", "img_size", "patch_size", "class_names")}
+        source = path
+    num_frames = num_frames or known.get("num_frames") or 8
+    img_size = img_size or known.get("img_size") or 224
+    patch_size = patch_size or known.get("patch_size") or 16
+    model = interop.load_video_vit(source, num_frames=num_frames, img_size=img_size, patch_size=patch_size)
+    return model, {"num_frames": num_frames, "img_size": img_size, "patch_size": patch_size,
+                   "class_names": known.get("class_names")}  # fmt: skip
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m umt_fast.evaluate",
+        description="Multi-view top-1/top-5 of a video classifier on an annotation list, or the top-5 labels of one video.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a fine-tuning run dir or checkpoint, an export, or a reference fine-tuned file")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--list", help="annotation list of 'path,label' lines")
+    what.add_argument("--video", help="one video file: print its top-5 labels")
+    parser.add_argument("--root", default="", help="prefix for relative paths in --list")
+    parser.add_argument("--class-names", default="", help="file with one class name per line (line i = label i)")
+    parser.add_argument("--num-clips", type=int, default=4, help="temporal clips per video (default 4)")
+    parser.add_argument("--num-crops", type=int, choices=(1, 3), default=3, help="spatial crops per clip (default 3)")
+    parser.add_argument("--num-frames", type=int, default=None, help="frames per clip (default: the checkpoint's, else 8)")
+    parser.add_argument("--img-size", type=int, default=None, help="input size (default: the checkpoint's, else 224)")
+    parser.add_argument("--patch-size", type=int, default=None, help="patch size (default: the checkpoint's, else 16)")
+    parser.add_argument("--batch-size", type=int, default=16, help="views per forward pass")
+    parser.add_argument("--num-workers", type=int, default=2, help="decoding worker processes")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast on a GPU")
+    parser.add_argument("--out", default="", help="write the report as JSON here (with --list)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        if args.num_clips < 1:
+            raise ValueError(f"--num-clips={args.num_clips} must be >= 1")
+        device = _resolve_device(args.device)
+        model, known = load_classifier(args.checkpoint, args.num_frames, args.img_size, args.patch_size)
+        model = model.to(device)
+        names = read_class_names(args.class_names) if args.class_names else known.get("class_names")
+        if names is not None and len(names) != model.arch.num_classes:
+            raise ValueError(f"{len(names)} class names, but the classifier has {model.arch.num_classes} classes")
+        if args.video:
+            return _predict_one(model, args, device, names)
+        records = read_annotation_list(args.list, root=args.root)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    unlabelled = [r.path for r in records if r.label is None]
+    if unlabelled:
+        print(f"error: {args.list}: {len(unlabelled)} line(s) without a label, e.g. {unlabelled[0]}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if done % 50 == 0 or done == total:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            print(f"evaluated {done}/{total} videos | {rate:.1f} videos/s", file=sys.stderr, flush=True)
+
+    preds = predict_videos(
+        model, [r.path for r in records], num_clips=args.num_clips, num_crops=args.num_crops, batch_size=args.batch_size,
+        device=device, precision=args.precision, num_workers=args.num_workers, on_video=progress,
+    )  # fmt: skip
+    label_of = {r.path: r.label for r in records}
+    labels = torch.tensor([label_of[p] for p in preds.paths], dtype=torch.long)
+    report = accuracy_report(preds.probs, labels, names)
+    report.update(
+        checkpoint=os.path.abspath(args.checkpoint), list=os.path.abspath(args.list), num_clips=args.num_clips,
+        num_crops=args.num_crops, views_per_video=preds.views_per_video, num_frames=model.arch.num_frames,
+        img_size=model.arch.img_size, unreadable=[{"path": p, "reason": r} for p, r in preds.failed],
+    )  # fmt: skip
+    print(format_report(report, preds.failed))
+    for path, reason in preds.failed:
+        print(f"unreadable video skipped: {path}: {reason}", file=sys.stderr)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _predict_one(model: VideoViT, args: argparse.Namespace, device: torch.device, names: list[str] | None) -> int:
+    preds = predict_videos(model, [args.video], num_clips=args.num_clips, num_crops=args.num_crops,
+                           batch_size=args.batch_size, device=device, precision=args.precision)  # fmt: skip
+    if preds.failed:
+        print(f"error: cannot read {args.video}: {preds.failed[0][1]}", file=sys.stderr)
+        return 2
+    scores, labels = preds.probs[0].topk(min(5, preds.probs.shape[1]))
+    print(f"{args.video} ({preds.views_per_video} views):")
+    for rank, (score, label) in enumerate(zip(scores.tolist(), labels.tolist()), start=1):
+        print(f"  {rank}. {class_name(names, label):<40} {100 * score:6.2f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

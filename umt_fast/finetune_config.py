@@ -1,0 +1,553 @@
+"""Configuration of a fine-tuning run (action recognition), in the layout of `umt_fast.config`.
+
+A run is one `FinetuneConfig` of nested sections (``model``, ``data``, ``aug``, ``optim``,
+``train``, ``eval``, ``checkpoint``, ``log``); every field has a default and a docstring, and
+the values come from a preset, then ``--config FILE``, then ``--section.field VALUE`` options,
+as for pre-training. Bad values raise ValueError naming the field before any work.
+
+Presets (UMT_SPEC.md section 3 and the reference's published fine-tuning scripts):
+
+* ``demo``: a tiny model on the bundled sample clips, each clip's identity as its label;
+* ``umt_b16_k400`` / ``umt_l16_k400``: Kinetics-400, starting (as the reference's K400
+  scripts do) from the K710-fine-tuned model: 5 epochs, 1 warm-up, lr 2e-5 (B) / 1e-5 (L);
+* ``umt_b16_ssv2`` / ``umt_l16_ssv2``: Something-Something v2, no flip: B from the stage-1
+  model (30 epochs, 5 warm-up, lr 2e-4), L from the K710-fine-tuned model (14 epochs,
+  4 warm-up, lr 4e-4, 12 checkpointed blocks).
+
+lr values are per 256 clips, and a step holds ``train.batch_size x data.repeated_aug`` clips,
+which is how the reference scales them (``lr x batch x num_sample / 256``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from umt_fast.config import (
+    DEVICES,
+    SAMPLE_CLIPS,
+    STUDENT_SIZES,
+    CheckpointConfig,
+    OptimConfig,
+    _ArgumentParser,
+    _check_types,
+    _esc,
+    _field_types,
+    _require,
+    _require_choice,
+    _set_field,
+    _show,
+    config_to_dict,
+    field_docs,
+    load_config_dict,
+    save_config,
+)
+
+FINETUNE_PRECISIONS = ("bf16", "fp32")
+
+
+@dataclass
+class ModelConfig:
+    """The classifier: the dense video ViT, mean pooling, fc_norm, dropout and a Linear head."""
+
+    SECTION: typing.ClassVar[str] = "model"
+
+    size: str = "base"
+    """Backbone size, one of tiny (192 wide, 4 deep), base (ViT-B), large (ViT-L)."""
+    patch_size: int = 16
+    """Spatial patch size in pixels (tubelet size 1)."""
+    num_classes: int = 400
+    """Classes of the head (0 = as many as the labels of data.train_list, 1 + the largest)."""
+    init: str = ""
+    """Weights to start from: a stage-1 / stage-2 / fine-tuned reference file (.pth/.safetensors),
+    an export of ours, or a pre-training run checkpoint (checkpoints/step_N); '' = random init.
+    """
+    init_strict: bool = True
+    """Refuse an init file whose backbone does not match exactly (false: load what matches and log a
+    warning listing the rest).
+    """
+    drop_path: float = 0.1
+    """Stochastic depth of the last block, linear from 0 (B 0.1, L 0.2); in [0, 1)."""
+    head_dropout: float = 0.0
+    """Dropout before the head (the reference's fc_drop_rate, 0 in its recipes); in [0, 1)."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require_choice("model.size", self.size, STUDENT_SIZES)
+        _require(self.patch_size >= 1, "model.patch_size", self.patch_size, "must be >= 1")
+        _require(self.num_classes >= 0, "model.num_classes", self.num_classes, "must be >= 0 (0 = from the labels)")
+        _require(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
+        _require(0.0 <= self.head_dropout < 1.0, "model.head_dropout", self.head_dropout, "must be in [0, 1)")
+
+
+@dataclass
+class LabelledDataConfig:
+    """Labelled clips: annotation lists of 'path,label' lines (the reference's CSV)."""
+
+    SECTION: typing.ClassVar[str] = "data"
+
+    train_list: str = ""
+    """Training list ('path,label' lines); 'sample_clips' = the bundled clips, labelled by identity."""
+    val_list: str = ""
+    """Evaluation list ('' = no evaluation during training); 'sample_clips' as for train_list."""
+    root: str = ""
+    """Directory that relative paths in the lists are resolved against ('' = as written)."""
+    class_names: str = ""
+    """Optional file with one class name per line (line i = label i), used in the reports."""
+    num_frames: int = 8
+    """Frames per clip (TSN sampling: one frame from each of num_frames equal segments)."""
+    img_size: int = 224
+    """Side of the square input crop; a multiple of model.patch_size."""
+    repeated_aug: int = 2
+    """Repeated augmentation: each decoded video gives this many independently augmented clips
+    (the reference's num_sample); >= 1.
+    """
+    num_workers: int = 4
+    """DataLoader worker processes (0 = load in the main process)."""
+    max_bad_fraction: float = 0.5
+    """Largest tolerated fraction of undecodable videos (skipped; beyond it the run stops)."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.num_frames >= 1, "data.num_frames", self.num_frames, "must be >= 1")
+        _require(self.img_size > 0, "data.img_size", self.img_size, "must be > 0")
+        _require(self.repeated_aug >= 1, "data.repeated_aug", self.repeated_aug, "must be >= 1")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (the reference's): RandomResizedCrop, flip, RandAugment, random erasing,
+    mixup / cutmix and label smoothing."""
+
+    SECTION: typing.ClassVar[str] = "aug"
+
+    min_scale: float = 0.08
+    """RandomResizedCrop: smallest crop area as a fraction of the frame (aspect ratio 3/4..4/3); in (0, 1]."""
+    flip: bool = True
+    """Random horizontal flip (off for Something-Something, whose labels name directions)."""
+    rand_augment_ops: int = 4
+    """RandAugment: operations per clip, the same for all its frames (0 = off)."""
+    rand_augment_magnitude: int = 7
+    """RandAugment magnitude on timm's 0..10 scale (the reference's rand-m7-n4); in [0, 10]."""
+    random_erasing: float = 0.25
+    """Probability of erasing one random box (the same in every frame) with normal noise; in [0, 1]."""
+    mixup: float = 0.8
+    """Mixup Beta(alpha, alpha) parameter (0 = off)."""
+    cutmix: float = 1.0
+    """CutMix Beta(alpha, alpha) parameter (0 = off); the box is the same in every frame."""
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed at all (when mixup or cutmix is on); in [0, 1]."""
+    switch_prob: float = 0.5
+    """With both on: probability of cutmix instead of mixup for a batch; in [0, 1]."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the (mixed) targets; in [0, 1)."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(0 < self.min_scale <= 1, "aug.min_scale", self.min_scale, "must be in (0, 1]")
+        _require(self.rand_augment_ops >= 0, "aug.rand_augment_ops", self.rand_augment_ops, "must be >= 0")
+        _require(0 <= self.rand_augment_magnitude <= 10, "aug.rand_augment_magnitude", self.rand_augment_magnitude,
+                 "must be in [0, 10]")  # fmt: skip
+        for name in ("random_erasing", "mix_prob", "switch_prob"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"aug.{name}", value, "must be in [0, 1]")
+        _require(self.mixup >= 0, "aug.mixup", self.mixup, "must be >= 0 (0 = off)")
+        _require(self.cutmix >= 0, "aug.cutmix", self.cutmix, "must be >= 0 (0 = off)")
+        _require(0 <= self.label_smoothing < 1, "aug.label_smoothing", self.label_smoothing, "must be in [0, 1)")
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """AdamW with layer-wise lr decay, linear warm-up then cosine per step."""
+
+    lr: float = 2e-4
+    """Base learning rate per 256 clips; the peak is lr * train.batch_size * data.repeated_aug / 256."""
+    min_lr: float = 1e-6
+    """Final cosine learning rate per 256 clips, scaled like lr; in [0, lr]."""
+    warmup_lr: float = 1e-6
+    """Learning rate per 256 clips at the start of the warm-up, scaled like lr; in [0, lr]."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2), each in [0, 1); on the command line: 0.9,0.999."""
+    epochs: int = 30
+    """Length of the schedule in epochs (passes over data.train_list); >= 1."""
+    warmup_epochs: int = 5
+    """Epochs of linear warm-up; in [0, epochs]."""
+    layer_decay: float = 0.75
+    """Layer-wise lr decay: block i trains at lr * decay^(depth - i), the patch embedding at
+    decay^(depth + 1), the head at lr (B 0.75, L 0.85); in (0, 1], 1 = off.
+    """
+
+    def validate(self) -> None:
+        super().validate()
+        _require(0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay, "must be in (0, 1]")
+
+
+@dataclass
+class FinetuneTrainConfig:
+    """The training loop."""
+
+    SECTION: typing.ClassVar[str] = "train"
+
+    batch_size: int = 256
+    """Videos per optimizer step (each gives data.repeated_aug clips); >= 1."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = the whole schedule); the schedule is unchanged."""
+    seed: int = 0
+    """Random seed (head init, data order, augmentation, drop path); in [0, 2**32)."""
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu, or cuda."""
+    precision: str = "bf16"
+    """bf16: bf16 autocast on the GPU (fp32 weights); fp32: none. The CPU always runs fp32."""
+    activation_checkpointing: str = "off"
+    """Recompute block activations in the backward (torch.utils.checkpoint per block): off, all,
+    or N (the first N blocks).
+    """
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0 (0 = full schedule)")
+        _require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
+        _require_choice("train.device", self.device, DEVICES)
+        _require_choice("train.precision", self.precision, FINETUNE_PRECISIONS)
+        ac = self.activation_checkpointing
+        _require(ac in ("off", "all") or (ac.isdigit() and int(ac) >= 1), "train.activation_checkpointing", ac,
+                 "must be off, all, or a positive number of blocks")  # fmt: skip
+
+    def checkpointed_blocks(self, depth: int) -> int:
+        ac = self.activation_checkpointing
+        return 0 if ac == "off" else depth if ac == "all" else min(int(ac), depth)
+
+
+@dataclass
+class EvalConfig:
+    """Multi-view evaluation on data.val_list: num_clips temporal clips x num_crops spatial crops
+    per video (short side resized to data.img_size, crops along the long side), softmax averaged."""
+
+    SECTION: typing.ClassVar[str] = "eval"
+
+    every_steps: int = 0
+    """Evaluate every this many optimizer steps (0 = only at the end of the run)."""
+    num_clips: int = 4
+    """Temporal clips per video (K400 4, SSv2 2); >= 1."""
+    num_crops: int = 3
+    """Spatial crops per clip: 3 (start, centre, end of the long side) or 1 (centre)."""
+    batch_size: int = 16
+    """Views per forward pass; >= 1."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.every_steps >= 0, "eval.every_steps", self.every_steps, "must be >= 0 (0 = at the end)")
+        _require(self.num_clips >= 1, "eval.num_clips", self.num_clips, "must be >= 1")
+        _require(self.num_crops in (1, 3), "eval.num_crops", self.num_crops, "must be 1 or 3")
+        _require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
+class FinetuneLogConfig:
+    """Progress lines and <run_dir>/metrics.jsonl."""
+
+    SECTION: typing.ClassVar[str] = "log"
+
+    every_steps: int = 50
+    """Log loss, train/top1 and lr (reading them back from the device) every this many steps; >= 1."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.every_steps >= 1, "log.every_steps", self.every_steps, "must be >= 1")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": LabelledDataConfig,
+    "aug": AugmentConfig,
+    "optim": FinetuneOptimConfig,
+    "train": FinetuneTrainConfig,
+    "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
+    "log": FinetuneLogConfig,
+}
+CHOICES: dict[str, tuple] = {
+    "model.size": tuple(STUDENT_SIZES),
+    "train.device": DEVICES,
+    "train.precision": FINETUNE_PRECISIONS,
+    "eval.num_crops": (1, 3),
+}
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run needs."""
+
+    preset: str = ""
+    """Name of the preset the config started from; informational."""
+    run_dir: str = ""
+    """Run directory (config.yaml/.json, metrics.jsonl, checkpoints/, log.txt, eval.json); '' = the
+    launcher picks one.
+    """
+    resume: str = "auto"
+    """auto: resume from the newest checkpoint in run_dir if there is one; none: start fresh; or a
+    checkpoint directory.
+    """
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: LabelledDataConfig = field(default_factory=LabelledDataConfig)
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: FinetuneLogConfig = field(default_factory=FinetuneLogConfig)
+
+
+_TOP_LEVEL = ("preset", "run_dir", "resume")
+
+
+def clips_per_step(cfg: FinetuneConfig) -> int:
+    """train.batch_size videos x data.repeated_aug clips each."""
+    return cfg.train.batch_size * cfg.data.repeated_aug
+
+
+def scaled_lrs(cfg: FinetuneConfig) -> tuple[float, float, float]:
+    """(peak, final, warm-up start) learning rates: the per-256-clip values x clips per step / 256."""
+    scale = clips_per_step(cfg) / 256
+    return cfg.optim.lr * scale, cfg.optim.min_lr * scale, cfg.optim.warmup_lr * scale
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """Every check; ValueError naming the first bad field, its value and what is allowed."""
+    if not isinstance(cfg, FinetuneConfig):
+        raise TypeError(f"validate() expects a FinetuneConfig, got {type(cfg).__name__}")
+    _check_types("", cfg)
+    if cfg.preset:
+        _require_choice("preset", cfg.preset, PRESETS)
+    _require(cfg.resume != "", "resume", cfg.resume, "must be 'auto', 'none' or a checkpoint directory")
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        _require(isinstance(section, cls), name, section, f"must be a {cls.__name__}")
+        section.validate()
+    _require(cfg.data.img_size % cfg.model.patch_size == 0, "data.img_size", cfg.data.img_size,
+             f"must be a multiple of model.patch_size={cfg.model.patch_size}")  # fmt: skip
+    if cfg.data.train_list == "":
+        raise ValueError(
+            "data.train_list is not set: pass --data.train_list FILE ('path,label' lines) "
+            f"or --data.train_list {SAMPLE_CLIPS} for the bundled clips"
+        )
+
+
+def check_paths(cfg: FinetuneConfig) -> None:
+    """FileNotFoundError for a list, root, class-name, init or resume path that does not exist."""
+    checks = []
+    for name in ("train_list", "val_list"):
+        value = getattr(cfg.data, name)
+        if value not in ("", SAMPLE_CLIPS):
+            checks.append((f"data.{name}", value, os.path.isfile))
+    if cfg.data.class_names:
+        checks.append(("data.class_names", cfg.data.class_names, os.path.isfile))
+    if cfg.data.root:
+        checks.append(("data.root", cfg.data.root, os.path.isdir))
+    if cfg.model.init:
+        checks.append(("model.init", cfg.model.init, os.path.exists))
+    if cfg.resume not in ("auto", "none"):
+        checks.append(("resume", cfg.resume, os.path.isdir))
+    for name, path, exists in checks:
+        if not exists(path):
+            raise FileNotFoundError(f"{name}={path!r}: no such {'directory' if exists is os.path.isdir else 'file'}")
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+def _demo() -> FinetuneConfig:
+    """Tiny model on the bundled sample clips (label = which clip); ~1 minute on a 2-core CPU."""
+    cfg = FinetuneConfig(preset="demo")
+    cfg.model = ModelConfig(size="tiny", patch_size=16, num_classes=0, init="", drop_path=0.0)
+    cfg.data = LabelledDataConfig(train_list=SAMPLE_CLIPS, val_list=SAMPLE_CLIPS, num_frames=4, img_size=112,
+                                  repeated_aug=2, num_workers=0)  # fmt: skip
+    # Light augmentation: four clips, two of them the same scene at different quality, leave
+    # little to learn from if the clips are mixed and erased as hard as in the recipes.
+    cfg.aug = AugmentConfig(min_scale=0.25, rand_augment_ops=2, rand_augment_magnitude=5, random_erasing=0.25,
+                            mixup=0.0, cutmix=0.0, label_smoothing=0.1)  # fmt: skip
+    # 4 videos x 2 clips = 8 clips per step: lr 0.032 per 256 -> 1e-3 peak; one step per epoch.
+    cfg.optim = FinetuneOptimConfig(lr=0.032, min_lr=3.2e-4, warmup_lr=0.0, epochs=30, warmup_epochs=3,
+                                    layer_decay=0.9)  # fmt: skip
+    cfg.train = FinetuneTrainConfig(batch_size=4, max_steps=0, seed=0)
+    cfg.eval = EvalConfig(every_steps=10, num_clips=2, num_crops=3, batch_size=12)
+    cfg.checkpoint = CheckpointConfig(every_steps=10, keep_last=2)
+    cfg.log = FinetuneLogConfig(every_steps=2)
+    return cfg
+
+
+def _recipe(size: str, dataset: str) -> FinetuneConfig:
+    """The reference's published recipe (its exp/finetuning scripts; UMT_SPEC.md section 3)."""
+    base = size == "base"
+    cfg = FinetuneConfig(preset=f"umt_{'b' if base else 'l'}16_{dataset}")
+    num_classes = {"k400": 400, "ssv2": 174}[dataset]
+    cfg.model = ModelConfig(size=size, num_classes=num_classes, drop_path=0.1 if base else 0.2)
+    cfg.data = LabelledDataConfig(num_frames=8, img_size=224, repeated_aug=2)
+    cfg.aug = AugmentConfig(flip=dataset != "ssv2")
+    layer_decay = 0.75 if base else 0.85
+    if dataset == "k400":  # from the K710-fine-tuned model
+        lr, epochs, warmup = (2e-5 if base else 1e-5), 5, 1
+    elif base:  # SSv2 B: from the stage-1 model
+        lr, epochs, warmup = 2e-4, 30, 5
+    else:  # SSv2 L: from the K710-fine-tuned model
+        lr, epochs, warmup = 4e-4, 14, 4
+    cfg.optim = FinetuneOptimConfig(lr=lr, min_lr=1e-6, warmup_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999),
+                                    eps=1e-8, epochs=epochs, warmup_epochs=warmup, layer_decay=layer_decay)  # fmt: skip
+    cfg.train = FinetuneTrainConfig(batch_size=256, activation_checkpointing="off" if base else "12")
+    cfg.eval = EvalConfig(every_steps=0, num_clips=4 if dataset == "k400" else 2, num_crops=3)
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], FinetuneConfig]] = {
+    "demo": _demo,
+    "umt_b16_k400": lambda: _recipe("base", "k400"),
+    "umt_l16_k400": lambda: _recipe("large", "k400"),
+    "umt_b16_ssv2": lambda: _recipe("base", "ssv2"),
+    "umt_l16_ssv2": lambda: _recipe("large", "ssv2"),
+}
+PRESET_HELP = {
+    "demo": _demo.__doc__,
+    "umt_b16_k400": "UMT-B/16 on Kinetics-400 (init: the K710-fine-tuned B model), 8x224, 4x3 views",
+    "umt_l16_k400": "UMT-L/16 on Kinetics-400 (init: the K710-fine-tuned L model), 8x224, 4x3 views",
+    "umt_b16_ssv2": "UMT-B/16 on Something-Something v2 (init: the stage-1 B model), no flip, 2x3 views",
+    "umt_l16_ssv2": "UMT-L/16 on Something-Something v2 (init: the K710-fine-tuned L model), no flip, 2x3 views",
+}
+
+
+def get_preset(name: str) -> FinetuneConfig:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(str(name), PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"preset={name!r} is not allowed: must be one of {', '.join(map(repr, PRESETS))}{hint}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------
+# Command line and files
+# --------------------------------------------------------------------------------------------
+
+
+def _section_docs(cls: type) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's docstrings override its parent's
+        if dataclasses.is_dataclass(klass):
+            docs.update(field_docs(klass))
+    return docs
+
+
+def all_field_names() -> list[str]:
+    return list(_TOP_LEVEL) + [f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def apply_dict(cfg: FinetuneConfig, d: Any, where: str = "") -> None:
+    """Apply a nested dict (the config.yaml layout) onto cfg, converting every value."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a config{where} must be a mapping of sections, got {type(d).__name__}")
+    for key, value in d.items():
+        if key in _TOP_LEVEL:
+            _set_field(cfg, key, value)
+        elif key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {key!r}{where} must be a mapping of fields, got {value!r}")
+            known = {f.name for f in dataclasses.fields(SECTIONS[key])}
+            for name, field_value in value.items():
+                if name not in known:
+                    _unknown_key(f"{key}.{name}", where)
+                _set_field(cfg, f"{key}.{name}", field_value)
+        else:
+            _unknown_key(str(key), where)
+
+
+def _unknown_key(key: str, where: str) -> typing.NoReturn:
+    close = difflib.get_close_matches(key, all_field_names(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(all_field_names())}"
+    raise ValueError(f"unknown config key {key!r}{where}{hint}")
+
+
+def config_from_dict(d: dict[str, Any], check: bool = True) -> FinetuneConfig:
+    cfg = FinetuneConfig()
+    apply_dict(cfg, d)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+class _FinetuneArgumentParser(_ArgumentParser):
+    def _unknown_message(self, extras: list[str]) -> str:
+        options = [s for a in self._actions for s in a.option_strings]
+        msgs = []
+        for arg in extras:
+            if arg.startswith("--"):
+                opt = arg.split("=", 1)[0]
+                close = difflib.get_close_matches(opt, options, n=3, cutoff=0.6)
+                msgs.append(f"unrecognized option {opt}" + (f"; did you mean {' or '.join(close)}?" if close else "; see --help"))
+        return "\n".join(msgs) or f"unrecognized arguments: {' '.join(extras)}"
+
+
+def make_arg_parser(prog: str = "python -m umt_fast.finetune") -> argparse.ArgumentParser:
+    presets = "\n".join(f"  {name:<14} {PRESET_HELP[name]}" for name in PRESETS)
+    parser = _FinetuneArgumentParser(
+        prog=prog,
+        description="Fine-tune a UMT video ViT for action recognition (mean pool, fc_norm, linear head).",
+        epilog=f"presets:\n{presets}\n\nValues are applied in this order: the preset, then --config FILE, then "
+        "--section.field options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
+    top = field_docs(FinetuneConfig)
+    parser.add_argument("--preset", metavar="NAME", help=f"starting values: one of {', '.join(PRESETS)} (default: 'demo')")
+    parser.add_argument("--run-dir", dest="run_dir", metavar="DIR", help=_esc(top.get("run_dir", "")))
+    parser.add_argument("--resume", metavar="{auto,none,PATH}", help=_esc(top.get("resume", "")) + " (default: 'auto')")
+    parser.add_argument("--init", dest="model.init", metavar="PATH", help="shorthand for --model.init PATH")
+    parser.add_argument("--config", metavar="FILE", help="YAML (or .json) file with nested sections, e.g. a run's config.yaml")
+    for sec, cls in SECTIONS.items():
+        group = parser.add_argument_group(sec, _esc(cls.__doc__ or ""))
+        docs, types = _section_docs(cls), _field_types(cls)
+        for f in dataclasses.fields(cls):
+            dotted = f"{sec}.{f.name}"
+            typ = types[f.name]
+            metavar = ("{" + ",".join(map(str, CHOICES[dotted])) + "}") if dotted in CHOICES else (
+                "B1,B2" if typ == tuple[float, float] else {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[typ])
+            group.add_argument(f"--{dotted}", dest=dotted, metavar=metavar,
+                               help=_esc(f"{docs.get(f.name, '')} (default: {_show(f.default)})"))  # fmt: skip
+    return parser
+
+
+def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.finetune") -> FinetuneConfig:
+    """argv -> a validated FinetuneConfig: preset < --config FILE < --section.field options."""
+    parser = make_arg_parser(prog)
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    file_dict: dict[str, Any] = {}
+    where = ""
+    if "config" in args:
+        path = args.pop("config")
+        file_dict, where = load_config_dict(path), f" in config file {str(path)!r}"
+    preset = args.pop("preset", None) or file_dict.get("preset") or "demo"
+    cfg = get_preset(preset)
+    apply_dict(cfg, {k: v for k, v in file_dict.items() if k != "preset"}, where)
+    cfg.preset = preset
+    for dotted, raw in args.items():
+        _set_field(cfg, dotted, raw)
+    validate(cfg)
+    return cfg
+
+
+__all__ = [
+    "AugmentConfig", "EvalConfig", "FinetuneConfig", "FinetuneLogConfig", "FinetuneOptimConfig",
+    "FinetuneTrainConfig", "LabelledDataConfig", "ModelConfig", "PRESETS", "SECTIONS", "build_config",
+    "check_paths", "clips_per_step", "config_from_dict", "config_to_dict", "get_preset", "save_config",
+    "scaled_lrs", "validate",
+]  # fmt: skip
