@@ -260,3 +260,28 @@ def test_demo_preset_runs_on_the_sample_clips(tmp_path, capsys):
     assert [r["step"] for r in records if "train/top1" in r] == [1, 2]
     assert any("eval/top1" in r for r in records)
     assert (run_dir / "sample_clips.csv").is_file()
+
+
+def test_init_from_a_pretraining_run_directory(tmp_path):
+    from umt_fast import checkpoint as ckpt
+
+    sd = ref.random_student_state_dict(width=192, depth=4, heads=3, K=2, teacher_dim=16, seed=4)
+    student = interop.load_student(sd, num_frames=4, img_size=112)
+    config = {"data": {"num_frames": 4, "img_size": 112}, "student": {"patch_size": 16, "size": "tiny"}}
+    ckpt.save_checkpoint(str(tmp_path / "pre"), 40, student, torch.optim.AdamW(student.parameters()),
+                         {"config": config, "data_position": 0}, keep_last=1)  # fmt: skip
+    cfg = get_preset("demo")
+    cfg.model.init = str(tmp_path / "pre")
+    model = finetune.build_model(cfg, num_classes=4)
+    torch.testing.assert_close(model.blocks[3].attn.q_bias, sd["encoder.blocks.3.attn.q_bias"], atol=0, rtol=0)
+    torch.testing.assert_close(model.patch_embed.proj.weight, sd["encoder.patch_embed.proj.weight"], atol=0, rtol=0)
+    assert not model.arch.final_norm  # the encoder's final norm gives way to fc_norm after pooling
+
+
+def test_help_lists_every_option():
+    from umt_fast.finetune_config import all_field_names, make_arg_parser
+
+    text = make_arg_parser().format_help()
+    for name in all_field_names():
+        assert f"--{name.replace('run_dir', 'run-dir')}" in text, name
+    assert "layer-wise lr decay" in text.lower() or "Layer-wise lr decay" in text

@@ -124,8 +124,12 @@ def test_pos_embed_resize_matches_a_float64_reference(t0, g0, t1, g1):
 
 def test_pos_embed_frames_are_inferred_like_the_reference():
     pos = torch.randn(1, 8 * 196, 4)
-    assert interop.resize_video_pos_embed(pos, num_frames=16, grid=14).shape == (1, 16 * 196, 4)
-    assert interop.resize_video_pos_embed(pos, num_frames=4, grid=7).shape == (1, 4 * 49, 4)  # 8 x 14 x 14 assumed
+    for frames, grid in ((16, 14), (4, 7), (8, 16)):  # 8 x 14 x 14, as the reference assumes
+        expected = interop.resize_video_pos_embed(pos, num_frames=frames, grid=grid, file_num_frames=8)
+        torch.testing.assert_close(interop.resize_video_pos_embed(pos, num_frames=frames, grid=grid), expected)
+    pos16 = torch.randn(1, 16 * 196, 4)  # a 16-frame table: 3136 / 8 is not a square
+    expected = interop.resize_video_pos_embed(pos16, num_frames=8, grid=14, file_num_frames=16)
+    torch.testing.assert_close(interop.resize_video_pos_embed(pos16, num_frames=8, grid=14), expected)
     with pytest.raises(ValueError, match="not 3 frames of a square grid"):
         interop.resize_video_pos_embed(torch.randn(1, 50, 4), num_frames=2, grid=4, file_num_frames=3)
 

@@ -272,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--num-clips={args.num_clips} must be >= 1")
         device = _resolve_device(args.device)
         model, known = load_classifier(args.checkpoint, args.num_frames, args.img_size, args.patch_size)
+        if model.arch.num_classes == 0:
+            raise ValueError(
+                f"--checkpoint {args.checkpoint} holds an encoder without a classification head (a pre-trained "
+                "model); fine-tune it first (python -m umt_fast.finetune), or extract features (python -m umt_fast.extract)"
+            )
         model = model.to(device)
         names = read_class_names(args.class_names) if args.class_names else known.get("class_names")
         if names is not None and len(names) != model.arch.num_classes:

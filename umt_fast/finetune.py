@@ -307,6 +307,8 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
     schedule = WarmupCosineSchedule(peak_lr=peak, min_lr=final, total_steps=total_steps,
                                     warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch, warmup_lr=start_lr)  # fmt: skip
 
+    if not cfg.model.init and cfg.preset != "demo":
+        log.warning("no --model.init: fine-tuning starts from random weights, not from a pre-trained model")
     model = build_model(cfg, num_classes).to(device)
     optimizer = build_optimizer(model, cfg)
     budget = BadSampleBudget(cfg.data.max_bad_fraction)
