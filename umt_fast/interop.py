@@ -298,9 +298,10 @@ def resize_video_pos_embed(
     input dtype.
 
     Args:
-        file_num_frames: T0; when None it is inferred from N0: the reference's 8 frames if
-            N0 / 8 is a square, else ``num_frames`` if N0 / num_frames is, else N0 / grid^2 if
-            that divides evenly, else the smallest T0 that leaves a square grid.
+        file_num_frames: T0; when None it is inferred from N0: ``num_frames`` if N0 is already
+            num_frames * grid^2, else the reference's 8 frames if N0 / 8 is a square, else
+            ``num_frames`` if N0 / num_frames is, else N0 / grid^2 if that divides evenly, else
+            the smallest T0 that leaves a square grid.
     """
     if pos_embed.dim() == 2:
         pos_embed = pos_embed[None]
@@ -330,6 +331,8 @@ def _infer_table_frames(num_tokens: int, num_frames: int, grid: int) -> int:
     def square(t: int) -> bool:
         return num_tokens % t == 0 and int(round((num_tokens // t) ** 0.5)) ** 2 == num_tokens // t
 
+    if num_tokens == num_frames * grid * grid:  # already the requested table
+        return num_frames
     for t in (REFERENCE_PRETRAIN_FRAMES, num_frames):
         if square(t):
             return t
