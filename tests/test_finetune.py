@@ -21,7 +21,7 @@ from umt_fast.train.logging import read_metrics
 LABELS = {"bigbuckbunny.mp4": 1, "bikes.mp4": 2, "carphone_distorted.mp4": 0, "carphone_pristine.mp4": 0}
 SMALL = ["--data.img_size", "64", "--data.num_frames", "2", "--aug.rand_augment_ops", "1", "--aug.random_erasing", "0.25",
          "--aug.mixup", "0", "--aug.cutmix", "0", "--optim.lr", "0.064", "--optim.warmup_epochs", "2",
-         "--log.every_steps", "4", "--eval.num_clips", "1", "--eval.num_crops", "1"]  # fmt: skip
+         "--log.every_steps", "4", "--eval.num_clips", "1", "--eval.num_crops", "1", "--data.num_workers", "1"]  # fmt: skip
 
 
 def _write_list(path, extra=()):

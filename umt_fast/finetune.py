@@ -271,7 +271,7 @@ def run_evaluation(model: VideoViT, cfg: FinetuneConfig, records: list[VideoReco
                    class_names: list[str] | None) -> tuple[dict, list]:  # fmt: skip
     preds = predict_videos(
         model, [r.path for r in records], num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops,
-        batch_size=cfg.eval.batch_size, device=device, precision=cfg.train.precision,
+        batch_size=cfg.eval.batch_size, device=device, precision=cfg.train.precision, num_workers=cfg.data.num_workers,
     )  # fmt: skip
     label_of = {r.path: r.label for r in records}
     labels = torch.tensor([label_of[p] for p in preds.paths], dtype=torch.long)
