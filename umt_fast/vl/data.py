@@ -1,0 +1,315 @@
+"""Stage-2 data: JSON caption lists, one loader per media type, and their interleaving.
+
+A caption list is a JSON list of ``{"video": path, "caption": str | [str]}`` or
+``{"image": path, "caption": ...}`` (the reference's format; an MSRVTT-style test file is the
+same). In training every caption is one sample; all captions of one video share its id (they
+are positives of one another in VTC and never each other's VTM negatives).
+
+Videos: ``num_frames`` frames, one random frame per segment (training) or the middle one
+(test). Images: 1-frame clips. Both: RandomResizedCrop to ``img_size`` with scale (0.5, 1),
+ratio (3/4, 4/3), and a horizontal flip (training); a plain resize (test).
+
+Every step is all-video or all-image. The order of media types within an epoch is a shuffle of
+[media m repeated steps_m times], seeded by (seed, epoch) only, so every rank follows the same
+order; each rank reads its own slice of each global batch. All randomness of a sample is
+seeded by (seed, media type, sample position), so a resumed run reads what an uninterrupted
+one would.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from umt_fast.data.decoding import VideoDecodeError, count_frames, decode_frames
+from umt_fast.data.transforms import crop_resize_flip, tsn_frame_indices
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPES = ("video", "image")
+RRC_SCALE = (0.5, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One (media, caption) pair; `media_id` is the index of its media in the list."""
+
+    path: str
+    caption: str
+    media_id: int
+    media: str  # "video" or "image"
+
+
+def read_caption_json(path: str, root: str = "") -> list[dict[str, Any]]:
+    """A caption list as [{"media": "video"|"image", "path": ..., "captions": [str, ...]}], in file order.
+
+    FileNotFoundError if missing; ValueError naming the entry for a malformed one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"caption list not found: {path!r}")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON caption list ({e})") from e
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: a caption list must be a non-empty JSON list of objects")
+    out = []
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: entry {i} is not an object: {entry!r}")
+        kinds = [m for m in MEDIA_TYPES if m in entry]
+        if len(kinds) != 1:
+            raise ValueError(f"{path}: entry {i} must have exactly one of 'video' or 'image': {entry!r}")
+        caption = entry.get("caption")
+        captions = [caption] if isinstance(caption, str) else caption
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"{path}: entry {i} needs a 'caption' string or a non-empty list of strings")
+        media_path = entry[kinds[0]]
+        if root and not os.path.isabs(media_path):
+            media_path = os.path.join(root, media_path)
+        out.append({"media": kinds[0], "path": media_path, "captions": captions})
+    return out
+
+
+def caption_records(entries: list[dict[str, Any]], media: str) -> list[CaptionRecord]:
+    """Training samples of one media type: one record per caption."""
+    records = [
+        CaptionRecord(e["path"], c, i, media)
+        for i, e in enumerate(entries) if e["media"] == media
+        for c in e["captions"]
+    ]  # fmt: skip
+    return records
+
+
+def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box drawn from `rng`: (x0, y0, crop_w, crop_h)."""
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch
+    in_ratio = w / h  # fallback: a central crop of the closest allowed aspect ratio
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        cw, ch = int(round(h * ratio[1])), h
+    else:
+        cw, ch = w, h
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+def load_image(path: str) -> torch.Tensor:
+    """uint8 [1, H, W, 3] (a 1-frame clip); VideoDecodeError if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            array = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
+            w, h = im.size
+    except (OSError, ValueError) as e:
+        raise VideoDecodeError(path, f"cannot read image: {e}") from e
+    return array.view(1, h, w, 3)
+
+
+def load_media(path: str, media: str, num_frames: int, img_size: int, rng: random.Random | None, flip: bool = True) -> torch.Tensor:
+    """Decode and augment one item: uint8 [T, img_size, img_size, 3] (T = 1 for an image).
+
+    `rng` None = test: middle frame of each segment, a plain resize, no flip."""
+    if media == "image":
+        frames = load_image(path)
+    else:
+        n = count_frames(path)
+        frames = decode_frames(path, tsn_frame_indices(n, num_frames, rng))
+    _, h, w, _ = frames.shape
+    if rng is None:
+        return crop_resize_flip(frames, (0, 0, w, h), img_size, False)
+    box = random_resized_crop_box(w, h, rng)
+    return crop_resize_flip(frames, box, img_size, flip and rng.random() < 0.5)
+
+
+class CaptionDataset(Dataset):
+    """Augmented (media, caption) samples of one media type, indexed by sample position
+    (epoch * len + offset into that epoch's permutation), like the stage-1 clip stream."""
+
+    def __init__(self, records: list[CaptionRecord], media: str, num_frames: int, img_size: int, seed: int,
+                 flip: bool = True, max_substitutes: int = 16):  # fmt: skip
+        if not records:
+            raise ValueError(f"no {media} records")
+        self.records, self.media = records, media
+        self.num_frames = num_frames if media == "video" else 1
+        self.img_size, self.seed, self.flip, self.max_substitutes = img_size, seed, flip, max_substitutes
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def record_index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.records))
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(hash_seed(self.seed, self.media, epoch))
+            self._perm = (epoch, torch.randperm(len(self.records), generator=g))
+        return int(self._perm[1][offset])
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        index = self.record_index(position)
+        skipped = []
+        for attempt in range(self.max_substitutes + 1):
+            record = self.records[(index + attempt) % len(self.records)]
+            rng = random.Random(f"{self.seed}:{self.media}:{position}:{attempt}")
+            try:
+                media = load_media(record.path, self.media, self.num_frames, self.img_size, rng, self.flip)
+            except VideoDecodeError as e:
+                log.warning("skipping undecodable %s %s: %s", self.media, record.path, e.reason)
+                skipped.append(record.path)
+                continue
+            return {"media": media, "caption": record.caption, "id": record.media_id, "skipped": skipped}
+        raise RuntimeError(f"{self.media} sample {position}: {len(skipped)} items in a row could not be decoded "
+                           f"(first: {skipped[0]})")  # fmt: skip
+
+
+def hash_seed(seed: int, *parts: Any) -> int:
+    """A 63-bit seed from (seed, parts), stable across processes (unlike hash())."""
+    import hashlib
+
+    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def collate_captions(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"media": uint8 [B, T, S, S, 3], "captions": [str] * B, "ids": int64 [B], "skipped": [str]}."""
+    return {
+        "media": torch.stack([s["media"] for s in samples]),
+        "captions": [s["caption"] for s in samples],
+        "ids": torch.tensor([s["id"] for s in samples], dtype=torch.long),
+        "skipped": [p for s in samples for p in s["skipped"]],
+    }
+
+
+class MediaBatchSampler:
+    """Endless lists of one rank's sample positions: global batch j of G = per_rank * world_size
+    samples covers positions [j*G, (j+1)*G) within its epoch (the tail of an epoch that does not fill
+    a global batch is dropped); rank r reads [r*b, (r+1)*b) of it."""
+
+    def __init__(self, num_samples: int, per_rank: int, rank: int, world_size: int, start_batch: int = 0):
+        G = per_rank * world_size
+        if num_samples < G:
+            raise ValueError(f"{num_samples} samples cannot fill one global batch of {G}")
+        self.n, self.per_rank, self.rank, self.G, self.start = num_samples, per_rank, rank, G, start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.G
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for j in itertools.count(self.start):
+            epoch, k = divmod(j, self.batches_per_epoch)
+            first = epoch * self.n + k * self.G + self.rank * self.per_rank
+            yield list(range(first, first + self.per_rank))
+
+
+def interleave_order(steps_per_media: list[int], seed: int, epoch: int) -> list[int]:
+    """Which media type each step of `epoch` reads: a shuffle of [m] * steps_per_media[m], seeded by
+    (seed, epoch) only, so it is the same on every rank."""
+    order = [m for m, count in enumerate(steps_per_media) for _ in range(count)]
+    random.Random(hash_seed(seed, "interleave", epoch)).shuffle(order)
+    return order
+
+
+class InterleavedStream:
+    """Iterates (media type, batch) from one DataLoader per media type in the interleaved order,
+    starting at global step `start_step` (exactly where an uninterrupted run would be)."""
+
+    def __init__(self, datasets: list[CaptionDataset], per_rank: int, seed: int, start_step: int = 0, *,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):  # fmt: skip
+        self.datasets = datasets
+        self.seed = seed
+        counts = [MediaBatchSampler(len(d), per_rank, rank, world_size).batches_per_epoch for d in datasets]
+        self.steps_per_media = counts
+        self.steps_per_epoch = sum(counts)
+        self.step = start_step
+        epoch, offset = divmod(start_step, self.steps_per_epoch)
+        before = interleave_order(counts, seed, epoch)[:offset]
+        self.loaders = []
+        for m, d in enumerate(datasets):
+            start_batch = epoch * counts[m] + before.count(m)
+            sampler = MediaBatchSampler(len(d), per_rank, rank, world_size, start_batch)
+            self.loaders.append(iter(DataLoader(
+                d, batch_sampler=sampler, collate_fn=collate_captions, num_workers=num_workers,
+                pin_memory=pin_memory, persistent_workers=num_workers > 0,
+            )))  # fmt: skip
+        self._order: tuple[int, list[int]] | None = None
+
+    def media_at(self, step: int) -> int:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, interleave_order(self.steps_per_media, self.seed, epoch))
+        return self._order[1][offset]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[str, dict[str, Any]]:
+        m = self.media_at(self.step)
+        self.step += 1
+        return self.datasets[m].media, next(self.loaders[m])
+
+
+# --------------------------------------------------------------------------------------------------
+# Demo data: the sample clips and scikit-image's photographs, with built-in captions
+# --------------------------------------------------------------------------------------------------
+
+DEMO_VIDEO_CAPTIONS = {
+    "bigbuckbunny.mp4": ["a cartoon rabbit in a green meadow", "an animated bunny walks out of its burrow"],
+    "bikes.mp4": ["people ride bicycles down a street", "cyclists pass by on a road"],
+    "carphone_distorted.mp4": ["a blurry video of a man talking on a phone in a car"],
+    "carphone_pristine.mp4": ["a man talks on a phone while sitting in a car"],
+}
+DEMO_IMAGE_CAPTIONS = {
+    "astronaut.png": ["an astronaut in a white space suit with a flag"],
+    "coffee.png": ["a cup of coffee on a saucer"],
+    "chelsea.png": ["a tabby cat looking to the side"],
+    "rocket.jpg": ["a rocket on the launch pad"],
+    "motorcycle_left.png": ["a red motorcycle parked in a garage"],
+    "hubble_deep_field.jpg": ["galaxies in the deep night sky"],
+}
+
+
+def skimage_data_dir() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the demo photographs come with scikit-image: pip install scikit-image")
+    return os.path.join(list(spec.submodule_search_locations)[0], "data")
+
+
+def write_demo_caption_lists(directory: str) -> tuple[str, str]:
+    """Write ``demo_videos.json`` (the sample clips) and ``demo_images.json`` (scikit-image's photographs)
+    with built-in captions into `directory`; returns their paths."""
+    from umt_fast.data.sample_clips import sample_clip_paths
+
+    os.makedirs(directory, exist_ok=True)
+    videos = [{"video": p, "caption": DEMO_VIDEO_CAPTIONS[os.path.basename(p)]} for p in sample_clip_paths()]
+    data_dir = skimage_data_dir()
+    images = [{"image": os.path.join(data_dir, name), "caption": caps} for name, caps in DEMO_IMAGE_CAPTIONS.items()]
+    missing = [e["image"] for e in images if not os.path.isfile(e["image"])]
+    if missing:
+        raise FileNotFoundError(f"scikit-image's sample photographs are missing: {missing}")
+    paths = (os.path.join(directory, "demo_videos.json"), os.path.join(directory, "demo_images.json"))
+    for path, entries in zip(paths, (videos, images)):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(entries, f, indent=1)
+    return paths

@@ -1,0 +1,328 @@
+"""The stage-2 training loop: build, initialise from stage 1, resume, step, log, checkpoint, export.
+
+One step, as data (every step is all-video or all-image):
+
+    uint8 media [B, T, H, W, 3] (T = num_frames for videos, 1 for images) -> normalise on the device
+    teacher (frozen)  -> CLS attention -> visible tokens (ratio 0.8 video / 0.5 image) + UTA targets
+    captions -> WordPiece ids [B, S]; a BERT-masked copy for MLM
+    model(batch): ONE masked student forward -> UTA + VTC + VTM + MLM (weight 1 each) -> backward
+    -> AdamW step
+
+Same engine as stage 1: bf16 autocast on the GPU, the kernels, DDP or FSDP2 under torchrun, the
+run directory, DCP checkpoints that resume at the exact data position, the progress line. At the
+end the model is also written in the reference's stage-2 naming to <run_dir>/umt_stage2.pth.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from umt_fast import checkpoint as ckpt
+from umt_fast.config_vl import DEMO_DATA, VLPretrainConfig, config_to_dict, save_config
+from umt_fast.data.transforms import normalize_video
+from umt_fast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, unwrap
+from umt_fast.masking import num_visible, sample_visible_tokens
+from umt_fast.models import build_student, build_teacher
+from umt_fast.models.attention import set_attention_backend
+from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages, setup_logging
+from umt_fast.train.loop import NonFiniteLossError, seed_everything
+from umt_fast.train.optim import WarmupCosineSchedule, build_optimizer
+from umt_fast.vl import data as vl_data
+from umt_fast.vl.losses import mask_tokens
+from umt_fast.vl.model import (
+    VisionLanguageModel,
+    VLBatch,
+    from_reference_state_dict,
+    is_stage2_state_dict,
+    state_dict_to_reference,
+)
+from umt_fast.vl.text import build_text_encoder, load_tokenizer
+from umt_kernels.reference import mix_seed
+
+log = logging.getLogger(__name__)
+
+LOSS_NAMES = ("loss", "uta", "vtc", "vtm", "mlm")
+EXPORT_NAME = "umt_stage2.pth"
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    last_checkpoint: str | None
+    steps_done: int
+    last_loss: float | None
+    export_path: str | None
+
+
+# ----------------------------------------------------------------------------------- building
+
+
+def build_model(cfg: VLPretrainConfig, teacher_dim: int, load_text: bool = True) -> VisionLanguageModel:
+    """The stage-2 model of `cfg`: a fresh student of student.size, the text tower of text.weights."""
+    student = build_student(cfg, teacher_dim)
+    text = build_text_encoder(cfg.text.weights, cfg.text.fusion_layers, student.arch.width, load=load_text)
+    return VisionLanguageModel(student, text, cfg.model.embed_dim)
+
+
+def read_init_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A file (reference stage-1 / stage-2, or our export) or a run checkpoint directory."""
+    from umt_fast.interop import read_state_dict
+
+    if os.path.isdir(path):
+        return ckpt.load_checkpoint(path)["student"]
+    return read_state_dict(path, "init checkpoint")
+
+
+def initialise(model: VisionLanguageModel, path: str) -> str:
+    """Load `path` into `model`, strictly. Stage-2 weights (the reference's naming or a stage-2 run
+    checkpoint) load everything; stage-1 weights (the reference's or a stage-1 run) load the student.
+    Returns what was loaded."""
+    from umt_fast.interop import load_state_dict_checked
+
+    sd = read_init_state_dict(path)
+    sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
+    if is_stage2_state_dict(sd):
+        load_state_dict_checked(model, from_reference_state_dict(sd, model.text_encoder.arch), path)
+        return "stage-2 model (reference naming)"
+    if "student.encoder.patch_embed.proj.weight" in sd:
+        load_state_dict_checked(model, sd, path)
+        return "stage-2 model"
+    if "encoder.patch_embed.proj.weight" in sd:
+        load_state_dict_checked(model.student, sd, path)
+        return "stage-1 student (encoder + alignment heads)"
+    raise ValueError(f"model.init={path!r}: neither a UMT stage-1 nor a stage-2 checkpoint (first keys: {list(sd)[:4]})")
+
+
+def wrap_model(model: nn.Module, strategy: str, info: DistInfo, param_dtype: torch.dtype | None) -> nn.Module:
+    """DDP, or FSDP2 per student block and text layer then the root; the module itself alone."""
+    if not info.distributed:
+        return model
+    if strategy == "ddp":
+        device_ids = [info.local_rank] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in model.student.encoder.blocks:
+        fully_shard(block, mp_policy=policy)
+    for layer in list(model.text_encoder.bert.encoder.layer) + list(model.text_encoder.fusion):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def caption_datasets(cfg: VLPretrainConfig, info: DistInfo) -> list[vl_data.CaptionDataset]:
+    video_list, image_list = cfg.data.video_list, cfg.data.image_list
+    if DEMO_DATA in (video_list, image_list):
+        demo_dir = os.path.join(cfg.run_dir, "demo_data")
+        if info.is_main:
+            vl_data.write_demo_caption_lists(demo_dir)
+        barrier()
+        demo_video, demo_image = (os.path.join(demo_dir, n) for n in ("demo_videos.json", "demo_images.json"))
+        video_list = demo_video if video_list == DEMO_DATA else video_list
+        image_list = demo_image if image_list == DEMO_DATA else image_list
+    out = []
+    for media, path in (("video", video_list), ("image", image_list)):
+        if not path:
+            continue
+        records = vl_data.caption_records(vl_data.read_caption_json(path, cfg.data.root), media)
+        if not records:
+            raise ValueError(f"data.{media}_list={path!r} holds no {media} entries")
+        out.append(vl_data.CaptionDataset(records, media, cfg.data.num_frames, cfg.data.img_size,
+                                          seed=cfg.train.seed, flip=cfg.data.flip))  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------- the step
+
+
+class VLStep:
+    """Callable ``(media, batch, step) -> [5] device tensor (total, uta, vtc, vtm, mlm)``; no host sync."""
+
+    def __init__(self, model, teacher, optimizer, tokenizer, cfg: VLPretrainConfig, device, autocast_dtype, rank=0):
+        self.model, self.teacher, self.optimizer, self.tokenizer = model, teacher, optimizer, tokenizer
+        self.cfg, self.device, self.autocast_dtype, self.rank = cfg, device, autocast_dtype, rank
+        self.patches_per_frame = unwrap(model).student.arch.patches_per_frame
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=device)
+        self.vocab_size = unwrap(model).text_encoder.arch.vocab_size
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def make_batch(self, media: str, batch: dict, step: int) -> VLBatch:
+        cfg = self.cfg
+        video = normalize_video(batch["media"].to(self.device, non_blocking=True))
+        B, _, T = video.shape[:3]
+        ratio = cfg.mask.video_ratio if media == "video" else cfg.mask.image_ratio
+        first_clip = self.rank * B
+        with torch.no_grad(), self._autocast():
+            teacher_out = self.teacher(video)
+            if cfg.mask.policy == "attention":
+                idx, targets = teacher_out.sample_visible(num_visible(self.patches_per_frame, ratio), seed=cfg.train.seed,
+                                                          offset=step, first_clip=first_clip)  # fmt: skip
+            else:
+                idx = sample_visible_tokens(cfg.mask.policy, batch_size=B, num_frames=T,
+                                            patches_per_frame=self.patches_per_frame, ratio=ratio, seed=cfg.train.seed,
+                                            offset=step, device=self.device, first_clip=first_clip)  # fmt: skip
+                targets = teacher_out.targets(idx)
+        tok = self.tokenizer(batch["captions"], padding="max_length", truncation=True, max_length=cfg.text.max_len,
+                             return_tensors="pt")  # fmt: skip
+        ids = tok["input_ids"].to(self.device, non_blocking=True)
+        mask = tok["attention_mask"].to(self.device, non_blocking=True)
+        special = torch.isin(ids, self.special_ids) | (mask == 0)
+        mlm_ids, mlm_labels = mask_tokens(ids, special, mask_token_id=self.tokenizer.mask_token_id,
+                                          vocab_size=self.vocab_size, prob=cfg.text.mlm_prob)  # fmt: skip
+        return VLBatch(video=video, visible_idx=idx, targets=targets, text_ids=ids, text_mask=mask,
+                       mlm_ids=mlm_ids, mlm_labels=mlm_labels, ids=batch["ids"].to(self.device))  # fmt: skip
+
+    def __call__(self, media: str, batch: dict, step: int) -> torch.Tensor:
+        torch.manual_seed(mix_seed(self.cfg.train.seed, step) + self.rank)  # MLM, negatives, dropout
+        self.optimizer.zero_grad(set_to_none=True)
+        vl_batch = self.make_batch(media, batch, step)
+        with self._autocast():
+            losses = self.model(vl_batch)
+        total = losses["uta"] + losses["vtc"] + losses["vtm"] + losses["mlm"]
+        total.backward()
+        self.optimizer.step()
+        return torch.stack([total, losses["uta"], losses["vtc"], losses["vtm"], losses["mlm"]]).detach().float()
+
+
+# ----------------------------------------------------------------------------------- the loop
+
+
+def export_reference(model: nn.Module, text_arch, path: str, info: DistInfo) -> str | None:
+    """Collective: the full model in the reference's stage-2 naming, written by rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not info.is_main:
+        return None
+    ckpt.atomic_torch_save({"model": state_dict_to_reference(sd, text_arch)}, path)
+    return path
+
+
+def train(cfg: VLPretrainConfig) -> TrainResult:
+    """Runs (or resumes) stage-2 pre-training as `cfg` says."""
+    info = init_distributed(cfg.train.device)
+    if info.is_main:
+        check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)
+        os.makedirs(cfg.run_dir, exist_ok=True)
+    barrier()
+    resume_path = ckpt.find_resume_checkpoint(cfg.run_dir, cfg.resume)
+    logger = setup_logging(cfg.run_dir if info.is_main else None)
+    if info.is_main:
+        save_config(cfg, cfg.run_dir)
+    device = info.device
+    seed_everything(cfg.train.seed)
+    set_attention_backend(cfg.train.attention)
+
+    datasets = caption_datasets(cfg, info)
+    B = cfg.train.batch_size
+    counts = [vl_data.MediaBatchSampler(len(d), B, info.rank, info.world_size).batches_per_epoch for d in datasets]
+    steps_per_epoch = sum(counts)
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
+    schedule = WarmupCosineSchedule(cfg.optim.lr, cfg.optim.min_lr, total_steps,
+                                    cfg.optim.warmup_epochs * steps_per_epoch, cfg.optim.warmup_lr)  # fmt: skip
+
+    low_precision = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
+    teacher = build_teacher(cfg).to(device)
+    if low_precision is not None:
+        teacher = teacher.to(low_precision)
+    model = build_model(cfg, teacher.arch.output_dim)
+    if cfg.model.init and resume_path is None:
+        what = initialise(model, cfg.model.init)
+        log.info("initialised the %s from %s", what, cfg.model.init)
+    elif not cfg.model.init:
+        log.warning("model.init is empty: the vision tower starts from random weights (demos and tests only)")
+    model = model.to(device)
+    text_arch = model.text_encoder.arch
+    tokenizer = load_tokenizer(cfg.text.weights)
+    wrapped = wrap_model(model, cfg.dist.strategy, info, low_precision)
+    optimizer = build_optimizer(wrapped, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+
+    start_step = 0
+    if resume_path is not None:
+        meta = ckpt.restore_checkpoint(resume_path, wrapped, optimizer)
+        start_step = meta["step"]
+        log.info("resumed from %s at step %d", resume_path, start_step)
+
+    metrics = None
+    if info.is_main:
+        rng = ckpt.rng_state()
+        metrics = build_metrics_sinks(cfg.run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb,
+                                      wandb_mode=cfg.log.wandb_mode, config=config_to_dict(cfg),
+                                      resume_step=start_step if resume_path is not None else None)  # fmt: skip
+        ckpt.restore_rng_state(rng)
+    log.info(
+        "preset %s | student %s + text %d layers (%d fusion, width %d), %.1fM params | %s | batch %d x %d ranks | "
+        "%d steps (%d per epoch) | %s, %s",
+        cfg.preset, cfg.student.size, text_arch.num_layers, text_arch.fusion_layers, text_arch.hidden,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        ", ".join(f"{len(d)} {d.media} captions" for d in datasets), B, info.world_size, last_step, steps_per_epoch,
+        device, cfg.train.precision if device.type == "cuda" else "fp32",
+    )  # fmt: skip
+
+    stream = vl_data.InterleavedStream(datasets, B, cfg.train.seed, start_step, rank=info.rank,
+                                       world_size=info.world_size, num_workers=cfg.data.num_workers,
+                                       pin_memory=device.type == "cuda")  # fmt: skip
+    step_fn = VLStep(wrapped, teacher, optimizer, tokenizer, cfg, device, low_precision, rank=info.rank)
+    progress = ProgressLine(last_step, logger) if info.is_main else None
+    last_checkpoint, last_loss, export_path = resume_path, None, None
+    loss_sum = torch.zeros(len(LOSS_NAMES), device=device)
+    window_steps, media_counts = 0, {"video": 0, "image": 0}
+    window_start = time.perf_counter()
+    wrapped.train()
+    try:
+        for step in range(start_step, last_step):
+            media, batch = next(stream)
+            lr = schedule.set_lr(optimizer, step)
+            loss_sum += step_fn(media, batch, step)
+            media_counts[media] += 1
+            window_steps += 1
+            done = step + 1
+            is_last = done == last_step
+            save_now = done % cfg.checkpoint.every_steps == 0 or is_last
+            if done % cfg.log.every_steps == 0 or save_now:
+                values = (all_reduce_sum(loss_sum.clone()) / (window_steps * info.world_size)).tolist()
+                last_loss = values[0]
+                if not np.isfinite(last_loss):
+                    raise NonFiniteLossError(f"loss became {last_loss} by step {done}; last good checkpoint: "
+                                             f"{last_checkpoint or '(none yet)'}; lower --optim.lr")  # fmt: skip
+                elapsed = time.perf_counter() - window_start
+                pairs_per_s = window_steps * B * info.world_size / elapsed
+                if info.is_main:
+                    record = {"step": done, **dict(zip(LOSS_NAMES, values)), "lr": lr, "pairs/s": pairs_per_s,
+                              "temp": float(unwrap(wrapped).temp.detach().clamp(0.001, 0.5)) if not info.distributed
+                              or cfg.dist.strategy == "ddp" else None,
+                              "video_steps": media_counts["video"], "image_steps": media_counts["image"],
+                              "epoch": step // steps_per_epoch, "time": time.time()}  # fmt: skip
+                    metrics.write({k: v for k, v in record.items() if v is not None})
+                    progress.update(done, last_loss, lr, pairs_per_s)
+                loss_sum.zero_()
+                window_steps, media_counts = 0, {"video": 0, "image": 0}
+                window_start = time.perf_counter()
+            if save_now:
+                meta = {"data_position": done, "config": config_to_dict(cfg), "world_size": info.world_size}
+                last_checkpoint = ckpt.save_checkpoint(cfg.run_dir, done, wrapped, optimizer, meta,
+                                                       keep_last=cfg.checkpoint.keep_last, info=info)  # fmt: skip
+                log.info("saved checkpoint %s", last_checkpoint)
+        export_path = export_reference(wrapped, text_arch, os.path.join(cfg.run_dir, EXPORT_NAME), info)
+        if export_path:
+            log.info("wrote %s (the reference's stage-2 naming)", export_path)
+    finally:
+        if progress is not None:
+            progress.close()
+        if metrics is not None:
+            metrics.close()
+        del stream
+    return TrainResult(cfg.run_dir, last_checkpoint, last_step, last_loss, export_path)
