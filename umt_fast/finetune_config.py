@@ -20,31 +20,24 @@ which is how the reference scales them (``lr x batch x num_sample / 256``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from umt_fast.config import (
     DEVICES,
+    DIST_STRATEGIES,
     SAMPLE_CLIPS,
     STUDENT_SIZES,
     CheckpointConfig,
+    DistConfig,
     OptimConfig,
-    _ArgumentParser,
+    ConfigSchema,
     _check_types,
-    _esc,
-    _field_types,
     _require,
     _require_choice,
-    _set_field,
-    _show,
     config_to_dict,
-    field_docs,
-    load_config_dict,
     save_config,
 )
 
@@ -273,12 +266,14 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "checkpoint": CheckpointConfig,
     "log": FinetuneLogConfig,
+    "dist": DistConfig,
 }
 CHOICES: dict[str, tuple] = {
     "model.size": tuple(STUDENT_SIZES),
     "train.device": DEVICES,
     "train.precision": FINETUNE_PRECISIONS,
     "eval.num_crops": (1, 3),
+    "dist.strategy": DIST_STRATEGIES,
 }
 
 
@@ -304,6 +299,7 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: FinetuneLogConfig = field(default_factory=FinetuneLogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 _TOP_LEVEL = ("preset", "run_dir", "resume")
@@ -424,125 +420,47 @@ PRESET_HELP = {
 }
 
 
+# --------------------------------------------------------------------------------------------
+# Command line and files (the shared machinery of umt_fast.config_cli)
+# --------------------------------------------------------------------------------------------
+
+SCHEMA = ConfigSchema(
+    root=FinetuneConfig,
+    sections=SECTIONS,
+    presets=PRESETS,
+    validate=validate,
+    choices=CHOICES,
+    description="Fine-tune a UMT video ViT for action recognition (mean pool, fc_norm, linear head).",
+    prog="python -m umt_fast.finetune",
+    preset_help=PRESET_HELP,
+    shorthands=(("--init", "model.init", "shorthand for --model.init PATH"),),
+)
+
+
 def get_preset(name: str) -> FinetuneConfig:
-    if name not in PRESETS:
-        close = difflib.get_close_matches(str(name), PRESETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"preset={name!r} is not allowed: must be one of {', '.join(map(repr, PRESETS))}{hint}")
-    return PRESETS[name]()
-
-
-# --------------------------------------------------------------------------------------------
-# Command line and files
-# --------------------------------------------------------------------------------------------
-
-
-def _section_docs(cls: type) -> dict[str, str]:
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):  # a subclass's docstrings override its parent's
-        if dataclasses.is_dataclass(klass):
-            docs.update(field_docs(klass))
-    return docs
+    return SCHEMA.get_preset(name)
 
 
 def all_field_names() -> list[str]:
-    return list(_TOP_LEVEL) + [f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    return SCHEMA.all_field_names()
 
 
 def apply_dict(cfg: FinetuneConfig, d: Any, where: str = "") -> None:
     """Apply a nested dict (the config.yaml layout) onto cfg, converting every value."""
-    if not isinstance(d, dict):
-        raise ValueError(f"a config{where} must be a mapping of sections, got {type(d).__name__}")
-    for key, value in d.items():
-        if key in _TOP_LEVEL:
-            _set_field(cfg, key, value)
-        elif key in SECTIONS:
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise ValueError(f"config key {key!r}{where} must be a mapping of fields, got {value!r}")
-            known = {f.name for f in dataclasses.fields(SECTIONS[key])}
-            for name, field_value in value.items():
-                if name not in known:
-                    _unknown_key(f"{key}.{name}", where)
-                _set_field(cfg, f"{key}.{name}", field_value)
-        else:
-            _unknown_key(str(key), where)
-
-
-def _unknown_key(key: str, where: str) -> typing.NoReturn:
-    close = difflib.get_close_matches(key, all_field_names(), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(all_field_names())}"
-    raise ValueError(f"unknown config key {key!r}{where}{hint}")
+    SCHEMA.apply_dict(cfg, d, where)
 
 
 def config_from_dict(d: dict[str, Any], check: bool = True) -> FinetuneConfig:
-    cfg = FinetuneConfig()
-    apply_dict(cfg, d)
-    if check:
-        validate(cfg)
-    return cfg
-
-
-class _FinetuneArgumentParser(_ArgumentParser):
-    def _unknown_message(self, extras: list[str]) -> str:
-        options = [s for a in self._actions for s in a.option_strings]
-        msgs = []
-        for arg in extras:
-            if arg.startswith("--"):
-                opt = arg.split("=", 1)[0]
-                close = difflib.get_close_matches(opt, options, n=3, cutoff=0.6)
-                msgs.append(f"unrecognized option {opt}" + (f"; did you mean {' or '.join(close)}?" if close else "; see --help"))
-        return "\n".join(msgs) or f"unrecognized arguments: {' '.join(extras)}"
+    return SCHEMA.from_dict(d, check)
 
 
 def make_arg_parser(prog: str = "python -m umt_fast.finetune") -> argparse.ArgumentParser:
-    presets = "\n".join(f"  {name:<14} {PRESET_HELP[name]}" for name in PRESETS)
-    parser = _FinetuneArgumentParser(
-        prog=prog,
-        description="Fine-tune a UMT video ViT for action recognition (mean pool, fc_norm, linear head).",
-        epilog=f"presets:\n{presets}\n\nValues are applied in this order: the preset, then --config FILE, then "
-        "--section.field options.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-        argument_default=argparse.SUPPRESS,
-    )
-    top = field_docs(FinetuneConfig)
-    parser.add_argument("--preset", metavar="NAME", help=f"starting values: one of {', '.join(PRESETS)} (default: 'demo')")
-    parser.add_argument("--run-dir", dest="run_dir", metavar="DIR", help=_esc(top.get("run_dir", "")))
-    parser.add_argument("--resume", metavar="{auto,none,PATH}", help=_esc(top.get("resume", "")) + " (default: 'auto')")
-    parser.add_argument("--init", dest="model.init", metavar="PATH", help="shorthand for --model.init PATH")
-    parser.add_argument("--config", metavar="FILE", help="YAML (or .json) file with nested sections, e.g. a run's config.yaml")
-    for sec, cls in SECTIONS.items():
-        group = parser.add_argument_group(sec, _esc(cls.__doc__ or ""))
-        docs, types = _section_docs(cls), _field_types(cls)
-        for f in dataclasses.fields(cls):
-            dotted = f"{sec}.{f.name}"
-            typ = types[f.name]
-            metavar = ("{" + ",".join(map(str, CHOICES[dotted])) + "}") if dotted in CHOICES else (
-                "B1,B2" if typ == tuple[float, float] else {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[typ])
-            group.add_argument(f"--{dotted}", dest=dotted, metavar=metavar,
-                               help=_esc(f"{docs.get(f.name, '')} (default: {_show(f.default)})"))  # fmt: skip
-    return parser
+    return SCHEMA.make_arg_parser(prog)
 
 
 def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.finetune") -> FinetuneConfig:
     """argv -> a validated FinetuneConfig: preset < --config FILE < --section.field options."""
-    parser = make_arg_parser(prog)
-    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    file_dict: dict[str, Any] = {}
-    where = ""
-    if "config" in args:
-        path = args.pop("config")
-        file_dict, where = load_config_dict(path), f" in config file {str(path)!r}"
-    preset = args.pop("preset", None) or file_dict.get("preset") or "demo"
-    cfg = get_preset(preset)
-    apply_dict(cfg, {k: v for k, v in file_dict.items() if k != "preset"}, where)
-    cfg.preset = preset
-    for dotted, raw in args.items():
-        _set_field(cfg, dotted, raw)
-    validate(cfg)
-    return cfg
+    return SCHEMA.build(argv, prog)
 
 
 __all__ = [
