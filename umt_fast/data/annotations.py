@@ -1,14 +1,20 @@
-"""Annotation lists: one video per line, as the reference writes them.
+"""Annotation lists, in the reference's two formats.
 
-Accepted line forms (a path may itself contain spaces and commas):
+Text lists (stage 1 and fine-tuning): one video per line; a path may itself contain spaces
+and commas:
     path,label        the reference's CSV form
     path label        the space-separated form
     path              no label
 The label is split off from the right, once. A `path,label` header is allowed as the
 first entry; blank lines and lines starting with '#' are skipped.
+
+JSON lists (stage 2, a file ending in .json): a list of objects
+    {"video": path, "caption": "a caption" | ["caption", ...]}
+    {"image": path, "caption": ...}
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -21,10 +27,19 @@ _HEADERS = ("path,label", "pathlabel")
 
 @dataclass(frozen=True)
 class VideoRecord:
-    """One video of an annotation list. `label` is None when the line has none."""
+    """One entry of an annotation list.
+
+    Attributes:
+        path: the video (or image) file, joined to the list's root when relative.
+        label: the class label; None when the entry has none (always for JSON lists).
+        captions: the entry's captions (JSON lists), else empty.
+        media: "video", or "image" for a JSON entry given by "image".
+    """
 
     path: str
     label: int | None
+    captions: tuple[str, ...] = ()
+    media: str = "video"
 
 
 def _split_line(line: str) -> tuple[str, int | None]:
@@ -38,8 +53,50 @@ def _split_line(line: str) -> tuple[str, int | None]:
     return line, None
 
 
+def _join(root: str, path: str) -> str:
+    return os.path.join(root, path) if root and not os.path.isabs(path) else path
+
+
+def _read_json_list(list_path: str, text: str, root: str) -> list[VideoRecord]:
+    """The records of a stage-2 JSON list; errors name the entry's 0-based index."""
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{list_path}: not valid JSON ({e})") from e
+    if not isinstance(entries, list):
+        raise ValueError(f"{list_path}: a JSON annotation list must be a list of objects, got {type(entries).__name__}")
+    records = []
+    for i, entry in enumerate(entries):
+        where = f"{list_path}: entry {i}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object with \"video\" or \"image\" and \"caption\", got {entry!r:.80}")
+        media = [key for key in ("video", "image") if key in entry]
+        if len(media) != 1:
+            raise ValueError(f"{where}: needs exactly one of \"video\" or \"image\", has keys {sorted(entry)}")
+        path = entry[media[0]]
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"{where}: \"{media[0]}\" must be a non-empty path string, got {path!r:.80}")
+        if "caption" not in entry:
+            raise ValueError(f"{where}: missing \"caption\"")
+        caption = entry["caption"]
+        captions = (caption,) if isinstance(caption, str) else caption
+        if (
+            not isinstance(captions, (list, tuple))
+            or not captions
+            or not all(isinstance(c, str) and c.strip() for c in captions)
+        ):
+            raise ValueError(
+                f"{where}: \"caption\" must be a non-empty string or a non-empty list of them, got {caption!r:.80}"
+            )
+        records.append(VideoRecord(_join(root, path.strip()), None, tuple(captions), media[0]))
+    return records
+
+
 def read_annotation_list(list_path: str, root: str = "") -> list[VideoRecord]:
     """Read an annotation list into records, in file order.
+
+    A file whose name ends in .json is read as a stage-2 JSON list, anything else as a
+    text list (see the module docstring).
 
     Args:
         list_path: the list file (UTF-8; a byte-order mark is tolerated).
@@ -47,16 +104,23 @@ def read_annotation_list(list_path: str, root: str = "") -> list[VideoRecord]:
 
     Raises:
         FileNotFoundError: `list_path` does not exist.
-        ValueError: a malformed line (named by file and 1-based line number), a file
-            that is not UTF-8 text, or a list without any entry.
+        ValueError: a malformed line (named by file and 1-based line number) or JSON entry
+            (named by file and 0-based entry index), a file that is not UTF-8 text, or a
+            list without any entry.
     """
     if not os.path.isfile(list_path):
         raise FileNotFoundError(f"annotation list not found: {list_path!r}")
     try:
         with open(list_path, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
+            text = f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{list_path}: annotation list is not UTF-8 text ({e})") from e
+    if list_path.lower().endswith(".json"):
+        records = _read_json_list(list_path, text, root)
+        if not records:
+            raise ValueError(f"{list_path}: annotation list has no entries")
+        return records
+    lines = text.splitlines()
 
     records = []
     seen_entry = False
@@ -71,9 +135,7 @@ def read_annotation_list(list_path: str, root: str = "") -> list[VideoRecord]:
         path, label = _split_line(line)
         if not path:
             raise ValueError(f"{list_path}:{line_no}: empty video path in line {raw!r}")
-        if root and not os.path.isabs(path):
-            path = os.path.join(root, path)
-        records.append(VideoRecord(path=path, label=label))
+        records.append(VideoRecord(path=_join(root, path), label=label))
 
     if not records:
         raise ValueError(f"{list_path}: annotation list has no video entries")

@@ -4,7 +4,15 @@ Sample position p = 0, 1, 2, ... runs across epochs: it belongs to epoch p // n 
 perm_e[p % n] of that epoch's permutation. All of its augmentation randomness is seeded by
 (seed, p, attempt), so a clip does not depend on the worker count or on the order in which
 workers run, and resuming at position s * B replays exactly what an uninterrupted run reads.
-Undecodable videos are skipped and replaced by a deterministic substitute; `BadSampleBudget`
+
+What a sample reads is decided before anything is decoded, by `PretrainClipDataset.sample_plan`:
+the record, the TSN frame indices, the multi-scale crop box and the flip (a `ClipPlan`). Both
+decoders follow the plan: the PyAV path here (`__getitem__`, in loader worker processes) and
+the DALI path (umt_fast.data.dali), so the two read the same frames with the same crop.
+
+Undecodable videos (missing, empty, truncated, not a video, an unsupported codec, fewer frames
+than a clip needs) are skipped and replaced by a deterministic substitute: attempt k of position
+p reads record (perm_e[p % n] + k) % n. `BadSampleBudget` warns once per skipped video and
 stops a run whose data is mostly unreadable.
 """
 from __future__ import annotations
@@ -13,20 +21,23 @@ import itertools
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .annotations import VideoRecord
-from .decoding import VideoDecodeError, count_frames, decode_frames
+from .decoding import VideoDecodeError, VideoInfo, decode_frames, probe_video
 from .transforms import crop_resize_flip, multiscale_crop_box, tsn_frame_indices
 
 __all__ = [
     "BadSampleBudget",
+    "ClipPlan",
     "PositionSampler",
     "PretrainClipDataset",
+    "SkippedVideo",
     "build_pretrain_loader",
     "collate_clips",
 ]
@@ -36,12 +47,47 @@ logger = logging.getLogger(__name__)
 _NUM_EXAMPLES = 5
 
 
+@dataclass(frozen=True)
+class SkippedVideo:
+    """A video passed over for a sample, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """Everything that sample `position` reads, decided before decoding.
+
+    Attributes:
+        position: the global sample position.
+        attempt: 0 for the epoch's own record, k for its k-th substitute.
+        record_index: index into the dataset's records of the video read.
+        path: that video.
+        frame_indices: `num_frames` sorted TSN frame indices (0-based, may repeat).
+        crop_box: (x0, y0, crop_w, crop_h) in pixels of the full frame, from `multiscale_crop_box`.
+        flip: mirror horizontally after the crop and resize.
+        skipped: the videos tried and passed over before this one, in order.
+        video: the probe of the video (frame count, size, codec, and its bytes when asked).
+    """
+
+    position: int
+    attempt: int
+    record_index: int
+    path: str
+    frame_indices: tuple[int, ...]
+    crop_box: tuple[int, int, int, int]
+    flip: bool
+    skipped: tuple[SkippedVideo, ...] = ()
+    video: VideoInfo | None = field(default=None, repr=False, compare=False)
+
+
 class PretrainClipDataset(Dataset):
     """Augmented pre-training clips, indexed by global sample position (not by record).
 
     Args:
-        records: the videos (labels are ignored).
-        num_frames: frames per clip (TSN segments).
+        records: the videos (labels and captions are ignored; image entries are refused).
+        num_frames: frames per clip (TSN segments); a video with fewer frames is skipped.
         img_size: output side length of the square crop.
         seed: base seed of the epoch permutations and the augmentation.
         flip: random horizontal flip (probability 0.5).
@@ -67,6 +113,12 @@ class PretrainClipDataset(Dataset):
             raise ValueError(f"img_size must be >= 1, got {img_size}")
         if max_substitutes < 0:
             raise ValueError(f"max_substitutes must be >= 0, got {max_substitutes}")
+        images = [r.path for r in records if r.media != "video"]
+        if images:
+            raise ValueError(
+                f"stage-1 pre-training reads videos only, but {len(images)} of {len(records)} entries of the "
+                f"list are images (first: {images[0]!r}); give a list of videos"
+            )
         self.records = list(records)
         self.num_frames = num_frames
         self.img_size = img_size
@@ -74,7 +126,6 @@ class PretrainClipDataset(Dataset):
         self.flip = flip
         self.max_substitutes = max_substitutes
         self._permutations: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._warned_paths: set[str] = set()
 
     def __len__(self) -> int:
         """Records per epoch; positions themselves are unbounded."""
@@ -90,86 +141,161 @@ class PretrainClipDataset(Dataset):
                 self._permutations.popitem(last=False)
         return perm
 
-    def record_index(self, position: int) -> int:
-        """Index into `records` of the video read at sample `position` (before substitution)."""
+    def record_index(self, position: int, attempt: int = 0) -> int:
+        """Index into `records` of the video read at sample `position` by `attempt`
+        (0 = the epoch's own record, k = its k-th substitute)."""
         if position < 0:
             raise ValueError(f"sample position must be >= 0, got {position}")
         epoch, offset = divmod(position, len(self.records))
-        return int(self._permutation(epoch)[offset])
+        return (int(self._permutation(epoch)[offset]) + attempt) % len(self.records)
 
-    def load_clip(self, path: str, rng: random.Random) -> torch.Tensor:
-        """Decode and augment one clip of `path`: uint8 [num_frames, img_size, img_size, 3].
+    def plan_clip(self, position: int, attempt: int, video: VideoInfo) -> ClipPlan:
+        """The plan of `attempt` at `position` for the probed `video`; no I/O.
 
-        Draws from `rng` in the reference's order: TSN frames, crop size and offset, flip.
-        """
-        num_video_frames = count_frames(path)
-        indices = tsn_frame_indices(num_video_frames, self.num_frames, rng)
-        try:
-            frames_THWC = decode_frames(path, indices)
-        except VideoDecodeError as e:
-            # The metadata overstated the frame count: sample again from the true one.
-            true_count = e.num_decodable_frames
-            if not true_count or true_count >= num_video_frames:
-                raise
-            indices = tsn_frame_indices(true_count, self.num_frames, rng)
-            frames_THWC = decode_frames(path, indices)
-        _, height, width, _ = frames_THWC.shape
-        box = multiscale_crop_box(width, height, self.img_size, rng)
-        flip = self.flip and rng.random() < 0.5
-        return crop_resize_flip(frames_THWC, box, self.img_size, flip)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        """The clip at sample `position`.
-
-        Returns:
-            {"video": uint8 [num_frames, img_size, img_size, 3], "position": position,
-             "skipped": paths of undecodable videos passed over for this sample}
+        Draws from random.Random(f"{seed}:{position}:{attempt}") in the reference's order:
+        TSN frames, crop size and offset, flip.
 
         Raises:
-            RuntimeError: the record and all `max_substitutes` substitutes are undecodable.
+            VideoDecodeError: the video has fewer than `num_frames` frames.
         """
-        n = len(self.records)
-        index = self.record_index(position)
-        skipped: list[str] = []
-        failures: list[VideoDecodeError] = []
-        for attempt in range(self.max_substitutes + 1):
-            path = self.records[(index + attempt) % n].path
-            rng = random.Random(f"{self.seed}:{position}:{attempt}")
+        if video.num_frames < self.num_frames:
+            raise VideoDecodeError(video.path, f"has {video.num_frames} frames, needs {self.num_frames}")
+        rng = random.Random(f"{self.seed}:{position}:{attempt}")
+        indices = tsn_frame_indices(video.num_frames, self.num_frames, rng)
+        box = multiscale_crop_box(video.width, video.height, self.img_size, rng)
+        flip = self.flip and rng.random() < 0.5
+        return ClipPlan(
+            position, attempt, self.record_index(position, attempt), video.path, tuple(indices), box, flip,
+            video=video,
+        )  # fmt: skip
+
+    def sample_plan(
+        self,
+        position: int,
+        first_attempt: int = 0,
+        skipped: Sequence[SkippedVideo] = (),
+        *,
+        keep_bytes: bool = False,
+        codecs: Collection[str] | None = None,
+    ) -> ClipPlan:
+        """What sample `position` reads: the first record from `first_attempt` on whose probe
+        succeeds, with its frame indices, crop box and flip.
+
+        Args:
+            position: the global sample position.
+            first_attempt: where to start (after a decode failure of attempt k, k + 1).
+            skipped: videos already passed over for this sample (kept in the plan, and
+                listed in the error when every substitute fails).
+            keep_bytes: keep each probed file's bytes in the plan (for DALI).
+            codecs: when given, a video whose codec is not in it is skipped ("h264" ...).
+
+        Returns:
+            a ClipPlan whose `skipped` holds `skipped` plus the videos passed over here.
+
+        Raises:
+            RuntimeError: the record and all `max_substitutes` substitutes are unreadable.
+        """
+        passed_over = list(skipped)
+        for attempt in range(first_attempt, self.max_substitutes + 1):
+            path = self.records[self.record_index(position, attempt)].path
             try:
-                video = self.load_clip(path, rng)
+                video = probe_video(path, keep_bytes=keep_bytes)
+                if codecs is not None and video.codec not in codecs:
+                    raise VideoDecodeError(
+                        path, f"unsupported codec {video.codec} (this decoder reads {', '.join(sorted(codecs))})"
+                    )
+                plan = self.plan_clip(position, attempt, video)
             except VideoDecodeError as e:
-                self._warn_once(e)
-                skipped.append(path)
-                failures.append(e)
+                logger.debug("sample %d passes over %s: %s", position, e.path, e.reason)
+                passed_over.append(SkippedVideo(e.path, e.reason))
                 continue
-            return {"video": video, "position": position, "skipped": skipped}
+            return replace(plan, skipped=tuple(passed_over))
+        raise self._exhausted(position, passed_over)
+
+    def _exhausted(self, position: int, skipped: Sequence[SkippedVideo]) -> RuntimeError:
         reasons: dict[str, str] = {}
-        for e in failures:
-            reasons.setdefault(e.path, e.reason)
+        for s in skipped:
+            reasons.setdefault(s.path, s.reason)
         examples = "\n".join(f"  {p}: {r}" for p, r in itertools.islice(reasons.items(), _NUM_EXAMPLES))
-        raise RuntimeError(
-            f"sample position {position}: {len(failures)} videos in a row could not be decoded "
+        return RuntimeError(
+            f"sample position {position}: {len(skipped)} videos in a row could not be decoded "
             f"(the record and {self.max_substitutes} substitutes); most of the data looks "
             f"unreadable. Examples:\n{examples}"
         )
 
-    def _warn_once(self, error: VideoDecodeError) -> None:
-        if error.path not in self._warned_paths:
-            self._warned_paths.add(error.path)
-            logger.warning("skipping undecodable video %s: %s", error.path, error.reason)
+    def load_clip(self, plan: ClipPlan) -> tuple[torch.Tensor, ClipPlan]:
+        """Decode and augment what `plan` says, with PyAV.
+
+        Returns:
+            (uint8 [num_frames, img_size, img_size, 3], the plan followed). The plan differs
+            from `plan` only when the video turns out to hold fewer decodable frames than its
+            packets promised: then it is made again from the true count.
+
+        Raises:
+            VideoDecodeError: the video cannot be decoded (or not enough of it).
+        """
+        keyframes = plan.video.keyframes if plan.video is not None else None
+        try:
+            frames_THWC = decode_frames(plan.path, plan.frame_indices, keyframes)
+        except VideoDecodeError as e:
+            true_count = e.num_decodable_frames
+            if plan.video is None or not true_count or true_count >= plan.video.num_frames:
+                raise
+            plan = replace(
+                self.plan_clip(plan.position, plan.attempt, replace(plan.video, num_frames=true_count)),
+                skipped=plan.skipped,
+            )
+            frames_THWC = decode_frames(plan.path, plan.frame_indices, keyframes)
+        return crop_resize_flip(frames_THWC, plan.crop_box, self.img_size, plan.flip), plan
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        """The clip at sample `position`, decoded with PyAV.
+
+        Returns:
+            {"video": uint8 [num_frames, img_size, img_size, 3], "position": position,
+             "record_index": the record read, "skipped": paths of the videos passed over for
+             this sample, "skip_reasons": why, one per skipped path}
+
+        Raises:
+            RuntimeError: the record and all `max_substitutes` substitutes are undecodable.
+        """
+        attempt, skipped = 0, ()
+        while True:
+            plan = self.sample_plan(position, attempt, skipped)
+            try:
+                video, plan = self.load_clip(plan)
+            except VideoDecodeError as e:
+                logger.debug("sample %d passes over %s: %s", position, e.path, e.reason)
+                attempt, skipped = plan.attempt + 1, (*plan.skipped, SkippedVideo(e.path, e.reason))
+                continue
+            return clip_sample(video, plan)
+
+
+def clip_sample(video_THWC: torch.Tensor, plan: ClipPlan) -> dict[str, Any]:
+    """One sample as the loaders hand it over: the clip plus what was read and skipped."""
+    return {
+        "video": video_THWC,
+        "position": plan.position,
+        "record_index": plan.record_index,
+        "skipped": [s.path for s in plan.skipped],
+        "skip_reasons": [s.reason for s in plan.skipped],
+    }
 
 
 def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch `PretrainClipDataset` samples.
 
     Returns:
-        {"video": uint8 [B, T, S, S, 3], "positions": int64 [B],
-         "skipped": list[str], the skipped paths of all samples}
+        {"video": uint8 [B, T, S, S, 3], "positions": int64 [B], "record_indices": int64 [B]
+         (the records read, after substitution), "skipped": list[str], the skipped paths of all
+         samples, "skip_reasons": list[str], one per skipped path}
     """
     return {
         "video": torch.stack([s["video"] for s in samples]),
         "positions": torch.tensor([s["position"] for s in samples], dtype=torch.long),
+        "record_indices": torch.tensor([s.get("record_index", -1) for s in samples], dtype=torch.long),
         "skipped": [path for s in samples for path in s["skipped"]],
+        "skip_reasons": [r for s in samples for r in s.get("skip_reasons", ["?"] * len(s["skipped"]))],
     }
 
 
@@ -177,7 +303,9 @@ class BadSampleBudget:
     """Stops training when too many videos turn out undecodable.
 
     Counts every video read (good clips plus skipped videos) and every skipped one; raises once
-    at least `min_samples` were seen and the skipped fraction exceeds `max_bad_fraction`.
+    at least `min_samples` were seen and the skipped fraction exceeds `max_bad_fraction`. Given
+    the reasons, it also logs one warning per skipped video (in the training process, so a
+    video is named once however many loader workers meet it).
     """
 
     def __init__(self, max_bad_fraction: float, min_samples: int = 32):
@@ -190,20 +318,30 @@ class BadSampleBudget:
         self.num_seen = 0
         self.num_skipped = 0
         self.examples: list[str] = []
+        self._warned_paths: set[str] = set()
 
-    def update(self, num_good: int, skipped_paths: list[str]) -> None:
+    def update(self, num_good: int, skipped_paths: list[str], reasons: list[str] | None = None) -> None:
         """Record one batch: `num_good` clips delivered, `skipped_paths` passed over.
+
+        Args:
+            reasons: why each of `skipped_paths` was skipped; when given, the first skip of
+                each path is logged as a warning and the examples carry the reason.
 
         Raises:
             RuntimeError: the skipped fraction is over budget.
         """
         self.num_seen += num_good + len(skipped_paths)
         self.num_skipped += len(skipped_paths)
-        for path in skipped_paths:
+        if reasons is not None:
+            for path, reason in zip(skipped_paths, reasons):
+                if path not in self._warned_paths:
+                    self._warned_paths.add(path)
+                    logger.warning("skipping undecodable video %s: %s", path, reason)
+        for i, path in enumerate(skipped_paths):
             if len(self.examples) >= _NUM_EXAMPLES:
                 break
-            if path not in self.examples:
-                self.examples.append(path)
+            if not any(e == path or e.startswith(f"{path}: ") for e in self.examples):
+                self.examples.append(f"{path}: {reasons[i]}" if reasons is not None else path)
         if self.num_seen < self.min_samples:
             return
         fraction = self.num_skipped / self.num_seen

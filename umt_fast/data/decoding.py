@@ -2,24 +2,30 @@
 
 A frame's index comes from its timestamp, not from how many frames were decoded before it:
     index = round((frame.pts - stream.start_time) * stream.time_base * stream.average_rate)
-so that decoding can start at a keyframe in the middle of the video and still be exact.
+so that decoding can start at a keyframe in the middle of the video and still be exact. Only
+what is needed is decoded: for each run of wanted frames, from the keyframe before it (a seek)
+to the last frame of the run; the frames between runs are never decoded.
 Every failure surfaces as a `VideoDecodeError` naming the file and the reason, so a data
 loader can skip the video instead of crashing.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
+import io
 import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 
-__all__ = ["VideoDecodeError", "count_frames", "decode_frames"]
+__all__ = ["VideoDecodeError", "VideoInfo", "count_frames", "decode_frames", "probe_video"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,20 +55,28 @@ class VideoDecodeError(Exception):
 
 
 @contextlib.contextmanager
-def _open_video(path: str) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
-    """Open `path` and its first video stream for single-threaded decoding.
+def _open_video(
+    path: str, data: bytes | None = None
+) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
+    """Open `path` (or its bytes `data`, already read) and its first video stream for
+    single-threaded decoding.
 
     PyAV errors raised while the context is open are re-raised as VideoDecodeError.
     """
-    if not os.path.isfile(path):
-        raise VideoDecodeError(path, "file not found")
-    if os.path.getsize(path) == 0:
+    if data is None:
+        if not os.path.isfile(path):
+            raise VideoDecodeError(path, "file not found")
+        if os.path.getsize(path) == 0:
+            raise VideoDecodeError(path, "empty file (0 bytes)")
+    elif not data:
         raise VideoDecodeError(path, "empty file (0 bytes)")
     try:
-        with av.open(path, metadata_errors="ignore") as container:
+        with av.open(path if data is None else io.BytesIO(data), metadata_errors="ignore") as container:
             if not container.streams.video:
                 raise VideoDecodeError(path, "no video stream")
             stream = container.streams.video[0]
+            if stream.codec_context is None:
+                raise VideoDecodeError(path, "unsupported video codec (FFmpeg has no decoder for it)")
             # One decoder thread: loader workers already parallelise over videos.
             stream.codec_context.thread_count = 1
             yield container, stream
@@ -74,7 +88,7 @@ def _describe(e: Exception, path: str) -> str:
     """`e` in words, without repeating `path` (av's errors append the file name)."""
     strerror, filename = getattr(e, "strerror", None), getattr(e, "filename", None)
     if strerror:
-        where = f" in {filename}" if filename and filename != path else ""
+        where = f" in {filename}" if filename and filename not in (path, "<none>") else ""
         return f"{type(e).__name__}: {strerror}{where}"
     return f"{type(e).__name__}: {e}"
 
@@ -115,12 +129,109 @@ def count_frames(path: str) -> int:
     return num_frames
 
 
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a probe learns about a video without decoding a frame.
+
+    Attributes:
+        path: the video file.
+        num_frames: video packets in the file, counted by demuxing (not read from the
+            container's metadata, which a truncated file overstates).
+        width, height: frame size in pixels.
+        codec: FFmpeg's name of the video codec ("h264", "hevc", "vp9", "av1", "mjpeg", ...).
+        keyframes: the frame indices of the keyframes, sorted (for `decode_frames`).
+        data: the file's bytes when the probe was asked to keep them (for a decoder that
+            reads from memory), else None.
+    """
+
+    path: str
+    num_frames: int
+    width: int
+    height: int
+    codec: str
+    keyframes: tuple[int, ...] = field(default=(), repr=False, compare=False)
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+
+def probe_video(path: str, keep_bytes: bool = False) -> VideoInfo:
+    """Open `path`, check that its first video stream can be decoded, count its frames.
+
+    Reads packets only (no decoding): a few milliseconds for a 10 s clip.
+
+    Args:
+        path: the video file.
+        keep_bytes: read the whole file into memory first, probe from there and return the
+            bytes in `VideoInfo.data`.
+
+    Raises:
+        VideoDecodeError: missing or empty file, not a media file, no video stream, a codec
+            FFmpeg cannot decode, unknown frame size, no frames, or a file that ends or breaks
+            in the middle of its packets (truncated).
+    """
+    data = None
+    if keep_bytes:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError as e:
+            raise VideoDecodeError(path, "file not found") from e
+        except OSError as e:
+            raise VideoDecodeError(path, _describe(e, path)) from e
+    with _open_video(path, data) as (container, stream):
+        width, height = stream.codec_context.width, stream.codec_context.height
+        codec = stream.codec_context.codec.canonical_name
+        num_frames, keyframes = _scan_packets(container, stream, path)
+    if num_frames < 1:
+        raise VideoDecodeError(path, "video stream has no frames")
+    if width < 1 or height < 1:
+        raise VideoDecodeError(path, f"unknown frame size {width}x{height}")
+    return VideoInfo(path, num_frames, width, height, codec, keyframes, data)
+
+
+def _pts_to_index(stream: av.video.stream.VideoStream, path: str):
+    """pts -> frame index: round((pts - start_time) * time_base * frame rate)."""
+    frames_per_tick = stream.time_base * _frame_rate(stream, path)
+    start = stream.start_time or 0
+    return lambda pts: round((pts - start) * frames_per_tick)
+
+
+def _scan_packets(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: str
+) -> tuple[int, tuple[int, ...]]:
+    """Demux every packet of `stream`: (number of non-empty packets, sorted keyframe indices)."""
+    index_of = _pts_to_index(stream, path)
+    num_frames, keyframes = 0, set()
+    try:
+        for packet in container.demux(stream):
+            if packet.size > 0:
+                num_frames += 1
+                if packet.is_keyframe and packet.pts is not None:
+                    keyframes.add(index_of(packet.pts))
+    except _AV_ERRORS as e:
+        raise VideoDecodeError(path, f"truncated or corrupt after {num_frames} frames ({_describe(e, path)})") from e
+    return num_frames, tuple(sorted(keyframes))
+
+
+def _seek_runs(wanted: list[int], keyframes: Sequence[int]) -> list[list[int]]:
+    """Split the sorted `wanted` into runs, each decoded after one seek: a new run starts at a
+    wanted frame when a keyframe lies after the previous wanted frame and at or before it (so
+    the frames in between need not be decoded)."""
+    runs = [[wanted[0]]]
+    for prev, index in zip(wanted, wanted[1:]):
+        if bisect.bisect_right(keyframes, index) > bisect.bisect_right(keyframes, prev):
+            runs.append([index])
+        else:
+            runs[-1].append(index)
+    return runs
+
+
 def _decode_wanted(
     container: av.container.InputContainer,
     stream: av.video.stream.VideoStream,
     path: str,
     wanted: list[int],
     seek: bool,
+    reformatter: VideoReformatter,
 ) -> dict[int, np.ndarray] | None:
     """Decode the frames at the sorted, unique indices `wanted` into RGB arrays [H, W, 3].
 
@@ -132,14 +243,16 @@ def _decode_wanted(
     frames_per_tick = stream.time_base * _frame_rate(stream, path)
     start = stream.start_time or 0
     width, height = stream.codec_context.width, stream.codec_context.height
+    pts_to_index = _pts_to_index(stream, path)
 
     def index_of(frame: av.VideoFrame) -> int:
         if frame.pts is None:
             raise VideoDecodeError(path, "frame without a timestamp")
-        return round((frame.pts - start) * frames_per_tick)
+        return pts_to_index(frame.pts)
 
     def rgb(frame: av.VideoFrame) -> np.ndarray:
-        return frame.to_ndarray(format="rgb24", width=width, height=height)
+        # One reformatter for all frames: PyAV would set up a new swscale context per frame.
+        return reformatter.reformat(frame, format="rgb24", width=width, height=height).to_ndarray()
 
     if seek:
         # The largest pts whose frame index still rounds to <= wanted[0].
@@ -181,11 +294,16 @@ def _decode_wanted(
     )
 
 
-def decode_frames(path: str, frame_indices: Sequence[int]) -> torch.Tensor:
+def decode_frames(path: str, frame_indices: Sequence[int], keyframes: Sequence[int] | None = None) -> torch.Tensor:
     """Decode the frames at `frame_indices` (0-based) of the first video stream of `path`.
 
-    Decodes only what is needed: seeks to the keyframe at or before the first needed frame,
-    decodes forward and stops after the last one. Indices may repeat and come in any order.
+    Decodes only what is needed: the wanted frames are split into runs at keyframes; for each
+    run, seeks to the keyframe at or before its first frame and decodes forward to its last.
+    Indices may repeat and come in any order.
+
+    Args:
+        keyframes: the video's keyframe indices (`probe_video(path).keyframes`); found by
+            demuxing the file when None.
 
     Returns:
         uint8 [T, H, W, 3] RGB, T = len(frame_indices), in the order of `frame_indices`.
@@ -199,12 +317,22 @@ def decode_frames(path: str, frame_indices: Sequence[int]) -> torch.Tensor:
     if not indices or min(indices) < 0:
         raise ValueError(f"frame_indices must be non-empty and >= 0, got {indices}")
     wanted = sorted(set(indices))
+    reformatter = VideoReformatter()
 
+    frames: dict[int, np.ndarray] | None = {}
     with _open_video(path) as (container, stream):
-        frames = _decode_wanted(container, stream, path, wanted, seek=wanted[0] > 0)
+        if keyframes is None:
+            _, keyframes = _scan_packets(container, stream, path)
+        for run in _seek_runs(wanted, sorted(keyframes)):
+            # Always seek: the scan or the previous run left the demuxer further on.
+            got = _decode_wanted(container, stream, path, run, seek=True, reformatter=reformatter)
+            if got is None:
+                frames = None
+                break
+            frames.update(got)
     if frames is None:
-        logger.debug("seek in %s did not reach frame %d; decoding from the start", path, wanted[0])
+        logger.debug("a seek in %s did not land before the frame wanted; decoding from the start", path)
         with _open_video(path) as (container, stream):
-            frames = _decode_wanted(container, stream, path, wanted, seek=False)
+            frames = _decode_wanted(container, stream, path, wanted, seek=False, reformatter=reformatter)
     assert frames is not None and len(frames) == len(wanted)
     return torch.from_numpy(np.stack([frames[i] for i in indices]))

@@ -27,7 +27,7 @@ from umt_fast.config import (
 from umt_fast.data import (
     BadSampleBudget,
     PretrainClipDataset,
-    build_pretrain_loader,
+    build_clip_loader,
     read_annotation_list,
     write_sample_clip_list,
 )
@@ -197,9 +197,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
     )
 
     dataset = PretrainClipDataset(records, cfg.data.num_frames, cfg.data.img_size, seed=cfg.train.seed, flip=cfg.data.flip)
-    loader = build_pretrain_loader(
-        dataset, plan.micro, start_position=start_step * G, num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda", global_batch_size=G, rank=info.rank, world_size=info.world_size,
+    loader = build_clip_loader(
+        cfg.data.decoder, dataset, plan.micro, start_position=start_step * G, num_workers=cfg.data.num_workers,
+        device=device, global_batch_size=G, rank=info.rank, world_size=info.world_size,
     )
     step_fn = PretrainStep(
         model, teacher, optimizer,
@@ -230,7 +230,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
             micro_batches = []
             for _ in range(plan.accumulation):
                 batch = next(batches)
-                budget.update(plan.micro, batch["skipped"])
+                budget.update(plan.micro, batch["skipped"], batch["skip_reasons"])
                 micro_batches.append(batch["video"])
             data_time += time.perf_counter() - fetch_start
 
