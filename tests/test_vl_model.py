@@ -68,6 +68,7 @@ def test_stage2_keys_round_trip_in_the_reference_naming(text_encoder, tmp_path):
     for key in ("vision_proj.weight", "text_proj.weight", "itm_head.weight", "temp"):
         assert key in ref
     assert not any(k.startswith(("student.", "text_encoder.fusion.", "pool_norm.")) for k in ref)
+    assert ref["temp"].shape == () and ref["temp"].item() == pytest.approx(0.07)  # the reference's scalar
     assert stage2_shapes(ref) == {"embed_dim": 32, "text_layers": 6, "fusion_layers": 2, "text_width": 384}
     # A reference file also carries the teacher (ignored) and wraps everything in "model".
     path = tmp_path / "stage2.pth"
@@ -88,11 +89,18 @@ def test_init_from_a_stage1_checkpoint_loads_the_student_and_its_heads(text_enco
     torch.manual_seed(3)
     stage1 = SparseVideoStudent(ARCH)
     path = tmp_path / "stage1.pth"
-    torch.save({"model": stage1.state_dict()}, path)
+    torch.save({"model": {"module." + k: v for k, v in stage1.state_dict().items()}}, path)  # as DDP saves
     model = _model(text_encoder, 4)
     assert "stage-1" in initialise(model, str(path))
     for k, v in stage1.state_dict().items():
         assert torch.equal(model.student.state_dict()[k], v)
+    # A truncated file is refused, not half-loaded; an unrelated one is named as such.
+    torch.save({k: v for k, v in stage1.state_dict().items() if "blocks.3." not in k}, path)
+    with pytest.raises(ValueError, match="missing"):
+        initialise(model, str(path))
+    torch.save({"fc.weight": torch.ones(2)}, path)
+    with pytest.raises(ValueError, match="neither a UMT stage-1 nor a stage-2"):
+        initialise(model, str(path))
 
 
 def test_forward_gives_four_finite_losses_and_gradients_everywhere(text_encoder, tokenizer):

@@ -17,12 +17,14 @@ TEMP_MIN, TEMP_MAX = 0.001, 0.5
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` [B, ...] of every rank along dim 0 (rank order), keeping the autograd
-    graph (torch.distributed.nn.functional.all_gather); ``x`` itself in a single process."""
+    graph: the backward sums every rank's gradient of its slice (a reduce-scatter), as
+    torch.distributed.nn.functional.all_gather does (deprecated in recent torch in favour of the
+    functional collective used here); ``x`` itself in a single process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +48,7 @@ def vtc_loss(
     Args:
         vision_feat_BE, text_feat_BE: L2-normalised embeddings of this rank's pairs.
         ids_B: int64 media ids; pairs with the same id (captions of one video) are all positives.
-        temp: 0-dim learnable temperature (clamped to [0.001, 0.5] here).
+        temp: the learnable temperature, 0-dim or [1] (clamped to [0.001, 0.5] here).
 
     Returns:
         0-dim: (loss_v2t + loss_t2v) / 2, each the cross-entropy against the uniform distribution

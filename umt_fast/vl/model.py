@@ -59,7 +59,9 @@ class VisionLanguageModel(nn.Module):
         self.vision_proj = nn.Linear(width, embed_dim)
         self.text_proj = nn.Linear(hidden, embed_dim)
         self.itm_head = nn.Linear(hidden, 2)
-        self.temp = nn.Parameter(torch.tensor(TEMP_INIT))
+        # [1], not 0-dim (FSDP2 cannot shard a scalar); the reference's 0-dim `temp` is reshaped on
+        # the way in and out.
+        self.temp = nn.Parameter(torch.full((1,), TEMP_INIT))
         for m in (self.vision_proj, self.text_proj, self.itm_head):
             nn.init.normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
@@ -169,6 +171,8 @@ def state_dict_to_reference(sd: dict[str, torch.Tensor], text_arch: TextArch) ->
                 break
         out[k] = v
     out.update({"text_encoder." + k: v for k, v in to_reference_keys(text, text_arch).items()})
+    if "temp" in out:
+        out["temp"] = out["temp"].reshape(())
     return out
 
 
@@ -187,8 +191,8 @@ def from_reference_state_dict(sd: dict[str, torch.Tensor], text_arch: TextArch) 
                 k = ours + k[len(ref):]
                 break
         out[k] = v
-    if "temp" in out and out["temp"].ndim == 1:
-        out["temp"] = out["temp"].reshape(())
+    if "temp" in out:
+        out["temp"] = out["temp"].reshape(1)
     out.update({"text_encoder." + k: v for k, v in from_reference_keys(text, text_arch).items()})
     return out
 

@@ -84,20 +84,23 @@ def initialise(model: VisionLanguageModel, path: str) -> str:
     """Load `path` into `model`, strictly. Stage-2 weights (the reference's naming or a stage-2 run
     checkpoint) load everything; stage-1 weights (the reference's or a stage-1 run) load the student.
     Returns what was loaded."""
-    from umt_fast.interop import load_state_dict_checked
+    from umt_fast.interop import load_state_dict_checked, strip_prefix, student_state_dict
 
     sd = read_init_state_dict(path)
-    sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
+    sd = strip_prefix({k.replace("_orig_mod.", ""): v for k, v in sd.items()}, "module.")
     if is_stage2_state_dict(sd):
         load_state_dict_checked(model, from_reference_state_dict(sd, model.text_encoder.arch), path)
         return "stage-2 model (reference naming)"
     if "student.encoder.patch_embed.proj.weight" in sd:
         load_state_dict_checked(model, sd, path)
         return "stage-2 model"
-    if "encoder.patch_embed.proj.weight" in sd:
-        load_state_dict_checked(model.student, sd, path)
-        return "stage-1 student (encoder + alignment heads)"
-    raise ValueError(f"model.init={path!r}: neither a UMT stage-1 nor a stage-2 checkpoint (first keys: {list(sd)[:4]})")
+    student = student_state_dict(sd, "init checkpoint")  # any stage-1 naming -> encoder.*, clip_decoder.*
+    if student.pop("encoder.pos_embed", None) is not None:
+        log.info("model.init: ignoring the file's pos_embed (the fixed sin-cos table is rebuilt)")
+    if "encoder.patch_embed.proj.weight" not in student:
+        raise ValueError(f"model.init={path!r}: neither a UMT stage-1 nor a stage-2 checkpoint (first keys: {list(sd)[:4]})")
+    load_state_dict_checked(model.student, student, path)
+    return "stage-1 student (encoder + alignment heads)"
 
 
 def wrap_model(model: nn.Module, strategy: str, info: DistInfo, param_dtype: torch.dtype | None) -> nn.Module:
