@@ -88,6 +88,30 @@ def wrap_student(student: nn.Module, strategy: str, info: DistInfo, param_dtype:
     return student
 
 
+def wrap_model(
+    model: nn.Module, blocks, strategy: str, info: DistInfo, param_dtype: torch.dtype | None
+) -> nn.Module:
+    """DDP or FSDP2 around any model; the module itself in a single process.
+
+    FSDP2 shards each module of ``blocks`` (the transformer blocks) and then the root, in place,
+    with a mixed-precision policy that computes in ``param_dtype`` (None: the parameters' own
+    dtype) and reduces gradients in fp32. Every rank must hold the same initial weights (FSDP2
+    does not broadcast them; DDP does).
+    """
+    if not info.distributed:
+        return model
+    if strategy == "ddp":
+        device_ids = [info.local_rank] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
 def set_gradient_sync(model: nn.Module, enabled: bool):
     """Context for one micro-batch: skip the gradient all-reduce except on the last one."""
     import contextlib
@@ -101,3 +125,35 @@ def set_gradient_sync(model: nn.Module, enabled: bool):
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
+    """[*S] (the same shape on every rank) -> [world_size, *S], rank r's tensor at row r
+    (``tensor[None]`` in a single process)."""
+    if not dist.is_initialized():
+        return tensor[None]
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def exchange_with(peer: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sends ``tensors`` to rank ``peer`` and returns that rank's tensors of the same shapes
+    (both ranks call it naming each other; a rank naming itself gets its own tensors back)."""
+    if not dist.is_initialized() or peer == dist.get_rank():
+        return tensors
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, peer) for r in received]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received

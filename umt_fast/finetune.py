@@ -11,15 +11,24 @@ The published recipes, from a reference checkpoint (nothing is downloaded):
         --data.train_list ssv2_train.csv --data.val_list ssv2_val.csv --data.root /data/ssv2 \\
         --run-dir runs/ft_b16_ssv2
 
-Resume a run that stopped (``auto`` is the default): rerun with the same ``--run-dir``.
+Several GPUs (``train.batch_size`` is the global batch; add --dist.strategy fsdp to shard the
+model):
+
+    torchrun --nproc_per_node 8 -m umt_fast.finetune --preset umt_b16_ssv2 --init ... \\
+        --data.train_list ssv2_train.csv --data.val_list ssv2_val.csv --run-dir runs/ft_b16_ssv2
+
+Resume a run that stopped (``auto`` is the default): rerun with the same ``--run-dir``, at any
+number of ranks.
 
 The model is the dense ViT over all tokens + mean pool + fc_norm + dropout + Linear head
 (`umt_fast.models.classifier.VideoViT`); AdamW with layer-wise lr decay, warm-up + cosine;
 soft-target cross-entropy with label smoothing, mixup / cutmix (timm's batch mode), random
 erasing and RandAugment; drop path and optional activation checkpointing. The run directory
 has the layout of pre-training (config.yaml, metrics.jsonl, log.txt, checkpoints/) plus
-eval.json, the last multi-view evaluation. Model and optimizer are built by `build_model` and
-`build_optimizer`, so a distributed wrapper can be applied between them.
+eval.json, the last multi-view evaluation. Under torchrun the model is wrapped (DDP, or FSDP2
+per block then the root) between `build_model` and `build_optimizer`; rank r trains on its
+slice of every global batch, and every random draw of a step is made for the global batch, so
+a step does not depend on the number of ranks.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from umt_fast import checkpoint as ckpt
 from umt_fast.config import SAMPLE_CLIPS, STUDENT_SIZES
@@ -44,7 +54,19 @@ from umt_fast.data import BadSampleBudget, read_annotation_list, write_sample_cl
 from umt_fast.data.annotations import VideoRecord
 from umt_fast.data.labelled import FinetuneClipDataset, build_finetune_loader, read_class_names
 from umt_fast.data.transforms import normalize_video
-from umt_fast.evaluate import accuracy_report, format_report, predict_videos
+from umt_fast.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_gather_stacked,
+    all_reduce_sum,
+    barrier,
+    destroy_distributed,
+    exchange_with,
+    init_distributed,
+    unwrap,
+    wrap_model,
+)
+from umt_fast.evaluate import Predictions, _ViewsDataset, accuracy_report, autocast_for, format_report, predict_videos
 from umt_fast.finetune_config import FinetuneConfig, build_config, check_paths, config_to_dict, save_config, scaled_lrs
 from umt_fast.models.classifier import VideoViT, VideoViTArch
 from umt_fast.train.logging import MetricsWriter, ProgressLine, setup_logging
@@ -118,11 +140,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def random_erasing_mask(
+def random_erasing_boxes(
     num_images: int, height: int, width: int, probability: float, rng: np.random.Generator
-) -> torch.Tensor | None:
+) -> list[tuple[int, int, int, int, int]]:
     """timm's RandomErasing boxes (area 2%..1/3, aspect 0.3..3.3, 10 tries), one decision per
-    image: bool [num_images, 1, H, W] (True = erase), or None when nothing is erased."""
+    image: [(image, top, left, h, w)] of the images that are erased."""
     boxes = []
     for i in range(num_images):
         if rng.random() >= probability:
@@ -135,6 +157,15 @@ def random_erasing_mask(
                 top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
                 boxes.append((i, top, left, h, w))
                 break
+    return boxes
+
+
+def random_erasing_mask(
+    num_images: int, height: int, width: int, probability: float, rng: np.random.Generator
+) -> torch.Tensor | None:
+    """`random_erasing_boxes` as bool [num_images, 1, H, W] (True = erase), or None when nothing
+    is erased."""
+    boxes = random_erasing_boxes(num_images, height, width, probability, rng)
     if not boxes:
         return None
     mask = torch.zeros(num_images, 1, height, width, dtype=torch.bool)
@@ -170,29 +201,74 @@ def draw_mix(height: int, width: int, mixup: float, cutmix: float, mix_prob: flo
     return MixParams(lam, (y0, y1, x0, x1))
 
 
-def soft_targets(labels_B: torch.Tensor, num_classes: int, smoothing: float, lam: float) -> torch.Tensor:
-    """[B] -> [B, K]: smoothed one-hot of each label mixed with that of the flipped batch."""
+def soft_targets(labels_B: torch.Tensor, num_classes: int, smoothing: float, lam: float,
+                 partner_labels_B: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """[B] -> [B, K]: smoothed one-hot of each label mixed with that of its mixing partner
+    (``partner_labels_B``; default: the flipped batch)."""
     off = smoothing / num_classes
     on = 1.0 - smoothing + off
-    own = torch.full((labels_B.shape[0], num_classes), off, device=labels_B.device).scatter_(1, labels_B[:, None], on)
+
+    def one_hot(labels: torch.Tensor) -> torch.Tensor:
+        return torch.full((labels.shape[0], num_classes), off, device=labels.device).scatter_(1, labels[:, None], on)
+
+    own = one_hot(labels_B)
     if lam == 1.0:
         return own
-    return own * lam + own.flip(0) * (1.0 - lam)
+    partner = own.flip(0) if partner_labels_B is None else one_hot(partner_labels_B)
+    return own * lam + partner * (1.0 - lam)
 
 
 class FinetuneStep:
     """Callable ``(video_uint8 [B, T, S, S, 3], labels [B], step) -> (loss, correct)``: both
     0-dim device tensors (no host sync). ``correct`` counts clips whose top-1 prediction is
-    their own, un-mixed label."""
+    their own, un-mixed label.
+
+    Under torchrun each rank passes its share of the global batch (rank r holds global clips
+    [r*B, (r+1)*B)), and every random draw is made for the global batch, so a step does the
+    same work at any world size: the erasing boxes are drawn for all clips from the step's
+    generator and each clip's noise comes from its global index; mixup / cutmix pair global
+    clip i with clip G-1-i (timm's batch mode over the global batch), whose rows live on rank
+    world_size-1-r and are exchanged with it.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, num_classes: int,
-                 device: torch.device):  # fmt: skip
+                 device: torch.device, rank: int = 0, world_size: int = 1):  # fmt: skip
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
         self.num_classes, self.device = num_classes, device
+        self.rank, self.world_size = rank, world_size
         self.use_bf16 = device.type == "cuda" and cfg.train.precision == "bf16"
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+
+    def _erase(self, video: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Random erasing per frame (as the reference) with normal noise: [B, C, T, H, W]."""
+        B, C, T, H, W = video.shape
+        first = self.rank * B * T  # this rank's first frame in the global batch
+        boxes = random_erasing_boxes(B * T * self.world_size, H, W, self.cfg.aug.random_erasing, rng)
+        if not boxes:
+            return video
+        noise_seed = int(rng.integers(2**62))
+        mask = torch.zeros(B, T, H, W, dtype=torch.bool)
+        for i, top, left, h, w in boxes:
+            if first <= i < first + B * T:
+                clip, t = divmod(i - first, T)
+                mask[clip, t, top:top + h, left:left + w] = True
+        erased = mask.flatten(1).any(1).tolist()
+        if not any(erased):
+            return video
+        noise = torch.empty_like(video)
+        generator = torch.Generator(self.device)
+        for clip in (c for c in range(B) if erased[c]):  # each clip's noise from its global index
+            generator.manual_seed(noise_seed + self.rank * B + clip)
+            noise[clip] = torch.randn(noise.shape[1:], generator=generator, device=self.device)
+        return torch.where(mask[:, None].to(self.device, non_blocking=True), noise, video)
+
+    def _partners(self, video: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixing partners of this rank's clips: rows of the flipped global batch."""
+        if self.world_size > 1:
+            video, labels = exchange_with(self.world_size - 1 - self.rank, [video, labels])
+        return video.flip(0), labels.flip(0)
 
     def __call__(self, video_BTHWC: torch.Tensor, labels_B: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         aug = self.cfg.aug
@@ -201,20 +277,18 @@ class FinetuneStep:
         labels = labels_B.to(self.device, non_blocking=True)
         B, C, T, H, W = video.shape
         if aug.random_erasing > 0:
-            mask = random_erasing_mask(B * T, H, W, aug.random_erasing, rng)  # per frame, as the reference
-            if mask is not None:
-                mask = mask.view(B, T, 1, H, W).transpose(1, 2).to(self.device, non_blocking=True)
-                generator = torch.Generator(self.device).manual_seed(int(rng.integers(2**62)))
-                noise = torch.randn(video.shape, generator=generator, device=self.device)
-                video = torch.where(mask, noise, video)
+            video = self._erase(video, rng)
         mix = draw_mix(H, W, aug.mixup, aug.cutmix, aug.mix_prob, aug.switch_prob, rng)
-        if mix.box is not None:
-            y0, y1, x0, x1 = mix.box
-            video = video.clone()
-            video[..., y0:y1, x0:x1] = video.flip(0)[..., y0:y1, x0:x1]
-        elif mix.lam < 1.0:
-            video = video * mix.lam + video.flip(0) * (1.0 - mix.lam)
-        targets = soft_targets(labels, self.num_classes, aug.label_smoothing, mix.lam)
+        partner_labels = None
+        if mix.box is not None or mix.lam < 1.0:
+            partner_video, partner_labels = self._partners(video, labels)
+            if mix.box is not None:
+                y0, y1, x0, x1 = mix.box
+                video = video.clone()
+                video[..., y0:y1, x0:x1] = partner_video[..., y0:y1, x0:x1]
+            else:
+                video = video * mix.lam + partner_video * (1.0 - mix.lam)
+        targets = soft_targets(labels, self.num_classes, aug.label_smoothing, mix.lam, partner_labels)
         with self._autocast():
             logits = self.model(video)
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -249,9 +323,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _records(list_value: str, root: str, run_dir: str) -> list[VideoRecord]:
-    if list_value == SAMPLE_CLIPS:
-        return read_annotation_list(write_sample_clip_list(os.path.join(run_dir, "sample_clips.csv")))
+    if list_value == SAMPLE_CLIPS:  # written by `_write_sample_list`
+        return read_annotation_list(os.path.join(run_dir, "sample_clips.csv"))
     return read_annotation_list(list_value, root=root)
+
+
+def _write_sample_list(cfg: FinetuneConfig, info: DistInfo) -> None:
+    """<run_dir>/sample_clips.csv when a list is 'sample_clips': written once, by rank 0."""
+    if SAMPLE_CLIPS in (cfg.data.train_list, cfg.data.val_list):
+        if info.is_main:
+            write_sample_clip_list(os.path.join(cfg.run_dir, "sample_clips.csv"))
+        barrier()
 
 
 def _num_classes(cfg: FinetuneConfig, records: list[VideoRecord]) -> int:
@@ -267,12 +349,87 @@ def _num_classes(cfg: FinetuneConfig, records: list[VideoRecord]) -> int:
     return cfg.model.num_classes
 
 
-def run_evaluation(model: VideoViT, cfg: FinetuneConfig, records: list[VideoRecord], device: torch.device,
-                   class_names: list[str] | None) -> tuple[dict, list]:  # fmt: skip
-    preds = predict_videos(
-        model, [r.path for r in records], num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops,
-        batch_size=cfg.eval.batch_size, device=device, precision=cfg.train.precision, num_workers=cfg.data.num_workers,
+def per_rank_batch(cfg: FinetuneConfig, world_size: int) -> int:
+    """train.batch_size (videos per optimizer step, over all ranks) / world_size."""
+    if cfg.train.batch_size % world_size:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by the number of ranks ({world_size}): it is "
+            f"the global batch of videos per optimizer step"
+        )
+    return cfg.train.batch_size // world_size
+
+
+@torch.no_grad()
+def predict_videos_sharded(
+    model: nn.Module, paths: list[str], info: DistInfo, *, num_clips: int, num_crops: int, batch_size: int,
+    device: torch.device, precision: str, num_workers: int,
+) -> Predictions:  # fmt: skip
+    """`predict_videos` over ranks: rank r scores paths[r::world_size], and every rank returns the
+    Predictions of all paths (scores gathered, input order).
+
+    The ranks run in lock-step, the same number of forward passes of the same shape each (FSDP2
+    all-gathers parameters in every forward): a rank with fewer videos, or with unreadable ones,
+    runs blank views whose scores are dropped.
+    """
+    arch = model.arch
+    if arch.num_classes == 0:
+        raise ValueError("evaluation needs a classifier (a model with a head); this model has none")
+    was_training = model.training
+    model.eval()
+    W, views_per_video = info.world_size, num_clips * num_crops
+    mine = list(range(info.rank, len(paths), W))
+    per_rank = -(-len(paths) // W)
+    videos_per_pass = max(1, batch_size // views_per_video)
+    loader = DataLoader(
+        _ViewsDataset([paths[i] for i in mine], arch.num_frames, arch.img_size, num_clips, num_crops),
+        batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
     )  # fmt: skip
+    items = iter(loader)
+    blank = torch.zeros(views_per_video, arch.num_frames, arch.img_size, arch.img_size, 3, dtype=torch.uint8)
+    probs = torch.zeros(per_rank, arch.num_classes, device=device)
+    readable = torch.zeros(per_rank, dtype=torch.bool)
+    failed: list[tuple[str, str]] = []
+    for start in range(0, per_rank, videos_per_pass):
+        chunk = []
+        for j in range(start, min(start + videos_per_pass, per_rank)):
+            views = None
+            if j < len(mine):
+                _, views, error = next(items)
+                if views is None:
+                    failed.append((paths[mine[j]], error))
+                    log.warning("skipping unreadable video %s: %s", paths[mine[j]], error)
+                else:
+                    readable[j] = True
+            chunk.append(blank if views is None else views)
+        views = torch.cat(chunk).to(device, non_blocking=True)
+        scores = []
+        for part in views.split(batch_size):
+            with autocast_for(device, precision):
+                logits = model(normalize_video(part))
+            scores.append(logits.float().softmax(-1))
+        probs[start:start + len(chunk)] = torch.cat(scores).view(len(chunk), views_per_video, -1).mean(1)
+    model.train(was_training)
+    all_probs = all_gather_stacked(probs).cpu()  # [W, per_rank, K]
+    all_readable = all_gather_stacked(readable.to(device, torch.int32)).cpu()  # NCCL: no bool
+    found = sorted((r + j * W, r, j) for r in range(W) for j in range(per_rank) if all_readable[r, j])
+    stacked = torch.stack([all_probs[r, j] for _, r, j in found]) if found else torch.empty(0, arch.num_classes)
+    all_failed = dict(f for part in all_gather_objects(failed) for f in part)
+    return Predictions([paths[i] for i, _, _ in found], stacked, views_per_video,
+                       [(p, all_failed[p]) for p in paths if p in all_failed])  # fmt: skip
+
+
+def run_evaluation(model: nn.Module, cfg: FinetuneConfig, records: list[VideoRecord], device: torch.device,
+                   class_names: list[str] | None, info: DistInfo = DistInfo()) -> tuple[dict, list]:  # fmt: skip
+    """Multi-view evaluation of ``records``; under torchrun sharded over the ranks (the report is
+    over all videos, on every rank)."""
+    paths = [r.path for r in records]
+    options = dict(num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops, batch_size=cfg.eval.batch_size,
+                   device=device, precision=cfg.train.precision, num_workers=cfg.data.num_workers)  # fmt: skip
+    model = unwrap(model)  # DDP: the module itself; FSDP2: the sharded model, run in lock-step
+    if info.distributed:
+        preds = predict_videos_sharded(model, paths, info, **options)
+    else:
+        preds = predict_videos(model, paths, **options)
     label_of = {r.path: r.label for r in records}
     labels = torch.tensor([label_of[p] for p in preds.paths], dtype=torch.long)
     report = accuracy_report(preds.probs, labels, class_names)
@@ -282,16 +439,27 @@ def run_evaluation(model: VideoViT, cfg: FinetuneConfig, records: list[VideoReco
 
 
 def train(cfg: FinetuneConfig) -> FinetuneResult:
-    """Runs (or resumes) fine-tuning as ``cfg`` says; returns where things are."""
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    """Runs (or resumes) fine-tuning as ``cfg`` says; returns where things are.
+
+    In one process, or under torchrun with DDP or FSDP2 (``dist.strategy``): each rank trains on
+    its share of every global batch, rank 0 alone writes the run directory's logs and metrics,
+    and every rank takes part in checkpoints and evaluation.
+    """
+    info = init_distributed(cfg.train.device)
+    b = per_rank_batch(cfg, info.world_size)
+    if info.is_main:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+    barrier()
     resume_path = ckpt.find_resume_checkpoint(cfg.run_dir, cfg.resume)
-    logger = setup_logging(cfg.run_dir)
-    save_config(cfg, cfg.run_dir)
-    device = resolve_device(cfg.train.device)
+    logger = setup_logging(cfg.run_dir if info.is_main else None)
+    if info.is_main:
+        save_config(cfg, cfg.run_dir)
+    device = info.device
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
 
+    _write_sample_list(cfg, info)
     train_records = _records(cfg.data.train_list, cfg.data.root, cfg.run_dir)
     val_records = _records(cfg.data.val_list, cfg.data.root, cfg.run_dir) if cfg.data.val_list else []
     num_classes = _num_classes(cfg, train_records)
@@ -310,25 +478,34 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
     if not cfg.model.init and cfg.preset != "demo":
         log.warning("no --model.init: fine-tuning starts from random weights, not from a pre-trained model")
     model = build_model(cfg, num_classes).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    low_precision = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
+    # DDP, or FSDP2 per block then the root (parameters kept in fp32; compute in bf16 on the GPU).
+    model = wrap_model(model, model.blocks, cfg.dist.strategy, info, low_precision)
     optimizer = build_optimizer(model, cfg)
     budget = BadSampleBudget(cfg.data.max_bad_fraction)
     start_step = 0
     if resume_path is not None:
         meta = ckpt.restore_checkpoint(resume_path, model, optimizer)
-        budget.load_state_dict(meta["bad_samples"])
-        if "rng" in meta:
-            ckpt.restore_rng_state(meta["rng"])
+        if info.is_main:  # the counts are global totals; the other ranks count from zero
+            budget.load_state_dict(meta["bad_samples"])
+            if "rng" in meta:
+                ckpt.restore_rng_state(meta["rng"])
         start_step = meta["step"]
         log.info("resumed from %s at step %d", resume_path, start_step)
+    if info.rank > 0:  # drop path: the ranks draw different masks (rank 0 keeps the stream it always had)
+        torch.manual_seed(cfg.train.seed + 1_000_003 * info.rank + 7919 * start_step)
 
-    metrics = MetricsWriter(os.path.join(cfg.run_dir, "metrics.jsonl"))
-    if resume_path is not None:
-        metrics.write({"event": "resume", "step": start_step, "checkpoint": resume_path})
+    metrics = None
+    if info.is_main:
+        metrics = MetricsWriter(os.path.join(cfg.run_dir, "metrics.jsonl"))
+        if resume_path is not None:
+            metrics.write({"event": "resume", "step": start_step, "checkpoint": resume_path})
     log.info(
         "preset %s | %s classifier, %d classes (%.1fM params) | %d train / %d val videos | %d videos x %d clips per "
-        "step, %d steps (%d per epoch) | device %s", cfg.preset, cfg.model.size, num_classes,
-        sum(p.numel() for p in model.parameters()) / 1e6, len(train_records), len(val_records), B,
-        cfg.data.repeated_aug, last_step, steps_per_epoch, device,
+        "step = %d ranks x %d videos, %d steps (%d per epoch) | device %s%s", cfg.preset, cfg.model.size, num_classes,
+        num_params / 1e6, len(train_records), len(val_records), B, cfg.data.repeated_aug, info.world_size, b,
+        last_step, steps_per_epoch, device, f", {cfg.dist.strategy}" if info.distributed else "",
     )  # fmt: skip
 
     dataset = FinetuneClipDataset(
@@ -336,26 +513,28 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
         min_scale=cfg.aug.min_scale, flip=cfg.aug.flip, rand_augment_ops=cfg.aug.rand_augment_ops,
         rand_augment_magnitude=cfg.aug.rand_augment_magnitude,
     )  # fmt: skip
-    loader = build_finetune_loader(dataset, B, start_position=start_step * B, num_workers=cfg.data.num_workers,
-                                   pin_memory=device.type == "cuda")  # fmt: skip
-    step_fn = FinetuneStep(model, optimizer, cfg, num_classes, device)
+    loader = build_finetune_loader(dataset, b, start_position=start_step * B, num_workers=cfg.data.num_workers,
+                                   pin_memory=device.type == "cuda", global_batch_size=B, rank=info.rank,
+                                   world_size=info.world_size)  # fmt: skip
+    step_fn = FinetuneStep(model, optimizer, cfg, num_classes, device, rank=info.rank, world_size=info.world_size)
 
-    progress = ProgressLine(last_step, logger)
+    progress = ProgressLine(last_step, logger) if info.is_main else None
     last_checkpoint, last_loss, train_top1, report = resume_path, None, None, None
     loss_sum = torch.zeros((), device=device)
-    correct_sum = torch.zeros((), device=device, dtype=torch.long)
+    correct_sum = torch.zeros((), device=device)
     window_steps, window_clips = 0, 0
     window_start = time.perf_counter()
-    clips_per_step = B * cfg.data.repeated_aug
+    clips_per_step = B * cfg.data.repeated_aug  # over all ranks
 
     def evaluate_now(done: int) -> dict:
         eval_start = time.perf_counter()
-        report, failed = run_evaluation(model, cfg, val_records, device, class_names)
-        metrics.write({"step": done, "eval/top1": report["top1"], "eval/top5": report["top5"],
-                       "eval/videos": report["num_videos"], "eval/views": report["views_per_video"],
-                       "time": time.time()})  # fmt: skip
-        with open(os.path.join(cfg.run_dir, "eval.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": done, **report}, f, indent=2)
+        report, failed = run_evaluation(model, cfg, val_records, device, class_names, info)
+        if info.is_main:
+            metrics.write({"step": done, "eval/top1": report["top1"], "eval/top5": report["top5"],
+                           "eval/videos": report["num_videos"], "eval/views": report["views_per_video"],
+                           "time": time.time()})  # fmt: skip
+            with open(os.path.join(cfg.run_dir, "eval.json"), "w", encoding="utf-8") as f:
+                json.dump({"step": done, **report}, f, indent=2)
         log.info("evaluation at step %d (%.1f s):\n%s", done, time.perf_counter() - eval_start, format_report(report, failed))
         return report
 
@@ -364,7 +543,7 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
     try:
         for step in range(start_step, last_step):
             batch = next(batches)
-            budget.update(B, batch["skipped"])
+            budget.update(b, batch["skipped"])
             lr = schedule(step)
             set_lr(optimizer, lr)
             loss, correct = step_fn(batch["video"], batch["label"], step)
@@ -376,18 +555,23 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
             is_last = done == last_step
             save_now = done % cfg.checkpoint.every_steps == 0 or is_last
             if done % cfg.log.every_steps == 0 or save_now:
-                last_loss = (loss_sum / window_steps).item()  # the host sync, once per logging window
-                train_top1 = 100.0 * correct_sum.item() / window_clips
+                # The only host sync: once per logging window, summed over ranks.
+                counts = torch.tensor([budget.num_skipped, budget.num_seen], device=device, dtype=torch.float32)
+                totals = all_reduce_sum(torch.cat([loss_sum.view(1), correct_sum.view(1), counts])).tolist()
+                last_loss = totals[0] / (window_steps * info.world_size)
+                train_top1 = 100.0 * totals[1] / window_clips
+                num_skipped, num_seen = int(totals[2]), int(totals[3])
                 if not np.isfinite(last_loss):
                     raise RuntimeError(
                         f"loss became {last_loss} between steps {done - window_steps + 1} and {done}; stopping. The last "
                         f"good checkpoint is {last_checkpoint or '(none yet)'}; lower --optim.lr or check the data."
                     )
                 elapsed = time.perf_counter() - window_start
-                metrics.write({"step": done, "loss": last_loss, "train/top1": train_top1, "lr": lr,
-                               "clips/s": window_clips / elapsed, "data/skipped": budget.num_skipped,
-                               "epoch": step // steps_per_epoch, "time": time.time()})  # fmt: skip
-                progress.update(done, last_loss, lr, window_clips / elapsed)
+                if info.is_main:
+                    metrics.write({"step": done, "loss": last_loss, "train/top1": train_top1, "lr": lr,
+                                   "clips/s": window_clips / elapsed, "data/skipped": num_skipped,
+                                   "epoch": step // steps_per_epoch, "time": time.time()})  # fmt: skip
+                    progress.update(done, last_loss, lr, window_clips / elapsed)
                 loss_sum.zero_()
                 correct_sum.zero_()
                 window_steps, window_clips = 0, 0
@@ -399,15 +583,18 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
                 window_start += time.perf_counter() - eval_start  # keep evaluation out of clips/s
             if save_now:
                 meta = {"kind": "classifier", "config": config_to_dict(cfg), "data_position": done * B,
-                        "bad_samples": budget.state_dict(), "num_classes": num_classes, "rng": ckpt.rng_state()}  # fmt: skip
+                        "bad_samples": {**budget.state_dict(), "num_skipped": num_skipped, "num_seen": num_seen},
+                        "num_classes": num_classes, "rng": ckpt.rng_state(), "world_size": info.world_size}  # fmt: skip
                 if class_names is not None:
                     meta["class_names"] = class_names
                 last_checkpoint = ckpt.save_checkpoint(cfg.run_dir, done, model, optimizer, meta,
-                                                       keep_last=cfg.checkpoint.keep_last)  # fmt: skip
+                                                       keep_last=cfg.checkpoint.keep_last, info=info)  # fmt: skip
                 log.info("saved checkpoint %s", last_checkpoint)
     finally:
-        progress.close()
-        metrics.close()
+        if progress is not None:
+            progress.close()
+        if metrics is not None:
+            metrics.close()
         del batches, loader
     return FinetuneResult(cfg.run_dir, last_checkpoint, last_step, last_loss, train_top1, report)
 
@@ -420,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(argv)
         if not cfg.run_dir:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError("--run-dir is required under torchrun (every rank must write to the same place)")
             cfg.run_dir = default_run_dir(cfg.preset)
         check_paths(cfg)
     except (ValueError, FileNotFoundError) as exc:
@@ -433,6 +622,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; resume with --resume auto --run-dir " + cfg.run_dir, file=sys.stderr)
         return 130
+    finally:
+        destroy_distributed()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"run directory: {os.path.abspath(result.run_dir)}")
     print(f"checkpoint:    {os.path.abspath(result.last_checkpoint) if result.last_checkpoint else '(none)'}")
     if result.last_loss is not None:

@@ -185,11 +185,18 @@ def _init_worker(worker_id: int) -> None:
 
 
 def build_finetune_loader(
-    dataset: FinetuneClipDataset, batch_size: int, start_position: int, num_workers: int, pin_memory: bool
+    dataset: FinetuneClipDataset, batch_size: int, start_position: int, num_workers: int, pin_memory: bool,
+    global_batch_size: int | None = None, rank: int = 0, world_size: int = 1,
 ) -> DataLoader:
-    """Endless loader: batch j holds the videos at positions [start + j*B, start + (j+1)*B)."""
+    """Endless loader: batch j holds the videos at positions [start + j*B, start + (j+1)*B).
+
+    With ``world_size`` ranks, ``batch_size`` is the per-rank batch b = global_batch_size /
+    world_size and rank r's batch j holds positions [start + j*G + r*b, start + j*G + (r+1)*b):
+    the videos of a global step do not depend on the number of ranks.
+    """
+    sampler = PositionSampler(start_position, global_batch_size, rank, world_size)
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=PositionSampler(start_position), drop_last=True,
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
         collate_fn=collate_labelled, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=num_workers > 0, worker_init_fn=_init_worker if num_workers > 0 else None,
     )  # fmt: skip
