@@ -1,7 +1,6 @@
 """VTC gathered over 2 gloo ranks (with gradients) equals the 1-rank computation on the whole batch."""
 import os
 import socket
-import sys
 
 import torch
 import torch.multiprocessing as mp

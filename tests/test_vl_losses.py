@@ -180,3 +180,17 @@ def test_random_resized_crop_box_stays_inside_and_in_scale():
         x, y, w, h = vl_data.random_resized_crop_box(320, 240, rng)
         assert 0 <= x and x + w <= 320 and 0 <= y and y + h <= 240
         assert 0.5 * 320 * 240 * 0.97 <= w * h <= 320 * 240
+
+
+def test_caption_lists_give_one_sample_per_caption_with_the_media_id(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text('[{"video": "a.mp4", "caption": ["one", "two"]}, {"image": "/abs/b.jpg", "caption": "three"},'
+                    ' {"video": "c.mp4", "caption": "four"}]')
+    entries = vl_data.read_caption_json(str(path), root="/data")
+    videos = vl_data.caption_records(entries, "video")
+    assert [(r.path, r.caption, r.media_id) for r in videos] == [
+        ("/data/a.mp4", "one", 0), ("/data/a.mp4", "two", 0), ("/data/c.mp4", "four", 2)]
+    assert [(r.path, r.media_id) for r in vl_data.caption_records(entries, "image")] == [("/abs/b.jpg", 1)]
+    path.write_text('[{"video": "a.mp4"}]')
+    with pytest.raises(ValueError, match="caption"):
+        vl_data.read_caption_json(str(path))

@@ -17,19 +17,16 @@ The published presets need ``--init`` (the stage-1 checkpoint), ``--teacher.weig
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from umt_fast.config import (
-    DEVICES,
-    MASK_POLICIES,
-    PRECISIONS,
     ATTENTION_BACKENDS,
+    DEVICES,
+    DIST_STRATEGIES,
+    MASK_POLICIES,
     RANDOM_TEACHER,
     STUDENT_SIZES,
     TEACHER_ARCHS,
@@ -39,18 +36,14 @@ from umt_fast.config import (
     OptimConfig,
     StudentConfig,
     TeacherConfig,
-    _ArgumentParser,
-    _check_types,
-    _esc,
-    _fail,
-    _field_types,
-    _require,
-    _require_choice,
-    _set_field,
-    _show,
+)
+from umt_fast.config_cli import (
+    ConfigSchema,
+    check_types,
     config_to_dict,
-    field_docs,
-    load_config_dict,
+    fail,
+    require,
+    require_choice,
     save_config,
 )
 
@@ -75,8 +68,8 @@ class ModelConfig:
     """Width of the VTC embedding space (vision_proj / text_proj outputs); >= 1."""
 
     def validate(self) -> None:
-        _check_types(self.SECTION, self)
-        _require(self.embed_dim >= 1, "model.embed_dim", self.embed_dim, "must be >= 1")
+        check_types(self.SECTION, self)
+        require(self.embed_dim >= 1, "model.embed_dim", self.embed_dim, "must be >= 1")
 
 
 @dataclass
@@ -98,10 +91,10 @@ class TextConfig:
     """MLM: probability that a (non-special) token is chosen (then 80% [MASK], 10% random, 10% kept)."""
 
     def validate(self) -> None:
-        _check_types(self.SECTION, self)
-        _require(self.fusion_layers >= 1, "text.fusion_layers", self.fusion_layers, "must be >= 1")
-        _require(self.max_len >= 4, "text.max_len", self.max_len, "must be >= 4")
-        _require(0.0 < self.mlm_prob < 1.0, "text.mlm_prob", self.mlm_prob, "must be in (0, 1)")
+        check_types(self.SECTION, self)
+        require(self.fusion_layers >= 1, "text.fusion_layers", self.fusion_layers, "must be >= 1")
+        require(self.max_len >= 4, "text.max_len", self.max_len, "must be >= 4")
+        require(0.0 < self.mlm_prob < 1.0, "text.mlm_prob", self.mlm_prob, "must be in (0, 1)")
 
 
 @dataclass
@@ -118,11 +111,11 @@ class VLMaskConfig:
     """Fraction of an image's tokens hidden from the student, in (0, 1)."""
 
     def validate(self) -> None:
-        _check_types(self.SECTION, self)
-        _require_choice("mask.policy", self.policy, MASK_POLICIES)
+        check_types(self.SECTION, self)
+        require_choice("mask.policy", self.policy, MASK_POLICIES)
         for name in ("video_ratio", "image_ratio"):
             v = getattr(self, name)
-            _require(0.0 < v < 1.0, f"mask.{name}", v, "must be in (0, 1)")
+            require(0.0 < v < 1.0, f"mask.{name}", v, "must be in (0, 1)")
 
 
 @dataclass
@@ -147,10 +140,10 @@ class VLDataConfig:
     """DataLoader workers per media type (0 = in the main process); >= 0."""
 
     def validate(self) -> None:
-        _check_types(self.SECTION, self)
-        _require(self.num_frames >= 1, "data.num_frames", self.num_frames, "must be >= 1")
-        _require(self.img_size > 0, "data.img_size", self.img_size, "must be > 0")
-        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        check_types(self.SECTION, self)
+        require(self.num_frames >= 1, "data.num_frames", self.num_frames, "must be >= 1")
+        require(self.img_size > 0, "data.img_size", self.img_size, "must be > 0")
+        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
 
 
 @dataclass
@@ -197,13 +190,13 @@ class VLTrainConfig:
     """Attention kernel of the teacher and student (see the stage-1 train.attention)."""
 
     def validate(self) -> None:
-        _check_types(self.SECTION, self)
-        _require(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2 (VTM needs negatives)")
-        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0 (0 = full schedule)")
-        _require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
-        _require_choice("train.device", self.device, DEVICES)
-        _require_choice("train.precision", self.precision, ("bf16", "fp32"))
-        _require_choice("train.attention", self.attention, ATTENTION_BACKENDS)
+        check_types(self.SECTION, self)
+        require(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2 (VTM needs negatives)")
+        require(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0 (0 = full schedule)")
+        require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
+        require_choice("train.device", self.device, DEVICES)
+        require_choice("train.precision", self.precision, ("bf16", "fp32"))
+        require_choice("train.attention", self.attention, ATTENTION_BACKENDS)
 
 
 @dataclass
@@ -222,9 +215,9 @@ class VLLogConfig:
     """W&B mode: online, offline or disabled; '' = the WANDB_MODE environment variable."""
 
     def validate(self) -> None:
-        _check_types(self.SECTION, self)
-        _require(self.every_steps >= 1, "log.every_steps", self.every_steps, "must be >= 1")
-        _require_choice("log.wandb_mode", self.wandb_mode, WANDB_MODES)
+        check_types(self.SECTION, self)
+        require(self.every_steps >= 1, "log.every_steps", self.every_steps, "must be >= 1")
+        require_choice("log.wandb_mode", self.wandb_mode, WANDB_MODES)
 
 
 SECTIONS: dict[str, type] = {
@@ -248,7 +241,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": DEVICES,
     "train.precision": ("bf16", "fp32"),
     "train.attention": ATTENTION_BACKENDS,
-    "dist.strategy": ("ddp", "fsdp"),
+    "dist.strategy": DIST_STRATEGIES,
     "log.wandb_mode": WANDB_MODES,
 }
 
@@ -280,29 +273,26 @@ class VLPretrainConfig:
     log: VLLogConfig = field(default_factory=VLLogConfig)
 
 
-_TOP_LEVEL = ("preset", "run_dir", "resume")
-
-
 def validate(cfg: VLPretrainConfig) -> None:
     """Every check; ValueError naming the first bad field. Does not look at the file system."""
-    _check_types("", cfg)
+    check_types("", cfg)
     if cfg.preset:
-        _require_choice("preset", cfg.preset, PRESETS)
-    _require(cfg.resume != "", "resume", cfg.resume, "must be 'auto', 'none' or a checkpoint directory")
+        require_choice("preset", cfg.preset, PRESETS)
+    require(cfg.resume != "", "resume", cfg.resume, "must be 'auto', 'none' or a checkpoint directory")
     for name, cls in SECTIONS.items():
         section = getattr(cfg, name)
-        _require(isinstance(section, cls), name, section, f"must be a {cls.__name__}")
+        require(isinstance(section, cls), name, section, f"must be a {cls.__name__}")
         section.validate()
     patch = cfg.student.patch_size
-    _require(cfg.data.img_size % patch == 0, "data.img_size", cfg.data.img_size, f"must be a multiple of student.patch_size={patch}")
+    require(cfg.data.img_size % patch == 0, "data.img_size", cfg.data.img_size, f"must be a multiple of student.patch_size={patch}")
     s_grid = cfg.data.img_size // patch
     t_patch = TEACHER_ARCHS[cfg.teacher.arch]["patch_size"]
     if cfg.teacher.input_resolution // t_patch != s_grid:
-        _fail("teacher.input_resolution", cfg.teacher.input_resolution,
+        fail("teacher.input_resolution", cfg.teacher.input_resolution,
               f"the teacher grid must equal the student grid ({s_grid}); use {s_grid * t_patch}")  # fmt: skip
     for name, ratio in (("mask.video_ratio", cfg.mask.video_ratio), ("mask.image_ratio", cfg.mask.image_ratio)):
         P = s_grid * s_grid
-        _require(P - int(P * ratio) >= 1, name, ratio, f"must leave a visible token of the {P} per frame")
+        require(P - int(P * ratio) >= 1, name, ratio, f"must leave a visible token of the {P} per frame")
     if cfg.teacher.weights == "":
         raise ValueError("teacher.weights is not set: pass --teacher.weights PATH (OpenAI CLIP visual weights) "
                          "or none (a random teacher: demos and tests only)")  # fmt: skip
@@ -384,129 +374,40 @@ PRESET_HELP = {
 }
 
 
+SCHEMA = ConfigSchema(
+    root=VLPretrainConfig,
+    sections=SECTIONS,
+    presets=PRESETS,
+    validate=validate,
+    choices=CHOICES,
+    description="UMT stage-2 pre-training: UTA + VTC + VTM + MLM on video-text and image-text pairs.",
+    prog="python -m umt_fast.pretrain_vl",
+    preset_help=PRESET_HELP,
+    shorthands=(("--init", "model.init", "shorthand for --model.init PATH"),),
+    default_preset="demo_vl",
+)
+"""The stage-2 command's config: presets, YAML and dicts, --section.field options, --help."""
+
+
 def get_preset(name: str) -> VLPretrainConfig:
-    if name not in PRESETS:
-        close = difflib.get_close_matches(str(name), PRESETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"preset={name!r} is not allowed: must be one of {', '.join(map(repr, PRESETS))}{hint}")
-    return PRESETS[name]()
-
-
-# --------------------------------------------------------------------------------------------
-# Files and command line (the converters and parser of umt_fast.config, over these sections)
-# --------------------------------------------------------------------------------------------
-
-
-def all_field_names() -> list[str]:
-    return list(_TOP_LEVEL) + [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)]
-
-
-def _unknown_key(key: str, where: str) -> typing.NoReturn:
-    close = difflib.get_close_matches(key, all_field_names(), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see --help"
-    raise ValueError(f"unknown config key {key!r}{where}{hint}")
-
-
-def apply_dict(cfg: VLPretrainConfig, d: Any, where: str = "") -> None:
-    """Apply a nested dict (the config.yaml layout) onto cfg, converting every value."""
-    if not isinstance(d, dict):
-        raise ValueError(f"a config{where} must be a mapping of sections, got {type(d).__name__}")
-    for key, value in d.items():
-        if key in _TOP_LEVEL:
-            _set_field(cfg, key, value)
-        elif key in SECTIONS:
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise ValueError(f"config key {key!r}{where} must be a mapping of fields, got {value!r}")
-            known = {f.name for f in dataclasses.fields(SECTIONS[key])}
-            for name, field_value in value.items():
-                if name not in known:
-                    _unknown_key(f"{key}.{name}", where)
-                _set_field(cfg, f"{key}.{name}", field_value)
-        else:
-            _unknown_key(str(key), where)
+    return SCHEMA.get_preset(name)
 
 
 def config_from_dict(d: dict[str, Any], check: bool = True) -> VLPretrainConfig:
-    cfg = VLPretrainConfig()
-    apply_dict(cfg, d)
-    if check:
-        validate(cfg)
-    return cfg
-
-
-def _section_docs(cls: type) -> dict[str, str]:
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):  # a subclass's docstrings override its parent's
-        if dataclasses.is_dataclass(klass):
-            docs.update(field_docs(klass))
-    return docs
-
-
-class _VLArgumentParser(_ArgumentParser):
-    def _unknown_message(self, extras: list[str]) -> str:
-        options = [s for a in self._actions for s in a.option_strings]
-        msgs = []
-        for arg in extras:
-            if arg.startswith("--"):
-                opt = arg.split("=", 1)[0]
-                close = difflib.get_close_matches(opt, options, n=3, cutoff=0.6)
-                msgs.append(f"unrecognized option {opt}" + (f"; did you mean {' or '.join(close)}?" if close else "; see --help"))
-        return "\n".join(msgs) or f"unrecognized arguments: {' '.join(extras)}"
+    return SCHEMA.from_dict(d, check)
 
 
 def make_arg_parser(prog: str = "python -m umt_fast.pretrain_vl") -> argparse.ArgumentParser:
-    presets = "\n".join(f"  {name:<14} {PRESET_HELP[name]}" for name in PRESETS)
-    parser = _VLArgumentParser(
-        prog=prog,
-        description="UMT stage-2 pre-training: UTA + VTC + VTM + MLM on video-text and image-text pairs.",
-        epilog=f"presets:\n{presets}\n\nValues are applied in this order: the preset, then --config FILE, then "
-        "--section.field options.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-        argument_default=argparse.SUPPRESS,
-    )
-    top = field_docs(VLPretrainConfig)
-    parser.add_argument("--preset", metavar="NAME", help=f"starting values: one of {', '.join(PRESETS)} (default: 'demo_vl')")
-    parser.add_argument("--run-dir", dest="run_dir", metavar="DIR", help=_esc(top.get("run_dir", "")))
-    parser.add_argument("--resume", metavar="{auto,none,PATH}", help=_esc(top.get("resume", "")) + " (default: 'auto')")
-    parser.add_argument("--init", dest="model.init", metavar="PATH", help="shorthand for --model.init PATH")
-    parser.add_argument("--config", metavar="FILE", help="YAML (or .json) file with nested sections, e.g. a run's config.yaml")
-    for sec, cls in SECTIONS.items():
-        group = parser.add_argument_group(sec, _esc(cls.__doc__ or ""))
-        docs, types = _section_docs(cls), _field_types(cls)
-        for f in dataclasses.fields(cls):
-            dotted = f"{sec}.{f.name}"
-            typ = types[f.name]
-            metavar = ("{" + ",".join(CHOICES[dotted]) + "}") if dotted in CHOICES else (
-                "B1,B2" if typ == tuple[float, float] else {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[typ])
-            group.add_argument(f"--{dotted}", dest=dotted, metavar=metavar,
-                               help=_esc(f"{docs.get(f.name, '')} (default: {_show(f.default)})"))  # fmt: skip
-    return parser
+    return SCHEMA.make_arg_parser(prog)
 
 
 def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.pretrain_vl") -> VLPretrainConfig:
     """argv -> a validated VLPretrainConfig: preset < --config FILE < --section.field options."""
-    parser = make_arg_parser(prog)
-    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    file_dict: dict[str, Any] = {}
-    where = ""
-    if "config" in args:
-        path = args.pop("config")
-        file_dict, where = load_config_dict(path), f" in config file {str(path)!r}"
-    preset = args.pop("preset", None) or file_dict.get("preset") or "demo_vl"
-    cfg = get_preset(preset)
-    apply_dict(cfg, {k: v for k, v in file_dict.items() if k != "preset"}, where)
-    cfg.preset = preset
-    for dotted, raw in args.items():
-        _set_field(cfg, dotted, raw)
-    validate(cfg)
-    return cfg
+    return SCHEMA.build(argv, prog)
 
 
 __all__ = [
-    "ModelConfig", "PRESETS", "SECTIONS", "TextConfig", "VLDataConfig", "VLLogConfig", "VLMaskConfig",
+    "SCHEMA", "ModelConfig", "PRESETS", "SECTIONS", "TextConfig", "VLDataConfig", "VLLogConfig", "VLMaskConfig",
     "VLOptimConfig", "VLPretrainConfig", "VLTrainConfig", "build_config", "check_paths", "config_from_dict",
     "config_to_dict", "get_preset", "save_config", "validate",
 ]  # fmt: skip

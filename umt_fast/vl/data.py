@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from umt_fast.data.annotations import read_annotation_list
 from umt_fast.data.decoding import VideoDecodeError, count_frames, decode_frames
 from umt_fast.data.transforms import crop_resize_flip, tsn_frame_indices
 
@@ -51,34 +52,14 @@ class CaptionRecord:
 
 
 def read_caption_json(path: str, root: str = "") -> list[dict[str, Any]]:
-    """A caption list as [{"media": "video"|"image", "path": ..., "captions": [str, ...]}], in file order.
+    """A JSON caption list (read by umt_fast.data.read_annotation_list) as
+    [{"media": "video"|"image", "path": ..., "captions": [str, ...]}], in file order.
 
     FileNotFoundError if missing; ValueError naming the entry for a malformed one."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"caption list not found: {path!r}")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON caption list ({e})") from e
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{path}: a caption list must be a non-empty JSON list of objects")
-    out = []
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: entry {i} is not an object: {entry!r}")
-        kinds = [m for m in MEDIA_TYPES if m in entry]
-        if len(kinds) != 1:
-            raise ValueError(f"{path}: entry {i} must have exactly one of 'video' or 'image': {entry!r}")
-        caption = entry.get("caption")
-        captions = [caption] if isinstance(caption, str) else caption
-        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-            raise ValueError(f"{path}: entry {i} needs a 'caption' string or a non-empty list of strings")
-        media_path = entry[kinds[0]]
-        if root and not os.path.isabs(media_path):
-            media_path = os.path.join(root, media_path)
-        out.append({"media": kinds[0], "path": media_path, "captions": captions})
-    return out
+    if not path.lower().endswith(".json"):
+        raise ValueError(f"{path}: a caption list must be a .json file (a list of {{\"video\" or \"image\": path, "
+                         "\"caption\": str or [str]}})")  # fmt: skip
+    return [{"media": r.media, "path": r.path, "captions": list(r.captions)} for r in read_annotation_list(path, root)]
 
 
 def caption_records(entries: list[dict[str, Any]], media: str) -> list[CaptionRecord]:
