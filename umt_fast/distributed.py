@@ -68,26 +68,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def wrap_student(student: nn.Module, strategy: str, info: DistInfo, param_dtype: torch.dtype | None) -> nn.Module:
-    """DDP or FSDP2 around the student; the module itself in a single process.
-
-    FSDP2 shards every transformer block and then the root, with a mixed-precision policy that
-    computes in ``param_dtype`` (bf16/fp16 on the GPU) and reduces gradients in fp32.
-    """
-    if not info.distributed:
-        return student
-    if strategy == "ddp":
-        device_ids = [info.local_rank] if info.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    for block in student.encoder.blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(student, mp_policy=policy)
-    return student
-
-
 def wrap_model(
     model: nn.Module, blocks, strategy: str, info: DistInfo, param_dtype: torch.dtype | None
 ) -> nn.Module:
@@ -110,6 +90,11 @@ def wrap_model(
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def wrap_student(student: nn.Module, strategy: str, info: DistInfo, param_dtype: torch.dtype | None) -> nn.Module:
+    """:func:`wrap_model` for the UMT student, sharding its encoder blocks under FSDP2."""
+    return wrap_model(student, student.encoder.blocks, strategy, info, param_dtype)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool):

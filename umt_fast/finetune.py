@@ -60,13 +60,13 @@ from umt_fast.distributed import (
     all_gather_stacked,
     all_reduce_sum,
     barrier,
-    destroy_distributed,
     exchange_with,
     init_distributed,
     unwrap,
     wrap_model,
 )
 from umt_fast.evaluate import Predictions, _ViewsDataset, accuracy_report, autocast_for, format_report, predict_videos
+from umt_fast.launch import location_lines, run_training_command
 from umt_fast.finetune_config import FinetuneConfig, build_config, check_paths, config_to_dict, save_config, scaled_lrs
 from umt_fast.models.classifier import VideoViT, VideoViTArch
 from umt_fast.train.logging import MetricsWriter, ProgressLine, setup_logging
@@ -599,42 +599,19 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
     return FinetuneResult(cfg.run_dir, last_checkpoint, last_step, last_loss, train_top1, report)
 
 
-def default_run_dir(preset: str) -> str:
-    return os.path.join("runs", f"finetune-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+def _summary(result: FinetuneResult) -> list[str]:
+    lines = location_lines(result)
+    if result.last_loss is not None:
+        lines.append(f"final loss:    {result.last_loss:.4f}, train top-1 {result.train_top1:.1f} % after {result.steps_done} steps")
+    if result.eval_report and result.eval_report["top1"] is not None:
+        r = result.eval_report
+        lines.append(f"eval:          top-1 {r['top1']:.1f} %, top-5 {r['top5']:.1f} % on {r['num_videos']} videos "
+                     f"x {r['views_per_video']} views")  # fmt: skip
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = build_config(argv)
-        if not cfg.run_dir:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ValueError("--run-dir is required under torchrun (every rank must write to the same place)")
-            cfg.run_dir = default_run_dir(cfg.preset)
-        check_paths(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = train(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; resume with --resume auto --run-dir " + cfg.run_dir, file=sys.stderr)
-        return 130
-    finally:
-        destroy_distributed()
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    print(f"run directory: {os.path.abspath(result.run_dir)}")
-    print(f"checkpoint:    {os.path.abspath(result.last_checkpoint) if result.last_checkpoint else '(none)'}")
-    if result.last_loss is not None:
-        print(f"final loss:    {result.last_loss:.4f}, train top-1 {result.train_top1:.1f} % after {result.steps_done} steps")
-    if result.eval_report and result.eval_report["top1"] is not None:
-        r = result.eval_report
-        print(f"eval:          top-1 {r['top1']:.1f} %, top-5 {r['top5']:.1f} % on {r['num_videos']} videos "
-              f"x {r['views_per_video']} views")  # fmt: skip
-    return 0
+    return run_training_command(argv, build_config, check_paths, lambda: train, _summary)
 
 
 if __name__ == "__main__":

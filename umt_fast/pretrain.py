@@ -18,49 +18,27 @@ Resume a run that stopped or was killed (``auto`` is the default):
 """
 from __future__ import annotations
 
-import os
 import sys
-import time
 
 from umt_fast.config import build_config, check_paths
+from umt_fast.launch import location_lines, run_training_command
 
 
-def default_run_dir(preset: str) -> str:
-    return os.path.join("runs", f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+def _summary(result) -> list[str]:
+    lines = location_lines(result)
+    if result.last_loss is not None:
+        lines.append(f"final loss:    {result.last_loss:.4f} after {result.steps_done} steps")
+    return lines
+
+
+def _load_train():
+    from umt_fast.train.loop import train
+
+    return train
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = build_config(argv)
-        if not cfg.run_dir:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ValueError("--run-dir is required under torchrun (every rank must write to the same place)")
-            cfg.run_dir = default_run_dir(cfg.preset)
-        check_paths(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    from umt_fast.distributed import destroy_distributed
-    from umt_fast.train.loop import train  # torch and friends load only once the config is valid
-
-    try:
-        result = train(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; resume with --resume auto --run-dir " + cfg.run_dir, file=sys.stderr)
-        return 130
-    finally:
-        destroy_distributed()
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    print(f"run directory: {os.path.abspath(result.run_dir)}")
-    print(f"checkpoint:    {os.path.abspath(result.last_checkpoint) if result.last_checkpoint else '(none)'}")
-    if result.last_loss is not None:
-        print(f"final loss:    {result.last_loss:.4f} after {result.steps_done} steps")
-    return 0
+    return run_training_command(argv, build_config, check_paths, _load_train, _summary)
 
 
 if __name__ == "__main__":

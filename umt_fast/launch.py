@@ -1,0 +1,59 @@
+"""The command-line wrapper every training command shares (pretrain, finetune, pretrain_vl)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable
+
+
+def default_run_dir(preset: str) -> str:
+    return os.path.join("runs", f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run_training_command(
+    argv: list[str] | None,
+    build_config: Callable[[list[str] | None], Any],
+    check_paths: Callable[[Any], None],
+    load_train: Callable[[], Callable[[Any], Any]],
+    summary: Callable[[Any], list[str]],
+) -> int:
+    """Parse and check the config, run, and report; returns the process exit code.
+
+    A bad config or input (ValueError / FileNotFoundError) prints ``error: ...`` and returns 2
+    before any work; Ctrl-C returns 130 with the resume command. The process group is torn
+    down whatever happens, and rank 0 prints ``summary(result)``. ``load_train`` imports the
+    training function, so that torch loads only once the config is valid.
+    """
+    try:
+        cfg = build_config(argv)
+        if not cfg.run_dir:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError("--run-dir is required under torchrun (every rank must write to the same place)")
+            cfg.run_dir = default_run_dir(cfg.preset)
+        check_paths(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from umt_fast.distributed import destroy_distributed
+
+    try:
+        result = load_train()(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; resume with --resume auto --run-dir " + cfg.run_dir, file=sys.stderr)
+        return 130
+    finally:
+        destroy_distributed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(summary(result)))
+    return 0
+
+
+def location_lines(result: Any) -> list[str]:
+    """The run directory and the last checkpoint of a training result."""
+    checkpoint = os.path.abspath(result.last_checkpoint) if result.last_checkpoint else "(none)"
+    return [f"run directory: {os.path.abspath(result.run_dir)}", f"checkpoint:    {checkpoint}"]
