@@ -72,7 +72,9 @@ def test_stage2_keys_round_trip_in_the_reference_naming(text_encoder, tmp_path):
     assert stage2_shapes(ref) == {"embed_dim": 32, "text_layers": 6, "fusion_layers": 2, "text_width": 384}
     # A reference file also carries the teacher (ignored) and wraps everything in "model".
     path = tmp_path / "stage2.pth"
-    torch.save({"model": {**ref, "clip_teacher.conv1.weight": torch.zeros(1)}}, path)
+    extra = {"clip_teacher.conv1.weight": torch.zeros(1), "text_encoder.bert.embeddings.position_ids": torch.arange(512),
+             "text_encoder.bert.pooler.dense.weight": torch.zeros(384, 384)}  # fmt: skip
+    torch.save({"model": {**ref, **extra}}, path)
     assert "stage-2" in initialise(b, str(path))
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -18,45 +18,28 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 from umt_fast.config_vl import build_config, check_paths
+from umt_fast.launch import location_lines, run_training_command
+
+
+def _summary(result) -> list[str]:
+    lines = location_lines(result)
+    if result.export_path:
+        lines.append(f"weights:       {os.path.abspath(result.export_path)} (reference stage-2 naming)")
+    if result.last_loss is not None:
+        lines.append(f"final loss:    {result.last_loss:.4f} after {result.steps_done} steps")
+    return lines
+
+
+def _load_train():
+    from umt_fast.vl.train import train
+
+    return train
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = build_config(argv)
-        if not cfg.run_dir:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ValueError("--run-dir is required under torchrun (every rank must write to the same place)")
-            cfg.run_dir = os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        check_paths(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    from umt_fast.distributed import destroy_distributed
-    from umt_fast.vl.train import train
-
-    try:
-        result = train(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; resume with --resume auto --run-dir " + cfg.run_dir, file=sys.stderr)
-        return 130
-    finally:
-        destroy_distributed()
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    print(f"run directory: {os.path.abspath(result.run_dir)}")
-    print(f"checkpoint:    {os.path.abspath(result.last_checkpoint) if result.last_checkpoint else '(none)'}")
-    if result.export_path:
-        print(f"weights:       {os.path.abspath(result.export_path)} (reference stage-2 naming)")
-    if result.last_loss is not None:
-        print(f"final loss:    {result.last_loss:.4f} after {result.steps_done} steps")
-    return 0
+    return run_training_command(argv, build_config, check_paths, _load_train, _summary)
 
 
 if __name__ == "__main__":

@@ -298,8 +298,9 @@ def to_reference_keys(state_dict: dict[str, torch.Tensor], arch: TextArch) -> di
 
 
 def from_reference_keys(state_dict: dict[str, torch.Tensor], arch: TextArch) -> dict[str, torch.Tensor]:
-    """Inverse of `to_reference_keys`; also accepts ``LayerNorm.gamma/beta`` and a missing
-    ``cls.predictions.decoder.weight`` (it is tied to the word embeddings)."""
+    """Inverse of `to_reference_keys`; also accepts ``LayerNorm.gamma/beta``, a missing
+    ``cls.predictions.decoder.weight`` (it is tied to the word embeddings), and drops what the
+    text tower does not use (``position_ids``, ``bert.pooler.*``, the duplicate decoder bias)."""
     mapping = _layer_key_map(arch)
     out = {}
     for k, v in state_dict.items():
@@ -313,7 +314,9 @@ def from_reference_keys(state_dict: dict[str, torch.Tensor], arch: TextArch) -> 
     if word is not None:
         out.setdefault("cls.predictions.decoder.weight", word)
     out.pop("cls.predictions.decoder.bias", None)  # newer transformers save the bias twice
-    out.pop("bert.embeddings.position_ids", None)
+    out.pop("bert.embeddings.position_ids", None)  # a buffer older transformers saved
+    for key in [k for k in out if k.startswith("bert.pooler.")]:  # BERT's pooler: unused here
+        del out[key]
     return out
 
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 from umt_fast import checkpoint as ckpt
 from umt_fast.config_vl import DEMO_DATA, VLPretrainConfig, config_to_dict, save_config
 from umt_fast.data.transforms import normalize_video
-from umt_fast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, unwrap
+from umt_fast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, unwrap, wrap_model
 from umt_fast.masking import num_visible, sample_visible_tokens
 from umt_fast.models import build_student, build_teacher
 from umt_fast.models.attention import set_attention_backend
@@ -103,22 +103,10 @@ def initialise(model: VisionLanguageModel, path: str) -> str:
     return "stage-1 student (encoder + alignment heads)"
 
 
-def wrap_model(model: nn.Module, strategy: str, info: DistInfo, param_dtype: torch.dtype | None) -> nn.Module:
-    """DDP, or FSDP2 per student block and text layer then the root; the module itself alone."""
-    if not info.distributed:
-        return model
-    if strategy == "ddp":
-        device_ids = [info.local_rank] if info.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    for block in model.student.encoder.blocks:
-        fully_shard(block, mp_policy=policy)
-    for layer in list(model.text_encoder.bert.encoder.layer) + list(model.text_encoder.fusion):
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    return model
+def shardable_blocks(model: VisionLanguageModel) -> list[nn.Module]:
+    """What FSDP2 shards one by one: the student's blocks and every text layer."""
+    text = model.text_encoder
+    return list(model.student.encoder.blocks) + list(text.bert.encoder.layer) + list(text.fusion)
 
 
 def caption_datasets(cfg: VLPretrainConfig, info: DistInfo) -> list[vl_data.CaptionDataset]:
@@ -250,7 +238,7 @@ def train(cfg: VLPretrainConfig) -> TrainResult:
     model = model.to(device)
     text_arch = model.text_encoder.arch
     tokenizer = load_tokenizer(cfg.text.weights)
-    wrapped = wrap_model(model, cfg.dist.strategy, info, low_precision)
+    wrapped = wrap_model(model, shardable_blocks(model), cfg.dist.strategy, info, low_precision)
     optimizer = build_optimizer(wrapped, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
 
     start_step = 0
