@@ -194,3 +194,14 @@ def test_caption_lists_give_one_sample_per_caption_with_the_media_id(tmp_path):
     path.write_text('[{"video": "a.mp4"}]')
     with pytest.raises(ValueError, match="caption"):
         vl_data.read_caption_json(str(path))
+
+
+def test_caption_collate_tokenizes_in_the_loader():
+    from umt_fast.vl.text import load_tokenizer
+
+    collate = vl_data.CaptionCollate(load_tokenizer("minilm"), max_len=8)
+    samples = [_FakeCaptions("video", 2)[i] for i in range(2)]
+    batch = collate(samples)
+    assert batch["text_ids"].shape == batch["text_mask"].shape == (2, 8)
+    assert batch["text_ids"][0, 0].item() == 101 and batch["captions"] == ["video0", "video1"]  # [CLS]
+    assert "text_ids" not in vl_data.collate_captions(samples)

@@ -179,6 +179,22 @@ def collate_captions(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+class CaptionCollate:
+    """`collate_captions`, plus the captions' WordPiece ids and attention masks when given a
+    tokenizer, so that tokenizing runs in the loader workers: "text_ids", "text_mask" int64 [B, S]."""
+
+    def __init__(self, tokenizer=None, max_len: int = 32):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        out = collate_captions(samples)
+        if self.tokenizer is not None:
+            tok = self.tokenizer(out["captions"], padding="max_length", truncation=True, max_length=self.max_len,
+                                 return_tensors="pt")  # fmt: skip
+            out["text_ids"], out["text_mask"] = tok["input_ids"], tok["attention_mask"]
+        return out
+
+
 class MediaBatchSampler:
     """Endless lists of one rank's sample positions: global batch j of G = per_rank * world_size
     samples covers positions [j*G, (j+1)*G) within its epoch (the tail of an epoch that does not fill
@@ -214,7 +230,8 @@ class InterleavedStream:
     starting at global step `start_step` (exactly where an uninterrupted run would be)."""
 
     def __init__(self, datasets: list[CaptionDataset], per_rank: int, seed: int, start_step: int = 0, *,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):  # fmt: skip
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                 collate_fn=collate_captions):  # fmt: skip
         self.datasets = datasets
         self.seed = seed
         counts = [MediaBatchSampler(len(d), per_rank, rank, world_size).batches_per_epoch for d in datasets]
@@ -228,7 +245,7 @@ class InterleavedStream:
             start_batch = epoch * counts[m] + before.count(m)
             sampler = MediaBatchSampler(len(d), per_rank, rank, world_size, start_batch)
             self.loaders.append(iter(DataLoader(
-                d, batch_sampler=sampler, collate_fn=collate_captions, num_workers=num_workers,
+                d, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
                 pin_memory=pin_memory, persistent_workers=num_workers > 0,
             )))  # fmt: skip
         self._order: tuple[int, list[int]] | None = None

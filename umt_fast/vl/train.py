@@ -165,10 +165,12 @@ class VLStep:
                                             patches_per_frame=self.patches_per_frame, ratio=ratio, seed=cfg.train.seed,
                                             offset=step, device=self.device, first_clip=first_clip)  # fmt: skip
                 targets = teacher_out.targets(idx)
-        tok = self.tokenizer(batch["captions"], padding="max_length", truncation=True, max_length=cfg.text.max_len,
-                             return_tensors="pt")  # fmt: skip
-        ids = tok["input_ids"].to(self.device, non_blocking=True)
-        mask = tok["attention_mask"].to(self.device, non_blocking=True)
+        if "text_ids" not in batch:  # tokenized in the loader workers (CaptionCollate), else here
+            tok = self.tokenizer(batch["captions"], padding="max_length", truncation=True,
+                                 max_length=cfg.text.max_len, return_tensors="pt")  # fmt: skip
+            batch = {**batch, "text_ids": tok["input_ids"], "text_mask": tok["attention_mask"]}
+        ids = batch["text_ids"].to(self.device, non_blocking=True)
+        mask = batch["text_mask"].to(self.device, non_blocking=True)
         special = torch.isin(ids, self.special_ids) | (mask == 0)
         mlm_ids, mlm_labels = mask_tokens(ids, special, mask_token_id=self.tokenizer.mask_token_id,
                                           vocab_size=self.vocab_size, prob=cfg.text.mlm_prob)  # fmt: skip
@@ -265,7 +267,8 @@ def train(cfg: VLPretrainConfig) -> TrainResult:
 
     stream = vl_data.InterleavedStream(datasets, B, cfg.train.seed, start_step, rank=info.rank,
                                        world_size=info.world_size, num_workers=cfg.data.num_workers,
-                                       pin_memory=device.type == "cuda")  # fmt: skip
+                                       pin_memory=device.type == "cuda",
+                                       collate_fn=vl_data.CaptionCollate(tokenizer, cfg.text.max_len))  # fmt: skip
     step_fn = VLStep(wrapped, teacher, optimizer, tokenizer, cfg, device, low_precision, rank=info.rank)
     progress = ProgressLine(last_step, logger) if info.is_main else None
     last_checkpoint, last_loss, export_path = resume_path, None, None
