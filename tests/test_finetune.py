@@ -285,3 +285,12 @@ def test_help_lists_every_option():
     for name in all_field_names():
         assert f"--{name.replace('run_dir', 'run-dir')}" in text, name
     assert "layer-wise lr decay" in text.lower() or "Layer-wise lr decay" in text
+
+
+def test_evaluate_dispatches_the_retrieval_subcommand(capsys):
+    from umt_fast.evaluate import main as evaluate_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["retrieval", "--help"])
+    assert exit_info.value.code == 0
+    assert "python -m umt_fast.evaluate retrieval" in capsys.readouterr().out

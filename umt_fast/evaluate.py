@@ -245,9 +245,15 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "retrieval":  # zero-shot video-text retrieval of a stage-2 model
+        from umt_fast.vl.retrieval import main as retrieval_main
+
+        return retrieval_main(argv[1:], prog="python -m umt_fast.evaluate retrieval")
     parser = argparse.ArgumentParser(
         prog="python -m umt_fast.evaluate",
-        description="Multi-view top-1/top-5 of a video classifier on an annotation list, or the top-5 labels of one video.",
+        description="Multi-view top-1/top-5 of a video classifier on an annotation list, or the top-5 labels of one "
+        "video. `python -m umt_fast.evaluate retrieval --help`: zero-shot video-text retrieval.",
     )
     parser.add_argument("--checkpoint", required=True, help="a fine-tuning run dir or checkpoint, an export, or a reference fine-tuned file")
     what = parser.add_mutually_exclusive_group(required=True)

@@ -1,6 +1,6 @@
 """Zero-shot video-text retrieval with a stage-2 model: VTC similarity, then VTM re-ranking.
 
-    python -m umt_fast.evaluate_retrieval --weights runs/demo_vl/umt_stage2.pth --text-weights minilm \\
+    python -m umt_fast.evaluate retrieval --weights runs/demo_vl/umt_stage2.pth --text-weights minilm \\
         --test-list msrvtt_1k_test.json --root /data/msrvtt/videos
 
 Scoring (as the reference does at test time):
