@@ -132,6 +132,7 @@ def test_pyav_clips_per_core(benchmark, kinetics_like, one_core, path, gop):
             read(next(positions))
         cpu_s.append(time.thread_time() - start)
 
+    assert read(next(positions)).shape == (NUM_FRAMES, IMG_SIZE, IMG_SIZE, 3)
     run()  # warm-up: page cache, codec init
     cpu_s.clear()
     benchmark.pedantic(run, rounds=3, iterations=1)
@@ -150,7 +151,8 @@ def test_pyav_loader_clips_per_core(benchmark, kinetics_like, gop):
     before = _children()
     it = iter(build_pretrain_loader(ds, batch, 0, num_workers=cores, pin_memory=False))
     for _ in range(cores):
-        next(it)  # workers started and warm
+        first = next(it)  # workers started and warm
+    assert first["video"].shape == (batch, NUM_FRAMES, IMG_SIZE, IMG_SIZE, 3)
     workers = sorted(_children() - before)
     num_batches, rounds = 3 * cores, 2
     # Between idle points (prefetch queues full) the workers made exactly the batches taken.
@@ -186,6 +188,8 @@ def test_dali_plan_cpu_cost(benchmark, kinetics_like, one_core, gop):
             ds.sample_plan(next(positions), keep_bytes=True, codecs=DALI_GPU_CODECS)
         cpu_s.append(time.thread_time() - start)
 
+    plan = ds.sample_plan(next(positions), keep_bytes=True, codecs=DALI_GPU_CODECS)
+    assert len(plan.frame_indices) == NUM_FRAMES
     run()
     cpu_s.clear()
     benchmark.pedantic(run, rounds=3, iterations=1)
@@ -205,7 +209,8 @@ def test_dali_clips_per_gpu(benchmark, kinetics_like, gop):
     ds = PretrainClipDataset(kinetics_like[gop], NUM_FRAMES, IMG_SIZE, seed=0)
     batch = 32
     loader = DaliClipLoader(ds, batch, 0, device=torch.device("cuda"), num_threads=min(8, os.cpu_count() or 1))
-    next(loader)
+    first = next(loader)["video"]
+    assert first.is_cuda and first.shape == (batch, NUM_FRAMES, IMG_SIZE, IMG_SIZE, 3)
 
     def run():
         for _ in range(4):

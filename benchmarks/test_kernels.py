@@ -10,10 +10,19 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 from benchmarks.common import BASELINES, ON_GPU, OPS, SHAPES, bytes_moved, make_inputs, run_op, sync
 
 IMPLS = ("triton", "reference", "reference_system")
+EXPECTED_SHAPES = {
+    "sample_without_replacement": lambda s: (s.G, s.k),
+    "select_and_gather": lambda s: (s.G, s.k, s.C),
+    "cls_attention": lambda s: (s.G, s.N + 1),
+    "gather_rows": lambda s: (s.G, s.k, s.C),
+    "gather_patches": lambda s: (s.B, s.T * s.k, 3 * s.patch**2),
+    "alignment_loss": lambda s: (),
+}
 _INPUTS = {}
 
 
@@ -36,7 +45,12 @@ def test_kernel(benchmark, op, impl):
         run_op(op, impl, inputs, offset=next(offsets))
         sync()
 
-    run()  # compile / warm up
+    out = run_op(op, impl, inputs, offset=next(offsets))  # compile / warm up
+    first = out[1] if isinstance(out, tuple) else out
+    expected = EXPECTED_SHAPES[op](SHAPES)
+    if impl == "reference_system" and op == "cls_attention":
+        expected = (SHAPES.G, SHAPES.N)  # it returns the patch columns only
+    assert first.shape == expected and torch.isfinite(first.float()).all()
     benchmark(run)
     if benchmark.stats:  # None under --benchmark-disable
         seconds = benchmark.stats.stats.mean

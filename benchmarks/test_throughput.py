@@ -52,8 +52,10 @@ def test_pretrain_step_throughput(benchmark):
         step_fn(video, next(counter))
         _sync()
 
-    for _ in range(2):
-        run()  # warm-up
+    for i in range(2):
+        loss = step_fn(video, next(counter))  # warm-up
+        _sync()
+        assert loss.dim() == 0 and torch.isfinite(loss)
     benchmark.pedantic(run, rounds=5, iterations=1)
     if benchmark.stats:  # None under --benchmark-disable
         benchmark.extra_info.update(preset=preset, batch=batch, device=str(DEVICE),
@@ -69,6 +71,8 @@ def test_attention_sampling_throughput(benchmark, groups, n, k):
         umt_kernels.sample_without_replacement(weights, k, seed=0, offset=next(offsets))
         _sync()
 
+    assert umt_kernels.sample_without_replacement(weights, k, seed=0).shape == (groups, k)
+
     benchmark(run)
     if benchmark.stats:
         benchmark.extra_info.update(groups=groups, rows_per_s=groups / benchmark.stats.stats.mean)
@@ -83,6 +87,8 @@ def test_gather_patches_throughput(benchmark):
     def run():
         umt_kernels.gather_patches(video, idx, 16)
         _sync()
+
+    assert umt_kernels.gather_patches(video, idx, 16).shape == (B, T * P // 5, 3 * 16 * 16)
 
     benchmark(run)
     if benchmark.stats:

@@ -43,6 +43,7 @@ from umt_fast.config_cli import (  # noqa: F401  (the private names are used by 
     load_config_dict,
     require as _require,
     require_choice as _require_choice,
+    require_paths,
     save_config,
     set_field as _set_field,
     show as _show,
@@ -565,10 +566,7 @@ def check_paths(cfg: PretrainConfig) -> None:
         checks.append(("data.root", cfg.data.root, os.path.isdir))
     if cfg.resume not in ("auto", "none"):
         checks.append(("resume", cfg.resume, os.path.isdir))
-    for name, path, exists in checks:
-        if not exists(path):
-            kind = "directory" if exists is os.path.isdir else "file"
-            raise FileNotFoundError(f"{name}={path!r}: no such {kind}")
+    require_paths(checks)
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,6 +80,15 @@ def check_types(section: str, obj: Any) -> None:
         require(ok, name, v, f"must be {what}")
 
 
+def require_paths(checks: typing.Iterable[tuple[str, str, Callable[[str], bool]]]) -> None:
+    """FileNotFoundError naming the field for the first (field, path, os.path.isfile / isdir /
+    exists) whose path does not exist."""
+    for name, path, exists in checks:
+        if not exists(path):
+            kind = "directory" if exists is os.path.isdir else "file"
+            raise FileNotFoundError(f"{name}={path!r}: no such {kind}")
+
+
 # --------------------------------------------------------------------------------------------
 # Field introspection: types and docstrings
 # --------------------------------------------------------------------------------------------

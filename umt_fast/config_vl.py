@@ -44,6 +44,7 @@ from umt_fast.config_cli import (
     fail,
     require,
     require_choice,
+    require_paths,
     save_config,
 )
 
@@ -320,9 +321,7 @@ def check_paths(cfg: VLPretrainConfig) -> None:
         checks.append(("model.init", cfg.model.init, os.path.exists))
     if cfg.resume not in ("auto", "none"):
         checks.append(("resume", cfg.resume, os.path.isdir))
-    for name, path, exists in checks:
-        if not exists(path):
-            raise FileNotFoundError(f"{name}={path!r}: no such {'directory' if exists is os.path.isdir else 'file'}")
+    require_paths(checks)
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,10 +66,10 @@ from umt_fast.distributed import (
     wrap_model,
 )
 from umt_fast.evaluate import Predictions, _ViewsDataset, accuracy_report, autocast_for, format_report, predict_videos
-from umt_fast.launch import location_lines, run_training_command
-from umt_fast.finetune_config import FinetuneConfig, build_config, check_paths, config_to_dict, save_config, scaled_lrs
+from umt_fast.launch import location_lines, open_run_dir, run_training_command
+from umt_fast.finetune_config import FinetuneConfig, build_config, check_paths, config_to_dict, scaled_lrs
 from umt_fast.models.classifier import VideoViT, VideoViTArch
-from umt_fast.train.logging import MetricsWriter, ProgressLine, setup_logging
+from umt_fast.train.logging import MetricsWriter, ProgressLine
 from umt_fast.train.optim import WarmupCosineSchedule
 
 log = logging.getLogger(__name__)
@@ -447,13 +447,7 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
     """
     info = init_distributed(cfg.train.device)
     b = per_rank_batch(cfg, info.world_size)
-    if info.is_main:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-    barrier()
-    resume_path = ckpt.find_resume_checkpoint(cfg.run_dir, cfg.resume)
-    logger = setup_logging(cfg.run_dir if info.is_main else None)
-    if info.is_main:
-        save_config(cfg, cfg.run_dir)
+    resume_path, logger = open_run_dir(cfg, info)
     device = info.device
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)

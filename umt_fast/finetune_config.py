@@ -38,6 +38,7 @@ from umt_fast.config import (
     _require,
     _require_choice,
     config_to_dict,
+    require_paths,
     save_config,
 )
 
@@ -352,9 +353,7 @@ def check_paths(cfg: FinetuneConfig) -> None:
         checks.append(("model.init", cfg.model.init, os.path.exists))
     if cfg.resume not in ("auto", "none"):
         checks.append(("resume", cfg.resume, os.path.isdir))
-    for name, path, exists in checks:
-        if not exists(path):
-            raise FileNotFoundError(f"{name}={path!r}: no such {'directory' if exists is os.path.isdir else 'file'}")
+    require_paths(checks)
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,6 +53,29 @@ def run_training_command(
     return 0
 
 
+def open_run_dir(cfg: Any, info: Any) -> tuple[str | None, Any]:
+    """Collective start of a training run: rank 0 creates ``cfg.run_dir``; every rank learns which
+    checkpoint ``cfg.resume`` selects (refusing ``none`` over existing checkpoints) and gets the
+    ``umt_fast`` logger (log.txt on rank 0); rank 0 then writes config.yaml/config.json.
+
+    Returns:
+        (the checkpoint to resume from or None, the logger)
+    """
+    from umt_fast import checkpoint as ckpt
+    from umt_fast.config_cli import save_config
+    from umt_fast.distributed import barrier
+    from umt_fast.train.logging import setup_logging
+
+    if info.is_main:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+    barrier()
+    resume_path = ckpt.find_resume_checkpoint(cfg.run_dir, cfg.resume)
+    logger = setup_logging(cfg.run_dir if info.is_main else None)
+    if info.is_main:
+        save_config(cfg, cfg.run_dir)
+    return resume_path, logger
+
+
 def location_lines(result: Any) -> list[str]:
     """The run directory and the last checkpoint of a training result."""
     checkpoint = os.path.abspath(result.last_checkpoint) if result.last_checkpoint else "(none)"

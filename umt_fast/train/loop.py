@@ -20,7 +20,6 @@ from umt_fast.config import (
     PretrainConfig,
     config_to_dict,
     peak_lr,
-    save_config,
     scaled_min_lr,
     scaled_warmup_lr,
 )
@@ -31,10 +30,11 @@ from umt_fast.data import (
     read_annotation_list,
     write_sample_clip_list,
 )
-from umt_fast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, unwrap, wrap_student
+from umt_fast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_student
+from umt_fast.launch import open_run_dir
 from umt_fast.models import build_student, build_teacher
 from umt_fast.models.attention import set_attention_backend
-from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages, setup_logging
+from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages
 from umt_fast.train.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.train.step import PretrainStep
 
@@ -130,12 +130,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     plan = plan_batches(cfg, info.world_size)
     if info.is_main:
         check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)  # refuse before touching anything
-        os.makedirs(cfg.run_dir, exist_ok=True)
-    barrier()
-    resume_path = ckpt.find_resume_checkpoint(cfg.run_dir, cfg.resume)
-    logger = setup_logging(cfg.run_dir if info.is_main else None)
-    if info.is_main:
-        save_config(cfg, cfg.run_dir)
+    resume_path, logger = open_run_dir(cfg, info)
     device = info.device
     seed_everything(cfg.train.seed)
     set_attention_backend(cfg.train.attention)

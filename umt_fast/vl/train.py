@@ -25,13 +25,14 @@ import torch
 import torch.nn as nn
 
 from umt_fast import checkpoint as ckpt
-from umt_fast.config_vl import DEMO_DATA, VLPretrainConfig, config_to_dict, save_config
+from umt_fast.config_vl import DEMO_DATA, VLPretrainConfig, config_to_dict
 from umt_fast.data.transforms import normalize_video
 from umt_fast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, unwrap, wrap_model
+from umt_fast.launch import open_run_dir
 from umt_fast.masking import num_visible, sample_visible_tokens
 from umt_fast.models import build_student, build_teacher
 from umt_fast.models.attention import set_attention_backend
-from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages, setup_logging
+from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages
 from umt_fast.train.loop import NonFiniteLossError, seed_everything
 from umt_fast.train.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.vl import data as vl_data
@@ -207,13 +208,8 @@ def train(cfg: VLPretrainConfig) -> TrainResult:
     """Runs (or resumes) stage-2 pre-training as `cfg` says."""
     info = init_distributed(cfg.train.device)
     if info.is_main:
-        check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)
-        os.makedirs(cfg.run_dir, exist_ok=True)
-    barrier()
-    resume_path = ckpt.find_resume_checkpoint(cfg.run_dir, cfg.resume)
-    logger = setup_logging(cfg.run_dir if info.is_main else None)
-    if info.is_main:
-        save_config(cfg, cfg.run_dir)
+        check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)  # refuse before touching anything
+    resume_path, logger = open_run_dir(cfg, info)
     device = info.device
     seed_everything(cfg.train.seed)
     set_attention_backend(cfg.train.attention)
