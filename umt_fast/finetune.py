@@ -70,6 +70,7 @@ from umt_fast.launch import location_lines, open_run_dir, run_training_command
 from umt_fast.finetune_config import FinetuneConfig, build_config, check_paths, config_to_dict, scaled_lrs
 from umt_fast.models.classifier import VideoViT, VideoViTArch
 from umt_fast.train.logging import MetricsWriter, ProgressLine
+from umt_fast.train.loop import check_finite_loss
 from umt_fast.train.optim import WarmupCosineSchedule
 
 log = logging.getLogger(__name__)
@@ -555,11 +556,7 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
                 last_loss = totals[0] / (window_steps * info.world_size)
                 train_top1 = 100.0 * totals[1] / window_clips
                 num_skipped, num_seen = int(totals[2]), int(totals[3])
-                if not np.isfinite(last_loss):
-                    raise RuntimeError(
-                        f"loss became {last_loss} between steps {done - window_steps + 1} and {done}; stopping. The last "
-                        f"good checkpoint is {last_checkpoint or '(none yet)'}; lower --optim.lr or check the data."
-                    )
+                check_finite_loss(last_loss, done - window_steps + 1, done, last_checkpoint)
                 elapsed = time.perf_counter() - window_start
                 if info.is_main:
                     metrics.write({"step": done, "loss": last_loss, "train/top1": train_top1, "lr": lr,

@@ -47,6 +47,16 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def check_finite_loss(loss: float, first_step: int, last_step: int, last_checkpoint: str | None) -> None:
+    """Stops a run whose logging-window loss (steps first..last) is NaN or infinite, naming the last
+    good checkpoint (none is written after the bad step)."""
+    if not np.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss became {loss} between steps {first_step} and {last_step}; stopping. "
+            f"The last good checkpoint is {last_checkpoint or '(none yet)'}; lower --optim.lr or check the data."
+        )
+
+
 @dataclass
 class TrainResult:
     run_dir: str
@@ -242,11 +252,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
                 totals = all_reduce_sum(torch.cat([loss_sum.view(1), counts])).tolist()
                 last_loss = totals[0] / (window_steps * info.world_size)
                 num_skipped, num_seen = int(totals[1]), int(totals[2])
-                if not np.isfinite(last_loss):
-                    raise NonFiniteLossError(
-                        f"loss became {last_loss} between steps {done - window_steps + 1} and {done}; stopping. "
-                        f"The last good checkpoint is {last_checkpoint or '(none yet)'}; lower --optim.lr or check the data."
-                    )
+                check_finite_loss(last_loss, done - window_steps + 1, done, last_checkpoint)
                 elapsed = time.perf_counter() - window_start
                 clips_per_s = window_steps * G / elapsed
                 if info.is_main:

@@ -20,7 +20,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -33,7 +32,7 @@ from umt_fast.masking import num_visible, sample_visible_tokens
 from umt_fast.models import build_student, build_teacher
 from umt_fast.models.attention import set_attention_backend
 from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages
-from umt_fast.train.loop import NonFiniteLossError, seed_everything
+from umt_fast.train.loop import check_finite_loss, seed_everything
 from umt_fast.train.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.vl import data as vl_data
 from umt_fast.vl.losses import mask_tokens
@@ -285,9 +284,7 @@ def train(cfg: VLPretrainConfig) -> TrainResult:
             if done % cfg.log.every_steps == 0 or save_now:
                 values = (all_reduce_sum(loss_sum.clone()) / (window_steps * info.world_size)).tolist()
                 last_loss = values[0]
-                if not np.isfinite(last_loss):
-                    raise NonFiniteLossError(f"loss became {last_loss} by step {done}; last good checkpoint: "
-                                             f"{last_checkpoint or '(none yet)'}; lower --optim.lr")  # fmt: skip
+                check_finite_loss(last_loss, done - window_steps + 1, done, last_checkpoint)
                 elapsed = time.perf_counter() - window_start
                 pairs_per_s = window_steps * B * info.world_size / elapsed
                 if info.is_main:
