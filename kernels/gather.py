@@ -11,7 +11,7 @@ import triton.language as tl
 
 from umt_kernels import reference
 from umt_kernels._backend import use_triton
-from umt_kernels.sampling import _sample_keys, _topk_rank
+from umt_kernels.sampling import _load_key, _sample_keys, _topk_rank, key_arguments, split_offset
 from umt_kernels.utils import block_size, num_warps_for
 
 _BLOCK_C = 64
@@ -110,13 +110,14 @@ def gather_rows(x_GNC: torch.Tensor, idx_GK: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _select_and_gather_kernel(
-    w_ptr, x_ptr, idx_ptr, out_ptr, N, K, C, key, row_offset,
+    w_ptr, x_ptr, idx_ptr, out_ptr, N, K, C, key, key_ptr, row_offset,
     stride_wg, stride_wn, stride_xg, stride_xn, stride_xc,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    KEY_IN_MEMORY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Each program redoes the (cheap, deterministic) selection of its group and copies one
     # channel slice of the selected rows; only the first slice's program writes the indices.
     group, cb = tl.program_id(0), tl.program_id(1)
+    key = _load_key(key, key_ptr, KEY_IN_MEMORY)
     cols = tl.arange(0, BLOCK_N)
     valid = cols < N
     keys = _sample_keys(w_ptr + group * stride_wg, stride_wn, row_offset + group, cols, valid, N, key, False)
@@ -129,32 +130,41 @@ def _select_and_gather_kernel(
     tl.store(out_ptr + (group * K + rank[:, None]) * C + cs[None, :], vals, mask=mask)
 
 
-def _launch_select_and_gather(scores_GN, x_GNC, k, seed, offset, row_offset):
+def _launch_select_and_gather(scores_GN, x_GNC, k, seed, offset, offset_tensor, row_offset):
     G, N, C = x_GNC.shape
     idx = torch.empty(G, k, device=x_GNC.device, dtype=torch.int64)
     out = torch.empty(G, k, C, device=x_GNC.device, dtype=x_GNC.dtype)
     if G == 0:
         return idx, out
+    key, key_tensor = key_arguments(seed, offset, offset_tensor)
     BLOCK_N, BLOCK_C = block_size(N), min(_BLOCK_C, block_size(C))
     _select_and_gather_kernel[(G, triton.cdiv(C, BLOCK_C))](
-        scores_GN, x_GNC, idx, out, N, k, C, reference.mix_seed(seed, offset), row_offset,
+        scores_GN, x_GNC, idx, out, N, k, C, key, idx if key_tensor is None else key_tensor, row_offset,
         *scores_GN.stride(), *x_GNC.stride(),
-        BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=num_warps_for(BLOCK_N * BLOCK_C),
+        KEY_IN_MEMORY=key_tensor is not None, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=num_warps_for(BLOCK_N * BLOCK_C),
     )
     return idx, out
 
 
 @torch.library.custom_op("umt_kernels::select_and_gather", mutates_args=())
 def _select_and_gather_op(
-    scores_GN: torch.Tensor, x_GNC: torch.Tensor, k: int, seed: int, offset: int, row_offset: int
+    scores_GN: torch.Tensor,
+    x_GNC: torch.Tensor,
+    k: int,
+    seed: int,
+    offset: int,
+    offset_tensor: torch.Tensor | None,
+    row_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x_GNC):
-        return _launch_select_and_gather(scores_GN, x_GNC, k, seed, offset, row_offset)
-    return reference.select_and_gather(scores_GN, x_GNC, k, seed=seed, offset=offset, row_offset=row_offset)
+        return _launch_select_and_gather(scores_GN, x_GNC, k, seed, offset, offset_tensor, row_offset)
+    return reference.select_and_gather(
+        scores_GN, x_GNC, k, seed=seed, offset=offset if offset_tensor is None else offset_tensor, row_offset=row_offset
+    )
 
 
 @_select_and_gather_op.register_fake
-def _(scores_GN, x_GNC, k, seed, offset, row_offset):
+def _(scores_GN, x_GNC, k, seed, offset, offset_tensor, row_offset):
     G, _, C = x_GNC.shape
     return scores_GN.new_empty((G, k), dtype=torch.int64), x_GNC.new_empty((G, k, C))
 
@@ -166,14 +176,14 @@ def _select_setup(ctx, inputs, output):
 
 def _select_backward(ctx, grad_idx, grad_GKC):
     (idx_GK,) = ctx.saved_tensors
-    return None, _scatter_rows(grad_GKC, idx_GK, ctx.num_rows), None, None, None, None
+    return None, _scatter_rows(grad_GKC, idx_GK, ctx.num_rows), None, None, None, None, None
 
 
 _select_and_gather_op.register_autograd(_select_backward, setup_context=_select_setup)
 
 
 def select_and_gather(
-    scores_GN: torch.Tensor, x_GNC: torch.Tensor, k: int, *, seed: int, offset: int = 0, row_offset: int = 0
+    scores_GN: torch.Tensor, x_GNC: torch.Tensor, k: int, *, seed: int, offset: int | torch.Tensor = 0, row_offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples k rows per group in proportion to ``scores`` (without replacement) and gathers
     them, in one launch.
@@ -182,7 +192,7 @@ def select_and_gather(
         scores_GN: [G, N] non-negative weights (e.g. the teacher's CLS attention).
         x_GNC: [G, N, C] rows to gather, any float dtype and strides.
         k, seed, offset, row_offset: as :func:`umt_kernels.sample_without_replacement`, whose
-            indices this returns exactly.
+            indices this returns exactly (``offset`` may be a 0-dim int64 device tensor).
 
     Returns:
         (idx_GK [G, k] int64 ascending, x_GKC [G, k, C] in x's dtype). x_GKC is
@@ -191,7 +201,8 @@ def select_and_gather(
     reference.check_sampling_args(scores_GN, k, "weighted")
     if x_GNC.dim() != 3 or x_GNC.shape[:2] != scores_GN.shape:
         raise ValueError(f"x must be [G, N, C] matching scores [G, N], got {tuple(x_GNC.shape)} and {tuple(scores_GN.shape)}")
-    return _select_and_gather_op(scores_GN, x_GNC, k, seed, offset, row_offset)
+    offset, offset_tensor = split_offset(offset, scores_GN.device)
+    return _select_and_gather_op(scores_GN, x_GNC, k, seed, offset, offset_tensor, row_offset)
 
 
 # --------------------------------------------------------------------------- gather_patches

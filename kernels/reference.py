@@ -34,13 +34,34 @@ def _as_int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def mix_seed_on_device(seed: int, offset: torch.Tensor) -> torch.Tensor:
+    """:func:`mix_seed` with the offset read from a 0-dim int64 tensor, computed on its device.
+
+    Equals ``mix_seed(seed, int(offset))`` bit for bit (as int64). With the offset in device
+    memory (e.g. a step counter), a captured CUDA graph draws new masks on every replay.
+    """
+    if offset.dim() != 0 or offset.dtype != torch.int64:
+        raise ValueError(f"a tensor offset must be a 0-dim int64 tensor, got {offset.dtype} of shape {tuple(offset.shape)}")
+    z = offset + _as_int64((seed * _GOLDEN + 0x632BE59BD9B4E019) & _MASK64)
+    z = (z ^ _shr(z, 30)) * _as_int64(_MIX1)
+    z = (z ^ _shr(z, 27)) * _as_int64(_MIX2)
+    return _shr(z ^ _shr(z, 31), 1)
+
+
+def sampling_key(seed: int, offset: int | torch.Tensor) -> int | torch.Tensor:
+    """The 63-bit key of (seed, offset): a Python int, or a 0-dim device tensor for a tensor offset."""
+    if isinstance(offset, torch.Tensor):
+        return mix_seed_on_device(seed, offset)
+    return mix_seed(seed, offset)
+
+
 def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 bit patterns."""
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
 def uniform_noise(
-    shape: tuple[int, int], *, seed: int, offset: int, row_offset: int = 0, device: torch.device
+    shape: tuple[int, int], *, seed: int, offset: int | torch.Tensor, row_offset: int = 0, device: torch.device
 ) -> torch.Tensor:
     """Counter-based uniform noise in [0, 1): element (g, n) is a pure function of
     (seed, offset, (row_offset + g) * N + n).
@@ -49,13 +70,14 @@ def uniform_noise(
     kernels compute exactly the same values, so the reference and the kernels draw the same
     samples. A function of the row's global index: a batch split over ranks or micro-batches
     (each with its ``row_offset``) draws what the whole batch draws. No generator state, no
-    host sync, capturable in a CUDA graph.
+    host sync, capturable in a CUDA graph. ``offset`` may be a 0-dim int64 tensor on ``device``
+    (see :func:`mix_seed_on_device`).
 
     Returns:
         [G, N] float32, multiples of 2**-24.
     """
     G, N = shape
-    key = mix_seed(seed, offset)
+    key = sampling_key(seed, offset)
     rows = torch.arange(row_offset, row_offset + G, device=device, dtype=torch.int64)
     counter = rows[:, None] * N + torch.arange(N, device=device, dtype=torch.int64)
     z = counter * _as_int64(_GOLDEN) + key
@@ -70,7 +92,7 @@ def sample_without_replacement(
     k: int,
     *,
     seed: int,
-    offset: int = 0,
+    offset: int | torch.Tensor = 0,
     row_offset: int = 0,
     mode: str = "weighted",
 ) -> torch.Tensor:
@@ -85,6 +107,7 @@ def sample_without_replacement(
             In ``uniform`` mode only the shape and device are used.
         k: items to keep per group, 1 <= k <= N.
         seed, offset: the randomness; the same (seed, offset, shape) gives the same draw.
+            ``offset`` may be a 0-dim int64 tensor on the weights' device.
         row_offset: global index of row 0 (for a slice of a larger batch).
         mode: ``"weighted"`` (probability proportional to weights) or ``"uniform"``.
 
@@ -142,7 +165,7 @@ def gather_rows(x_GNC: torch.Tensor, idx_GK: torch.Tensor) -> torch.Tensor:
 
 
 def select_and_gather(
-    scores_GN: torch.Tensor, x_GNC: torch.Tensor, k: int, *, seed: int, offset: int = 0, row_offset: int = 0
+    scores_GN: torch.Tensor, x_GNC: torch.Tensor, k: int, *, seed: int, offset: int | torch.Tensor = 0, row_offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples k rows per group by ``scores`` (weighted, without replacement) and gathers them.
 

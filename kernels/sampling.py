@@ -67,11 +67,20 @@ def _sample_keys(w_ptr, stride_wn, row, cols, valid, N, key, UNIFORM: tl.constex
 
 
 @triton.jit
+def _load_key(key, key_ptr, KEY_IN_MEMORY: tl.constexpr):
+    """The sampling key: the scalar argument, or (for a device-side offset) read from memory."""
+    if KEY_IN_MEMORY:
+        return tl.load(key_ptr)
+    return key
+
+
+@triton.jit
 def _sample_kernel(
-    w_ptr, idx_ptr, N, k, stride_wg, stride_wn, key, row_offset,
-    UNIFORM: tl.constexpr, BLOCK_N: tl.constexpr,
+    w_ptr, idx_ptr, N, k, stride_wg, stride_wn, key, key_ptr, row_offset,
+    UNIFORM: tl.constexpr, KEY_IN_MEMORY: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     group = tl.program_id(0)
+    key = _load_key(key, key_ptr, KEY_IN_MEMORY)
     cols = tl.arange(0, BLOCK_N)
     valid = cols < N
     keys = _sample_keys(w_ptr + group * stride_wg, stride_wn, row_offset + group, cols, valid, N, key, UNIFORM)
@@ -79,34 +88,68 @@ def _sample_kernel(
     tl.store(idx_ptr + group * k + rank, cols.to(tl.int64), mask=selected)
 
 
-def _launch_sample(weights_GN: torch.Tensor, k: int, seed: int, offset: int, row_offset: int, uniform: bool) -> torch.Tensor:
+def key_arguments(seed: int, offset: int, offset_tensor: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
+    """(scalar key, key tensor) for a kernel launch: the key is mixed on the host from an int
+    offset, or on the device from ``offset_tensor`` (then the scalar is unused)."""
+    if offset_tensor is None:
+        return reference.mix_seed(seed, offset), None
+    return 0, reference.mix_seed_on_device(seed, offset_tensor).reshape(1)
+
+
+def _launch_sample(
+    weights_GN: torch.Tensor, k: int, seed: int, offset: int, offset_tensor: torch.Tensor | None, row_offset: int, uniform: bool
+) -> torch.Tensor:
     G, N = weights_GN.shape
     idx = torch.empty(G, k, device=weights_GN.device, dtype=torch.int64)
     if G == 0:
         return idx
+    key, key_tensor = key_arguments(seed, offset, offset_tensor)
     BLOCK_N = block_size(N)
     _sample_kernel[(G,)](
-        weights_GN, idx, N, k, weights_GN.stride(0), weights_GN.stride(1), reference.mix_seed(seed, offset), row_offset,
-        UNIFORM=uniform, BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
+        weights_GN, idx, N, k, weights_GN.stride(0), weights_GN.stride(1), key,
+        idx if key_tensor is None else key_tensor, row_offset,
+        UNIFORM=uniform, KEY_IN_MEMORY=key_tensor is not None, BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
     )
     return idx
 
 
 @torch.library.custom_op("umt_kernels::sample_without_replacement", mutates_args=())
-def _sample_op(weights_GN: torch.Tensor, k: int, seed: int, offset: int, row_offset: int, uniform: bool) -> torch.Tensor:
+def _sample_op(
+    weights_GN: torch.Tensor, k: int, seed: int, offset: int, offset_tensor: torch.Tensor | None, row_offset: int, uniform: bool
+) -> torch.Tensor:
     if use_triton(weights_GN):
-        return _launch_sample(weights_GN, k, seed, offset, row_offset, uniform)
+        return _launch_sample(weights_GN, k, seed, offset, offset_tensor, row_offset, uniform)
     mode = "uniform" if uniform else "weighted"
-    return reference.sample_without_replacement(weights_GN, k, seed=seed, offset=offset, row_offset=row_offset, mode=mode)
+    return reference.sample_without_replacement(
+        weights_GN, k, seed=seed, offset=offset if offset_tensor is None else offset_tensor, row_offset=row_offset, mode=mode
+    )
 
 
 @_sample_op.register_fake
-def _(weights_GN, k, seed, offset, row_offset, uniform):
+def _(weights_GN, k, seed, offset, offset_tensor, row_offset, uniform):
     return weights_GN.new_empty((weights_GN.shape[0], k), dtype=torch.int64)
 
 
+def split_offset(offset: int | torch.Tensor, device: torch.device) -> tuple[int, torch.Tensor | None]:
+    """An op's ``offset`` argument as (int, None) or (0, 0-dim int64 tensor on ``device``)."""
+    if not isinstance(offset, torch.Tensor):
+        return int(offset), None
+    if offset.dim() != 0 or offset.dtype != torch.int64 or offset.device != device:
+        raise ValueError(
+            f"a tensor offset must be a 0-dim int64 tensor on {device}, got {offset.dtype} of shape "
+            f"{tuple(offset.shape)} on {offset.device}"
+        )
+    return 0, offset
+
+
 def sample_without_replacement(
-    weights_GN: torch.Tensor, k: int, *, seed: int, offset: int = 0, row_offset: int = 0, mode: str = "weighted"
+    weights_GN: torch.Tensor,
+    k: int,
+    *,
+    seed: int,
+    offset: int | torch.Tensor = 0,
+    row_offset: int = 0,
+    mode: str = "weighted",
 ) -> torch.Tensor:
     """Draws k of N items per group without replacement (Gumbel-top-k); sorted indices.
 
@@ -115,8 +158,12 @@ def sample_without_replacement(
             drawn only when fewer than k items have positive weight. Unused in ``uniform`` mode
             (only its shape and device matter).
         k: items per group, 1 <= k <= N.
-        seed, offset: Python ints; the same (seed, offset) gives the same draw, with no host
-            sync and no generator state. The training loop passes (run seed, step).
+        seed, offset: the same (seed, offset) gives the same draw, with no host sync and no
+            generator state. The training loop passes (run seed, step). ``offset`` is a Python
+            int, or a 0-dim int64 tensor on the weights' device: then it is read on the device
+            when the op runs, so a captured CUDA graph draws anew on each replay after the
+            tensor is updated in place (e.g. ``step_counter.fill_(step)``). Both forms draw
+            identically for equal values.
         row_offset: the global index of row 0 when ``weights_GN`` is a slice of a larger
             batch: the draw of a row depends on (seed, offset, row_offset + g) only, so a batch
             split over ranks or micro-batches draws exactly what the whole batch draws.
@@ -127,4 +174,5 @@ def sample_without_replacement(
         the reference return identical indices (same counter-based noise, ties by index).
     """
     reference.check_sampling_args(weights_GN, k, mode)
-    return _sample_op(weights_GN, k, seed, offset, row_offset, mode == "uniform")
+    offset, offset_tensor = split_offset(offset, weights_GN.device)
+    return _sample_op(weights_GN, k, seed, offset, offset_tensor, row_offset, mode == "uniform")

@@ -280,6 +280,9 @@ BAD = [
     (["--optim.lr", "nan"], "optim.lr", "nan"),
     (["--train.seed", "-1"], "train.seed", "-1"),
     (["--optim.warmup_lr", "-0.5"], "optim.warmup_lr", "-0.5"),
+    (["--train.cuda_graphs", "true", "--train.precision", "fp16"], "train.precision", "fp16"),
+    (["--train.cuda_graphs", "true", "--dist.strategy", "fsdp"], "dist.strategy", "fsdp"),
+    (["--train.cuda_graphs", "true", "--train.device", "cpu"], "train.cuda_graphs", "cpu"),
 ]
 
 

@@ -55,6 +55,31 @@ def test_sampling_is_reproducible_and_depends_on_seed_and_offset():
     assert not torch.equal(a, umt_kernels.sample_without_replacement(w, 10, seed=6, offset=7))
 
 
+@pytest.mark.parametrize("seed", [0, 5, 2**32 - 1])
+def test_a_device_offset_mixes_to_the_host_key(seed):
+    for offset in (0, 1, 7, 2**31, 2**40 + 3, 2**62, 2**63 - 1):
+        assert reference.mix_seed_on_device(seed, torch.tensor(offset)).item() == reference.mix_seed(seed, offset)
+
+
+def test_a_tensor_offset_draws_what_the_int_offset_draws():
+    w, x = torch.rand(6, 30), torch.randn(6, 30, 5)
+    for offset in (0, 9, 123456789012):
+        t = torch.tensor(offset)
+        for mode in ("weighted", "uniform"):
+            expected = umt_kernels.sample_without_replacement(w, 7, seed=3, offset=offset, row_offset=2, mode=mode)
+            got = umt_kernels.sample_without_replacement(w, 7, seed=3, offset=t, row_offset=2, mode=mode)
+            assert torch.equal(got, expected)
+        idx, rows = umt_kernels.select_and_gather(w, x, 7, seed=3, offset=t)
+        assert torch.equal(idx, umt_kernels.sample_without_replacement(w, 7, seed=3, offset=offset))
+        assert torch.equal(rows, reference.gather_rows(x, idx))
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(1.0), torch.tensor([1]), torch.tensor(1, dtype=torch.int32)])
+def test_a_bad_tensor_offset_is_refused(bad):
+    with pytest.raises(ValueError, match="0-dim int64"):
+        umt_kernels.sample_without_replacement(torch.rand(2, 5), 2, seed=0, offset=bad)
+
+
 def test_noise_is_uniform_and_a_function_of_the_global_row():
     u = reference.uniform_noise((4000, 50), seed=3, offset=1, device=torch.device("cpu")).double()
     assert ((u >= 0) & (u < 1)).all()
@@ -189,3 +214,17 @@ def test_ops_compile_with_fullgraph_on_the_reference_path():
     torch.testing.assert_close(out, step(*args))
     out.backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_ops_compile_with_fullgraph_with_a_device_offset():
+    def draw(w, counter):
+        uniform = umt_kernels.sample_without_replacement(w, 3, seed=0, offset=counter, mode="uniform")
+        return umt_kernels.sample_without_replacement(w, 3, seed=0, offset=counter), uniform
+
+    w, counter = torch.rand(4, 9), torch.tensor(5)
+    compiled = torch.compile(draw, fullgraph=True, backend="aot_eager")
+    for value in (5, 6):  # the same compiled graph reads the counter's new value
+        counter.fill_(value)
+        expected = [umt_kernels.sample_without_replacement(w, 3, seed=0, offset=value, mode=m) for m in ("weighted", "uniform")]
+        for got, want in zip(compiled(w, counter), expected):
+            assert torch.equal(got, want)

@@ -53,6 +53,20 @@ def test_a_slice_of_the_batch_draws_what_the_whole_batch_draws():
     assert torch.equal(torch.cat(halves), whole)
 
 
+def test_a_device_offset_draws_what_the_int_offset_draws():
+    """The key read from memory (CUDA-graph replays) keys the same draw as the scalar key."""
+    weights, rows = _rand(5, 29), _randn(5, 29, 70)
+    for offset in (4, 2**40 + 1):
+        t = torch.tensor(offset, device=DEVICE)
+        for mode in ("weighted", "uniform"):
+            expected = reference.sample_without_replacement(weights, 6, seed=1, offset=offset, row_offset=3, mode=mode)
+            got = umt_kernels.sample_without_replacement(weights, 6, seed=1, offset=t, row_offset=3, mode=mode)
+            assert torch.equal(got, expected)
+        idx, gathered = umt_kernels.select_and_gather(weights, rows, 6, seed=1, offset=t)
+        assert torch.equal(idx, reference.sample_without_replacement(weights, 6, seed=1, offset=offset))
+        assert torch.equal(gathered, reference.gather_rows(rows, idx))
+
+
 def test_sampler_reads_non_contiguous_weights():
     weights_NG = _rand(33, 4) + 0.01
     idx = umt_kernels.sample_without_replacement(weights_NG.t(), 5, seed=1, offset=0)

@@ -92,6 +92,36 @@ def test_config_errors_stop_before_any_work(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_graphs_without_a_gpu_stop_before_any_work(tmp_path, capsys):
+    run_dir = tmp_path / "never"
+    assert main(["--run-dir", str(run_dir), "--train.cuda_graphs", "true"] + SMALL) == 2
+    assert "train.cuda_graphs=True needs a CUDA device" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graph_run_resumes_and_tracks_the_eager_run(tmp_path):
+    """fp32 on the GPU: a graph-replayed run logs the eager run's losses, and a run resumed
+    from its step-6 checkpoint (warming up and capturing again) continues it."""
+    def args(max_steps, graphs):
+        return SMALL + ["--train.max_steps", str(max_steps), "--checkpoint.every_steps", "6",
+                        "--train.precision", "fp32", "--train.cuda_graphs", str(graphs).lower()]
+
+    eager, graphed, resumed = (str(tmp_path / name) for name in ("eager", "graphed", "resumed"))
+    assert main(["--run-dir", eager] + args(10, False)) == 0
+    assert main(["--run-dir", graphed] + args(10, True)) == 0
+    expected, got = _losses_by_step(eager), _losses_by_step(graphed)
+    assert sorted(got) == list(range(1, 11))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5)
+    assert main(["--run-dir", resumed] + args(6, True)) == 0
+    assert main(["--run-dir", resumed, "--resume", "auto"] + args(10, True)) == 0
+    again = _losses_by_step(resumed)
+    for step in range(7, 11):
+        assert again[step] == pytest.approx(got[step], rel=1e-4, abs=1e-5)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_call = loop.PretrainStep.__call__
 

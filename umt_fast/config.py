@@ -301,6 +301,9 @@ class TrainConfig:
     """torch.compile backend (inductor; aot_eager for a fast check on a CPU)."""
     activation_checkpointing: str = "off"
     """Recompute student block activations in the backward: off, all, or N (the first N blocks)."""
+    cuda_graphs: bool = False
+    """Capture the whole optimizer step in one CUDA graph after a few eager warm-up steps and
+    replay it (CUDA only; one process or DDP; not with fp16 or FSDP2)."""
 
     def validate(self) -> None:
         _check_types(self.SECTION, self)
@@ -538,6 +541,20 @@ def validate(cfg: PretrainConfig) -> None:
         cfg.mask.ratio,
         f"must leave at least one visible token per frame of {s_grid * s_grid} tokens",
     )
+
+    if cfg.train.cuda_graphs:
+        _require(
+            cfg.train.precision != "fp16", "train.precision", cfg.train.precision,
+            "must be bf16 or fp32 with train.cuda_graphs (fp16 loss scaling reads back to the host)",
+        )
+        _require(
+            cfg.dist.strategy != "fsdp", "dist.strategy", cfg.dist.strategy,
+            "must be ddp with train.cuda_graphs (FSDP2's all-gathers cannot be captured)",
+        )
+        _require(
+            cfg.train.device != "cpu", "train.cuda_graphs", cfg.train.cuda_graphs,
+            "needs a CUDA device, but train.device is cpu",
+        )
 
     # Required values that have no sensible default.
     if cfg.teacher.weights == "":

@@ -39,7 +39,7 @@ def sample_visible_tokens(
     patches_per_frame: int,
     ratio: float,
     seed: int,
-    offset: int,
+    offset: int | torch.Tensor,
     device: torch.device,
     cls_attn_BTP: torch.Tensor | None = None,
     first_clip: int = 0,
@@ -52,7 +52,8 @@ def sample_visible_tokens(
             (``cls_attn_BTP`` [B, T, P] required). ``tube``: one uniform per-frame draw of
             the same size, repeated over all frames. ``random``: uniform over all T * P
             tokens, T*P - int(T*P*ratio) kept.
-        seed, offset: randomness; the training loop passes (train seed, step).
+        seed, offset: randomness; the training loop passes (train seed, step). ``offset`` may
+            be a 0-dim int64 tensor on ``device`` (a device-side step counter).
         first_clip: the global index (within the step's global batch) of clip 0 of this batch.
             A clip's mask depends on (seed, offset, its global index) only, so the masks do
             not change with the number of ranks or micro-batches.

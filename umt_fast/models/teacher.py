@@ -128,14 +128,15 @@ class TeacherOutput:
         return self._project_rows(rows_BNX.view(B, -1, L, W))
 
     def sample_visible(
-        self, visible_per_frame: int, *, seed: int, offset: int, first_clip: int = 0
+        self, visible_per_frame: int, *, seed: int, offset: int | torch.Tensor, first_clip: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention masking and target gather in one fused launch.
 
         Per frame, draws ``visible_per_frame`` patches without replacement in proportion to
         ``cls_attn`` and gathers their residual-stream rows (umt_kernels.select_and_gather).
         The indices equal ``sample_visible_tokens("attention", ...)`` for the same seed, offset
-        and ``first_clip`` (the global index of clip 0 in the step's batch).
+        and ``first_clip`` (the global index of clip 0 in the step's batch); ``offset`` may be a
+        0-dim int64 device tensor.
 
         Returns:
             (visible_idx_BN [B, T*k] int64 ascending, targets [L, B, T*k, Ct] L2-normalised).

@@ -34,6 +34,7 @@ from umt_fast.distributed import DistInfo, all_reduce_sum, barrier, init_distrib
 from umt_fast.launch import open_run_dir
 from umt_fast.models import build_student, build_teacher
 from umt_fast.models.attention import set_attention_backend
+from umt_fast.train.cuda_graph import CUDAGraphStep
 from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages
 from umt_fast.train.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.train.step import PretrainStep
@@ -138,6 +139,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     """Runs (or resumes) stage-1 pre-training as ``cfg`` says; returns where things are."""
     info = init_distributed(cfg.train.device)
     plan = plan_batches(cfg, info.world_size)
+    if cfg.train.cuda_graphs and info.device.type != "cuda":
+        raise ValueError(f"train.cuda_graphs=True needs a CUDA device, but training runs on {info.device}")
     if info.is_main:
         check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)  # refuse before touching anything
     resume_path, logger = open_run_dir(cfg, info)
@@ -166,7 +169,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
     student.set_activation_checkpointing(cfg.train.checkpointed_blocks(student.arch.depth))
     _compile(student, teacher, cfg.train.compile, cfg.train.compile_backend)
     model = wrap_student(student, cfg.dist.strategy, info, low_precision)
-    optimizer = build_optimizer(model, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+    optimizer = build_optimizer(
+        model, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps, capturable=cfg.train.cuda_graphs
+    )
     scaler = torch.amp.GradScaler("cuda") if low_precision == torch.float16 else None
     budget = BadSampleBudget(cfg.data.max_bad_fraction)
 
@@ -195,10 +200,11 @@ def train(cfg: PretrainConfig) -> TrainResult:
             metrics.write({"event": "resume", "step": start_step, "checkpoint": resume_path})
     log.info(
         "preset %s | student %s (%.1fM params) | teacher %s | %d clips | global batch %d = %d ranks x %d x %d "
-        "micro-batches | %d steps (%d per epoch) | %s, %s, attention %s, compile %s",
+        "micro-batches | %d steps (%d per epoch) | %s, %s, attention %s, compile %s, CUDA graphs %s",
         cfg.preset, cfg.student.size, sum(p.numel() for p in student.parameters()) / 1e6, cfg.teacher.arch,
         len(records), G, info.world_size, plan.micro, plan.accumulation, last_step, steps_per_epoch, device,
         cfg.train.precision if device.type == "cuda" else "fp32", cfg.train.attention, cfg.train.compile,
+        "on" if cfg.train.cuda_graphs else "off",
     )
 
     dataset = PretrainClipDataset(records, cfg.data.num_frames, cfg.data.img_size, seed=cfg.train.seed, flip=cfg.data.flip)
@@ -211,6 +217,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
         mask_policy=cfg.mask.policy, mask_ratio=cfg.mask.ratio, seed=cfg.train.seed, device=device,
         autocast_dtype=low_precision, grad_scaler=scaler, rank=info.rank, first_clip=info.rank * plan.per_rank,
     )
+    if cfg.train.cuda_graphs:
+        step_fn = CUDAGraphStep(step_fn)
 
     figures = None
     if cfg.log.mask_figure_every_steps > 0 and info.is_main:

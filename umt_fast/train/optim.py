@@ -21,11 +21,39 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    capturable: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW with the fused kernel (CUDA and CPU): one launch for all parameters, and no
-    read-back of the step counter to the host."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=True)
+    read-back of the step counter to the host.
+
+    With ``capturable`` (for CUDA-graph capture) the learning rate is a 0-dim tensor on the
+    parameters' device, shared by every group; :meth:`WarmupCosineSchedule.set_lr` updates it
+    in place.
+    """
+    if capturable:
+        device = next(model.parameters()).device
+        lr = torch.tensor(lr, dtype=torch.float32, device=device)
+    return torch.optim.AdamW(
+        param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=True, capturable=capturable
+    )
+
+
+def use_lr_tensor(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """Makes every param group's lr one shared 0-dim fp32 tensor on ``device`` (its current value
+    kept) and returns it. A restored optimizer state can bring the lr back as a float or a
+    tensor of its own; a captured graph needs the one tensor that set_lr updates."""
+    first = optimizer.param_groups[0]["lr"]
+    value = float(first) if not isinstance(first, torch.Tensor) else first.detach()
+    lr = torch.empty((), dtype=torch.float32, device=device)
+    lr.copy_(torch.as_tensor(value, dtype=torch.float32))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 class WarmupCosineSchedule:
@@ -53,7 +81,11 @@ class WarmupCosineSchedule:
         return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1 + math.cos(math.pi * i / n))
 
     def set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Sets every group's lr for ``step`` (in place, with no host sync, when it is a tensor)."""
         lr = self(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         return lr

@@ -79,8 +79,12 @@ class PretrainStep:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def micro_batch_loss(self, video_BTHWC: torch.Tensor, step: int, first_clip: int) -> torch.Tensor:
-        """Forward of one micro-batch: uint8 [m, T, H, W, 3] -> 0-dim fp32 loss (with graph)."""
+    def micro_batch_loss(self, video_BTHWC: torch.Tensor, step: int | torch.Tensor, first_clip: int) -> torch.Tensor:
+        """Forward of one micro-batch: uint8 [m, T, H, W, 3] -> 0-dim fp32 loss (with graph).
+
+        ``step`` keys the masks: a Python int, or a 0-dim int64 tensor on the device (read
+        there, so that a captured CUDA graph draws new masks on every replay).
+        """
         video = normalize_video(video_BTHWC.to(self.device, non_blocking=True))
         with torch.no_grad(), self._autocast():
             teacher_out = self.teacher(video)
@@ -115,7 +119,17 @@ class PretrainStep:
         """
         if isinstance(micro_batches, torch.Tensor):
             micro_batches = [micro_batches]
-        torch.manual_seed(mix_seed(self.seed, step) + self.rank)  # drop path: reproducible on resume
+        self.seed_random_streams(step)
+        return self.run(micro_batches, step)
+
+    def seed_random_streams(self, step: int) -> None:
+        """Seeds torch's generators (drop path) from (seed, step, rank): reproducible on resume."""
+        torch.manual_seed(mix_seed(self.seed, step) + self.rank)
+
+    def run(self, micro_batches: list[torch.Tensor], step: int | torch.Tensor) -> torch.Tensor:
+        """The step's device work, without seeding: zero the gradients, forward and backward
+        every micro-batch, step the optimizer. Capturable in a CUDA graph when ``step`` is a
+        device tensor and there is no GradScaler (see umt_fast.train.cuda_graph)."""
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         first_clip, count = self.first_clip, len(micro_batches)
