@@ -33,8 +33,10 @@ import torch
 
 from benchmarks.common import BASELINES, OPS, UMT_L, bytes_moved, make_inputs, run_op
 
-GPU_TESTS = (  # the tests whose GPU branches only run here: kernels compiled, attention backends, host syncs
+GPU_TESTS = (  # the tests whose GPU branches only run here: kernels compiled, attention backends, host syncs,
+    # CUDA-graph capture (step and whole run)
     "tests/test_kernels_triton.py", "tests/test_attention.py", "tests/test_step.py", "tests/test_models.py",
+    "tests/test_pretrain.py::test_cuda_graph_run_resumes_and_tracks_the_eager_run",
 )
 A100_BF16_TFLOPS = 312.0  # dense peak, for the wall-clock projection of the published schedule
 K710_CLIPS, STAGE1_EPOCHS, PUBLISHED_HOURS = 658_000, 200, 104
