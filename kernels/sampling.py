@@ -69,8 +69,8 @@ def _sample_keys(w_ptr, stride_wn, row, cols, valid, N, key, UNIFORM: tl.constex
 @triton.jit
 def _load_key(key, key_ptr, KEY_IN_MEMORY: tl.constexpr):
     """The sampling key: the scalar argument, or (for a device-side offset) read from memory."""
-    if KEY_IN_MEMORY:
-        return tl.load(key_ptr)
+    if KEY_IN_MEMORY:  # one return: the compiler types every return, even in a dead branch
+        key = tl.load(key_ptr)
     return key
 
 
