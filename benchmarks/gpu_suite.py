@@ -1,6 +1,6 @@
 """The one-command GPU check: kernel tests compiled for real, kernel and step benchmarks.
 
-    python -m benchmarks.gpu_suite [--out DIR] [--skip-tests] [--max-batch N]
+    python -m benchmarks.gpu_suite [--out DIR] [--skip-tests] [--max-batch N] [--compile-modes blocks,model]
     python -m benchmarks.gpu_suite --tiny        # the same step rows with tiny models, on a CPU
 
 Prints a markdown table last (paste it into benchmarks/RESULTS.md) and writes
@@ -138,9 +138,13 @@ def _largest_batch(try_batch, batches):
     raise RuntimeError(f"not even a batch of {batches[-1]} fits")
 
 
-def step_rows(device: torch.device, tiny: bool, matmul_tflops: float, max_batch: int = 64) -> list[dict]:
-    """Per preset: our step (with its parts) and the reference-style step, at the largest batch
-    that fits (up to ``max_batch``), synthetic uint8 clips already on the device."""
+def step_rows(
+    device: torch.device, tiny: bool, matmul_tflops: float, max_batch: int = 64, compile_modes: tuple[str, ...] = ()
+) -> list[dict]:
+    """Per preset: our step (with its parts), replayed from a CUDA graph (GPU), compiled per
+    ``compile_modes`` (``blocks``/``model``, as --train.compile), and the reference-style step,
+    each at the largest batch that fits (up to ``max_batch``), synthetic uint8 clips already on
+    the device."""
     import umt_kernels
     from benchmarks.reference_style import ReferenceStyleStep
     from umt_fast.losses import alignment_loss
@@ -213,6 +217,26 @@ def step_rows(device: torch.device, tiny: bool, matmul_tflops: float, max_batch:
             ms = _time(lambda: step(video_u8, next(counter)), device, warmup=3, reps=reps)
             return ms, torch.cuda.max_memory_allocated() / 2**30
 
+        def compiled(mode):
+            def run(batch):
+                import copy
+
+                from umt_fast.train.loop import _compile
+
+                c_student, c_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+                _compile(c_student, c_teacher, mode, "aot_eager" if tiny else "inductor")
+                optimizer = build_optimizer(c_student, 1e-4, 0.05, (0.9, 0.95), 1e-8)
+                step = PretrainStep(c_student, c_teacher, optimizer, mask_policy="attention", mask_ratio=cfg.mask.ratio,
+                                    seed=0, device=device, autocast_dtype=autocast)
+                video_u8 = torch.randint(0, 256, (batch, T, S, S, 3), dtype=torch.uint8, device=device)
+                counter = iter(range(10**9))
+                step(video_u8, next(counter))  # compiles
+                if on_gpu:
+                    torch.cuda.reset_peak_memory_stats()
+                ms = _time(lambda: step(video_u8, next(counter)), device, warmup=2, reps=reps)
+                return ms, torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+            return run
+
         def reference_style(batch):
             ref_student = type(student)(student.arch).to(device)
             ref_student.load_state_dict(student.state_dict())
@@ -229,6 +253,7 @@ def step_rows(device: torch.device, tiny: bool, matmul_tflops: float, max_batch:
 
         results = {}
         paths = [("umt_fast", ours)] + ([("umt_fast + CUDA graphs", graphed)] if on_gpu else [])
+        paths += [(f"umt_fast + compile {mode}", compiled(mode)) for mode in compile_modes]
         for name, fn in paths + [("reference-style", reference_style)]:
             try:
                 batch, out = _largest_batch(fn, batches)
@@ -282,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_suite.json")
     parser.add_argument("--skip-tests", action="store_true", help="skip the kernel tests")
     parser.add_argument("--max-batch", type=int, default=64, help="largest step batch to try")
+    parser.add_argument("--compile-modes", default="",
+                        help="comma-separated --train.compile modes (blocks,model) to add as step rows; compiling "
+                             "UMT-B and UMT-L takes minutes, so they are off by default")
     parser.add_argument("--tiny", action="store_true",
                         help="the demo's tiny models at batch 2, no kernel tests or kernel rows: runs on a CPU in seconds")
     args = parser.parse_args(argv)
@@ -302,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         sections += [("tests", lambda: None if args.skip_tests else run_kernel_tests()),
                      ("copy_GBps", copy_bandwidth_gbps),
                      ("kernels", lambda: kernel_rows(report["copy_GBps"]))]
-    sections.append(("steps", lambda: step_rows(device, args.tiny, report["matmul_TFLOPs"], args.max_batch)))
+    compile_modes = tuple(m for m in args.compile_modes.split(",") if m)
+    unknown = set(compile_modes) - {"blocks", "model"}
+    if unknown:
+        parser.error(f"--compile-modes takes blocks and/or model, got {sorted(unknown)}")
+    sections.append(("steps", lambda: step_rows(device, args.tiny, report["matmul_TFLOPs"], args.max_batch, compile_modes)))
     for key, fn in sections:
         try:
             report[key] = fn()

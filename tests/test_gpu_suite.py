@@ -27,3 +27,18 @@ def test_model_flops_match_the_published_costs():
     student = StudentArch(width=1024, depth=24, heads=16, teacher_dim=768)
     flops = gpu_suite.model_flops_per_clip(teacher, student, teacher.grid, 320)
     assert 1.55e12 < flops < 1.7e12  # UMT-L: ~1.0 teacher + ~0.62 student (DESIGN.md)
+
+
+def test_tiny_mode_adds_a_row_per_compile_mode(tmp_path):
+    assert gpu_suite.main(["--tiny", "--compile-modes", "blocks", "--out", str(tmp_path)]) == 0
+    rows = {row["path"]: row for row in json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]}
+    assert set(rows) == {"umt_fast", "umt_fast + compile blocks", "reference-style"}
+    assert "error" not in rows["umt_fast + compile blocks"] and rows["umt_fast + compile blocks"]["clips/s"] > 0
+
+
+def test_unknown_compile_mode_is_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        gpu_suite.main(["--tiny", "--compile-modes", "fast"])
+    assert "--compile-modes" in capsys.readouterr().err
