@@ -179,3 +179,48 @@ def test_activation_checkpointing_rejects_bad_counts():
     student = interop.load_student(ref.random_student_state_dict(64, 2, 1, 1, 8), num_frames=T, img_size=IMG)
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
         student.set_activation_checkpointing(3)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_teacher_layernorm_in_bf16_is_an_fp32_layernorm_rounded_once(autocast):
+    """The bf16 teacher's LayerNorm runs PyTorch's 16-bit kernel: its output must be the
+    float64 LayerNorm rounded to bf16 (within one bf16 step), also under autocast, which would
+    otherwise hand back fp32."""
+    from umt_fast.models.teacher import LayerNormFP32
+
+    gen = torch.Generator().manual_seed(0)
+    ln = LayerNormFP32(96, eps=1e-5)
+    with torch.no_grad():
+        ln.weight.copy_(torch.rand(96, generator=gen) + 0.5)
+        ln.bias.copy_(torch.randn(96, generator=gen))
+    ln = ln.to(torch.bfloat16)
+    x = (torch.randn(300, 96, generator=gen) * 3 + 1).to(torch.bfloat16)
+    expected = torch.nn.functional.layer_norm(
+        x.double(), (96,), ln.weight.double(), ln.bias.double(), 1e-5
+    ).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = ln(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=1e-6)
+
+
+def test_teacher_layernorm_in_bf16_is_one_16_bit_op():
+    """One native LayerNorm on the bf16 tensor: no fp32 copies of the activations around it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from umt_fast.models.teacher import LayerNormFP32
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append((func.overloadpacket.__name__, args[0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    ln = LayerNormFP32(32).to(torch.bfloat16)
+    x = torch.randn(10, 32).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), Record() as record:
+        ln(x)
+    assert record.ops == [("native_layer_norm", torch.bfloat16)]

@@ -38,9 +38,19 @@ class TeacherArch:
 
 
 class LayerNormFP32(nn.LayerNorm):
-    """CLIP's LayerNorm: statistics and affine in fp32 whatever the input dtype."""
+    """CLIP's LayerNorm: statistics and affine in fp32 whatever the input dtype, output in the
+    input's dtype.
+
+    For a bf16/fp16 input with weights of the same dtype (the frozen teacher in low precision)
+    PyTorch's own kernel does exactly that in one pass (fp32 statistics and affine, one
+    rounding of the output), reading and writing 16-bit values; casting to fp32 around it
+    would triple the memory traffic, and autocast would add the casts back, so it is off here.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == x.dtype:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
         return out.to(x.dtype)
 
