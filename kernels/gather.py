@@ -120,7 +120,7 @@ def _select_and_gather_kernel(
     key = _load_key(key, key_ptr, KEY_IN_MEMORY)
     cols = tl.arange(0, BLOCK_N)
     valid = cols < N
-    keys = _sample_keys(w_ptr + group * stride_wg, stride_wn, row_offset + group, cols, valid, N, key, False)
+    keys = _sample_keys(w_ptr + group * stride_wg, stride_wn, row_offset + group, cols, valid, N, key, 0)  # weighted
     selected, rank = _topk_rank(keys, valid, K)
     if cb == 0:
         tl.store(idx_ptr + group * K + rank, cols.to(tl.int64), mask=selected)

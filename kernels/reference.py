@@ -104,19 +104,27 @@ def sample_without_replacement(
     Args:
         weights_GN: [G, N] non-negative weights (any float dtype; need not sum to 1).
             Items with weight 0 are drawn only if fewer than k items have positive weight.
-            In ``uniform`` mode only the shape and device are used.
+            In ``uniform`` mode only the shape and device are used; in ``topk`` mode any
+            real values.
         k: items to keep per group, 1 <= k <= N.
         seed, offset: the randomness; the same (seed, offset, shape) gives the same draw.
             ``offset`` may be a 0-dim int64 tensor on the weights' device.
         row_offset: global index of row 0 (for a slice of a larger batch).
-        mode: ``"weighted"`` (probability proportional to weights) or ``"uniform"``.
+        mode: ``"weighted"`` (probability proportional to weights), ``"uniform"``, or
+            ``"topk"`` (deterministic: the k largest weights, ties in index order; seed and
+            offset unused).
 
     Returns:
         idx_GK: [G, k] int64, ascending within each row, no duplicates.
     """
     check_sampling_args(weights_GN, k, mode)
+    if mode == "topk":
+        return sample_from_noise(weights_GN, k, None, mode)
     u = uniform_noise(tuple(weights_GN.shape), seed=seed, offset=offset, row_offset=row_offset, device=weights_GN.device)
     return sample_from_noise(weights_GN, k, u, mode)
+
+
+SAMPLING_MODES = ("weighted", "uniform", "topk")
 
 
 def check_sampling_args(weights_GN: torch.Tensor, k: int, mode: str) -> None:
@@ -125,15 +133,17 @@ def check_sampling_args(weights_GN: torch.Tensor, k: int, mode: str) -> None:
     num_items = weights_GN.shape[1]
     if not 1 <= k <= num_items:
         raise ValueError(f"k must be in [1, N={num_items}], got {k}")
-    if mode not in ("weighted", "uniform"):
-        raise ValueError(f"mode must be 'weighted' or 'uniform', got {mode!r}")
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {mode!r}")
 
 
-def sample_from_noise(weights_GN: torch.Tensor, k: int, u_GN: torch.Tensor, mode: str) -> torch.Tensor:
+def sample_from_noise(weights_GN: torch.Tensor, k: int, u_GN: torch.Tensor | None, mode: str) -> torch.Tensor:
     """The selection rule given uniform noise ``u_GN`` in [0, 1): the k largest Gumbel keys
-    ``log(w) - log(-log(u))`` (weighted) or of ``u`` itself (uniform), equal keys taken in
-    index order, returned ascending."""
-    if mode == "uniform":
+    ``log(w) - log(-log(u))`` (weighted), of ``u`` itself (uniform) or of ``w`` (topk, no
+    noise), equal keys taken in index order, returned ascending."""
+    if mode == "topk":
+        keys = weights_GN.float()
+    elif mode == "uniform":
         keys = u_GN
     else:
         keys = torch.log(weights_GN.float()) - torch.log(-torch.log(u_GN.clamp_min(2.0**-25)))

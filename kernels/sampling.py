@@ -54,15 +54,22 @@ def _uniform_noise(key, rows, cols, N):
     return (z >> 40).to(tl.float32) * 5.9604644775390625e-08  # 2 ** -24
 
 
+MODES = {"weighted": 0, "uniform": 1, "topk": 2}  # the kernels' MODE constexpr
+
+
 @triton.jit
-def _sample_keys(w_ptr, stride_wn, row, cols, valid, N, key, UNIFORM: tl.constexpr):
-    """Gumbel keys log(w) - log(-log(u)) (or u itself when UNIFORM) for one row."""
-    noise = _uniform_noise(key, row, cols, N)
-    if UNIFORM:
-        keys = noise
+def _sample_keys(w_ptr, stride_wn, row, cols, valid, N, key, MODE: tl.constexpr):
+    """One row's keys: Gumbel keys log(w) - log(-log(u)) (weighted), the noise u itself
+    (uniform) or the weights themselves (topk)."""
+    if MODE == 2:
+        keys = tl.load(w_ptr + cols * stride_wn, mask=valid, other=0.0).to(tl.float32)
     else:
-        w = tl.load(w_ptr + cols * stride_wn, mask=valid, other=1.0).to(tl.float32)
-        keys = tl.log(w) - tl.log(-tl.log(tl.maximum(noise, 2.9802322387695312e-08)))  # 2 ** -25
+        noise = _uniform_noise(key, row, cols, N)
+        if MODE == 1:
+            keys = noise
+        else:
+            w = tl.load(w_ptr + cols * stride_wn, mask=valid, other=1.0).to(tl.float32)
+            keys = tl.log(w) - tl.log(-tl.log(tl.maximum(noise, 2.9802322387695312e-08)))  # 2 ** -25
     return keys
 
 
@@ -77,13 +84,13 @@ def _load_key(key, key_ptr, KEY_IN_MEMORY: tl.constexpr):
 @triton.jit
 def _sample_kernel(
     w_ptr, idx_ptr, N, k, stride_wg, stride_wn, key, key_ptr, row_offset,
-    UNIFORM: tl.constexpr, KEY_IN_MEMORY: tl.constexpr, BLOCK_N: tl.constexpr,
+    MODE: tl.constexpr, KEY_IN_MEMORY: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     group = tl.program_id(0)
     key = _load_key(key, key_ptr, KEY_IN_MEMORY)
     cols = tl.arange(0, BLOCK_N)
     valid = cols < N
-    keys = _sample_keys(w_ptr + group * stride_wg, stride_wn, row_offset + group, cols, valid, N, key, UNIFORM)
+    keys = _sample_keys(w_ptr + group * stride_wg, stride_wn, row_offset + group, cols, valid, N, key, MODE)
     selected, rank = _topk_rank(keys, valid, k)
     tl.store(idx_ptr + group * k + rank, cols.to(tl.int64), mask=selected)
 
@@ -97,7 +104,7 @@ def key_arguments(seed: int, offset: int, offset_tensor: torch.Tensor | None) ->
 
 
 def _launch_sample(
-    weights_GN: torch.Tensor, k: int, seed: int, offset: int, offset_tensor: torch.Tensor | None, row_offset: int, uniform: bool
+    weights_GN: torch.Tensor, k: int, seed: int, offset: int, offset_tensor: torch.Tensor | None, row_offset: int, mode: str
 ) -> torch.Tensor:
     G, N = weights_GN.shape
     idx = torch.empty(G, k, device=weights_GN.device, dtype=torch.int64)
@@ -108,25 +115,24 @@ def _launch_sample(
     _sample_kernel[(G,)](
         weights_GN, idx, N, k, weights_GN.stride(0), weights_GN.stride(1), key,
         idx if key_tensor is None else key_tensor, row_offset,
-        UNIFORM=uniform, KEY_IN_MEMORY=key_tensor is not None, BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
+        MODE=MODES[mode], KEY_IN_MEMORY=key_tensor is not None, BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
     )
     return idx
 
 
 @torch.library.custom_op("umt_kernels::sample_without_replacement", mutates_args=())
 def _sample_op(
-    weights_GN: torch.Tensor, k: int, seed: int, offset: int, offset_tensor: torch.Tensor | None, row_offset: int, uniform: bool
+    weights_GN: torch.Tensor, k: int, seed: int, offset: int, offset_tensor: torch.Tensor | None, row_offset: int, mode: str
 ) -> torch.Tensor:
     if use_triton(weights_GN):
-        return _launch_sample(weights_GN, k, seed, offset, offset_tensor, row_offset, uniform)
-    mode = "uniform" if uniform else "weighted"
+        return _launch_sample(weights_GN, k, seed, offset, offset_tensor, row_offset, mode)
     return reference.sample_without_replacement(
         weights_GN, k, seed=seed, offset=offset if offset_tensor is None else offset_tensor, row_offset=row_offset, mode=mode
     )
 
 
 @_sample_op.register_fake
-def _(weights_GN, k, seed, offset, offset_tensor, row_offset, uniform):
+def _(weights_GN, k, seed, offset, offset_tensor, row_offset, mode):
     return weights_GN.new_empty((weights_GN.shape[0], k), dtype=torch.int64)
 
 
@@ -156,7 +162,7 @@ def sample_without_replacement(
     Args:
         weights_GN: [G, N] fp32/bf16/fp16, non-negative, any strides. Zero-weight items are
             drawn only when fewer than k items have positive weight. Unused in ``uniform`` mode
-            (only its shape and device matter).
+            (only its shape and device matter); any real values in ``topk`` mode.
         k: items per group, 1 <= k <= N.
         seed, offset: the same (seed, offset) gives the same draw, with no host sync and no
             generator state. The training loop passes (run seed, step). ``offset`` is a Python
@@ -167,7 +173,9 @@ def sample_without_replacement(
         row_offset: the global index of row 0 when ``weights_GN`` is a slice of a larger
             batch: the draw of a row depends on (seed, offset, row_offset + g) only, so a batch
             split over ranks or micro-batches draws exactly what the whole batch draws.
-        mode: ``weighted`` (probability proportional to the weights) or ``uniform``.
+        mode: ``weighted`` (probability proportional to the weights), ``uniform``, or
+            ``topk`` (no randomness: the k largest weights, equal weights taken in index
+            order; seed and offset are ignored).
 
     Returns:
         [G, k] int64, strictly ascending per row. Not differentiable. The Triton kernel and
@@ -175,4 +183,4 @@ def sample_without_replacement(
     """
     reference.check_sampling_args(weights_GN, k, mode)
     offset, offset_tensor = split_offset(offset, weights_GN.device)
-    return _sample_op(weights_GN, k, seed, offset, offset_tensor, row_offset, mode == "uniform")
+    return _sample_op(weights_GN, k, seed, offset, offset_tensor, row_offset, mode)

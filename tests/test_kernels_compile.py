@@ -79,6 +79,7 @@ CASES = {
         lambda: _sample(E(B * T, N), K, offset=torch.tensor(3)), ()),
     "sample-weighted-odd-G3xN7-k3-strided-fp32": (lambda: _sample(E(N, 3).t()[:, :7], 3), ()),
     "sample-uniform-odd-G5xN33-k1": (lambda: _sample(E(5, 33), 1, mode="uniform"), ()),
+    "sample-topk-G512xN196-k40-bf16": (lambda: _sample(E(B * T, N, dtype=bf16), K, mode="topk"), ()),
     # select_and_gather: cls attention [B*T, N] (fp32) and the teacher's rows [B*T, N, C]
     "select_and_gather-G512xN196xC1024-k40-bf16": (lambda: _select_and_gather(E(B * T, N), E(B * T, N, C, dtype=bf16), K), ()),
     "select_and_gather-G512xN196xC1024-k40-fp32": (lambda: _select_and_gather(E(B * T, N), E(B * T, N, C), K), ()),

@@ -80,6 +80,16 @@ def test_a_bad_tensor_offset_is_refused(bad):
         umt_kernels.sample_without_replacement(torch.rand(2, 5), 2, seed=0, offset=bad)
 
 
+def test_topk_mode_keeps_the_largest_weights_ties_in_index_order():
+    w = torch.tensor([[0.1, 0.5, 0.5, 0.2, 0.9], [3.0, -1.0, 2.0, 2.0, 2.0]])
+    assert umt_kernels.sample_without_replacement(w, 3, seed=0, mode="topk").tolist() == [[1, 2, 4], [0, 2, 3]]
+    assert umt_kernels.sample_without_replacement(w, 2, seed=0, mode="topk").tolist() == [[1, 4], [0, 2]]
+    x = torch.randn(7, 40)
+    for seed, offset in ((0, 0), (5, 9)):
+        idx = umt_kernels.sample_without_replacement(x, 6, seed=seed, offset=offset, mode="topk")
+        assert torch.equal(idx, torch.topk(x, 6, dim=1).indices.sort(dim=1).values)
+
+
 def test_noise_is_uniform_and_a_function_of_the_global_row():
     u = reference.uniform_noise((4000, 50), seed=3, offset=1, device=torch.device("cpu")).double()
     assert ((u >= 0) & (u < 1)).all()

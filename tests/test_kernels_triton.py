@@ -36,7 +36,7 @@ def _randn(*shape, dtype=torch.float32, seed=0):
 
 @pytest.mark.parametrize("G,N,k", [(3, 7, 1), (2, 7, 7), (4, 50, 10), (2, 196, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["weighted", "uniform"])
+@pytest.mark.parametrize("mode", ["weighted", "uniform", "topk"])
 def test_sampler_draws_exactly_what_the_reference_draws(G, N, k, dtype, mode):
     weights = _rand(G, N, dtype=dtype) + 0.01
     idx = umt_kernels.sample_without_replacement(weights, k, seed=11, offset=3, row_offset=5, mode=mode)
