@@ -359,6 +359,186 @@ def test_decode_other_container_and_timestamp_gap(clips, tmp_path):
     np.testing.assert_array_equal(got.numpy(), sequential_frames(src, [135, 136, 136, 136, 137, 138]))
 
 
+def nonref_frame_indices(path: str) -> set[int]:
+    """Indices of the frames no other frame may use, read from the NAL headers of an H.264 or
+    HEVC stream in MP4 or Matroska (length-prefixed NAL units): nal_ref_idc 0 in H.264, the
+    sub-layer non-reference types (even types up to 14) in HEVC."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        codec, extradata = stream.codec_context.codec.name, stream.codec_context.extradata
+        length_size = (extradata[4] & 3) + 1 if codec == "h264" else (extradata[21] & 3) + 1
+        ticks_per_frame = 1 / (stream.time_base * stream.average_rate)
+        start = stream.start_time or 0
+        nonref = set()
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue
+            data, i, slice_refs = bytes(packet), 0, []
+            while i < len(data):
+                size = int.from_bytes(data[i : i + length_size], "big")
+                header = data[i + length_size]
+                if codec == "h264" and header & 31 in (1, 5):
+                    slice_refs.append(header >> 5 != 0)
+                elif codec == "hevc" and (header >> 1) & 63 < 32:
+                    nal_type = (header >> 1) & 63
+                    slice_refs.append(not (nal_type <= 14 and nal_type % 2 == 0))
+                i += length_size + size
+            if slice_refs and not any(slice_refs):
+                nonref.add(round((packet.pts - start) / ticks_per_frame))
+    return nonref
+
+
+def all_frames(path: str) -> np.ndarray:
+    with av.open(path) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def index_sets_around(nonref: set[int], keyframes: list[int], n: int, seed: int) -> list[list[int]]:
+    """Wanted index sets that touch what skipping could get wrong: non-reference frames
+    themselves, their neighbours, keyframes and the frames before them, runs, random spreads."""
+    rng = random.Random(seed)
+    nonref_list = sorted(nonref)
+    sets = [[i] for i in nonref_list[:: max(1, len(nonref_list) // 12)]]
+    sets += [[i - 1, i + 1] for i in nonref_list[1::7] if 0 < i < n - 1]
+    sets += [[k - 1, k] for k in keyframes if k > 0]
+    sets += [list(range(s, min(n, s + 5))) for s in rng.sample(range(n), 5)]
+    for _ in range(25):
+        sets.append(rng.sample(range(n), rng.randint(1, 10)))
+        sets.append([rng.choice(nonref_list) for _ in range(rng.randint(1, 4))] + [rng.randrange(n)])
+    sets.append(np.linspace(0, n - 1, 8).astype(int).tolist())
+    return sets
+
+
+def _encode_for_skip_test(tmp_path, codec: str) -> str:
+    if codec in ("h264", "h264_no_pyramid"):
+        # libx264's defaults: 3 B-frames, B-pyramid (reference and non-reference B-frames);
+        # without the pyramid, all B-frames are non-reference and follow each other.
+        options = {"preset": "veryfast"} | ({"x264-params": "b-pyramid=none"} if codec == "h264_no_pyramid" else {})
+        return write_synthetic_video(
+            str(tmp_path / f"{codec}.mp4"), num_frames=120, width=160, height=96, fps=30, codec="libx264",
+            pattern="motion", gop=40, options=options,
+        )  # fmt: skip
+    if "libx265" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libx265 encoder")
+    params = "log-level=error" + (":temporal-layers=3" if codec == "hevc_temporal_layers" else "")
+    return write_synthetic_video(
+        str(tmp_path / f"{codec}.mp4"), num_frames=120, width=160, height=96, fps=30, codec="libx265",
+        pattern="motion", gop=40, options={"preset": "veryfast", "x265-params": params},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("codec", ["h264", "h264_no_pyramid", "hevc", "hevc_temporal_layers", "bikes"])
+def test_decode_frames_skipping_nonref_frames_is_exact(clips, tmp_path, codec):
+    """The frames decode_frames returns while skipping non-reference frames are bit-identical
+    to a full sequential decode, for index sets around the frames it skips."""
+    path = clips["bikes"] if codec == "bikes" else _encode_for_skip_test(tmp_path, codec)
+    nonref = nonref_frame_indices(path)
+    frames = all_frames(path)
+    n = len(frames)
+    assert len(nonref) > n // 5, "the clip should have many non-reference frames"
+    for indices in index_sets_around(nonref, keyframe_indices(path), n, seed=len(codec)):
+        np.testing.assert_array_equal(decode_frames(path, indices).numpy(), frames[indices], err_msg=str(indices))
+
+
+@pytest.fixture
+def decoded_frame_indices(monkeypatch):
+    """Records the frame index of every frame the decoder outputs during decode_frames."""
+    from umt_fast.data import decoding
+
+    produced: list[int] = []
+    decode_packet = decoding._decode_packet
+
+    def counting(codec_context, packet):
+        frames = decode_packet(codec_context, packet)
+        for frame in frames:
+            stream = packet.stream
+            produced.append(round((frame.pts - (stream.start_time or 0)) * stream.time_base * stream.average_rate))
+        return frames
+
+    monkeypatch.setattr(decoding, "_decode_packet", counting)
+    return produced
+
+
+@pytest.mark.parametrize("codec", ["h264", "hevc", "hevc_temporal_layers", "vp9"])
+def test_decode_frames_skips_exactly_the_unneeded_nonref_frames(tmp_path, monkeypatch, decoded_frame_indices, codec):
+    from umt_fast.data import decoding
+
+    if codec == "vp9":
+        path = write_synthetic_video(str(tmp_path / "vp9.webm"), num_frames=60, width=64, height=64, pattern="motion", gop=20)
+        nonref = set()
+    else:
+        path = _encode_for_skip_test(tmp_path, codec)
+        nonref = nonref_frame_indices(path)
+    keyframes = keyframe_indices(path)
+    frames = all_frames(path)
+    # One frame at the end of the first GOP: decoding starts at frame 0 and must produce every
+    # frame up to it but the non-reference ones, which nothing needs (with HEVC only when the
+    # stream has one temporal sub-layer; VP9 has no such frames).
+    w = keyframes[1] - 1
+    skippable = {i for i in nonref if i < w} if codec in ("h264", "hevc") else set()
+    if codec in ("h264", "hevc"):
+        assert len(skippable) > w // 4
+
+    monkeypatch.setattr(decoding, "SKIP_UNNEEDED_FRAMES", False)
+    np.testing.assert_array_equal(decode_frames(path, [w]).numpy(), frames[[w]])
+    assert {i for i in decoded_frame_indices if i <= w} == set(range(w + 1))
+    decoded_before = len(decoded_frame_indices)
+
+    decoded_frame_indices.clear()
+    monkeypatch.setattr(decoding, "SKIP_UNNEEDED_FRAMES", True)
+    np.testing.assert_array_equal(decode_frames(path, [w]).numpy(), frames[[w]])
+    assert {i for i in decoded_frame_indices if i <= w} == set(range(w + 1)) - skippable
+    assert len(decoded_frame_indices) <= decoded_before - len(skippable) + 4  # the tail: a few frames past w
+
+    # A wanted non-reference frame and its non-reference neighbour before it are decoded.
+    if codec == "h264":
+        pairs = [i for i in sorted(nonref) if i - 1 in nonref and 0 < i < w]
+        i = pairs[0] if pairs else max(i for i in nonref if i < w)
+        decoded_frame_indices.clear()
+        np.testing.assert_array_equal(decode_frames(path, [i - 1, i]).numpy(), frames[[i - 1, i]])
+        assert {i - 1, i} <= set(decoded_frame_indices)
+
+
+def drop_packets(src: str, dst: str, drop: set[int]) -> str:
+    """Copy the video stream of `src` into `dst` without the packets of the frames `drop`
+    (non-reference frames: the rest still decodes to the same pictures)."""
+    with av.open(src) as inp, av.open(dst, "w") as out:
+        stream_in = inp.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        ticks_per_frame = 1 / (stream_in.time_base * stream_in.average_rate)
+        start = stream_in.start_time or 0
+        for packet in inp.demux(stream_in):
+            if packet.dts is None or round((packet.pts - start) / ticks_per_frame) in drop:
+                continue
+            packet.stream = stream_out
+            out.mux(packet)
+    return dst
+
+
+def test_decode_frames_skipping_keeps_the_frame_shown_at_a_timestamp_gap(tmp_path):
+    """Indices without a frame (dropped non-reference frames) show the frame before, even when
+    that one is a non-reference frame nothing else asks for."""
+    src = _encode_for_skip_test(tmp_path, "h264_no_pyramid")
+    nonref = nonref_frame_indices(src)
+    frames = all_frames(src)
+    n = len(frames)
+    # Drop non-reference frames whose frame before is non-reference too (the frame shown in the
+    # gap is one the decoder would otherwise skip).
+    drop = {i for i in sorted(nonref) if i - 1 in nonref and 0 < i < n - 2}
+    assert drop, "the clip should have neighbouring non-reference frames"
+    drop = set(sorted(drop)[::2])
+    gap = drop_packets(src, str(tmp_path / "gap.mkv"), drop)
+    shown = [max(j for j in range(i + 1) if j not in drop) for i in range(n)]
+    rng = random.Random(0)
+    sets = [[i] for i in sorted(drop)] + [[i - 2, i, i + 1] for i in sorted(drop) if i >= 2]
+    sets += [rng.sample(range(n - 1), rng.randint(1, 8)) for _ in range(30)]
+    with av.open(gap) as container:
+        assert container.streams.video[0].average_rate == 30
+    for indices in sets:
+        expected = frames[[shown[i] for i in indices]]
+        np.testing.assert_array_equal(decode_frames(gap, indices).numpy(), expected, err_msg=str(indices))
+
+
 def test_decode_errors_name_path_and_reason(clips, corrupt_videos, tmp_path):
     for kind, path in corrupt_videos.items():
         for read in (count_frames, lambda p: decode_frames(p, [0, 1])):

@@ -4,13 +4,20 @@ A frame's index comes from its timestamp, not from how many frames were decoded 
     index = round((frame.pts - stream.start_time) * stream.time_base * stream.average_rate)
 so that decoding can start at a keyframe in the middle of the video and still be exact. Only
 what is needed is decoded: for each run of wanted frames, from the keyframe before it (a seek)
-to the last frame of the run; the frames between runs are never decoded.
+to the last frame of the run; the frames between runs are never decoded. Within a run, a frame
+that nothing needs is skipped when it is a non-reference frame (most B-frames of H.264 and
+HEVC): the decoder is told per packet to discard non-reference pictures (`skip_frame =
+"NONREF"`) unless the packet's frame is wanted, or is the frame that would be shown at a wanted
+index (see `_decode_needed`). No later frame depends on a non-reference frame, so the frames
+kept are bit-identical to a full decode. Other codecs (VP9, AV1, MJPEG, ...) and HEVC with
+temporal sub-layers decode every frame of a run, as before.
 Every failure surfaces as a `VideoDecodeError` naming the file and the reason, so a data
 loader can skip the video instead of crashing.
 """
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import io
 import logging
@@ -28,6 +35,16 @@ from av.video.reformatter import VideoReformatter
 __all__ = ["VideoDecodeError", "VideoInfo", "count_frames", "decode_frames", "probe_video"]
 
 logger = logging.getLogger(__name__)
+
+# Skip the non-reference frames that no wanted frame needs. False decodes every frame from the
+# seek to the last frame of a run (the behaviour before; kept for comparison and as a way out
+# should some decoder mishandle per-packet `skip_frame`).
+SKIP_UNNEEDED_FRAMES = True
+
+# How many packets past the current one the decoder may demux to learn that a frame is not
+# needed (that some other frame is shown at the wanted index). H.264 and HEVC reorder at most 16
+# frames, so the next frame in presentation order is within this window.
+_LOOKAHEAD_PACKETS = 32
 
 # What PyAV raises on unreadable input. av's errors subclass FFmpegError (and OSError or
 # ValueError); EOFError comes from truncated streams.
@@ -225,6 +242,109 @@ def _seek_runs(wanted: list[int], keyframes: Sequence[int]) -> list[list[int]]:
     return runs
 
 
+def _decode_packet(codec_context: av.video.codeccontext.VideoCodecContext, packet: av.Packet) -> list[av.VideoFrame]:
+    """The frames the decoder returns after `packet` (a function of its own so that tests can
+    count them)."""
+    return codec_context.decode(packet)
+
+
+def _discards_only_unused_frames(codec_context: av.video.codeccontext.VideoCodecContext) -> bool:
+    """Whether this stream's decoder, told `skip_frame = "NONREF"` for a packet, discards only
+    a frame that no other frame uses, and reads the setting per packet.
+
+    H.264: yes (FFmpeg drops the slices with nal_ref_idc 0). HEVC: FFmpeg drops every
+    "sub-layer non-reference" picture, which pictures of a higher temporal sub-layer may still
+    use, so only when the stream has one temporal sub-layer, as the hvcC extradata of MP4 and
+    Matroska says (numTemporalLayers, the 3 bits after the first 2 of byte 21). Any other codec
+    (VP9, AV1, MJPEG, ...): not used; its frames are all decoded as before.
+    """
+    name = codec_context.codec.name
+    if name == "h264":
+        return True
+    if name == "hevc":
+        extradata = codec_context.extradata
+        return extradata is not None and len(extradata) > 22 and extradata[0] == 1 and (extradata[21] >> 3) & 7 == 1
+    return False
+
+
+def _decode_needed(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    path: str,
+    wanted: list[int],
+    skip: bool,
+) -> Iterator[av.VideoFrame]:
+    """Decode `stream` from where the demuxer stands, yielding frames in presentation order.
+
+    With `skip`, and a decoder that allows it (`_discards_only_unused_frames`: H.264, HEVC
+    with one temporal sub-layer), the decoder discards the non-reference frames (`skip_frame =
+    "NONREF"`, set per packet) of the packets whose frame nothing needs. The frame at index p is needed when p is
+    in the sorted `wanted`, or when it may be the frame shown at the first wanted index w after
+    p: it is not needed once a packet with an index in (p, w] has been demuxed, looking up to
+    `_LOOKAHEAD_PACKETS` packets ahead (then the frame shown at w is a later one). A frame after
+    the last wanted index is not needed once that index has a packet of its own (else the first
+    frame after it tells that the index has none, see `_decode_wanted`). Packets without a
+    timestamp are always decoded. Reference frames are always decoded, whatever the setting.
+
+    A demux error met while looking ahead is raised only when decoding reaches that point, as
+    it would be without the look-ahead.
+    """
+    codec_context = stream.codec_context
+    packets = container.demux(stream)
+    if not (skip and _discards_only_unused_frames(codec_context)):
+        codec_context.skip_frame = "DEFAULT"
+        for packet in packets:
+            yield from _decode_packet(codec_context, packet)
+        return
+
+    index_of = _pts_to_index(stream, path)
+    ahead: collections.deque[tuple[av.Packet, int | None]] = collections.deque()
+    demuxed: list[int] = []  # sorted frame indices of the packets demuxed so far
+    error: Exception | None = None
+    exhausted = False
+
+    def demux_one() -> bool:
+        nonlocal error, exhausted
+        if exhausted:
+            return False
+        try:
+            packet = next(packets)
+        except StopIteration:
+            exhausted = True
+            return False
+        except _AV_ERRORS as e:
+            error, exhausted = e, True
+            return False
+        index = index_of(packet.pts) if packet.pts is not None and packet.size > 0 else None
+        if index is not None:
+            bisect.insort(demuxed, index)
+        ahead.append((packet, index))
+        return True
+
+    def demuxed_in(lo: int, hi: int) -> bool:
+        """Whether a packet with an index in (lo, hi] has been demuxed."""
+        i = bisect.bisect_right(demuxed, lo)
+        return i < len(demuxed) and demuxed[i] <= hi
+
+    wanted_set, last = set(wanted), wanted[-1]
+    mode = None
+    while ahead or demux_one():
+        packet, index = ahead.popleft()
+        unneeded = False
+        if index is not None and index not in wanted_set:
+            j = bisect.bisect_right(wanted, index)
+            lo, hi = (index, wanted[j]) if j < len(wanted) else (last - 1, last)
+            unneeded = demuxed_in(lo, hi)
+            while not unneeded and len(ahead) < _LOOKAHEAD_PACKETS and demux_one():
+                unneeded = demuxed_in(lo, hi)
+        new_mode = "NONREF" if unneeded else "DEFAULT"
+        if new_mode != mode:
+            codec_context.skip_frame = mode = new_mode
+        yield from _decode_packet(codec_context, packet)
+    if error is not None:
+        raise error
+
+
 def _decode_wanted(
     container: av.container.InputContainer,
     stream: av.video.stream.VideoStream,
@@ -238,7 +358,8 @@ def _decode_wanted(
     With `seek`, starts at the keyframe at or before `wanted[0]`; returns None if the seek
     failed or landed after `wanted[0]`, so the caller can decode from the start instead.
     A frame index that the timestamps skip (variable frame rate) gets the frame shown at
-    that time, i.e. the previous one.
+    that time, i.e. the previous one. Non-reference frames that none of this needs are not
+    decoded (`_decode_needed`).
     """
     frames_per_tick = stream.time_base * _frame_rate(stream, path)
     start = stream.start_time or 0
@@ -265,7 +386,7 @@ def _decode_wanted(
 
     out: dict[int, np.ndarray] = {}
     k, prev, last_index = 0, None, -1
-    for frame in container.decode(stream):
+    for frame in _decode_needed(container, stream, path, wanted, skip=SKIP_UNNEEDED_FRAMES):
         index = index_of(frame)
         if prev is None and seek and index > wanted[0]:
             return None
