@@ -72,6 +72,7 @@ from umt_fast.models.classifier import VideoViT, VideoViTArch
 from umt_fast.train.logging import MetricsWriter, ProgressLine
 from umt_fast.train.loop import check_finite_loss
 from umt_fast.train.optim import WarmupCosineSchedule
+from umt_fast.train.stopping import StopOnSignal, stop_run
 
 log = logging.getLogger(__name__)
 
@@ -535,6 +536,7 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
 
     batches = iter(loader)
     model.train()
+    stop = StopOnSignal(info.distributed).install()
     try:
         for step in range(start_step, last_step):
             batch = next(batches)
@@ -549,13 +551,16 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
             done = step + 1
             is_last = done == last_step
             save_now = done % cfg.checkpoint.every_steps == 0 or is_last
-            if done % cfg.log.every_steps == 0 or save_now:
+            stopping = False
+            if done % cfg.log.every_steps == 0 or save_now or stop.check_every_step:
                 # The only host sync: once per logging window, summed over ranks.
-                counts = torch.tensor([budget.num_skipped, budget.num_seen], device=device, dtype=torch.float32)
+                counts = torch.tensor([budget.num_skipped, budget.num_seen, stop.flag], device=device, dtype=torch.float32)
                 totals = all_reduce_sum(torch.cat([loss_sum.view(1), correct_sum.view(1), counts])).tolist()
                 last_loss = totals[0] / (window_steps * info.world_size)
                 train_top1 = 100.0 * totals[1] / window_clips
                 num_skipped, num_seen = int(totals[2]), int(totals[3])
+                stopping = totals[4] > 0
+                save_now = save_now or stopping
                 check_finite_loss(last_loss, done - window_steps + 1, done, last_checkpoint)
                 elapsed = time.perf_counter() - window_start
                 if info.is_main:
@@ -581,7 +586,10 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
                 last_checkpoint = ckpt.save_checkpoint(cfg.run_dir, done, model, optimizer, meta,
                                                        keep_last=cfg.checkpoint.keep_last, info=info)  # fmt: skip
                 log.info("saved checkpoint %s", last_checkpoint)
+            if stopping and not is_last:
+                raise stop_run(stop, done, last_checkpoint, metrics)
     finally:
+        stop.restore()
         if progress is not None:
             progress.close()
         if metrics is not None:

@@ -21,7 +21,8 @@ def run_training_command(
     """Parse and check the config, run, and report; returns the process exit code.
 
     A bad config or input (ValueError / FileNotFoundError) prints ``error: ...`` and returns 2
-    before any work; Ctrl-C returns 130 with the resume command. The process group is torn
+    before any work; Ctrl-C returns 130 with the resume command; a run stopped by SIGTERM or
+    SIGUSR1 (umt_fast.train.stopping) returns 128 + the signal number, its checkpoint saved. The process group is torn
     down whatever happens, and rank 0 prints ``summary(result)``. ``load_train`` imports the
     training function, so that torch loads only once the config is valid.
     """
@@ -37,12 +38,16 @@ def run_training_command(
         return 2
 
     from umt_fast.distributed import destroy_distributed
+    from umt_fast.train.stopping import TrainingStopped
 
     try:
         result = load_train()(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        print(f"{stopped}\nresume with --resume auto --run-dir {cfg.run_dir}", file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted; resume with --resume auto --run-dir " + cfg.run_dir, file=sys.stderr)
         return 130

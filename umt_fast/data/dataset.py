@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import signal
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -392,9 +393,14 @@ class PositionSampler(Sampler[int]):
         )
 
 
-def _init_worker(worker_id: int) -> None:
-    # Parallelism comes from the workers; intra-op threads would oversubscribe the cores.
+def init_worker(worker_id: int) -> None:
+    """A decoding worker's setup: one intra-op thread (parallelism comes from the workers, more
+    threads would oversubscribe the cores), and SIGTERM / SIGUSR1 ignored: a scheduler that
+    signals the whole process group asks the training process to stop after a checkpoint
+    (umt_fast.train.stopping), which then shuts its workers down itself."""
     torch.set_num_threads(1)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_pretrain_loader(
@@ -427,5 +433,5 @@ def build_pretrain_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        worker_init_fn=_init_worker if num_workers > 0 else None,
+        worker_init_fn=init_worker if num_workers > 0 else None,
     )

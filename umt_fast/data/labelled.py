@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .annotations import VideoRecord
-from .dataset import PositionSampler
+from .dataset import PositionSampler, init_worker
 from .decoding import VideoDecodeError, count_frames, decode_frames
 from .transforms import tsn_frame_indices
 
@@ -180,10 +180,6 @@ def collate_labelled(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {"video": videos, "label": labels, "skipped": [p for s in samples for p in s["skipped"]]}
 
 
-def _init_worker(worker_id: int) -> None:
-    torch.set_num_threads(1)
-
-
 def build_finetune_loader(
     dataset: FinetuneClipDataset, batch_size: int, start_position: int, num_workers: int, pin_memory: bool,
     global_batch_size: int | None = None, rank: int = 0, world_size: int = 1,
@@ -198,7 +194,7 @@ def build_finetune_loader(
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
         collate_fn=collate_labelled, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=num_workers > 0, worker_init_fn=_init_worker if num_workers > 0 else None,
+        persistent_workers=num_workers > 0, worker_init_fn=init_worker if num_workers > 0 else None,
     )  # fmt: skip
 
 

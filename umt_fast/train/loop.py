@@ -38,6 +38,7 @@ from umt_fast.train.cuda_graph import CUDAGraphStep
 from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages
 from umt_fast.train.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.train.step import PretrainStep
+from umt_fast.train.stopping import StopOnSignal, stop_run
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     window_start = time.perf_counter()
     model.train()
     batches = iter(loader)
+    stop = StopOnSignal(info.distributed).install()
     try:
         for step in range(start_step, last_step):
             fetch_start = time.perf_counter()
@@ -254,12 +256,15 @@ def train(cfg: PretrainConfig) -> TrainResult:
 
             is_last = done == last_step
             save_now = done % cfg.checkpoint.every_steps == 0 or is_last
-            if done % cfg.log.every_steps == 0 or save_now:
+            stopping = False
+            if done % cfg.log.every_steps == 0 or save_now or stop.check_every_step:
                 # The only host sync: once per logging window, summed over ranks.
-                counts = torch.tensor([budget.num_skipped, budget.num_seen], device=device, dtype=torch.float32)
+                counts = torch.tensor([budget.num_skipped, budget.num_seen, stop.flag], device=device, dtype=torch.float32)
                 totals = all_reduce_sum(torch.cat([loss_sum.view(1), counts])).tolist()
                 last_loss = totals[0] / (window_steps * info.world_size)
                 num_skipped, num_seen = int(totals[1]), int(totals[2])
+                stopping = totals[3] > 0
+                save_now = save_now or stopping
                 check_finite_loss(last_loss, done - window_steps + 1, done, last_checkpoint)
                 elapsed = time.perf_counter() - window_start
                 clips_per_s = window_steps * G / elapsed
@@ -294,7 +299,10 @@ def train(cfg: PretrainConfig) -> TrainResult:
                     cfg.run_dir, done, model, optimizer, meta, keep_last=cfg.checkpoint.keep_last, info=info
                 )
                 log.info("saved checkpoint %s", last_checkpoint)
+            if stopping and not is_last:
+                raise stop_run(stop, done, last_checkpoint, metrics)
     finally:
+        stop.restore()
         if progress is not None:
             progress.close()
         if metrics is not None:

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from umt_fast.data.annotations import read_annotation_list
+from umt_fast.data.dataset import init_worker
 from umt_fast.data.decoding import VideoDecodeError, count_frames, decode_frames
 from umt_fast.data.transforms import crop_resize_flip, tsn_frame_indices
 
@@ -247,6 +248,7 @@ class InterleavedStream:
             self.loaders.append(iter(DataLoader(
                 d, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
                 pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                worker_init_fn=init_worker if num_workers > 0 else None,
             )))  # fmt: skip
         self._order: tuple[int, list[int]] | None = None
 

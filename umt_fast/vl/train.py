@@ -34,6 +34,7 @@ from umt_fast.models.attention import set_attention_backend
 from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages
 from umt_fast.train.loop import check_finite_loss, seed_everything
 from umt_fast.train.optim import WarmupCosineSchedule, build_optimizer
+from umt_fast.train.stopping import StopOnSignal, stop_run
 from umt_fast.vl import data as vl_data
 from umt_fast.vl.losses import mask_tokens
 from umt_fast.vl.model import (
@@ -271,6 +272,7 @@ def train(cfg: VLPretrainConfig) -> TrainResult:
     window_steps, media_counts = 0, {"video": 0, "image": 0}
     window_start = time.perf_counter()
     wrapped.train()
+    stop = StopOnSignal(info.distributed).install()
     try:
         for step in range(start_step, last_step):
             media, batch = next(stream)
@@ -281,8 +283,13 @@ def train(cfg: VLPretrainConfig) -> TrainResult:
             done = step + 1
             is_last = done == last_step
             save_now = done % cfg.checkpoint.every_steps == 0 or is_last
-            if done % cfg.log.every_steps == 0 or save_now:
-                values = (all_reduce_sum(loss_sum.clone()) / (window_steps * info.world_size)).tolist()
+            stopping = False
+            if done % cfg.log.every_steps == 0 or save_now or stop.check_every_step:
+                flag = torch.full((1,), stop.flag, device=device)
+                totals = all_reduce_sum(torch.cat([loss_sum, flag])).tolist()  # the one host sync per window
+                values = [v / (window_steps * info.world_size) for v in totals[:-1]]
+                stopping = totals[-1] > 0
+                save_now = save_now or stopping
                 last_loss = values[0]
                 check_finite_loss(last_loss, done - window_steps + 1, done, last_checkpoint)
                 elapsed = time.perf_counter() - window_start
@@ -303,10 +310,13 @@ def train(cfg: VLPretrainConfig) -> TrainResult:
                 last_checkpoint = ckpt.save_checkpoint(cfg.run_dir, done, wrapped, optimizer, meta,
                                                        keep_last=cfg.checkpoint.keep_last, info=info)  # fmt: skip
                 log.info("saved checkpoint %s", last_checkpoint)
+            if stopping and not is_last:
+                raise stop_run(stop, done, last_checkpoint, metrics)
         export_path = export_reference(wrapped, text_arch, os.path.join(cfg.run_dir, EXPORT_NAME), info)
         if export_path:
             log.info("wrote %s (the reference's stage-2 naming)", export_path)
     finally:
+        stop.restore()
         if progress is not None:
             progress.close()
         if metrics is not None:
