@@ -33,6 +33,7 @@ def _worker(rank, world, port, out_dir):
         loss.backward()
         torch.save({"loss": loss.detach(), "gv": v_local.grad, "gt": t_local.grad, "gtemp": temp.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while the other's collectives are in flight
     finally:
         dist.destroy_process_group()
 
