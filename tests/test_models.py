@@ -224,3 +224,67 @@ def test_teacher_layernorm_in_bf16_is_one_16_bit_op():
     with torch.autocast("cpu", dtype=torch.bfloat16), Record() as record:
         ln(x)
     assert record.ops == [("native_layer_norm", torch.bfloat16)]
+
+
+def test_drop_path_scales_follow_the_drop_law_and_the_clip_index():
+    from umt_fast.models.student import drop_path_scales
+
+    probs = [0.0, 0.25, 0.5]
+    scales = drop_path_scales(probs, 4000, seed=3, offset=7, first_clip=0, device=torch.device("cpu"))
+    assert scales.shape == (3, 4000, 2)
+    for p, block in zip(probs, scales):
+        kept = block > 0
+        assert torch.all(block[kept] == 1 / (1 - p)) and torch.all(block[~kept] == 0)
+        assert abs(kept.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / 8000) ** 0.5 + 1e-9
+    halves = [drop_path_scales(probs, 2000, seed=3, offset=7, first_clip=f, device=torch.device("cpu")) for f in (0, 2000)]
+    assert torch.equal(torch.cat(halves, dim=1), scales)  # the same draws however the batch is split
+    assert not torch.equal(drop_path_scales(probs, 4000, seed=3, offset=8, first_clip=0, device=torch.device("cpu")), scales)
+
+
+def test_block_applies_the_drop_path_factors_per_clip():
+    from umt_fast.models.student import Block
+
+    torch.manual_seed(0)
+    block = Block(32, 2, 4.0, drop_path=0.5).train()
+    x = torch.randn(3, 5, 32)
+    scales = torch.tensor([[0.0, 2.0], [2.0, 0.0], [2.0, 2.0]])
+    out = block(x, scales)
+    for b in range(3):
+        xb = x[b:b + 1]
+        h = xb + scales[b, 0] * block.attn(block.norm1(xb))
+        expected = h + scales[b, 1] * block.mlp(block.norm2(h))
+        torch.testing.assert_close(out[b:b + 1], expected)
+
+
+def test_student_with_drop_path_is_the_same_whole_or_split_and_checkpointed():
+    """Drop path keyed by the clip's global index: two half batches (ranks) give the whole
+    batch's outputs, and recomputing blocks in the backward gives the same gradients."""
+    from umt_fast.models.student import drop_path_scales
+
+    sd = ref.random_student_state_dict(width=64, depth=3, heads=1, K=2, teacher_dim=32, seed=21)
+    video, idx = _video(B=4, seed=22), _visible(4, T, 16, 6, seed=23)
+    student = interop.load_student(sd, num_frames=T, img_size=IMG)
+    student = type(student)(dataclasses.replace(student.arch, drop_path=0.5))
+    student.load_state_dict(sd)
+    student.train()
+    probs = student.encoder.drop_probs
+    assert probs[-1] == 0.5
+
+    def scales(batch, first_clip):
+        return drop_path_scales(probs, batch, seed=1, offset=4, first_clip=first_clip, device=torch.device("cpu"))
+
+    whole = student(video, idx, scales(4, 0))
+    halves = torch.cat([student(video[:2], idx[:2], scales(2, 0)), student(video[2:], idx[2:], scales(2, 2))], dim=1)
+    torch.testing.assert_close(halves, whole, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(whole, student.eval()(video, idx), atol=1e-3)  # something was dropped
+    student.train()
+
+    def grads(checkpointed):
+        student.zero_grad()
+        student.set_activation_checkpointing(checkpointed)
+        student(video, idx, scales(4, 0)).square().sum().backward()
+        return {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    plain, recomputed = grads(0), grads(3)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=1e-5)

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 import umt_kernels
 from umt_fast.models.attention import multi_head_attention
+from umt_kernels.reference import uniform_noise
 
 LN_EPS = 1e-6
 
@@ -98,15 +99,50 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float):
         super().__init__()
+        self.drop_prob = drop_path
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, heads)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
-        x_BND = x_BND + self.drop_path(self.attn(self.norm1(x_BND)))
-        return x_BND + self.drop_path(self.mlp(self.norm2(x_BND)))
+    def forward(self, x_BND: torch.Tensor, branch_scale_B2: torch.Tensor | None = None) -> torch.Tensor:
+        """``branch_scale_B2``: the per-clip drop-path factors of the attention and MLP branches
+        (0 or 1 / keep probability, see :func:`drop_path_scales`); None draws them from
+        torch's generator (timm's DropPath)."""
+        if branch_scale_B2 is None:
+            x_BND = x_BND + self.drop_path(self.attn(self.norm1(x_BND)))
+            return x_BND + self.drop_path(self.mlp(self.norm2(x_BND)))
+        scale = branch_scale_B2.to(x_BND.dtype)[:, :, None, None]
+        x_BND = x_BND + self.attn(self.norm1(x_BND)) * scale[:, 0]
+        return x_BND + self.mlp(self.norm2(x_BND)) * scale[:, 1]
+
+
+# The drop-path draws use their own key, apart from the masks' (same seed and step).
+DROP_PATH_SEED_OFFSET = 1 << 32
+
+
+def drop_path_scales(
+    drop_probs: list[float], batch_size: int, *, seed: int, offset: int | torch.Tensor, first_clip: int, device: torch.device
+) -> torch.Tensor:
+    """Per-clip drop-path factors of every block's two branches, from counter-based noise.
+
+    Clip b of the batch, block i, branch j (attention, MLP) keeps its branch when
+    u < 1 - p_i, with u the uniform of counter (first_clip + b, 2 i + j) under the key
+    (seed + 2**32, offset): a function of the clip's global index in the step's batch, so
+    the draws do not depend on how the batch is split over ranks or micro-batches, and need
+    no generator state (CUDA graphs, activation checkpointing).
+
+    Returns:
+        [depth, B, 2] float32: 0 for a dropped branch, 1 / (1 - p_i) for a kept one.
+    """
+    depth = len(drop_probs)
+    u_BJ = uniform_noise(
+        (batch_size, 2 * depth), seed=seed + DROP_PATH_SEED_OFFSET, offset=offset, row_offset=first_clip, device=device
+    )
+    keep_prob = 1.0 - torch.tensor(drop_probs, dtype=torch.float32, device=device).repeat_interleave(2)
+    scales_BJ = (u_BJ < keep_prob).float() / keep_prob
+    return scales_BJ.view(batch_size, depth, 2).transpose(0, 1)
 
 
 class PatchEmbed(nn.Module):
@@ -136,17 +172,28 @@ class Encoder(nn.Module):
         self.register_buffer("pos_embed", sincos_table(arch.num_tokens, arch.width), persistent=False)
         self.checkpointed_blocks = 0
 
-    def forward(self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor) -> torch.Tensor:
-        """Returns the final-normed outputs of the last L blocks, [L, B, N, D], ascending depth."""
+    @property
+    def drop_probs(self) -> list[float]:
+        return [block.drop_prob for block in self.blocks]
+
+    def forward(
+        self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Returns the final-normed outputs of the last L blocks, [L, B, N, D], ascending depth.
+
+        ``drop_scales_LB2``: [depth, B, 2] drop-path factors (:func:`drop_path_scales`), used in
+        training mode; None draws drop path from torch's generator.
+        """
         x = self.patch_embed(video_BCTHW, visible_idx_BN)
         x = x + self.pos_embed.to(x.dtype)[visible_idx_BN]
         first_tap = self.arch.depth - self.arch.return_layers
         taps = []
         for i, block in enumerate(self.blocks):
+            scales = drop_scales_LB2[i] if drop_scales_LB2 is not None and self.training and block.drop_prob > 0 else None
             if i < self.checkpointed_blocks and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, scales, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, scales)
             if i >= first_tap:
                 taps.append(x)
         return self.norm(torch.stack(taps))
@@ -177,22 +224,27 @@ class SparseVideoStudent(nn.Module):
         self.register_buffer("clip_pos_embed", sincos_table(arch.num_tokens, arch.width), persistent=False)
         self.apply(_init_weights)
 
-    def forward(self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """
         Args:
             video_BCTHW: [B, 3, T, H, W] normalised pixels.
             visible_idx_BN: [B, N] int64 sorted token indices t * P + p (same N for all clips).
+            drop_scales_LB2: [depth, B, 2] drop-path factors from :func:`drop_path_scales`
+                (training mode only); None draws drop path from torch's generator.
 
         Returns:
             [L, B, N, Ct] unit vectors; index 0 is the shallowest aligned block.
         """
-        taps_LBND = self.encoder(video_BCTHW, visible_idx_BN)
+        taps_LBND = self.encoder(video_BCTHW, visible_idx_BN, drop_scales_LB2)
         taps_LBND = taps_LBND + self.clip_pos_embed.to(taps_LBND.dtype)[visible_idx_BN]
         return torch.stack([head(taps_LBND[i]) for i, head in enumerate(self.clip_decoder)])
 
     def set_activation_checkpointing(self, num_blocks: int) -> None:
         """Recompute the first ``num_blocks`` blocks in the backward instead of storing their
-        activations (0 = off, depth = every block). Drop-path draws are replayed exactly."""
+        activations (0 = off, depth = every block). Drop-path draws are replayed exactly
+        (given as factors, or from torch's generator state, which checkpoint saves)."""
         if not 0 <= num_blocks <= self.arch.depth:
             raise ValueError(f"activation checkpointing: num_blocks must be in [0, {self.arch.depth}], got {num_blocks}")
         self.encoder.checkpointed_blocks = num_blocks

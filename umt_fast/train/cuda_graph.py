@@ -8,12 +8,14 @@ from step to step lives in device memory and is updated in place before each rep
 
     clips            copied into static input buffers [m, T, H, W, 3] uint8, one per micro-batch
     step number      ``step_counter.fill_(step)``; the umt_kernels samplers read it on the
-                     device to key the masks (umt_kernels.sample_without_replacement)
+                     device to key the masks (umt_kernels.sample_without_replacement), and
+                     the drop-path factors (models.student.drop_path_scales) likewise
     learning rate    one 0-dim fp32 tensor in every param group (fused, capturable AdamW),
                      filled by WarmupCosineSchedule.set_lr
-    drop path        torch's CUDA generator is re-seeded on the host per step; a replay reads
-                     the generator's seed and offset when it is launched
     gradients        allocated once during capture and rewritten in place by every replay
+
+torch's generators are still re-seeded on the host per step, as in the eager step (a replay
+reads the CUDA generator's seed and offset when it is launched), for anything else random.
 
 The first ``warmup_steps`` steps run eagerly on a side stream (cuBLAS/cuDNN plans, Triton
 autotuning, the optimizer's lazy state, DDP's buckets: DDP needs 11), then the step is

@@ -9,9 +9,10 @@
     -> AdamW step                           (once per optimizer step)
 
 The step never reads a value back to the host: the loss is returned as a device tensor and
-read only when logging. Every shape depends on the config alone. Randomness is a function of
-(seed, step, rank) and of each clip's index in the global batch, so a step is reproducible on
-resume and its masks do not depend on how the batch is split over ranks and micro-batches.
+read only when logging. Every shape depends on the config alone. The masks and the drop-path
+draws are functions of (seed, step) and of each clip's index in the global batch, so a step is
+reproducible on resume and does not depend on how the batch is split over ranks and
+micro-batches.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from umt_fast.data.transforms import normalize_video
 from umt_fast.distributed import set_gradient_sync, unwrap
 from umt_fast.losses import alignment_loss
 from umt_fast.masking import num_visible, sample_visible_tokens
+from umt_fast.models.student import drop_path_scales
 from umt_fast.models.teacher import CLIPVisionTeacher
 from umt_kernels.reference import mix_seed
 
@@ -40,7 +42,7 @@ class PretrainStep:
         device: where the step runs.
         autocast_dtype: bf16 / fp16 autocast on the GPU, None for fp32.
         grad_scaler: a GradScaler for fp16, else None.
-        rank: this process's rank (drop-path streams differ per rank).
+        rank: this process's rank (seeds torch's generators per rank, for anything else random).
         first_clip: global index, within every global batch, of this rank's first clip.
     """
 
@@ -73,6 +75,7 @@ class PretrainStep:
         arch = unwrap(student).arch
         self.num_frames = arch.num_frames
         self.patches_per_frame = arch.patches_per_frame
+        self.drop_probs = unwrap(student).encoder.drop_probs
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -107,8 +110,13 @@ class PretrainStep:
                 )
                 targets_LBNC = teacher_out.targets(visible_idx_BN)
         del teacher_out  # frees the residual streams before the student's forward
+        drop_scales = None
+        if any(self.drop_probs):
+            drop_scales = drop_path_scales(
+                self.drop_probs, video.shape[0], seed=self.seed, offset=step, first_clip=first_clip, device=self.device
+            )
         with self._autocast():
-            student_LBNC = self.student(video, visible_idx_BN)
+            student_LBNC = self.student(video, visible_idx_BN, drop_scales)
         return alignment_loss(student_LBNC, targets_LBNC)
 
     def __call__(self, micro_batches: list[torch.Tensor] | torch.Tensor, step: int) -> torch.Tensor:
@@ -123,7 +131,9 @@ class PretrainStep:
         return self.run(micro_batches, step)
 
     def seed_random_streams(self, step: int) -> None:
-        """Seeds torch's generators (drop path) from (seed, step, rank): reproducible on resume."""
+        """Seeds torch's generators from (seed, step, rank): reproducible on resume. (Masks and
+        drop path do not use them: both are counter-based functions of the seed, the step and
+        each clip's global index.)"""
         torch.manual_seed(mix_seed(self.seed, step) + self.rank)
 
     def run(self, micro_batches: list[torch.Tensor], step: int | torch.Tensor) -> torch.Tensor:
