@@ -111,23 +111,40 @@ def gather_rows(x_GNC: torch.Tensor, idx_GK: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _select_and_gather_kernel(
     w_ptr, x_ptr, idx_ptr, out_ptr, N, K, C, key, key_ptr, row_offset,
-    stride_wg, stride_wn, stride_xg, stride_xn, stride_xc,
-    KEY_IN_MEMORY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    stride_wg, stride_wn, stride_xg, stride_xn, stride_xc, c_per_program,
+    KEY_IN_MEMORY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # Each program redoes the (cheap, deterministic) selection of its group and copies one
-    # channel slice of the selected rows; only the first slice's program writes the indices.
-    group, cb = tl.program_id(0), tl.program_id(1)
+    # Program (group, split) selects its group's rows once, then copies channels
+    # [split * c_per_program, +c_per_program) of them, BLOCK_K rows x BLOCK_C channels at a time.
+    # The selected indices come out as a mask and ranks over the N items; to copy compact
+    # [BLOCK_K, BLOCK_C] tiles they go through memory: every program of the group stores the
+    # same values to idx (a benign race), and after a CTA barrier reads its own back.
+    group, split = tl.program_id(0), tl.program_id(1)
     key = _load_key(key, key_ptr, KEY_IN_MEMORY)
     cols = tl.arange(0, BLOCK_N)
     valid = cols < N
     keys = _sample_keys(w_ptr + group * stride_wg, stride_wn, row_offset + group, cols, valid, N, key, 0)  # weighted
     selected, rank = _topk_rank(keys, valid, K)
-    if cb == 0:
-        tl.store(idx_ptr + group * K + rank, cols.to(tl.int64), mask=selected)
-    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = selected[:, None] & (cs < C)[None, :]
-    vals = tl.load(x_ptr + group * stride_xg + cols[:, None] * stride_xn + cs[None, :] * stride_xc, mask=mask)
-    tl.store(out_ptr + (group * K + rank[:, None]) * C + cs[None, :], vals, mask=mask)
+    idx_row = idx_ptr + group * K
+    tl.store(idx_row + rank, cols.to(tl.int64), mask=selected)
+    tl.debug_barrier()
+    c_start = split * c_per_program
+    c_end = tl.minimum(c_start + c_per_program, C)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        rows = tl.load(idx_row + ks, mask=k_ok, other=0)
+        src = x_ptr + group * stride_xg + rows[:, None] * stride_xn
+        dst = out_ptr + (group * K + ks[:, None]) * C
+        for c0 in range(c_start, c_end, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            mask = k_ok[:, None] & (cs < c_end)[None, :]
+            tl.store(dst + cs[None, :], tl.load(src + cs[None, :] * stride_xc, mask=mask), mask=mask)
+
+
+# About this many programs per select_and_gather launch: enough to fill the GPU, few enough that
+# the selection (redone by each program of a group) stays small beside the copy.
+_TARGET_PROGRAMS = 2048
 
 
 def _launch_select_and_gather(scores_GN, x_GNC, k, seed, offset, offset_tensor, row_offset):
@@ -137,11 +154,14 @@ def _launch_select_and_gather(scores_GN, x_GNC, k, seed, offset, offset_tensor, 
     if G == 0:
         return idx, out
     key, key_tensor = key_arguments(seed, offset, offset_tensor)
-    BLOCK_N, BLOCK_C = block_size(N), min(_BLOCK_C, block_size(C))
-    _select_and_gather_kernel[(G, triton.cdiv(C, BLOCK_C))](
+    BLOCK_N, BLOCK_K, BLOCK_C = block_size(N), min(64, block_size(k)), min(128, block_size(C))
+    splits = min(triton.cdiv(C, BLOCK_C), max(1, triton.cdiv(_TARGET_PROGRAMS, G)))
+    c_per_program = triton.cdiv(triton.cdiv(C, splits), BLOCK_C) * BLOCK_C
+    _select_and_gather_kernel[(G, triton.cdiv(C, c_per_program))](
         scores_GN, x_GNC, idx, out, N, k, C, key, idx if key_tensor is None else key_tensor, row_offset,
-        *scores_GN.stride(), *x_GNC.stride(),
-        KEY_IN_MEMORY=key_tensor is not None, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=num_warps_for(BLOCK_N * BLOCK_C),
+        *scores_GN.stride(), *x_GNC.stride(), c_per_program,
+        KEY_IN_MEMORY=key_tensor is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
+        num_warps=num_warps_for(max(BLOCK_N, BLOCK_K * BLOCK_C)),
     )
     return idx, out
 

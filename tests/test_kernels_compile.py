@@ -83,6 +83,8 @@ CASES = {
     # select_and_gather: cls attention [B*T, N] (fp32) and the teacher's rows [B*T, N, C]
     "select_and_gather-G512xN196xC1024-k40-bf16": (lambda: _select_and_gather(E(B * T, N), E(B * T, N, C, dtype=bf16), K), ()),
     "select_and_gather-G512xN196xC1024-k40-fp32": (lambda: _select_and_gather(E(B * T, N), E(B * T, N, C), K), ()),
+    # the teacher's use: the rows of its 6 tapped layers side by side, C = 6 x 1024
+    "select_and_gather-G512xN196xC6144-k40-bf16": (lambda: _select_and_gather(E(B * T, N), E(B * T, N, 6 * C, dtype=bf16), K), ()),
     "select_and_gather-G512xN196xC1024-k40-offset-tensor": (
         lambda: _select_and_gather(E(B * T, N), E(B * T, N, C, dtype=bf16), K, offset=torch.tensor(3)), ()),
     "select_and_gather-odd-G3xN7xC5-k3-strided-fp32": (

@@ -141,7 +141,8 @@ def test_gather_rows_and_its_backward(G, N, K, C, dtype):
     torch.testing.assert_close(x_CNG.grad.permute(2, 1, 0), x_ref.grad)
 
 
-@pytest.mark.parametrize("G,N,k,C", [(3, 13, 1, 70), (2, 13, 13, 8), (4, 196, 40, 96)])
+# The last case spans several row blocks (k > 64) and channel splits, one of them partial.
+@pytest.mark.parametrize("G,N,k,C", [(3, 13, 1, 70), (2, 13, 13, 8), (4, 196, 40, 96), (2, 150, 70, 300)])
 def test_select_and_gather_is_the_sampler_plus_the_gather(G, N, k, C):
     scores = _rand(G, N, seed=5)
     x = _randn(G, N, C, seed=6).requires_grad_()
