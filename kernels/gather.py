@@ -161,7 +161,7 @@ def _launch_select_and_gather(scores_GN, x_GNC, k, seed, offset, offset_tensor, 
         scores_GN, x_GNC, idx, out, N, k, C, key, idx if key_tensor is None else key_tensor, row_offset,
         *scores_GN.stride(), *x_GNC.stride(), c_per_program,
         KEY_IN_MEMORY=key_tensor is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
-        num_warps=num_warps_for(max(BLOCK_N, BLOCK_K * BLOCK_C)),
+        num_warps=num_warps_for(max(BLOCK_N, BLOCK_K * BLOCK_C * x_GNC.element_size() // 2)),  # fp32: 2x the warps
     )
     return idx, out
 

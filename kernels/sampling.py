@@ -95,6 +95,11 @@ def _sample_kernel(
     tl.store(idx_ptr + group * k + rank, cols.to(tl.int64), mask=selected)
 
 
+# A row's working set per item (noise, key, its integer image, masks, ranks): sizes the warps so
+# that a 2048-wide row (the random policy's T * P) does not crowd 157 registers into 2 warps.
+_VALUES_PER_ITEM = 8
+
+
 def key_arguments(seed: int, offset: int, offset_tensor: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
     """(scalar key, key tensor) for a kernel launch: the key is mixed on the host from an int
     offset, or on the device from ``offset_tensor`` (then the scalar is unused)."""
@@ -115,7 +120,8 @@ def _launch_sample(
     _sample_kernel[(G,)](
         weights_GN, idx, N, k, weights_GN.stride(0), weights_GN.stride(1), key,
         idx if key_tensor is None else key_tensor, row_offset,
-        MODE=MODES[mode], KEY_IN_MEMORY=key_tensor is not None, BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
+        MODE=MODES[mode], KEY_IN_MEMORY=key_tensor is not None, BLOCK_N=BLOCK_N,
+        num_warps=num_warps_for(_VALUES_PER_ITEM * BLOCK_N),
     )
     return idx
 
