@@ -288,3 +288,31 @@ def test_student_with_drop_path_is_the_same_whole_or_split_and_checkpointed():
     plain, recomputed = grads(0), grads(3)
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_teacher_mlp_folds_quick_gelu_into_one_silu():
+    """The teacher's MLP equals c_proj(x * sigmoid(1.702 x)) of c_fc (float64, to rounding),
+    and touches its [*, 4W] activations with one elementwise op (silu), not three."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from umt_fast.models.teacher import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(16, 2).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    torch.testing.assert_close(block._mlp(x), block.mlp(x), atol=1e-12, rtol=1e-12)  # mlp: the literal Sequential
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() == 15 * 64:  # the [3, 5, 4W] activations
+                self.ops.append(func.overloadpacket.__name__)
+            return out
+
+    with torch.no_grad(), Record() as record:
+        block(x)
+    assert [op for op in record.ops if op not in ("addmm", "view", "_unsafe_view")] == ["silu"], record.ops

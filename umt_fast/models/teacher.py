@@ -55,9 +55,14 @@ class LayerNormFP32(nn.LayerNorm):
         return out.to(x.dtype)
 
 
+QUICK_GELU_SCALE = 1.702
+
+
 class QuickGELU(nn.Module):
+    """CLIP's activation, x * sigmoid(1.702 x)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
 class CLIPAttention(nn.Module):
@@ -99,13 +104,21 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
         self.ln_2 = LayerNormFP32(width, eps=CLIP_LN_EPS)
 
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """``mlp(x)`` = c_proj(QuickGELU(c_fc(x))), computed as
+        (c_proj / 1.702)(silu(1.702 c_fc(x))) with the 1.702 folded into the weights (equal
+        up to rounding): one elementwise pass over the [*, 4W] activations instead of three."""
+        fc, proj = self.mlp.c_fc, self.mlp.c_proj
+        hidden = F.silu(F.linear(x, fc.weight * QUICK_GELU_SCALE, fc.bias * QUICK_GELU_SCALE))
+        return F.linear(hidden, proj.weight * (1.0 / QUICK_GELU_SCALE), proj.bias)
+
     def forward(self, x: torch.Tensor, return_cls_attn: bool = False):
         if return_cls_attn:
             attn_out, cls_attn = self.attn(self.ln_1(x), return_cls_attn=True)
         else:
             attn_out, cls_attn = self.attn(self.ln_1(x)), None
         x = x + attn_out
-        x = x + self.mlp(self.ln_2(x))
+        x = x + self._mlp(self.ln_2(x))
         return x, cls_attn
 
 
