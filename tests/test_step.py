@@ -187,3 +187,50 @@ def test_graph_replay_equals_eager_on_gpu(checkpointed_blocks):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+def test_checkpoints_move_between_cuda_graph_and_plain_runs(tmp_path):
+    """The lr is a device tensor in a CUDA-graph run and a float otherwise; a checkpoint of
+    either restores into the other, and saving leaves the live lr tensor in place."""
+    from umt_fast import checkpoint as ckpt
+    from umt_fast.train.optim import use_lr_tensor
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+
+    def train(m, optimizer, steps):
+        for step in steps:
+            for group in optimizer.param_groups:
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(1e-2 / (step + 1))
+                else:
+                    group["lr"] = 1e-2 / (step + 1)
+            m(torch.ones(2, 4) * (step + 1)).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    graph_model = model()
+    graph_opt = build_optimizer(graph_model, 1e-3, 0.05, (0.9, 0.95), 1e-8, capturable=True)
+    lr = use_lr_tensor(graph_opt, torch.device("cpu"))
+    train(graph_model, graph_opt, range(2))
+    path = ckpt.save_checkpoint(str(tmp_path / "a"), 2, graph_model, graph_opt, {}, keep_last=1)
+    assert all(group["lr"] is lr for group in graph_opt.param_groups)  # a captured graph still reads it
+
+    plain_model = model()
+    plain_opt = build_optimizer(plain_model, 5.0, 0.05, (0.9, 0.95), 1e-8)
+    ckpt.restore_checkpoint(path, plain_model, plain_opt)
+    assert plain_opt.param_groups[0]["lr"] == pytest.approx(0.005)
+    train(plain_model, plain_opt, range(2, 4))
+    train(graph_model, graph_opt, range(2, 4))
+    for p, q in zip(plain_model.parameters(), graph_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=1e-6)
+
+    path = ckpt.save_checkpoint(str(tmp_path / "b"), 4, plain_model, plain_opt, {}, keep_last=1)
+    back_model = model()
+    back = build_optimizer(back_model, 5.0, 0.05, (0.9, 0.95), 1e-8, capturable=True)
+    use_lr_tensor(back, torch.device("cpu"))
+    ckpt.restore_checkpoint(path, back_model, back)
+    assert float(back.param_groups[0]["lr"]) == pytest.approx(0.0025)
+    for p, q in zip(back_model.parameters(), plain_model.parameters()):
+        assert torch.equal(p, q)

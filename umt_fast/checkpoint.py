@@ -123,7 +123,7 @@ def save_checkpoint(
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     with _single_process_ok():
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+        dcp.save({"model": model_state, "optim": _scalar_hyperparameters(optim_state)}, checkpoint_id=tmp)
     barrier()
     if info.is_main:
         atomic_torch_save({**meta, "step": step}, os.path.join(tmp, META))
@@ -134,6 +134,21 @@ def save_checkpoint(
             shutil.rmtree(old)
     barrier()
     return final
+
+
+def _scalar_hyperparameters(optim_state: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state with its param groups' one-element tensor hyperparameters (the lr
+    tensor of a CUDA-graph run) as Python floats: checkpoints store them one way, so a run
+    resumes with or without CUDA graphs whichever way it was saved. (A CUDA-graph step turns
+    the lr back into its device tensor after a restore.) New group dicts: the optimizer's own
+    lr tensor, which a captured graph reads, is left alone."""
+    def scalar(key: str, value: Any) -> Any:
+        if key != "params" and isinstance(value, torch.Tensor) and value.numel() == 1:
+            return value.item()
+        return value
+
+    groups = [{key: scalar(key, value) for key, value in group.items()} for group in optim_state.get("param_groups", [])]
+    return {**optim_state, "param_groups": groups} if "param_groups" in optim_state else optim_state
 
 
 def _check_checkpoint(path: str) -> None:
@@ -150,7 +165,7 @@ def restore_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optim
 
     _check_checkpoint(path)
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    state = {"model": model_state, "optim": _scalar_hyperparameters(optim_state)}
     try:
         with _single_process_ok():
             dcp.load(state, checkpoint_id=path)
