@@ -169,6 +169,9 @@ class VLOptimConfig(OptimConfig):
     """Epochs of linear warm-up; in [0, epochs]."""
 
 
+VL_COMPILE_MODES = ("none", "blocks")
+
+
 @dataclass
 class VLTrainConfig:
     """The training loop."""
@@ -189,10 +192,17 @@ class VLTrainConfig:
     """
     attention: str = "auto"
     """Attention kernel of the teacher and student (see the stage-1 train.attention)."""
+    compile: str = "none"
+    """torch.compile each transformer block on its own (teacher, student, BERT and fusion layers):
+    none or blocks. Video and image steps have different shapes: each block compiles for both."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor; aot_eager for a fast check on a CPU)."""
 
     def validate(self) -> None:
         check_types(self.SECTION, self)
         require(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2 (VTM needs negatives)")
+        require_choice("train.compile", self.compile, VL_COMPILE_MODES)
+        require(bool(self.compile_backend), "train.compile_backend", self.compile_backend, "must not be empty")
         require(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0 (0 = full schedule)")
         require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
         require_choice("train.device", self.device, DEVICES)
@@ -242,6 +252,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": DEVICES,
     "train.precision": ("bf16", "fp32"),
     "train.attention": ATTENTION_BACKENDS,
+    "train.compile": VL_COMPILE_MODES,
     "dist.strategy": DIST_STRATEGIES,
     "log.wandb_mode": WANDB_MODES,
 }
