@@ -230,15 +230,16 @@ def test_drop_path_scales_follow_the_drop_law_and_the_clip_index():
     from umt_fast.models.student import drop_path_scales
 
     probs = [0.0, 0.25, 0.5]
-    scales = drop_path_scales(probs, 4000, seed=3, offset=7, first_clip=0, device=torch.device("cpu"))
+    keep = torch.tensor([1 - p for p in probs])
+    scales = drop_path_scales(keep, 4000, seed=3, offset=7, first_clip=0)
     assert scales.shape == (3, 4000, 2)
     for p, block in zip(probs, scales):
         kept = block > 0
         assert torch.all(block[kept] == 1 / (1 - p)) and torch.all(block[~kept] == 0)
         assert abs(kept.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / 8000) ** 0.5 + 1e-9
-    halves = [drop_path_scales(probs, 2000, seed=3, offset=7, first_clip=f, device=torch.device("cpu")) for f in (0, 2000)]
+    halves = [drop_path_scales(keep, 2000, seed=3, offset=7, first_clip=f) for f in (0, 2000)]
     assert torch.equal(torch.cat(halves, dim=1), scales)  # the same draws however the batch is split
-    assert not torch.equal(drop_path_scales(probs, 4000, seed=3, offset=8, first_clip=0, device=torch.device("cpu")), scales)
+    assert not torch.equal(drop_path_scales(keep, 4000, seed=3, offset=8, first_clip=0), scales)
 
 
 def test_block_applies_the_drop_path_factors_per_clip():
@@ -271,7 +272,7 @@ def test_student_with_drop_path_is_the_same_whole_or_split_and_checkpointed():
     assert probs[-1] == 0.5
 
     def scales(batch, first_clip):
-        return drop_path_scales(probs, batch, seed=1, offset=4, first_clip=first_clip, device=torch.device("cpu"))
+        return drop_path_scales(torch.tensor([1 - p for p in probs]), batch, seed=1, offset=4, first_clip=first_clip)
 
     whole = student(video, idx, scales(4, 0))
     halves = torch.cat([student(video[:2], idx[:2], scales(2, 0)), student(video[2:], idx[2:], scales(2, 2))], dim=1)

@@ -150,6 +150,30 @@ def test_graph_step_never_reads_the_device_back():
     assert calls == [], f"host reads on the graph step's path: {sorted(set(calls))}"
 
 
+@pytest.mark.parametrize("policy", ["attention", "tube", "random"])
+def test_graph_step_builds_no_tensor_from_host_data(policy):
+    """What a CUDA graph captures must not create tensors from Python values (torch.tensor,
+    as_tensor): on a GPU that is a host-to-device copy, which capture refuses. Checked on the
+    step's device work with drop path on, by the ops it dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    _, graphed, _ = _graph_pair(policy)
+    video = torch.randint(0, 256, (2, 4, 64, 64, 3), dtype=torch.uint8)
+    graphed(video, 0)
+    with Record() as record:
+        graphed.step_fn.run(graphed.static_inputs, graphed.step_counter)
+    assert "lift_fresh" not in record.ops and "bernoulli" not in record.ops
+
+
 def test_graph_step_refuses_what_it_cannot_capture():
     from umt_fast.train.cuda_graph import CUDAGraphStep
 

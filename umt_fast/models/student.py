@@ -123,25 +123,31 @@ DROP_PATH_SEED_OFFSET = 1 << 32
 
 
 def drop_path_scales(
-    drop_probs: list[float], batch_size: int, *, seed: int, offset: int | torch.Tensor, first_clip: int, device: torch.device
+    keep_prob_L: torch.Tensor, batch_size: int, *, seed: int, offset: int | torch.Tensor, first_clip: int
 ) -> torch.Tensor:
     """Per-clip drop-path factors of every block's two branches, from counter-based noise.
 
     Clip b of the batch, block i, branch j (attention, MLP) keeps its branch when
-    u < 1 - p_i, with u the uniform of counter (first_clip + b, 2 i + j) under the key
+    u < keep_prob_L[i], with u the uniform of counter (first_clip + b, 2 i + j) under the key
     (seed + 2**32, offset): a function of the clip's global index in the step's batch, so
     the draws do not depend on how the batch is split over ranks or micro-batches, and need
     no generator state (CUDA graphs, activation checkpointing).
 
+    Args:
+        keep_prob_L: [depth] float32, 1 - each block's drop probability, on the device
+            (made once: building it from Python values here would copy from the host).
+
     Returns:
-        [depth, B, 2] float32: 0 for a dropped branch, 1 / (1 - p_i) for a kept one.
+        [depth, B, 2] float32 on keep_prob_L's device: 0 for a dropped branch, 1 / keep_prob
+        for a kept one.
     """
-    depth = len(drop_probs)
+    depth = keep_prob_L.numel()
     u_BJ = uniform_noise(
-        (batch_size, 2 * depth), seed=seed + DROP_PATH_SEED_OFFSET, offset=offset, row_offset=first_clip, device=device
+        (batch_size, 2 * depth), seed=seed + DROP_PATH_SEED_OFFSET, offset=offset, row_offset=first_clip,
+        device=keep_prob_L.device,
     )
-    keep_prob = 1.0 - torch.tensor(drop_probs, dtype=torch.float32, device=device).repeat_interleave(2)
-    scales_BJ = (u_BJ < keep_prob).float() / keep_prob
+    keep_J = keep_prob_L.repeat_interleave(2)
+    scales_BJ = (u_BJ < keep_J).float() / keep_J
     return scales_BJ.view(batch_size, depth, 2).transpose(0, 1)
 
 

@@ -117,5 +117,7 @@ class CUDAGraphStep:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the loader's pin-memory thread may allocate pinned memory meanwhile,
+        # which the default (global) mode would turn into a capture error.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_loss = self.step_fn.run(self.static_inputs, self.step_counter)

@@ -5,6 +5,7 @@ the run directory's logs, metrics and figures; every rank takes part in checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -169,7 +170,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
     student = build_student(cfg, teacher_dim=teacher.arch.output_dim).to(device)
     student.set_activation_checkpointing(cfg.train.checkpointed_blocks(student.arch.depth))
     _compile(student, teacher, cfg.train.compile, cfg.train.compile_backend)
-    model = wrap_student(student, cfg.dist.strategy, info, low_precision)
+    # DDP is built on a side stream for CUDA graphs, as PyTorch's capture of DDP asks.
+    with torch.cuda.stream(torch.cuda.Stream()) if cfg.train.cuda_graphs else contextlib.nullcontext():
+        model = wrap_student(student, cfg.dist.strategy, info, low_precision)
     optimizer = build_optimizer(
         model, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps, capturable=cfg.train.cuda_graphs
     )

@@ -75,7 +75,10 @@ class PretrainStep:
         arch = unwrap(student).arch
         self.num_frames = arch.num_frames
         self.patches_per_frame = arch.patches_per_frame
-        self.drop_probs = unwrap(student).encoder.drop_probs
+        drop_probs = unwrap(student).encoder.drop_probs
+        self.keep_prob = (
+            torch.tensor([1.0 - p for p in drop_probs], dtype=torch.float32, device=device) if any(drop_probs) else None
+        )
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -111,10 +114,8 @@ class PretrainStep:
                 targets_LBNC = teacher_out.targets(visible_idx_BN)
         del teacher_out  # frees the residual streams before the student's forward
         drop_scales = None
-        if any(self.drop_probs):
-            drop_scales = drop_path_scales(
-                self.drop_probs, video.shape[0], seed=self.seed, offset=step, first_clip=first_clip, device=self.device
-            )
+        if self.keep_prob is not None:
+            drop_scales = drop_path_scales(self.keep_prob, video.shape[0], seed=self.seed, offset=step, first_clip=first_clip)
         with self._autocast():
             student_LBNC = self.student(video, visible_idx_BN, drop_scales)
         return alignment_loss(student_LBNC, targets_LBNC)
