@@ -18,6 +18,11 @@ from umt_fast.models.student import SparseVideoStudent
 from umt_fast.models.teacher import CLIPVisionTeacher
 
 
+def _clip_layer_norm(ln: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """CLIP's LayerNorm as the reference runs it: cast to fp32, normalise, cast back."""
+    return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
+
+
 def _teacher_forward(teacher: CLIPVisionTeacher, video: torch.Tensor):
     """-> (targets of every token [L, B, T*P, Ct], CLS attention [B*T, P])."""
     B, C, T, H, W = video.shape
@@ -26,11 +31,11 @@ def _teacher_forward(teacher: CLIPVisionTeacher, video: torch.Tensor):
         video = F.interpolate(video.reshape(B, C * T, H, W), size=(R, R), mode="bicubic", align_corners=False).view(B, C, T, R, R)
     x = teacher.conv1(video.transpose(1, 2).reshape(B * T, C, R, R)).flatten(2).transpose(1, 2)
     x = torch.cat([teacher.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
-    x = teacher.ln_pre(x + teacher.positional_embedding.to(x.dtype))
+    x = _clip_layer_norm(teacher.ln_pre, x + teacher.positional_embedding.to(x.dtype))
     blocks = teacher.transformer.resblocks
     taps, attn_row = [], None
     for i, block in enumerate(blocks):
-        h = block.ln_1(x)
+        h = _clip_layer_norm(block.ln_1, x)
         if i == len(blocks) - 1:  # need_weights=True: the whole [S, S] matrix, averaged over heads
             q, k, v = block.attn._qkv(h)
             weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1)
@@ -39,11 +44,11 @@ def _teacher_forward(teacher: CLIPVisionTeacher, video: torch.Tensor):
             x = x + block.attn.out_proj(out)
         else:
             x = x + block.attn(h)
-        x = x + block.mlp(block.ln_2(x))
+        x = x + block.mlp(_clip_layer_norm(block.ln_2, x))  # the literal QuickGELU Sequential
         if i >= len(blocks) - teacher.arch.return_layers:
             taps.append(x[:, 1:])
     z = torch.stack(taps)  # ln_post and proj on every token
-    z = teacher.ln_post(z) @ teacher.proj.to(z.dtype)
+    z = _clip_layer_norm(teacher.ln_post, z) @ teacher.proj.to(z.dtype)
     z = z / z.norm(dim=-1, keepdim=True)
     L, BT, P, Ct = z.shape
     return z.reshape(L, B, T * P, Ct), attn_row
