@@ -100,6 +100,34 @@ def test_cuda_graphs_without_a_gpu_stop_before_any_work(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+def test_cuda_graph_bookkeeping_in_the_training_loop(tmp_path, monkeypatch):
+    """The loop's CUDA-graph path without capture (a CPU has no graphs): lr tensor and
+    schedule, device step counter, checkpoints. Its losses equal the plain run's, and its
+    checkpoint resumes a plain run (and the other way round) that continues the same losses."""
+    import functools
+
+    from umt_fast.train.cuda_graph import CUDAGraphStep
+
+    monkeypatch.setattr(loop, "_require_cuda_for_graphs", lambda cfg, device: None)
+    monkeypatch.setattr(loop, "CUDAGraphStep", functools.partial(CUDAGraphStep, capture=False))
+
+    def run(run_dir, max_steps, graphs, resume="auto"):
+        argv = ["--run-dir", str(run_dir), "--train.max_steps", str(max_steps), "--checkpoint.every_steps", "3",
+                "--student.drop_path", "0.2", "--train.cuda_graphs", str(graphs).lower(), "--resume", resume] + SMALL
+        loop.train(build_config(argv))
+        return _losses_by_step(str(run_dir))
+
+    plain = run(tmp_path / "plain", 6, False)
+    graphed = run(tmp_path / "graphed", 6, True)
+    assert sorted(graphed) == list(range(1, 7))
+    for step in plain:
+        assert graphed[step] == pytest.approx(plain[step], rel=1e-5, abs=1e-6)
+    run(tmp_path / "mixed", 3, True)
+    mixed = run(tmp_path / "mixed", 6, False)  # saved with graphs, resumed without
+    for step in plain:
+        assert mixed[step] == pytest.approx(plain[step], rel=1e-5, abs=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_graph_run_resumes_and_tracks_the_eager_run(tmp_path):
     """fp32 on the GPU: a graph-replayed run logs the eager run's losses, and a run resumed

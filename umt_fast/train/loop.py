@@ -137,12 +137,16 @@ def _compile(student, teacher, mode: str, backend: str) -> None:
         student.compile(backend=backend)
 
 
+def _require_cuda_for_graphs(cfg: PretrainConfig, device: torch.device) -> None:
+    if cfg.train.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"train.cuda_graphs=True needs a CUDA device, but training runs on {device}")
+
+
 def train(cfg: PretrainConfig) -> TrainResult:
     """Runs (or resumes) stage-1 pre-training as ``cfg`` says; returns where things are."""
     info = init_distributed(cfg.train.device)
     plan = plan_batches(cfg, info.world_size)
-    if cfg.train.cuda_graphs and info.device.type != "cuda":
-        raise ValueError(f"train.cuda_graphs=True needs a CUDA device, but training runs on {info.device}")
+    _require_cuda_for_graphs(cfg, info.device)
     if info.is_main:
         check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)  # refuse before touching anything
     resume_path, logger = open_run_dir(cfg, info)
@@ -171,7 +175,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     student.set_activation_checkpointing(cfg.train.checkpointed_blocks(student.arch.depth))
     _compile(student, teacher, cfg.train.compile, cfg.train.compile_backend)
     # DDP is built on a side stream for CUDA graphs, as PyTorch's capture of DDP asks.
-    with torch.cuda.stream(torch.cuda.Stream()) if cfg.train.cuda_graphs else contextlib.nullcontext():
+    graph_capture = cfg.train.cuda_graphs and device.type == "cuda"
+    with torch.cuda.stream(torch.cuda.Stream()) if graph_capture else contextlib.nullcontext():
         model = wrap_student(student, cfg.dist.strategy, info, low_precision)
     optimizer = build_optimizer(
         model, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps, capturable=cfg.train.cuda_graphs
