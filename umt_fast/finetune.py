@@ -69,6 +69,7 @@ from umt_fast.evaluate import Predictions, _ViewsDataset, accuracy_report, autoc
 from umt_fast.launch import location_lines, open_run_dir, run_training_command
 from umt_fast.finetune_config import FinetuneConfig, build_config, check_paths, config_to_dict, scaled_lrs
 from umt_fast.models.classifier import VideoViT, VideoViTArch
+from umt_fast.models.student import drop_path_scales
 from umt_fast.train.logging import MetricsWriter, ProgressLine
 from umt_fast.train.loop import check_finite_loss
 from umt_fast.train.optim import WarmupCosineSchedule
@@ -239,6 +240,10 @@ class FinetuneStep:
         self.num_classes, self.device = num_classes, device
         self.rank, self.world_size = rank, world_size
         self.use_bf16 = device.type == "cuda" and cfg.train.precision == "bf16"
+        drop_probs = unwrap(model).drop_probs
+        self.keep_prob = (
+            torch.tensor([1.0 - p for p in drop_probs], dtype=torch.float32, device=device) if any(drop_probs) else None
+        )
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
@@ -291,8 +296,11 @@ class FinetuneStep:
             else:
                 video = video * mix.lam + partner_video * (1.0 - mix.lam)
         targets = soft_targets(labels, self.num_classes, aug.label_smoothing, mix.lam, partner_labels)
+        drop_scales = None
+        if self.keep_prob is not None:  # keyed by each clip's global index: the same at any world size
+            drop_scales = drop_path_scales(self.keep_prob, B, seed=self.cfg.train.seed, offset=step, first_clip=self.rank * B)
         with self._autocast():
-            logits = self.model(video)
+            logits = self.model(video, drop_scales)
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -489,7 +497,7 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
                 ckpt.restore_rng_state(meta["rng"])
         start_step = meta["step"]
         log.info("resumed from %s at step %d", resume_path, start_step)
-    if info.rank > 0:  # drop path: the ranks draw different masks (rank 0 keeps the stream it always had)
+    if info.rank > 0:  # head dropout: the ranks draw different masks (rank 0 keeps the stream it always had)
         torch.manual_seed(cfg.train.seed + 1_000_003 * info.rank + 7919 * start_step)
 
     metrics = None

@@ -118,8 +118,16 @@ class VideoViT(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
 
-    def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        """[B, 3, T, H, W] normalised pixels -> [B, N, D] tokens (after ``norm``), N in t*P + p order."""
+    @property
+    def drop_probs(self) -> list[float]:
+        return [block.drop_prob for block in self.blocks]
+
+    def forward_features(self, video_BCTHW: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 3, T, H, W] normalised pixels -> [B, N, D] tokens (after ``norm``), N in t*P + p order.
+
+        ``drop_scales_LB2``: [depth, B, 2] drop-path factors (umt_fast.models.student.drop_path_scales),
+        used in training mode; None draws drop path from torch's generator.
+        """
         _, _, T, H, W = video_BCTHW.shape
         if (T, H, W) != (self.arch.num_frames, self.arch.img_size, self.arch.img_size):
             raise ValueError(
@@ -130,10 +138,11 @@ class VideoViT(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         x = x + self.pos_embed.to(x.dtype)
         for i, block in enumerate(self.blocks):
+            scales = drop_scales_LB2[i] if drop_scales_LB2 is not None and self.training and block.drop_prob > 0 else None
             if i < self.checkpoint_blocks and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, scales, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, scales)
         return self.norm(x)
 
     def forward_head(self, tokens_BND: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -146,8 +155,8 @@ class VideoViT(nn.Module):
             return pooled_BD
         return self.head(self.head_dropout(pooled_BD))
 
-    def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(video_BCTHW))
+    def forward(self, video_BCTHW: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(video_BCTHW, drop_scales_LB2))
 
     def embed(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(clip embedding [B, D], per-token features [B, N, D]).
