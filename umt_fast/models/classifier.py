@@ -139,8 +139,10 @@ class VideoViT(nn.Module):
         x = x + self.pos_embed.to(x.dtype)
         for i, block in enumerate(self.blocks):
             scales = drop_scales_LB2[i] if drop_scales_LB2 is not None and self.training and block.drop_prob > 0 else None
-            if i < self.checkpoint_blocks and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, scales, use_reentrant=False)
+            if i < self.checkpoint_blocks and torch.is_grad_enabled():  # given factors, the block draws nothing
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, scales, use_reentrant=False, preserve_rng_state=drop_scales_LB2 is None
+                )
             else:
                 x = block(x, scales)
         return self.norm(x)

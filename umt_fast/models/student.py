@@ -197,7 +197,9 @@ class Encoder(nn.Module):
         for i, block in enumerate(self.blocks):
             scales = drop_scales_LB2[i] if drop_scales_LB2 is not None and self.training and block.drop_prob > 0 else None
             if i < self.checkpointed_blocks and torch.is_grad_enabled():
-                x = checkpoint(block, x, scales, use_reentrant=False)
+                # Given factors, the block draws nothing: no generator state to save and
+                # restore (which CUDA-graph capture would also have to record).
+                x = checkpoint(block, x, scales, use_reentrant=False, preserve_rng_state=drop_scales_LB2 is None)
             else:
                 x = block(x, scales)
             if i >= first_tap:
