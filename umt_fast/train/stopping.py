@@ -43,8 +43,9 @@ class TrainingStopped(Exception):
 
 
 class StopOnSignal:
-    """Context manager (or ``install()`` ... ``restore()``): while open, SIGTERM and SIGUSR1 set :attr:`received` instead of ending
-    the process (handlers are installed only from the main thread; elsewhere it never fires).
+    """Context manager (or ``install()`` ... ``restore()``): while open, SIGTERM and SIGUSR1 set
+    :attr:`received` instead of ending the process (handlers are installed only from the main
+    thread; elsewhere it never fires).
 
     Args:
         distributed: whether ranks must agree through the logging all-reduce (then
@@ -87,7 +88,8 @@ class StopOnSignal:
 
     @property
     def check_every_step(self) -> bool:
-        """Whether the loop may act on :attr:`requested` after any step (a single process)."""
+        """True in a single process once a signal arrived: the loop stops after this step (under
+        torchrun the ranks agree at the next logging point instead)."""
         return not self.distributed and self.requested
 
     @property
