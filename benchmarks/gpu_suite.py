@@ -10,7 +10,8 @@ Prints a markdown table last (paste it into benchmarks/RESULTS.md) and writes
      step under torch.cuda.set_sync_debug_mode("error")), see GPU_TESTS;
   3. the card's measured copy bandwidth;
   4. each umt_kernels op at UMT-L shapes: Triton vs the plain-PyTorch reference vs, for masking
-     and the CLS row, the reference system's path; GB/s against the copy bandwidth;
+     and the CLS row, the reference system's path; GB/s against the copy bandwidth; one teacher
+     block ours vs the reference's way (LayerNorm and QuickGELU passes);
   5. the stage-1 step at UMT-B and UMT-L shapes (8 frames, 224 px, mask 0.8, random teacher,
      synthetic clips already on the GPU, the largest batch up to 64 that fits): teacher
      forward, student forward+backward and optimizer ms, step ms, clips/s, MFU from
@@ -76,6 +77,28 @@ def kernel_rows(copy_gbps: float) -> list[dict]:
                 rows.append({"op": op, "impl": impl, "ms": ms, "GB/s": gbps, "% copy bw": 100 * gbps / copy_gbps})
             except Exception as exc:  # keep going: one broken row must not hide the others
                 rows.append({"op": op, "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:200]})
+    return rows
+
+
+def teacher_block_rows() -> list[dict]:
+    """One CLIP-L/14 teacher block at UMT-L batch 64 (64 x 8 frames x 197 tokens, bf16, no grad):
+    ours (one-pass 16-bit LayerNorm, QuickGELU folded into one silu) against the reference's
+    way (fp32-upcast LayerNorm, the literal three-op QuickGELU) in the same run."""
+    from benchmarks.reference_style import teacher_block_forward
+    from umt_fast.models.teacher import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(1024, 16).cuda().to(torch.bfloat16).eval()
+    x = torch.randn(64 * 8, 197, 1024, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    with torch.no_grad():
+        ours = _time_ms(lambda: block(x))
+        literal = _time_ms(lambda: teacher_block_forward(block, x))
+        flops = 2 * x.shape[0] * x.shape[1] * (12 * 1024 * 1024 + 2 * 197 * 1024)
+        for impl, ms in (("umt_fast", ours), ("reference way", literal)):
+            rows.append({"op": "teacher block, UMT-L batch 64", "impl": impl, "ms": ms,
+                         "TFLOP/s": flops / (ms * 1e-3) / 1e12})
+        rows[0]["x reference way"] = literal / ours
     return rows
 
 
@@ -329,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     if on_gpu and not args.tiny:
         sections += [("tests", lambda: None if args.skip_tests else run_kernel_tests()),
                      ("copy_GBps", copy_bandwidth_gbps),
-                     ("kernels", lambda: kernel_rows(report["copy_GBps"]))]
+                     ("kernels", lambda: kernel_rows(report["copy_GBps"])),
+                     ("teacher_block", teacher_block_rows)]
     compile_modes = tuple(m for m in args.compile_modes.split(",") if m)
     unknown = set(compile_modes) - {"blocks", "model"}
     if unknown:
@@ -362,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(kernels))
     elif kernels is not None:
         print(kernels)
+    block = report.get("teacher_block")
+    if block is not None:
+        print()
+        print(markdown_table(block) if isinstance(block, list) else block)
     print()
     steps = report["steps"]
     if isinstance(steps, list):

@@ -23,6 +23,13 @@ def _clip_layer_norm(ln: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
 
 
+def teacher_block_forward(block, x: torch.Tensor) -> torch.Tensor:
+    """One teacher block as the reference writes it: fp32-upcast LayerNorms and the literal
+    QuickGELU MLP (three elementwise passes) around the same attention. [B, S, W] -> [B, S, W]."""
+    x = x + block.attn(_clip_layer_norm(block.ln_1, x))
+    return x + block.mlp(_clip_layer_norm(block.ln_2, x))
+
+
 def _teacher_forward(teacher: CLIPVisionTeacher, video: torch.Tensor):
     """-> (targets of every token [L, B, T*P, Ct], CLS attention [B*T, P])."""
     B, C, T, H, W = video.shape

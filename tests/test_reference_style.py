@@ -22,3 +22,16 @@ def test_reference_style_forward_equals_ours_for_the_same_mask():
     torch.testing.assert_close(targets_full[:, ~mask].reshape(2, 2, -1, 64), ours.targets(idx), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(_student_forward(student, video, mask), student(video, idx), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_way_teacher_block_is_the_same_function():
+    """The suite's teacher-block baseline (fp32-upcast LayerNorm, literal QuickGELU) computes
+    what our block computes."""
+    from benchmarks.reference_style import teacher_block_forward
+    from umt_fast.models.teacher import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(32, 4).eval()
+    x = torch.randn(3, 9, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher_block_forward(block, x), block(x)[0], atol=1e-5, rtol=1e-5)
