@@ -69,7 +69,7 @@ from umt_fast.evaluate import Predictions, _ViewsDataset, accuracy_report, autoc
 from umt_fast.launch import location_lines, open_run_dir, run_training_command
 from umt_fast.finetune_config import FinetuneConfig, build_config, check_paths, config_to_dict, scaled_lrs
 from umt_fast.models.classifier import VideoViT, VideoViTArch
-from umt_fast.models.student import drop_path_scales
+from umt_fast.models.student import drop_path_scales, keep_probabilities
 from umt_fast.train.logging import MetricsWriter, ProgressLine
 from umt_fast.train.loop import check_finite_loss
 from umt_fast.train.optim import WarmupCosineSchedule
@@ -240,10 +240,7 @@ class FinetuneStep:
         self.num_classes, self.device = num_classes, device
         self.rank, self.world_size = rank, world_size
         self.use_bf16 = device.type == "cuda" and cfg.train.precision == "bf16"
-        drop_probs = unwrap(model).drop_probs
-        self.keep_prob = (
-            torch.tensor([1.0 - p for p in drop_probs], dtype=torch.float32, device=device) if any(drop_probs) else None
-        )
+        self.keep_prob = keep_probabilities(unwrap(model).drop_probs, device)
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()

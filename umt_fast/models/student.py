@@ -122,6 +122,14 @@ class Block(nn.Module):
 DROP_PATH_SEED_OFFSET = 1 << 32
 
 
+def keep_probabilities(drop_probs: list[float], device: torch.device) -> torch.Tensor | None:
+    """[depth] float32 on ``device``: 1 - each block's drop probability, for
+    :func:`drop_path_scales` (made once, outside the step); None when no block drops."""
+    if not any(drop_probs):
+        return None
+    return torch.tensor([1.0 - p for p in drop_probs], dtype=torch.float32, device=device)
+
+
 def drop_path_scales(
     keep_prob_L: torch.Tensor, batch_size: int, *, seed: int, offset: int | torch.Tensor, first_clip: int
 ) -> torch.Tensor:

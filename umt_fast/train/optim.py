@@ -29,15 +29,9 @@ def build_optimizer(
     capturable: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW with the fused kernel (CUDA and CPU): one launch for all parameters, and no
-    read-back of the step counter to the host.
-
-    With ``capturable`` (for CUDA-graph capture) the learning rate is a 0-dim tensor on the
-    parameters' device, shared by every group; :meth:`WarmupCosineSchedule.set_lr` updates it
-    in place.
+    read-back of the step counter to the host. ``capturable`` makes it safe to capture in a
+    CUDA graph; the graph step then installs its lr tensor (:func:`use_lr_tensor`).
     """
-    if capturable:
-        device = next(model.parameters()).device
-        lr = torch.tensor(lr, dtype=torch.float32, device=device)
     return torch.optim.AdamW(
         param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=True, capturable=capturable
     )

@@ -25,7 +25,7 @@ from umt_fast.data.transforms import normalize_video
 from umt_fast.distributed import set_gradient_sync, unwrap
 from umt_fast.losses import alignment_loss
 from umt_fast.masking import num_visible, sample_visible_tokens
-from umt_fast.models.student import drop_path_scales
+from umt_fast.models.student import drop_path_scales, keep_probabilities
 from umt_fast.models.teacher import CLIPVisionTeacher
 from umt_kernels.reference import mix_seed
 
@@ -75,10 +75,7 @@ class PretrainStep:
         arch = unwrap(student).arch
         self.num_frames = arch.num_frames
         self.patches_per_frame = arch.patches_per_frame
-        drop_probs = unwrap(student).encoder.drop_probs
-        self.keep_prob = (
-            torch.tensor([1.0 - p for p in drop_probs], dtype=torch.float32, device=device) if any(drop_probs) else None
-        )
+        self.keep_prob = keep_probabilities(unwrap(student).encoder.drop_probs, device)
 
     def _autocast(self):
         if self.autocast_dtype is None:
