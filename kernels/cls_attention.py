@@ -12,9 +12,9 @@ from umt_kernels.utils import block_size, num_warps_for
 
 @triton.jit
 def _cls_attention_kernel(
-    q_ptr, k_ptr, out_ptr, H, N, D, scale,
+    q_ptr, k_ptr, out_ptr, N, D, scale,
     stride_qg, stride_qh, stride_qd, stride_kg, stride_kh, stride_kn, stride_kd,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     group = tl.program_id(0)
     ns, ds = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
@@ -39,8 +39,8 @@ def _launch(q_GHD: torch.Tensor, k_GHND: torch.Tensor, scale: float) -> torch.Te
         return out
     BLOCK_N, BLOCK_D = block_size(N), block_size(D)
     _cls_attention_kernel[(G,)](
-        q_GHD, k_GHND, out, H, N, D, scale, *q_GHD.stride(), *k_GHND.stride(),
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_N * BLOCK_D),
+        q_GHD, k_GHND, out, N, D, scale, *q_GHD.stride(), *k_GHND.stride(),
+        H=H, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_N * BLOCK_D),
     )
     return out
 

@@ -110,12 +110,12 @@ def gather_rows(x_GNC: torch.Tensor, idx_GK: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _select_and_gather_kernel(
-    w_ptr, x_ptr, idx_ptr, out_ptr, N, K, C, key, key_ptr, row_offset,
-    stride_wg, stride_wn, stride_xg, stride_xn, stride_xc, c_per_program,
-    KEY_IN_MEMORY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    w_ptr, x_ptr, idx_ptr, out_ptr, N, C, key, key_ptr, row_offset,
+    stride_wg, stride_wn, stride_xg, stride_xn, stride_xc,
+    K: tl.constexpr, C_PER_PROGRAM: tl.constexpr, KEY_IN_MEMORY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Program (group, split) selects its group's rows once, then copies channels
-    # [split * c_per_program, +c_per_program) of them, BLOCK_K rows x BLOCK_C channels at a time.
+    # [split * C_PER_PROGRAM, +C_PER_PROGRAM) of them, BLOCK_K rows x BLOCK_C channels at a time.
     # The selected indices come out as a mask and ranks over the N items; to copy compact
     # [BLOCK_K, BLOCK_C] tiles they go through memory: every program of the group stores the
     # same values to idx (a benign race), and after a CTA barrier reads its own back.
@@ -128,17 +128,16 @@ def _select_and_gather_kernel(
     idx_row = idx_ptr + group * K
     tl.store(idx_row + rank, cols.to(tl.int64), mask=selected)
     tl.debug_barrier()
-    c_start = split * c_per_program
-    c_end = tl.minimum(c_start + c_per_program, C)
+    c_start = split * C_PER_PROGRAM
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         rows = tl.load(idx_row + ks, mask=k_ok, other=0)
         src = x_ptr + group * stride_xg + rows[:, None] * stride_xn
         dst = out_ptr + (group * K + ks[:, None]) * C
-        for c0 in range(c_start, c_end, BLOCK_C):
-            cs = c0 + tl.arange(0, BLOCK_C)
-            mask = k_ok[:, None] & (cs < c_end)[None, :]
+        for c0 in range(0, C_PER_PROGRAM, BLOCK_C):
+            cs = c_start + c0 + tl.arange(0, BLOCK_C)
+            mask = k_ok[:, None] & (cs < C)[None, :]
             tl.store(dst + cs[None, :], tl.load(src + cs[None, :] * stride_xc, mask=mask), mask=mask)
 
 
@@ -158,9 +157,9 @@ def _launch_select_and_gather(scores_GN, x_GNC, k, seed, offset, offset_tensor, 
     splits = min(triton.cdiv(C, BLOCK_C), max(1, triton.cdiv(_TARGET_PROGRAMS, G)))
     c_per_program = triton.cdiv(triton.cdiv(C, splits), BLOCK_C) * BLOCK_C
     _select_and_gather_kernel[(G, triton.cdiv(C, c_per_program))](
-        scores_GN, x_GNC, idx, out, N, k, C, key, idx if key_tensor is None else key_tensor, row_offset,
-        *scores_GN.stride(), *x_GNC.stride(), c_per_program,
-        KEY_IN_MEMORY=key_tensor is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
+        scores_GN, x_GNC, idx, out, N, C, key, idx if key_tensor is None else key_tensor, row_offset,
+        *scores_GN.stride(), *x_GNC.stride(),
+        K=k, C_PER_PROGRAM=c_per_program, KEY_IN_MEMORY=key_tensor is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
         num_warps=num_warps_for(max(BLOCK_N, BLOCK_K * BLOCK_C * x_GNC.element_size() // 2)),  # fp32: 2x the warps
     )
     return idx, out
