@@ -6,8 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn as nn
 
+from tests.markers import needs_fsdp_on_cpu
 from umt_fast import checkpoint as ckpt
+from umt_fast.distributed import DistInfo, check_fsdp_supported, wrap_model
 from umt_fast.train.logging import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +38,7 @@ def single_rank_losses(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("one") / "run", 1, "--train.max_steps", "4")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=needs_fsdp_on_cpu)])
 def test_two_ranks_match_one_rank(tmp_path, single_rank_losses, strategy):
     losses = _run(tmp_path / "run", 2, "--train.max_steps", "4", "--dist.strategy", strategy)
     assert sorted(losses) == [1, 2, 3, 4]
@@ -48,6 +52,7 @@ def test_gradient_accumulation_matches_one_pass(tmp_path, single_rank_losses):
         assert loss == pytest.approx(losses[step], abs=1e-4)
 
 
+@needs_fsdp_on_cpu
 def test_fsdp_checkpoint_resumes_in_a_single_process(tmp_path, single_rank_losses):
     run_dir = tmp_path / "run"
     _run(run_dir, 2, "--train.max_steps", "2", "--dist.strategy", "fsdp", "--checkpoint.every_steps", "2")
@@ -64,3 +69,15 @@ def test_global_batch_must_split_over_ranks(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode != 0 and "train.global_batch_size=3" in proc.stderr
+
+
+def test_fsdp_on_cpu_is_refused_where_gloo_sums_gradients(monkeypatch):
+    """torch 2.7 and 2.8 reduce FSDP2 gradients over gloo as a sum (2 ranks: twice the gradient);
+    a run there would checkpoint an optimizer state off by the world size."""
+    two_cpu_ranks = DistInfo(rank=0, world_size=2, device=torch.device("cpu"))
+    monkeypatch.setattr(torch, "__version__", "2.8.0+cu128")
+    with pytest.raises(ValueError, match=r"--dist.strategy fsdp on CPU ranks needs torch >= 2\.9 \(this is 2\.8\.0"):
+        wrap_model(nn.Linear(2, 2), [], "fsdp", two_cpu_ranks, None)
+    check_fsdp_supported(torch.device("cuda", 0))  # NCCL ranks are fine
+    monkeypatch.setattr(torch, "__version__", "2.10.0")  # compared as a version: "2.10" > "2.9"
+    check_fsdp_supported(torch.device("cpu"))

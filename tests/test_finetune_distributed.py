@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from tests.markers import needs_fsdp_on_cpu
 from umt_fast import checkpoint as ckpt
 from umt_fast import finetune
 from umt_fast.finetune_config import build_config
@@ -67,10 +68,12 @@ def test_ddp_on_two_ranks_matches_one_rank(tmp_path, one_rank):
     _assert_same(one_rank, _run(tmp_path / "run", 2, "--dist.strategy", "ddp"))
 
 
+@needs_fsdp_on_cpu
 def test_fsdp_on_two_ranks_matches_one_rank(one_rank, fsdp_run):
     _assert_same(one_rank, fsdp_run[1])
 
 
+@needs_fsdp_on_cpu
 def test_fsdp_checkpoint_resumes_in_a_single_process(tmp_path, one_rank, fsdp_run):
     run_dir, _ = fsdp_run
     assert [s for s, _ in ckpt.list_checkpoints(str(run_dir))] == [2, 4]

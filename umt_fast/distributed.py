@@ -83,6 +83,7 @@ def wrap_model(
     if strategy == "ddp":
         device_ids = [info.local_rank] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    check_fsdp_supported(info.device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
@@ -90,6 +91,25 @@ def wrap_model(
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+# Before torch 2.9, FSDP2 over gloo (CPU ranks) sums the gradients over ranks instead of averaging
+# them: training still matches under Adam (the scale cancels) but the optimizer state is off by
+# the world size, so gradient clipping and resuming at another world size go wrong. (2.6 cannot
+# run FSDP2 on CPU at all.) NCCL is not affected.
+FSDP_ON_CPU_MIN_TORCH = (2, 9)
+
+
+def check_fsdp_supported(device: torch.device) -> None:
+    """Refuses FSDP2 on CPU ranks with a torch whose gloo path is wrong (see above)."""
+    from torch.torch_version import TorchVersion
+
+    if device.type == "cpu" and TorchVersion(torch.__version__) < FSDP_ON_CPU_MIN_TORCH:
+        need = ".".join(map(str, FSDP_ON_CPU_MIN_TORCH))
+        raise ValueError(
+            f"--dist.strategy fsdp on CPU ranks needs torch >= {need} (this is {torch.__version__}): before it, "
+            "FSDP2 over gloo sums gradients over ranks instead of averaging them. Use --dist.strategy ddp on CPU."
+        )
 
 
 def wrap_student(student: nn.Module, strategy: str, info: DistInfo, param_dtype: torch.dtype | None) -> nn.Module:
