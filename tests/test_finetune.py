@@ -13,7 +13,7 @@ from umt_fast import evaluate, export, extract, finetune, interop
 from umt_fast.data import sample_clip_paths
 from umt_fast.data.labelled import multi_view_clip, multi_view_frame_indices, spatial_crop_offsets
 from umt_fast.finetune_config import PRESETS, build_config, get_preset, validate
-from umt_fast.models.classifier import VideoViT, VideoViTArch
+from umt_fast.models.classifier import VideoViT, VideoViTArch, head_dropout_scales
 from umt_fast.train.logging import read_metrics
 
 # Synthetic labels a tiny model can learn from a few steps: the two carphone clips (the same
@@ -294,3 +294,28 @@ def test_evaluate_dispatches_the_retrieval_subcommand(capsys):
         evaluate_main(["retrieval", "--help"])
     assert exit_info.value.code == 0
     assert "python -m umt_fast.evaluate retrieval" in capsys.readouterr().out
+
+
+def test_head_dropout_is_drawn_per_global_clip():
+    """Counter-based head dropout: the factors are 0 or 1 / (1 - p), about p of them 0, and
+    clip b's factors depend only on its global index (two ranks of 3 clips draw what one rank
+    of 6 draws); the classifier applies them only in training mode."""
+    p, D = 0.3, 64
+    whole = head_dropout_scales(p, 6, D, seed=1, offset=7, first_clip=0, device=torch.device("cpu"))
+    halves = [head_dropout_scales(p, 3, D, seed=1, offset=7, first_clip=first, device=torch.device("cpu"))
+              for first in (0, 3)]
+    torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)
+    assert whole.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+    assert abs((whole == 0).float().mean().item() - p) < 0.05
+    other_step = head_dropout_scales(p, 6, D, seed=1, offset=8, first_clip=0, device=torch.device("cpu"))
+    assert not torch.equal(other_step, whole)
+
+    torch.manual_seed(0)
+    model = VideoViT(VideoViTArch(width=D, depth=1, heads=1, num_frames=2, img_size=32, num_classes=5, head_dropout=p))
+    video = torch.randn(6, 3, 2, 32, 32)
+    model.train()
+    pooled = model.forward_head(model.forward_features(video), pre_logits=True)
+    expected = pooled * whole @ model.head.weight.t() + model.head.bias
+    torch.testing.assert_close(model(video, None, whole), expected)
+    model.eval()
+    torch.testing.assert_close(model(video, None, whole), model(video))

@@ -2,8 +2,8 @@
 train top-1 and eval top-1 on one rank or two (DDP and FSDP2), and a checkpoint saved by two
 FSDP2 ranks resumes in a single process.
 
-The demo preset, with mixup, cutmix, random erasing and drop path switched on (they are drawn
-for the global batch, so a step does not depend on the world size) and a larger learning rate
+The demo preset, with mixup, cutmix, random erasing, drop path and head dropout switched on
+(they are drawn for the global batch, so a step does not depend on the world size) and a larger learning rate
 without warm-up, so that the losses move away from ln(4) within the few steps.
 """
 import os
@@ -19,7 +19,8 @@ from umt_fast.finetune_config import build_config
 from umt_fast.train.logging import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--preset", "demo", "--model.drop_path", "0.3", "--data.img_size", "64", "--data.num_frames", "2",
+ARGS = ["--preset", "demo", "--model.drop_path", "0.3", "--model.head_dropout", "0.3",
+        "--data.img_size", "64", "--data.num_frames", "2",
         "--aug.mixup", "0.8", "--aug.cutmix", "1.0", "--aug.random_erasing", "0.5", "--optim.lr", "0.32",
         "--optim.warmup_epochs", "0", "--log.every_steps", "1", "--eval.num_clips", "1", "--eval.num_crops", "1",
         "--train.max_steps", "4", "--checkpoint.every_steps", "2", "--data.num_workers", "0"]  # fmt: skip

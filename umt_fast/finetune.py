@@ -68,7 +68,7 @@ from umt_fast.distributed import (
 from umt_fast.evaluate import Predictions, _ViewsDataset, accuracy_report, autocast_for, format_report, predict_videos
 from umt_fast.launch import location_lines, open_run_dir, run_training_command
 from umt_fast.finetune_config import FinetuneConfig, build_config, check_paths, config_to_dict, scaled_lrs
-from umt_fast.models.classifier import VideoViT, VideoViTArch
+from umt_fast.models.classifier import VideoViT, VideoViTArch, head_dropout_scales
 from umt_fast.models.student import drop_path_scales, keep_probabilities
 from umt_fast.train.logging import MetricsWriter, ProgressLine
 from umt_fast.train.loop import check_finite_loss
@@ -296,8 +296,13 @@ class FinetuneStep:
         drop_scales = None
         if self.keep_prob is not None:  # keyed by each clip's global index: the same at any world size
             drop_scales = drop_path_scales(self.keep_prob, B, seed=self.cfg.train.seed, offset=step, first_clip=self.rank * B)
+        head_scales = None
+        if self.cfg.model.head_dropout > 0:  # likewise keyed by clip
+            head_scales = head_dropout_scales(self.cfg.model.head_dropout, B, unwrap(self.model).arch.width,
+                                              seed=self.cfg.train.seed, offset=step, first_clip=self.rank * B,
+                                              device=video.device)
         with self._autocast():
-            logits = self.model(video, drop_scales)
+            logits = self.model(video, drop_scales, head_scales)
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

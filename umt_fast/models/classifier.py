@@ -27,6 +27,28 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from umt_fast.models.student import LN_EPS, Block, sincos_table
+from umt_kernels.reference import uniform_noise
+
+# The head-dropout draws use their own key, apart from the drop path's (seed + 2**32).
+HEAD_DROPOUT_SEED_OFFSET = 2 << 32
+
+
+def head_dropout_scales(
+    drop_prob: float, batch_size: int, width: int, *, seed: int, offset: int | torch.Tensor, first_clip: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Dropout factors before the classification head, from counter-based noise.
+
+    Feature d of clip b is kept when u >= ``drop_prob``, with u the uniform of counter
+    (first_clip + b, d) under the key (seed + 2 * 2**32, offset): a function of the clip's
+    global index in the step's batch, so the draws do not depend on the number of ranks.
+
+    Returns:
+        [B, D] float32: 0 for a dropped feature, 1 / (1 - drop_prob) for a kept one.
+    """
+    u_BD = uniform_noise((batch_size, width), seed=seed + HEAD_DROPOUT_SEED_OFFSET, offset=offset,
+                         row_offset=first_clip, device=device)
+    return (u_BD >= drop_prob).float() / (1.0 - drop_prob)
 
 HEAD_INIT_SCALE = 0.001
 """The reference's ``init_scale``: the head's trunc-normal(std .02) weights and bias are
@@ -147,18 +169,30 @@ class VideoViT(nn.Module):
                 x = block(x, scales)
         return self.norm(x)
 
-    def forward_head(self, tokens_BND: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """[B, N, D] -> logits [B, K]; with ``pre_logits`` (or no head) the pooled [B, D]."""
+    def forward_head(
+        self, tokens_BND: torch.Tensor, pre_logits: bool = False, head_scales_BD: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, N, D] -> logits [B, K]; with ``pre_logits`` (or no head) the pooled [B, D].
+
+        ``head_scales_BD``: [B, D] dropout factors before the head (:func:`head_dropout_scales`),
+        used in training mode; None draws the dropout from torch's generator.
+        """
         pooled_BD = tokens_BND.mean(dim=1)
         if self.arch.num_classes == 0:
             return pooled_BD
         pooled_BD = self.fc_norm(pooled_BD)
         if pre_logits:
             return pooled_BD
+        if head_scales_BD is not None and self.training:
+            return self.head(pooled_BD * head_scales_BD.to(pooled_BD.dtype))
         return self.head(self.head_dropout(pooled_BD))
 
-    def forward(self, video_BCTHW: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(video_BCTHW, drop_scales_LB2))
+    def forward(
+        self, video_BCTHW: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None,
+        head_scales_BD: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        tokens_BND = self.forward_features(video_BCTHW, drop_scales_LB2)
+        return self.forward_head(tokens_BND, head_scales_BD=head_scales_BD)
 
     def embed(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(clip embedding [B, D], per-token features [B, N, D]).
