@@ -42,3 +42,40 @@ def test_unknown_compile_mode_is_refused(capsys):
     with pytest.raises(SystemExit):
         gpu_suite.main(["--tiny", "--compile-modes", "fast"])
     assert "--compile-modes" in capsys.readouterr().err
+
+
+def test_model_flops_formula_counts_every_block_matmul():
+    """The MFU numerator against torch's own FLOP counter, op by op: the teacher's blocks over
+    one forward, the student's blocks over forward and backward, for the demo models (the
+    math attention backend, so that the attention matmuls are counted too). The formula leaves
+    out only the patch embeddings and the heads (under 1% at UMT-L)."""
+    import re
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from umt_fast.data.transforms import normalize_video
+    from umt_fast.losses import alignment_loss
+    from umt_fast.masking import num_visible, visible_tokens_per_clip
+    from umt_fast.models.attention import attention_backend
+
+    def block_flops(counter):
+        return sum(sum(by_op.values()) for name, by_op in counter.get_flop_counts().items()
+                   if re.search(r"\.(resblocks|blocks)\.\d+$", name))
+
+    cfg, teacher, student = gpu_suite._build("demo", torch.device("cpu"), tiny=False)
+    B, T, S = 2, cfg.data.num_frames, cfg.data.img_size
+    video = normalize_video(torch.randint(0, 256, (B, T, S, S, 3), dtype=torch.uint8))
+    P = student.arch.patches_per_frame
+    with attention_backend("math"):
+        with FlopCounterMode(display=False) as teacher_count, torch.no_grad():
+            idx, targets = teacher(video).sample_visible(num_visible(P, cfg.mask.ratio), seed=0, offset=0)
+        with FlopCounterMode(display=False) as student_count:
+            alignment_loss(student(video, idx), targets).backward()
+
+    grid, visible = teacher.arch.grid, visible_tokens_per_clip("attention", T, P, cfg.mask.ratio)
+    teacher_formula = gpu_suite._vit_forward_flops(T * (grid**2 + 1), grid**2 + 1, teacher.arch.width, teacher.arch.layers)
+    student_formula = 3 * gpu_suite._vit_forward_flops(visible, visible, student.arch.width, student.arch.depth)
+    assert block_flops(teacher_count) == B * teacher_formula
+    assert block_flops(student_count) == B * student_formula
+    assert gpu_suite.model_flops_per_clip(teacher.arch, student.arch, grid, visible) == teacher_formula + student_formula
