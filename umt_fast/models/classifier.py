@@ -29,6 +29,11 @@ import torch.utils.checkpoint
 from umt_fast.models.student import LN_EPS, Block, sincos_table
 from umt_kernels.reference import uniform_noise
 
+HEAD_INIT_SCALE = 0.001
+"""The reference's ``init_scale``: the head's trunc-normal(std .02) weights and bias are
+multiplied by it, so fine-tuning starts from near-uniform predictions."""
+
+
 # The head-dropout draws use their own key, apart from the drop path's (seed + 2**32).
 HEAD_DROPOUT_SEED_OFFSET = 2 << 32
 
@@ -49,10 +54,6 @@ def head_dropout_scales(
     u_BD = uniform_noise((batch_size, width), seed=seed + HEAD_DROPOUT_SEED_OFFSET, offset=offset,
                          row_offset=first_clip, device=device)
     return (u_BD >= drop_prob).float() / (1.0 - drop_prob)
-
-HEAD_INIT_SCALE = 0.001
-"""The reference's ``init_scale``: the head's trunc-normal(std .02) weights and bias are
-multiplied by it, so fine-tuning starts from near-uniform predictions."""
 
 
 @dataclass(frozen=True)
