@@ -10,6 +10,9 @@ driver in place that reports the target GPU, calls the public ops on CPU tensors
 allocated but never touched (so UMT-L sizes cost no memory), and stops every launch at
 triton's JIT cache hook. The argument types, constexprs, specialisations (strides equal to 1,
 16-byte divisibility) and num_warps compiled are therefore exactly those of a real launch.
+
+Checked per launch: every stage compiles, the PTX targets the arch, shared memory fits, no
+register spills, and the memory-bound launches move their bulk data in 16-byte vectors.
 """
 from __future__ import annotations
 
@@ -33,6 +36,12 @@ import umt_kernels
 ARCHS = (90, 80)
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block, H100 / A100
 STAGES = ("ttir", "ttgir", "llir", "ptx", "cubin")
+# Memory-bound launches at UMT shapes (by op: what must move in 16-byte vectors): scalar
+# global accesses would cap them far below the copy bandwidth. The samplers are not memory-bound
+# (a 32-pass radix select over a few hundred scores per row), and odd shapes cannot vectorise.
+VECTORISED = {"select_and_gather": ("loads", "stores"), "gather_rows": ("loads", "stores"),
+              "gather_patches": ("loads", "stores"), "cls_attention": ("loads",), "alignment_loss": ("loads",),
+              "alignment_loss_backward": ("loads", "stores")}  # fmt: skip
 # Stack bytes per thread a launch may use. Releases before 3.7 leave a few spilled bytes in
 # some sampler launches (per ptxas -v: 3.6 spills 8 bytes into a 16-byte frame at k = 1, 3.5
 # 8 bytes in uniform mode); from 3.7 on nothing spills.
@@ -169,6 +178,8 @@ def _compile(fn, launch: dict, target, with_cubin: bool) -> dict:
         "num_warps": options.num_warps,
         "ptx_target": re.findall(r"^\.target\s+(\w+)", outputs["ptx"], re.M),
         "ptx_entries": re.findall(r"\.entry\s+(\w+)", outputs["ptx"]),
+        "vector_loads": len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.", outputs["ptx"])),
+        "vector_stores": len(re.findall(r"\bst\.global(?:\.\w+)*\.v4\.", outputs["ptx"])),
         "cubin": outputs.get("cubin"),
     }
 
@@ -281,6 +292,10 @@ def test_kernel_compiles(compiled, case, arch):
     assert result["ptx_entries"] == [result["kernel"]]
     assert result.get("cubin_bytes", 0) > 0 or not result["ptxas"]
     assert result["shared"] <= SHARED_LIMIT[arch], f"{result['shared']} bytes of shared memory"
+    op = case.split("-")[0]
+    if op in VECTORISED and "-odd-" not in case:
+        for access in VECTORISED[op]:
+            assert result[f"vector_{access}"] > 0, f"no 16-byte vector {access} in the PTX of {case}"
     if "reg" in result:  # cuobjdump ran: registers within a thread's 255, and no spills
         assert 0 < result["reg"] <= 255
         assert result["local"] == 0 and result["stack"] <= MAX_STACK, f"spills: {result}"
