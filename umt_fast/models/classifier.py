@@ -26,16 +26,12 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from umt_fast.models.student import LN_EPS, Block, sincos_table
+from umt_fast.models.student import HEAD_DROPOUT_SEED_OFFSET, LN_EPS, Block, sincos_table
 from umt_kernels.reference import uniform_noise
 
 HEAD_INIT_SCALE = 0.001
 """The reference's ``init_scale``: the head's trunc-normal(std .02) weights and bias are
 multiplied by it, so fine-tuning starts from near-uniform predictions."""
-
-
-# The head-dropout draws use their own key, apart from the drop path's (seed + 2**32).
-HEAD_DROPOUT_SEED_OFFSET = 2 << 32
 
 
 def head_dropout_scales(

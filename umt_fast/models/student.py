@@ -118,8 +118,10 @@ class Block(nn.Module):
         return x_BND + self.mlp(self.norm2(x_BND)) * scale[:, 1]
 
 
-# The drop-path draws use their own key, apart from the masks' (same seed and step).
+# The drop-path and head-dropout draws use keys of their own, apart from the masks' (same seed
+# and step) and from each other.
 DROP_PATH_SEED_OFFSET = 1 << 32
+HEAD_DROPOUT_SEED_OFFSET = 2 << 32
 
 
 def keep_probabilities(drop_probs: list[float], device: torch.device) -> torch.Tensor | None:
