@@ -319,3 +319,45 @@ def test_head_dropout_is_drawn_per_global_clip():
     torch.testing.assert_close(model(video, None, whole), expected)
     model.eval()
     torch.testing.assert_close(model(video, None, whole), model(video))
+
+
+def test_head_label_map_option_starts_kinetics_600_from_a_k710_file(tmp_path):
+    from umt_fast.finetune_config import check_paths
+
+    stage1 = ref.random_student_state_dict(width=192, depth=4, heads=3, K=1, teacher_dim=16, seed=6)
+    k710 = ref.finetuned_state_dict(stage1, num_classes=710, seed=6)
+    torch.save({"model": k710}, tmp_path / "k710.pth")
+    label_map = list(range(710))[::-1][:600]
+    (tmp_path / "label_mixto600.json").write_text(json.dumps(label_map))
+    train_list = _write_list(tmp_path / "train.csv")
+    args = ["--data.train_list", train_list, "--init", str(tmp_path / "k710.pth"), "--model.num_classes", "600",
+            "--model.head_label_map", str(tmp_path / "label_mixto600.json")]  # fmt: skip
+    cfg = build_config(args)
+    check_paths(cfg)
+    model = finetune.build_model(cfg, num_classes=600)
+    torch.testing.assert_close(model.head.weight, k710["head.weight"][label_map], atol=0, rtol=0)
+    torch.testing.assert_close(model.fc_norm.weight, k710["fc_norm.weight"], atol=0, rtol=0)
+    video = torch.randn(1, 3, cfg.data.num_frames, cfg.data.img_size, cfg.data.img_size, dtype=torch.float64)
+    whole = interop.load_video_vit(tmp_path / "k710.pth", num_frames=cfg.data.num_frames, img_size=cfg.data.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.double().eval()(video), whole.double()(video)[:, label_map], atol=1e-10, rtol=0)
+    cfg.model.num_classes = 400  # a K710 head into 400 classes needs no map: its first 400 rows
+    cfg.model.head_label_map = ""
+    model = finetune.build_model(cfg, num_classes=400)
+    torch.testing.assert_close(model.head.bias, k710["head.bias"][:400], atol=0, rtol=0)
+
+    (tmp_path / "short.json").write_text(json.dumps(label_map[:599]))
+    (tmp_path / "range.json").write_text(json.dumps(label_map[:599] + [710]))
+    for name, message in (("short.json", "holds 599 rows, but the model has 600 classes"),
+                          ("range.json", r"row 710 is outside \[0, 710\)")):  # fmt: skip
+        cfg = build_config(args[:-1] + [str(tmp_path / name)])
+        with pytest.raises(ValueError, match=rf"model.head_label_map='.*{name}' is not allowed: {message}"):
+            check_paths(cfg)
+    cfg = build_config(args[:4] + ["--model.num_classes", "0"] + args[6:])  # classes from the labels: 3
+    check_paths(cfg)
+    with pytest.raises(ValueError, match=r"model.head_label_map='.*' is not allowed: holds 600 rows, but the model has 3"):
+        finetune.build_model(cfg, num_classes=3)
+    with pytest.raises(FileNotFoundError, match=r"model.head_label_map='.*nothing.json': no such file"):
+        check_paths(build_config(args[:-1] + [str(tmp_path / "nothing.json")]))
+    with pytest.raises(ValueError, match=r"model.head_label_map='x.json' is not allowed: needs model.init"):
+        build_config(["--data.train_list", train_list, "--model.head_label_map", "x.json"])

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from tests import umt_reference as ref
 from umt_fast import checkpoint as ckpt
 from umt_fast import export, interop
-from umt_fast.models.classifier import VideoViT, VideoViTArch
+from umt_fast.models.classifier import VideoViT, VideoViTArch, finetune_pos_table
 from umt_fast.models.student import sincos_table
 
 T, IMG, PATCH = 2, 64, 16  # 2 frames of a 4x4 grid
@@ -193,11 +193,13 @@ def test_stage1_file_loads_as_a_dense_encoder_and_as_a_classifier_init():
     sd = _stage1()
     encoder = interop.load_video_vit(sd, num_frames=T, img_size=IMG)
     assert encoder.arch.final_norm and encoder.arch.num_classes == 0
-    torch.testing.assert_close(encoder.pos_embed[0], sincos_table(T * 16, 64))
-    # all tokens visible: the dense encoder equals the sparse student's encoder
+    torch.testing.assert_close(encoder.pos_embed, finetune_pos_table(T, IMG // 16, 64), atol=0, rtol=0)
+    # all tokens visible and the stage-1 table: the dense encoder equals the sparse student's encoder
     student = interop.load_student(sd, num_frames=T, img_size=IMG)
+    torch.testing.assert_close(student.encoder.pos_embed, sincos_table(T * 16, 64))
     all_tokens = torch.arange(T * 16).expand(2, -1)
     with torch.no_grad():
+        encoder.pos_embed.copy_(student.encoder.pos_embed[None])
         sparse_last = student.encoder(_video(), all_tokens)[-1]
         dense = encoder.forward_features(_video())
     torch.testing.assert_close(dense, sparse_last, atol=1e-5, rtol=0)
@@ -208,6 +210,166 @@ def test_stage1_file_loads_as_a_dense_encoder_and_as_a_classifier_init():
     torch.testing.assert_close(classifier.blocks[1].mlp.fc2.weight, sd["encoder.blocks.1.mlp.fc2.weight"])
     torch.testing.assert_close(classifier.head.weight, head_before)  # fresh head kept
     assert 0.5e-5 < classifier.head.weight.std() < 4e-5  # trunc-normal(std .02) x 0.001
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning: position tables and heads as the reference's fine-tuning builds them
+# --------------------------------------------------------------------------------------------
+
+CLIP_SIZES = [(8, 224), (4, 96), (16, 224), (2, 160), (12, 64)]  # (frames, px): grids 14, 6, 14, 10, 4
+
+
+def _backbone_and_head(sd_stage1, model):
+    """The reference fine-tuning model's state dict for a stage-1 init: the file's backbone and
+    the classifier's own (fresh) fc_norm and head."""
+    sd = {k[len("encoder."):]: v for k, v in sd_stage1.items() if k.startswith(("encoder.patch_embed.", "encoder.blocks."))}
+    return sd | {k: v for k, v in model.state_dict().items() if k.startswith(("fc_norm.", "head."))}
+
+
+@pytest.mark.parametrize("frames,img", CLIP_SIZES)
+def test_tables_without_a_file_pos_embed_are_the_reference_finetuning_tables(frames, img):
+    grid, n = img // 16, frames * (img // 16) ** 2
+    expected = ref.finetune_sinusoid_table(n, 64, frames, pre_n_position=1568)
+    # an independent float64 check of the modes: the 8 x 14 x 14 table, bicubic in space, linear in time
+    table0 = sincos_table(1568, 64).double().reshape(8, 14, 14, 64)
+    ws, wt = _cubic_weights(grid, 14), _lerp_weights(frames, 8)
+    einsum = torch.einsum("at,bh,cw,thwd->abcd", wt, ws, ws, table0).reshape(1, n, 64)
+    torch.testing.assert_close(expected.double(), einsum, atol=2e-6, rtol=0)
+    old = sincos_table(n, 64)[None]  # the table of the clip's own length, which the reference does not use
+    if (frames, grid) == (8, 14):
+        torch.testing.assert_close(expected, old, atol=0, rtol=0)
+    else:
+        assert (expected - old).abs().max() > 0.1
+
+    sd1 = _stage1()
+    model = VideoViT(VideoViTArch(width=64, depth=2, heads=1, num_frames=frames, img_size=img, num_classes=5))
+    torch.testing.assert_close(model.pos_embed, expected, atol=0, rtol=0)  # a fresh model (no init file)
+    interop.init_video_vit(model, sd1)
+    torch.testing.assert_close(model.pos_embed, expected, atol=0, rtol=0)
+    video = _video(B=1, T=frames, img=img, seed=frames).double()
+    with torch.no_grad():
+        ours = model.double().eval()(video)
+        want = ref.finetune_vit_forward(_backbone_and_head(sd1, model), video, heads=1)
+    assert (ours - want).abs().max() < 1e-9
+
+    finetuned = ref.finetuned_state_dict(sd1, num_classes=7, seed=frames)  # an 8 x 224 fine-tuned file: no pos_embed
+    model = interop.load_video_vit(finetuned, num_frames=frames, img_size=img)
+    torch.testing.assert_close(model.pos_embed, expected, atol=0, rtol=0)
+    with torch.no_grad():
+        ours = model.double()(video)
+        want = ref.finetune_vit_forward(finetuned, video, heads=1)
+    assert (ours - want).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("frames,img", [(16, 224), (4, 96), (16, 160), (8, 96)])
+def test_a_file_pos_embed_is_resized_as_the_reference_finetuning_resizes_it(frames, img):
+    finetuned = ref.finetuned_state_dict(_stage1(), num_classes=3, seed=1)
+    table = torch.randn(1, 1568, 64, generator=torch.Generator().manual_seed(frames + img))  # 8 x 14 x 14
+    model = interop.load_video_vit(finetuned | {"pos_embed": table}, num_frames=frames, img_size=img)
+    n = frames * (img // 16) ** 2
+    expected = ref.finetune_checkpoint_pos_embed(table, n, frames)
+    torch.testing.assert_close(model.pos_embed, expected, atol=0, rtol=0)
+    if (frames, img) == (4, 96):
+        video = _video(B=2, T=frames, img=img).double()
+        with torch.no_grad():
+            ours = model.double()(video)
+        assert (ours - ref.finetune_vit_forward(finetuned, video, heads=1, pos_embed=expected.double())).abs().max() < 1e-9
+
+
+def test_at_the_pretraining_size_the_model_keeps_its_fixed_table(caplog):
+    """The reference's model at 8 x 14 x 14 does not register its table, so a file's pos_embed is
+    not read (e.g. the 16-frame table of a 16-frame fine-tuned file)."""
+    finetuned = ref.finetuned_state_dict(_stage1(), num_classes=3)
+    fixed = ref.finetune_sinusoid_table(1568, 64, 8)
+    with caplog.at_level(logging.INFO, logger="umt_fast.interop"):
+        model = interop.load_video_vit(finetuned | {"pos_embed": fixed}, num_frames=8, img_size=224)
+    torch.testing.assert_close(model.pos_embed, fixed, atol=0, rtol=0)
+    assert "is not used" not in caplog.text
+    sixteen = ref.finetune_sinusoid_table(3136, 64, 16)
+    with caplog.at_level(logging.INFO, logger="umt_fast.interop"):
+        model = interop.load_video_vit(finetuned | {"pos_embed": sixteen}, num_frames=8, img_size=224)
+    torch.testing.assert_close(model.pos_embed, fixed, atol=0, rtol=0)
+    assert "the file's pos_embed (3136 rows) is not used" in caplog.text
+    # at 16 frames the same file's table is already the clip's: kept as it is
+    model = interop.load_video_vit(finetuned | {"pos_embed": sixteen}, num_frames=16, img_size=224)
+    torch.testing.assert_close(model.pos_embed, sixteen, atol=0, rtol=0)
+
+
+def _k710_file(tmp_path, seed=5):
+    sd = ref.finetuned_state_dict(_stage1(), num_classes=710, seed=seed)
+    torch.save({"module": sd}, tmp_path / "k710.pth")
+    return sd, tmp_path / "k710.pth"
+
+
+def _classifier(num_classes):
+    return VideoViT(VideoViTArch(width=64, depth=2, heads=1, num_frames=T, img_size=IMG, num_classes=num_classes)).eval()
+
+
+def test_a_k710_head_gives_kinetics_400_its_first_rows_and_600_rows_by_a_label_map(tmp_path, caplog):
+    sd, path = _k710_file(tmp_path)
+    video = _video().double()
+    with torch.no_grad():
+        k710 = interop.load_video_vit(path, num_frames=T, img_size=IMG).double()(video)
+    assert k710.shape == (2, 710)
+
+    k400 = _classifier(400)
+    with caplog.at_level(logging.INFO, logger="umt_fast.interop"):
+        interop.init_video_vit(k400, path)
+    assert "the first 400 rows of the init checkpoint's K710 head" in caplog.text
+    torch.testing.assert_close(k400.fc_norm.weight, sd["fc_norm.weight"], atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(k400.double()(video), k710[:, :400], atol=1e-10, rtol=0)
+
+    label_map = torch.randperm(710, generator=torch.Generator().manual_seed(0))[:600].tolist()
+    (tmp_path / "label_mixto600.json").write_text(json.dumps(label_map))
+    for given in (tmp_path / "label_mixto600.json", str(tmp_path / "label_mixto600.json"), label_map):
+        k600 = _classifier(600)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="umt_fast.interop"):
+            interop.init_video_vit(k600, path, head_label_map=given)
+        assert "head: 600 classes from the init checkpoint's 710-class head, rows by the label map" in caplog.text
+        torch.testing.assert_close(k600.head.bias, sd["head.bias"][label_map], atol=0, rtol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(k600.double()(video), k710[:, label_map], atol=1e-10, rtol=0)
+
+
+def test_a_head_of_another_class_count_starts_fresh_and_fc_norm_is_kept(tmp_path, caplog):
+    sd, path = _k710_file(tmp_path)
+    for classes, hint in ((174, False), (700, True)):
+        model = _classifier(classes)
+        head_before = model.head.weight.clone()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="umt_fast.interop"):
+            interop.init_video_vit(model, path)
+        assert f"head has 710 classes, the model {classes}: the head starts fresh, fc_norm is kept" in caplog.text
+        assert ("head label map" in caplog.text) == hint
+        torch.testing.assert_close(model.head.weight, head_before, atol=0, rtol=0)
+        torch.testing.assert_close(model.fc_norm.bias, sd["fc_norm.bias"], atol=0, rtol=0)
+
+
+def test_bad_head_label_maps_are_refused_naming_the_map(tmp_path):
+    _, path = _k710_file(tmp_path)
+    cases = {
+        "short.json": (list(range(599)), r"head_label_map='.*short.json' is not allowed: holds 599 rows, but the model has 600 classes"),
+        "range.json": (list(range(599)) + [710], r"head_label_map='.*range.json' is not allowed: row 710 is outside \[0, 710\)"),
+        "negative.json": ([-1] + list(range(599)), r"row -1 is outside \[0, 710\)"),
+        "dict.json": ({"0": 1}, r"dict.json' is not allowed: must be a JSON list of ints"),
+        "floats.json": ([0.0] * 600, r"must be a JSON list of ints"),
+        "bools.json": ([True] * 600, r"must be a JSON list of ints"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=message):
+            interop.init_video_vit(_classifier(600), path, head_label_map=tmp_path / name)
+    (tmp_path / "broken.json").write_text("[1, 2,")
+    with pytest.raises(ValueError, match=r"broken.json' is not allowed: not a JSON file"):
+        interop.init_video_vit(_classifier(600), path, head_label_map=tmp_path / "broken.json")
+    with pytest.raises(FileNotFoundError, match=r"head_label_map='.*missing.json': no such file"):
+        interop.init_video_vit(_classifier(600), path, head_label_map=tmp_path / "missing.json")
+    with pytest.raises(ValueError, match=r"head_label_map=\[0, 1, 2, 3, \.\.\.\] \(599 entries\) is not allowed: holds 599"):
+        interop.init_video_vit(_classifier(600), path, head_label_map=list(range(599)))
+    with pytest.raises(ValueError, match="the init checkpoint has no head"):
+        interop.init_video_vit(_classifier(2), _stage1(), head_label_map=[0, 1])
 
 
 def test_strict_errors_and_the_non_strict_report(caplog):

@@ -123,11 +123,11 @@ def test_retrieval_metrics_on_a_hand_made_matrix():
     m = retrieval_metrics(sim, t2v)
     assert m["t2v_r1"] == pytest.approx(40.0) and m["t2v_r5"] == 100.0
     assert m["t2v_medr"] == 3.0 and m["t2v_meanr"] == pytest.approx(12 / 5)
-    # video -> text columns: v0 -> text 0 (0.9 ties with text 4: not strictly higher) rank 1;
-    # v1 -> best of texts 1 (0.4: rank 4) and 2 (0.7: rank 2) = 2; v2 -> text 3 (0.4: rank 3);
-    # v3 -> text 4 (0.1: rank 4).
-    assert m["v2t_r1"] == 25.0 and m["v2t_r5"] == 100.0
-    assert m["v2t_medr"] == 2.5 and m["v2t_meanr"] == pytest.approx(10 / 4)
+    # video -> text columns: v0 -> text 0 (0.9 ties with text 4, which np.argsort(col)[::-1] puts
+    # first, as the reference ranks) rank 2; v1 -> best of texts 1 (0.4: rank 4) and 2 (0.7: rank 2)
+    # = 2; v2 -> text 3 (0.4: rank 3); v3 -> text 4 (0.1: rank 4).
+    assert m["v2t_r1"] == 0.0 and m["v2t_r5"] == 100.0
+    assert m["v2t_medr"] == 2.5 and m["v2t_meanr"] == pytest.approx(11 / 4)
     with pytest.raises(ValueError):
         retrieval_metrics(sim, [0, 1, 1, 2, 9])
 
@@ -204,4 +204,5 @@ def test_caption_collate_tokenizes_in_the_loader():
     batch = collate(samples)
     assert batch["text_ids"].shape == batch["text_mask"].shape == (2, 8)
     assert batch["text_ids"][0, 0].item() == 101 and batch["captions"] == ["video0", "video1"]  # [CLS]
+    assert 102 not in batch["text_ids"].tolist()[0]  # no [SEP], as the reference
     assert "text_ids" not in vl_data.collate_captions(samples)

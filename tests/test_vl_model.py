@@ -5,6 +5,7 @@ import torch
 
 from umt_fast.models.student import SparseVideoStudent, StudentArch
 from umt_fast.vl.model import (
+    HEAD_NORM_EPS,
     VisionLanguageModel,
     VLBatch,
     from_reference_state_dict,
@@ -12,10 +13,11 @@ from umt_fast.vl.model import (
     stage2_shapes,
     to_reference_state_dict,
 )
-from umt_fast.vl.text import build_text_encoder, bundled_minilm_dir, load_tokenizer
+from umt_fast.vl.text import build_text_encoder, bundled_minilm_dir, load_tokenizer, tokenize_captions
 from umt_fast.vl.train import initialise
 
-ARCH = StudentArch(width=192, depth=4, heads=3, teacher_dim=64, return_layers=2, num_frames=2, img_size=64)
+ARCH = StudentArch(width=192, depth=4, heads=3, teacher_dim=64, return_layers=2, num_frames=2, img_size=64,
+                   head_norm_eps=HEAD_NORM_EPS)
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +111,14 @@ def test_forward_gives_four_finite_losses_and_gradients_everywhere(text_encoder,
     model = _model(text_encoder, 5).train()
     B, T, P = 3, ARCH.num_frames, ARCH.patches_per_frame
     idx = torch.sort(torch.randperm(T * P)[:6]).values.expand(B, -1)
-    tok = tokenizer(["a cat", "two dogs play", "a cat sleeps"], padding="max_length", max_length=10, return_tensors="pt")
-    labels = torch.full_like(tok["input_ids"], -100)
-    labels[:, 1] = tok["input_ids"][:, 1]
-    mlm_ids = tok["input_ids"].clone()
+    text_ids, text_mask = tokenize_captions(tokenizer, ["a cat", "two dogs play", "a cat sleeps"], 10)
+    labels = torch.full_like(text_ids, -100)
+    labels[:, 1] = text_ids[:, 1]
+    mlm_ids = text_ids.clone()
     mlm_ids[:, 1] = tokenizer.mask_token_id
     targets = torch.nn.functional.normalize(torch.randn(ARCH.return_layers, B, 6, ARCH.teacher_dim), dim=-1)
-    batch = VLBatch(video=torch.randn(B, 3, T, 64, 64), visible_idx=idx, targets=targets, text_ids=tok["input_ids"],
-                    text_mask=tok["attention_mask"], mlm_ids=mlm_ids, mlm_labels=labels, ids=torch.tensor([0, 1, 0]))
+    batch = VLBatch(video=torch.randn(B, 3, T, 64, 64), visible_idx=idx, targets=targets, text_ids=text_ids,
+                    text_mask=text_mask, mlm_ids=mlm_ids, mlm_labels=labels, ids=torch.tensor([0, 1, 0]))
     losses = model(batch)
     assert set(losses) == {"uta", "vtc", "vtm", "mlm"}
     assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())

@@ -184,3 +184,236 @@ def bool_mask_from_indices(visible_idx_BN: torch.Tensor, num_tokens: int) -> tor
     mask = torch.ones(visible_idx_BN.shape[0], num_tokens, dtype=torch.bool)
     mask.scatter_(1, visible_idx_BN, False)
     return mask
+
+
+# ---- stage 2 (multi_modality) ----
+
+
+def reference_pre_text(text, max_l=None):
+    """multi_modality/dataset/utils.py ``pre_text``: applied to every caption of the reference's
+    training and test datasets (dataset/caption_dataset.py) before tokenizing."""
+    text = re.sub(r"([,.'!?\"()*#:;~])", '', text.lower())
+    text = text.replace('-', ' ').replace('/', ' ').replace('<person>', 'person')
+
+    text = re.sub(r"\s{2,}", ' ', text)
+    text = text.rstrip('\n').strip(' ')
+
+    if max_l:  # truncate
+        words = text.split(' ')
+        if len(words) > max_l:
+            text = ' '.join(words[:max_l])
+    return text
+
+
+def reference_bert_tokenizer(vocab_file: str, do_lower_case: bool = True):
+    """The reference's tokenizer (multi_modality/models/backbones/bert/tokenization_bert.py): the
+    slow, pure-Python transformers BERT tokenizer whose ``build_inputs_with_special_tokens`` makes a
+    single sequence ``[CLS] X`` (no [SEP]). Call it as the reference does (tasks/pretrain.py,
+    tasks/retrieval_utils.py): ``tok(text, padding="max_length", truncation=True,
+    max_length=max_txt_l, return_tensors="pt")``."""
+    try:
+        from transformers import BertTokenizerLegacy as SlowBertTokenizer  # transformers >= 5
+    except ImportError:
+        from transformers import BertTokenizer as SlowBertTokenizer  # transformers 4: the slow one
+
+    class ReferenceBertTokenizer(SlowBertTokenizer):
+        def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+            if token_ids_1 is None:
+                return [self.cls_token_id] + token_ids_0
+            cls = [self.cls_token_id]
+            sep = [self.sep_token_id]
+            return cls + token_ids_0 + sep + token_ids_1 + sep
+
+    return ReferenceBertTokenizer(vocab_file, do_lower_case=do_lower_case)
+
+
+def reference_rerank_scores(i2t_scores_VT, itm_score, k_test):
+    """multi_modality/tasks/retrieval_utils.py ``evaluation`` (one clip per video, one process):
+    each video's top-k texts and each text's top-k videos by the ITC scores, re-scored with the
+    raw ITM logit ``itm_score(text_idx, video_idx) -> [k]``; -100 elsewhere.
+
+    Returns (i2t_scores_x [Nv, Nt], t2i_scores_x [Nt, Nv]) float32, as the reference returns them."""
+    num_images, num_text = i2t_scores_VT.shape
+    t2i_scores_TV = i2t_scores_VT.T
+    i2t_scores_x = torch.full((num_images, num_text), -100.0).to(torch.float)
+    for i, sims in enumerate(i2t_scores_VT):
+        k = min(len(sims), k_test)
+        topk_sim, topk_idx = sims.topk(k=k, dim=0)
+        score = itm_score(topk_idx, torch.full_like(topk_idx, i))
+        i2t_scores_x[i, topk_idx] = score.to(i2t_scores_x.dtype)
+    t2i_scores_x = torch.full((num_text, num_images), -100.0).to(torch.float)
+    for i, sims in enumerate(t2i_scores_TV):
+        k = min(len(sims), k_test)
+        topk_sim, topk_idx = sims.topk(k=k, dim=0)
+        score = itm_score(torch.full_like(topk_idx, i), topk_idx)
+        t2i_scores_x[i, topk_idx] = score.to(t2i_scores_x.dtype)
+    return i2t_scores_x.cpu().numpy(), t2i_scores_x.cpu().numpy()
+
+
+def reference_itm_ranks(scores_i2t, scores_t2i, txt2img, img2txt):
+    """multi_modality/tasks/retrieval_utils.py ``itm_eval``'s ranks: (image->text [Nv], text->image
+    [Nt]), 0-based."""
+    # Images->Text
+    ranks_i2t = np.zeros(scores_i2t.shape[0])
+    for index, score in enumerate(scores_i2t):
+        inds = np.argsort(score)[::-1]
+        # Score
+        gt_txt_ids = img2txt[index]
+        if isinstance(gt_txt_ids, int):
+            ranks_i2t[index] = np.where(inds == gt_txt_ids)[0][0]
+        else:
+            rank = 1e20
+            for i in gt_txt_ids:
+                tmp = np.where(inds == i)[0][0]
+                if tmp < rank:
+                    rank = tmp
+            ranks_i2t[index] = rank
+
+    # Text->Images
+    ranks_t2i = np.zeros(scores_t2i.shape[0])
+    for index, score in enumerate(scores_t2i):
+        inds = np.argsort(score)[::-1]
+        gt_img_ids = txt2img[index]
+        if isinstance(gt_img_ids, int):
+            ranks_t2i[index] = np.where(inds == gt_img_ids)[0][0]
+        else:  # list, used in the case each caption has multiple GT images
+            # Score
+            rank = 1e20
+            for i in gt_img_ids:
+                tmp = np.where(inds == i)[0][0]
+                if tmp < rank:
+                    rank = tmp
+            ranks_t2i[index] = rank
+    return ranks_i2t, ranks_t2i
+
+
+def reference_itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
+    """multi_modality/tasks/retrieval_utils.py ``itm_eval`` (without its final rounding to 2
+    decimals): txt_r* = image->text, img_r* = text->image, in percent."""
+    ranks, ranks_t2i = reference_itm_ranks(scores_i2t, scores_t2i, txt2img, img2txt)
+    tr1 = 100.0 * len(np.where(ranks < 1)[0]) / len(ranks)
+    tr5 = 100.0 * len(np.where(ranks < 5)[0]) / len(ranks)
+    tr10 = 100.0 * len(np.where(ranks < 10)[0]) / len(ranks)
+    ranks = ranks_t2i
+    ir1 = 100.0 * len(np.where(ranks < 1)[0]) / len(ranks)
+    ir5 = 100.0 * len(np.where(ranks < 5)[0]) / len(ranks)
+    ir10 = 100.0 * len(np.where(ranks < 10)[0]) / len(ranks)
+    tr_mean = (tr1 + tr5 + tr10) / 3
+    ir_mean = (ir1 + ir5 + ir10) / 3
+    return {
+        "txt_r1": tr1, "txt_r5": tr5, "txt_r10": tr10, "txt_r_mean": tr_mean,
+        "img_r1": ir1, "img_r5": ir5, "img_r10": ir10, "img_r_mean": ir_mean,
+        "r_mean": (tr_mean + ir_mean) / 2,
+    }
+
+
+# ---- fine-tuning ViT (single_modality/models/modeling_finetune.py) ----
+
+
+def finetune_sinusoid_table(n_position: int, d_hid: int, cur_frame: int = -1, pre_n_position: int = 1568):
+    """``get_sinusoid_encoding_table`` of the fine-tuning model: [1, n_position, d_hid] float32.
+
+    The table of the pre-training length (8 frames x 14 x 14), resized bicubically in space to
+    the current grid, then linearly in time to ``cur_frame`` frames, in float32.
+    """
+    table = sinusoid_table(pre_n_position, d_hid)
+    if n_position // cur_frame * 8 != pre_n_position and cur_frame != -1:
+        T, P, C = 8, 14, d_hid
+        new_P = int((n_position // cur_frame) ** 0.5)
+        table = table.reshape(-1, T, P, P, C)
+        table = table.reshape(-1, P, P, C).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=(new_P, new_P), mode="bicubic", align_corners=False)
+        table = table.permute(0, 2, 3, 1).reshape(-1, T, new_P, new_P, C)
+        table = table.flatten(1, 3)
+    if cur_frame != -1 and cur_frame != 8:
+        T, new_T, C = 8, cur_frame, d_hid
+        P = int((n_position // cur_frame) ** 0.5)
+        table = table.reshape(-1, T, P, P, C)
+        table = table.permute(0, 2, 3, 4, 1).reshape(-1, C, T)
+        table = F.interpolate(table, size=new_T, mode="linear")
+        table = table.reshape(1, P, P, C, new_T).permute(0, 4, 1, 2, 3)
+        table = table.flatten(1, 3)
+    return table
+
+
+def finetune_checkpoint_pos_embed(pos_embed_checkpoint: torch.Tensor, num_patches: int, num_frames: int,
+                                  tubelet_size: int = 1) -> torch.Tensor:
+    """run_class_finetuning.py's resizing of a checkpoint's ``pos_embed`` (no extra tokens):
+    the file's table taken as 8 frames, linear in time first, then bicubic in space."""
+    embedding_size = pos_embed_checkpoint.shape[-1]
+    num_extra_tokens = 0
+    orig_t_size = 8 // tubelet_size
+    new_t_size = num_frames // tubelet_size
+    orig_size = int(((pos_embed_checkpoint.shape[-2] - num_extra_tokens) // (orig_t_size)) ** 0.5)
+    new_size = int((num_patches // (new_t_size)) ** 0.5)
+    if orig_t_size != new_t_size:
+        tmp = pos_embed_checkpoint.view(1, orig_t_size, -1, embedding_size)
+        tmp = tmp.permute(0, 2, 3, 1).reshape(-1, embedding_size, orig_t_size)
+        tmp = F.interpolate(tmp, size=new_t_size, mode="linear")
+        tmp = tmp.view(1, -1, embedding_size, new_t_size)
+        tmp = tmp.permute(0, 3, 1, 2).reshape(1, -1, embedding_size)
+        pos_embed_checkpoint = tmp
+    if orig_size != new_size:
+        extra_tokens = pos_embed_checkpoint[:, :num_extra_tokens]
+        pos_tokens = pos_embed_checkpoint[:, num_extra_tokens:]
+        pos_tokens = pos_tokens.reshape(-1, new_t_size, orig_size, orig_size, embedding_size)
+        pos_tokens = pos_tokens.reshape(-1, orig_size, orig_size, embedding_size).permute(0, 3, 1, 2)
+        pos_tokens = F.interpolate(pos_tokens, size=(new_size, new_size), mode="bicubic", align_corners=False)
+        pos_tokens = pos_tokens.permute(0, 2, 3, 1).reshape(-1, new_t_size, new_size, new_size, embedding_size)
+        pos_tokens = pos_tokens.flatten(1, 3)
+        pos_embed_checkpoint = torch.cat((extra_tokens, pos_tokens), dim=1)
+    return pos_embed_checkpoint
+
+
+def finetune_vit_forward(sd: dict, video_BCTHW: torch.Tensor, heads: int, tubelet_size: int = 1,
+                         pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+    """``VisionTransformer.forward`` in eval mode (use_mean_pooling, sin-cos table, no layer
+    scale): conv3d patches + pos table -> blocks -> mean over tokens -> fc_norm -> head.
+
+    ``sd`` in the fine-tuning naming (``patch_embed.*``, ``blocks.*``, ``fc_norm.*``, ``head.*``).
+    ``pos_embed``: the model's table when it was loaded from a checkpoint; None = the table the
+    model builds (`finetune_sinusoid_table` for ``all_frames // tubelet_size`` frames).
+    Returns logits [B, K].
+    """
+    dtype = video_BCTHW.dtype
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    w = sd["patch_embed.proj.weight"]
+    all_frames = video_BCTHW.shape[2]
+    x = F.conv3d(video_BCTHW, w, sd["patch_embed.proj.bias"], stride=(tubelet_size, w.shape[3], w.shape[4]))
+    x = x.flatten(2).transpose(1, 2)
+    B, N, C = x.shape
+    if pos_embed is None:
+        pos_embed = finetune_sinusoid_table(N, C, all_frames // tubelet_size, pre_n_position=1568)
+    x = x + pos_embed.expand(B, -1, -1).type_as(x).clone().detach()
+    for i in range(depth):
+        p = f"blocks.{i}"
+        h = _ln(x, sd, p + ".norm1", 1e-6)
+        qkv_bias = torch.cat((sd[p + ".attn.q_bias"], torch.zeros_like(sd[p + ".attn.v_bias"]), sd[p + ".attn.v_bias"]))
+        qkv = F.linear(input=h, weight=sd[p + ".attn.qkv.weight"], bias=qkv_bias)
+        qkv = qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * (C // heads) ** -0.5
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        h = (attn @ v).transpose(1, 2).reshape(B, N, -1)
+        x = x + F.linear(h, sd[p + ".attn.proj.weight"], sd[p + ".attn.proj.bias"])
+        h = _ln(x, sd, p + ".norm2", 1e-6)
+        h = F.linear(F.gelu(F.linear(h, sd[p + ".mlp.fc1.weight"], sd[p + ".mlp.fc1.bias"])),
+                     sd[p + ".mlp.fc2.weight"], sd[p + ".mlp.fc2.bias"])
+        x = x + h
+    x = _ln(x.mean(1), sd, "fc_norm", 1e-6)
+    return F.linear(x, sd["head.weight"], sd["head.bias"])
+
+
+def finetuned_state_dict(stage1_sd: dict, num_classes: int, seed: int = 0) -> dict:
+    """A fine-tuned-style file (no ``pos_embed``) from a stage-1 state dict: the reference's
+    ``encoder.`` prefix stripped, alignment heads and the final norm dropped, a random fc_norm
+    and head added."""
+    sd = {k[len("encoder."):]: v for k, v in stage1_sd.items() if k.startswith("encoder.") and not k.startswith("encoder.norm.")}
+    width = sd["patch_embed.proj.weight"].shape[0]
+    g = torch.Generator().manual_seed(seed)
+    sd.update({
+        "fc_norm.weight": 1 + 0.1 * torch.randn(width, generator=g), "fc_norm.bias": 0.1 * torch.randn(width, generator=g),
+        "head.weight": 0.2 * torch.randn(num_classes, width, generator=g), "head.bias": 0.2 * torch.randn(num_classes, generator=g),
+    })
+    return sd

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from umt_fast.distributed import DistInfo, barrier
+from umt_fast.safe_load import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def restore_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optim
     except Exception as exc:
         raise ValueError(f"cannot load checkpoint {path} into this model: {exc}") from exc
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return torch.load(os.path.join(path, META), map_location="cpu", weights_only=False)
+    return load_torch_file(os.path.join(path, META), "checkpoint metadata")
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -185,8 +186,8 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         consolidated = os.path.join(tmp, "full.pt")
         with _single_process_ok():
             dcp_to_torch_save(path, consolidated)
-        full = torch.load(consolidated, map_location="cpu", weights_only=False)
-    meta = torch.load(os.path.join(path, META), map_location="cpu", weights_only=False)
+        full = load_torch_file(consolidated, f"checkpoint {path}")
+    meta = load_torch_file(os.path.join(path, META), "checkpoint metadata")
     return {**meta, "student": full["model"], "optimizer": full["optim"]}
 
 

@@ -96,11 +96,14 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> VideoViT:
         from umt_fast import interop
 
         source = cfg.model.init
+        if cfg.model.head_label_map:  # against the class count, which may come from the labels
+            interop.read_head_label_map(cfg.model.head_label_map, num_classes, name="model.head_label_map")
         if os.path.isdir(source):  # a run directory or checkpoint of ours
             from umt_fast.export import read_run_checkpoint
 
             source, _ = read_run_checkpoint(source)
-        interop.init_video_vit(model, source, strict=cfg.model.init_strict)
+        interop.init_video_vit(model, source, strict=cfg.model.init_strict,
+                               head_label_map=cfg.model.head_label_map or None)
         log.info("initialised from %s", cfg.model.init)
     model.set_grad_checkpointing(num_blocks=cfg.train.checkpointed_blocks(arch.depth))
     return model
@@ -126,11 +129,11 @@ def layer_decay_param_groups(model: VideoViT, weight_decay: float, layer_decay: 
 
 
 def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.AdamW:
-    """AdamW over `layer_decay_param_groups` (fused on the GPU)."""
+    """AdamW over `layer_decay_param_groups`, with the fused kernel (CUDA and CPU: one launch,
+    and no read-back of the step counter)."""
     inner = getattr(model, "module", model)
     groups = layer_decay_param_groups(inner, cfg.optim.weight_decay, cfg.optim.layer_decay)
-    on_gpu = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=on_gpu or None)
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -254,16 +257,17 @@ class FinetuneStep:
             return video
         noise_seed = int(rng.integers(2**62))
         mask = torch.zeros(B, T, H, W, dtype=torch.bool)
+        erased = set()
         for i, top, left, h, w in boxes:
             if first <= i < first + B * T:
                 clip, t = divmod(i - first, T)
                 mask[clip, t, top:top + h, left:left + w] = True
-        erased = mask.flatten(1).any(1).tolist()
-        if not any(erased):
+                erased.add(clip)
+        if not erased:
             return video
         noise = torch.empty_like(video)
         generator = torch.Generator(self.device)
-        for clip in (c for c in range(B) if erased[c]):  # each clip's noise from its global index
+        for clip in sorted(erased):  # each clip's noise from its global index
             generator.manual_seed(noise_seed + self.rank * B + clip)
             noise[clip] = torch.randn(noise.shape[1:], generator=generator, device=self.device)
         return torch.where(mask[:, None].to(self.device, non_blocking=True), noise, video)

@@ -65,6 +65,12 @@ class ModelConfig:
     """Refuse an init file whose backbone does not match exactly (false: load what matches and log a
     warning listing the rest).
     """
+    head_label_map: str = ""
+    """JSON list of the init file's head rows, one per class (row k becomes class k): starts the head
+    from a K710 file's for Kinetics-600 / 700, as the reference's k710/label_mixto600.json /
+    label_mixto700.json do; '' = none (a 710-class head for 400 classes gives its first 400 rows,
+    a head of another class count starts fresh).
+    """
     drop_path: float = 0.1
     """Stochastic depth of the last block, linear from 0 (B 0.1, L 0.2); in [0, 1)."""
     head_dropout: float = 0.0
@@ -77,6 +83,9 @@ class ModelConfig:
         _require(self.num_classes >= 0, "model.num_classes", self.num_classes, "must be >= 0 (0 = from the labels)")
         _require(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
         _require(0.0 <= self.head_dropout < 1.0, "model.head_dropout", self.head_dropout, "must be in [0, 1)")
+        if self.head_label_map:
+            _require(bool(self.init), "model.head_label_map", self.head_label_map,
+                     "needs model.init (the file whose head rows it picks)")  # fmt: skip
 
 
 @dataclass
@@ -339,7 +348,8 @@ def validate(cfg: FinetuneConfig) -> None:
 
 
 def check_paths(cfg: FinetuneConfig) -> None:
-    """FileNotFoundError for a list, root, class-name, init or resume path that does not exist."""
+    """FileNotFoundError for a list, root, class-name, init, label-map or resume path that does not
+    exist; ValueError for a head label map that is not a JSON list of K710 rows, one per class."""
     checks = []
     for name in ("train_list", "val_list"):
         value = getattr(cfg.data, name)
@@ -351,9 +361,15 @@ def check_paths(cfg: FinetuneConfig) -> None:
         checks.append(("data.root", cfg.data.root, os.path.isdir))
     if cfg.model.init:
         checks.append(("model.init", cfg.model.init, os.path.exists))
+    if cfg.model.head_label_map:
+        checks.append(("model.head_label_map", cfg.model.head_label_map, os.path.isfile))
     if cfg.resume not in ("auto", "none"):
         checks.append(("resume", cfg.resume, os.path.isdir))
     require_paths(checks)
+    if cfg.model.head_label_map:  # the rows must index a K710 head (checked against the file's head on load)
+        from umt_fast.interop import K710_CLASSES, read_head_label_map
+
+        read_head_label_map(cfg.model.head_label_map, cfg.model.num_classes or None, K710_CLASSES, "model.head_label_map")
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Public API (the interoperability contract):
         a stage-1 or stage-2 file -> SparseVideoStudent (encoder + alignment heads)
     load_video_vit(path_or_state_dict, num_frames=8, img_size=224, patch_size=16, strict=True)
         any student or fine-tuned file -> the dense VideoViT (classifier or encoder)
-    init_video_vit(model, path_or_state_dict, strict=True)
-        the backbone (and a matching head) of any such file into an existing VideoViT
+    init_video_vit(model, path_or_state_dict, strict=True, head_label_map=None)
+        the backbone, fc_norm and a fitting head (K710 -> 400 classes, or rows by a label map)
+        of any such file into an existing VideoViT
     load_teacher(path_or_state_dict, input_resolution=224, return_layers=6, strict=True)
         a CLIP visual tower in any supported format -> CLIPVisionTeacher
 
@@ -18,7 +19,8 @@ Files recognised (by their keys, not their names):
   ``fc_norm.*``, ``head.*``, optional ``pos_embed``, or all of it behind ``backbone.`` /
   ``encoder.``); raw or under ``model`` / ``module`` / ``state_dict``; ``module.`` and
   torch.compile's ``_orig_mod.`` are removed. A ``pos_embed`` [1, N, C] in the file is
-  resized to the requested frames and resolution (`resize_video_pos_embed`).
+  resized to the requested frames and resolution (`resize_video_pos_embed`); without one, the
+  dense ViT gets the reference's fixed table (1568 rows, resized to the clip).
 * CLIP teachers: OpenAI state dicts (with or without ``visual.``), OpenAI's TorchScript
   ``.pt`` archives, open_clip checkpoints, timm ``vision_transformer`` CLIP weights and
   Hugging Face ``CLIPVisionModelWithProjection`` / ``CLIPModel`` weights; all are mapped to
@@ -33,6 +35,7 @@ what matches and logs the same report as a warning; wrong shapes always raise.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -43,11 +46,19 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from umt_fast.models.classifier import VideoViT, VideoViTArch
-from umt_fast.models.student import SparseVideoStudent, StudentArch, sincos_table
+from umt_fast.models.classifier import (
+    PRETRAIN_FRAMES,
+    VideoViT,
+    VideoViTArch,
+    finetune_pos_table,
+    pretrain_grid,
+    resize_pos_space,
+    resize_pos_time,
+)
+from umt_fast.models.student import SparseVideoStudent, StudentArch
 from umt_fast.models.teacher import CLIPVisionTeacher, TeacherArch, resize_clip_pos_embed
+from umt_fast.safe_load import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +80,25 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | StateDict, what: str
     ``state_dict`` (nested wrappers too).
 
     Files: ``.safetensors``; TorchScript archives (tensors read from the zip, no code run);
-    anything else through ``torch.load(weights_only=True)``.
+    anything else through ``torch.load(weights_only=True)`` (`umt_fast.safe_load`), which also
+    reads the reference's checkpoints with their ``args`` / ``config`` entries.
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{what} file not found: {path}")
-        try:
-            if path.endswith(".safetensors"):
-                from safetensors.torch import load_file
+        if path.endswith(".safetensors") or is_torchscript_archive(path):
+            try:
+                if path.endswith(".safetensors"):
+                    from safetensors.torch import load_file
 
-                obj = load_file(path, device="cpu")
-            elif is_torchscript_archive(path):
-                obj = read_torchscript_state_dict(path)
-            else:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"cannot read {what} file {path}: {exc}") from exc
+                    obj = load_file(path, device="cpu")
+                else:
+                    obj = read_torchscript_state_dict(path)
+            except Exception as exc:
+                raise ValueError(f"cannot read {what} file {path}: {exc}") from exc
+        else:
+            obj = load_torch_file(path, what)
         source = path
     else:
         obj, source = path_or_state_dict, f"the given {what} dict"
@@ -292,10 +305,12 @@ def resize_video_pos_embed(
 ) -> torch.Tensor:
     """Resizes a video ViT's 1-D position table [1, N0, C] to [1, num_frames * grid^2, C].
 
-    The table is viewed as T0 x g0 x g0 (t-major, as tokens are ordered), resized linearly in
-    time (align_corners=False) and bicubically in space (align_corners=False), and flattened
-    back (UMT_SPEC.md section 3). Computes in float32 (float64 stays float64) and returns the
-    input dtype.
+    As the reference's fine-tuning does with a file's ``pos_embed`` (run_class_finetuning.py):
+    the table is viewed as T0 x g0 x g0 (t-major, as tokens are ordered), resized linearly in
+    time (align_corners=False) when T0 differs, then bicubically in space (align_corners=False)
+    when g0 differs, and flattened back (UMT_SPEC.md section 3). Computes in float32 (float64
+    stays float64) and returns the input dtype; a table already of the requested size is
+    returned as it is.
 
     Args:
         file_num_frames: T0; when None it is inferred from N0: ``num_frames`` if N0 is already
@@ -307,7 +322,7 @@ def resize_video_pos_embed(
         pos_embed = pos_embed[None]
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"pos_embed must be [1, N, C], got {tuple(pos_embed.shape)}")
-    _, n0, channels = pos_embed.shape
+    n0 = pos_embed.shape[1]
     t0 = file_num_frames or _infer_table_frames(n0, num_frames, grid)
     g0 = int(round((n0 // t0) ** 0.5)) if n0 % t0 == 0 else 0
     if g0 * g0 * t0 != n0:
@@ -315,16 +330,12 @@ def resize_video_pos_embed(
     if (t0, g0) == (num_frames, grid):
         return pos_embed
     dtype = pos_embed.dtype
-    work = pos_embed.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    table_TggC = work.reshape(t0, g0, g0, channels)
+    table_1NC = pos_embed.to(torch.float64 if dtype == torch.float64 else torch.float32)
     if t0 != num_frames:
-        x = table_TggC.permute(1, 2, 3, 0).reshape(g0 * g0, channels, t0)
-        x = F.interpolate(x, size=num_frames, mode="linear", align_corners=False)
-        table_TggC = x.reshape(g0, g0, channels, num_frames).permute(3, 0, 1, 2)
+        table_1NC = resize_pos_time(table_1NC, t0, num_frames)
     if g0 != grid:
-        x = F.interpolate(table_TggC.permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic", align_corners=False)
-        table_TggC = x.permute(0, 2, 3, 1)
-    return table_TggC.reshape(1, num_frames * grid * grid, channels).to(dtype)
+        table_1NC = resize_pos_space(table_1NC, g0, grid)
+    return table_1NC.to(dtype)
 
 
 def _infer_table_frames(num_tokens: int, num_frames: int, grid: int) -> int:
@@ -449,9 +460,9 @@ def video_vit_arch_from_state_dict(
 
 
 def _video_vit_state_dict(sd: dict[str, torch.Tensor], model: VideoViT) -> dict[str, torch.Tensor]:
-    """Fits a canonical state dict to ``model``: resizes (or supplies) ``pos_embed`` and drops
-    the parts the dense ViT has no use for (alignment heads, stage 2's pool norm, and the
-    encoder's final norm when the model has none)."""
+    """Fits a canonical state dict to ``model``: supplies ``pos_embed`` (`_video_vit_pos_embed`)
+    and drops the parts the dense ViT has no use for (alignment heads, stage 2's pool norm, and
+    the encoder's final norm when the model has none)."""
     arch = model.arch
     dropped = [k for k in sd if k.startswith(("clip_decoder.", "pool_norm."))]
     if not arch.final_norm:
@@ -459,11 +470,33 @@ def _video_vit_state_dict(sd: dict[str, torch.Tensor], model: VideoViT) -> dict[
     if dropped:
         log.info("not used by the dense ViT: %s", ", ".join(sorted({k.rsplit(".", 1)[0] for k in dropped})))
     out = {k: v for k, v in sd.items() if k not in dropped}
-    if "pos_embed" in out:
-        out["pos_embed"] = resize_video_pos_embed(out["pos_embed"], arch.num_frames, arch.grid)
-    else:  # the reference's fixed table, rebuilt at the model's token count
-        out["pos_embed"] = sincos_table(arch.num_tokens, arch.width)[None]
+    out["pos_embed"] = _video_vit_pos_embed(out.get("pos_embed"), arch)
     return out
+
+
+def _video_vit_pos_embed(file_pos_embed: torch.Tensor | None, arch: VideoViTArch) -> torch.Tensor:
+    """The position table [1, N, D] the reference's fine-tuning model ends up with for a file.
+
+    Without a table in the file (stage-1 files; fine-tuned files of the pre-training size):
+    its fixed table, `finetune_pos_table` (the 1568-row sin-cos table resized to the clip).
+    With one: resized to the clip (`resize_video_pos_embed`), except at the pre-training size
+    (8 x 14 x 14 tokens), where the reference's model keeps its fixed table and does not read
+    the file's.
+    """
+    fixed = finetune_pos_table(arch.num_frames, arch.grid, arch.width, arch.patch_size)
+    if file_pos_embed is None:
+        return fixed
+    if (arch.num_frames, arch.grid) == (PRETRAIN_FRAMES, pretrain_grid(arch.patch_size)):
+        if file_pos_embed.numel() != fixed.numel() or not torch.allclose(
+            file_pos_embed.reshape(fixed.shape).float(), fixed, rtol=0, atol=1e-6
+        ):
+            log.info(
+                "the file's pos_embed (%d rows) is not used: at the pre-training size %d x %d x %d the model keeps "
+                "the fixed sin-cos table, as the reference's does", file_pos_embed.shape[-2], arch.num_frames,
+                arch.grid, arch.grid,
+            )  # fmt: skip
+        return fixed
+    return resize_video_pos_embed(file_pos_embed, arch.num_frames, arch.grid)
 
 
 def load_video_vit(
@@ -485,12 +518,93 @@ def load_video_vit(
     return model.eval()
 
 
-def init_video_vit(model: VideoViT, path_or_state_dict, strict: bool = True) -> KeyReport:
+K710_CLASSES = 710
+"""Classes of Kinetics-710 (K400 + K600 + K700 merged), the head of the reference's K710 files;
+its first 400 rows are the Kinetics-400 classes in K400's order."""
+
+
+def read_head_label_map(
+    label_map: str | os.PathLike | list[int], num_classes: int | None, num_rows: int = K710_CLASSES,
+    name: str = "head_label_map",
+) -> list[int]:
+    """The row of a file's head for each class of the model, validated.
+
+    ``label_map`` is a list of ints or a JSON file holding one (as the reference's
+    ``k710/label_mixto600.json`` / ``label_mixto700.json``): entry k is the file's head row
+    that becomes class k. Each must be in [0, ``num_rows``) and there must be ``num_classes``
+    of them (None: any number). Raises a one-line ValueError naming ``name`` (FileNotFoundError
+    for a missing file).
+    """
+    if isinstance(label_map, (str, os.PathLike)):
+        path = os.fspath(label_map)
+        shown = repr(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{name}={shown}: no such file")
+        try:
+            with open(path) as f:
+                label_map = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{name}={shown} is not allowed: not a JSON file ({exc})") from exc
+    else:
+        shown = repr(label_map) if not isinstance(label_map, (list, tuple)) or len(label_map) <= 6 else (
+            f"[{', '.join(map(repr, label_map[:4]))}, ...] ({len(label_map)} entries)"
+        )
+    if not isinstance(label_map, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in label_map
+    ):
+        raise ValueError(f"{name}={shown} is not allowed: must be a JSON list of ints (head rows), one per class")
+    bad = next((i for i in label_map if not 0 <= i < num_rows), None)
+    if bad is not None:
+        raise ValueError(f"{name}={shown} is not allowed: row {bad} is outside [0, {num_rows}) (the head's classes)")
+    if num_classes is not None and len(label_map) != num_classes:
+        raise ValueError(
+            f"{name}={shown} is not allowed: holds {len(label_map)} rows, but the model has {num_classes} classes"
+        )
+    return list(label_map)
+
+
+def _fit_head(sd: dict[str, torch.Tensor], model: VideoViT, head_label_map) -> dict[str, torch.Tensor]:
+    """The file's ``head.*`` for the model's classes, as the reference's fine-tuning picks them.
+
+    With ``head_label_map``: rows by the map. A K710 head (710 rows) into 400 classes: its
+    first 400 rows. Rows for the model's class count: as they are. Any other head is left out
+    (the model's fresh head stays); ``fc_norm`` is kept from the file in every case.
+    """
+    num_classes = model.arch.num_classes
+    rows = sd["head.weight"].shape[0] if "head.weight" in sd else None
+    if head_label_map is not None:
+        if rows is None:
+            raise ValueError("head_label_map is given, but the init checkpoint has no head (head.weight) to map")
+        index = read_head_label_map(head_label_map, num_classes, rows)
+        where = f" {os.fspath(head_label_map)}" if isinstance(head_label_map, (str, os.PathLike)) else ""
+        log.info("head: %d classes from the init checkpoint's %d-class head, rows by the label map%s",
+                 num_classes, rows, where)  # fmt: skip
+        return {**sd, "head.weight": sd["head.weight"][index], "head.bias": sd["head.bias"][index]}
+    if rows is None or num_classes == 0:
+        return sd
+    if rows == K710_CLASSES and num_classes == 400:
+        log.info("head: the first 400 rows of the init checkpoint's K710 head (the Kinetics-400 classes)")
+        return {**sd, "head.weight": sd["head.weight"][:400], "head.bias": sd["head.bias"][:400]}
+    if rows == num_classes:
+        log.info("head: the init checkpoint's %d-class head", rows)
+        return sd
+    hint = " (a K710 head maps onto Kinetics-600/700 with a head label map)" if (
+        rows == K710_CLASSES and num_classes in (600, 700)
+    ) else ""
+    log.warning("init checkpoint's head has %d classes, the model %d: the head starts fresh, fc_norm is kept%s",
+                rows, num_classes, hint)  # fmt: skip
+    return {k: v for k, v in sd.items() if not k.startswith("head.")}
+
+
+def init_video_vit(model: VideoViT, path_or_state_dict, strict: bool = True, head_label_map=None) -> KeyReport:
     """Initialises ``model`` (e.g. a fresh classifier) from any student-side file.
 
-    The backbone must match (strictly, unless ``strict=False``). The file's ``fc_norm`` and
-    ``head`` are used when their shapes fit; a head for another number of classes, or none,
-    leaves the model's fresh head in place (logged).
+    The backbone must match (strictly, unless ``strict=False``). As in the reference's
+    fine-tuning, the file's ``fc_norm`` is used whenever it has one, and its ``head`` when it
+    fits: the same class count; a K710 head (710 classes) for 400 classes gives its first 400
+    rows; ``head_label_map`` (a list of head rows, one per class, or a JSON file of one, e.g.
+    the reference's ``label_mixto600.json``) picks the rows by the map. A head for another
+    number of classes, or none, leaves the model's fresh head in place (logged).
     """
     sd = canonical_video_state_dict(read_state_dict(path_or_state_dict, "init checkpoint"))
     arch = model.arch
@@ -500,16 +614,9 @@ def init_video_vit(model: VideoViT, path_or_state_dict, strict: bool = True) -> 
             f"init checkpoint holds a ViT of width {width} and depth {depth}, the model has width {arch.width} "
             f"and depth {arch.depth}; pick the matching model size"
         )
-    sd = _video_vit_state_dict(sd, model)
+    sd = _fit_head(_video_vit_state_dict(sd, model), model, head_label_map)
     own = model.state_dict()
-    head_keys = [k for k in own if k.startswith(("fc_norm.", "head."))]
-    if any(k in sd and sd[k].shape != own[k].shape for k in head_keys):
-        log.warning(
-            "init checkpoint's head has %d classes, the model %d: the head starts fresh",
-            sd["head.weight"].shape[0], arch.num_classes,
-        )
-        sd = {k: v for k, v in sd.items() if not k.startswith(("fc_norm.", "head."))}
-    fresh = [k for k in head_keys if k not in sd]
+    fresh = [k for k in own if k.startswith(("fc_norm.", "head.")) and k not in sd]
     if fresh:
         log.info("fresh (not in the init checkpoint): %s", ", ".join(fresh))
         sd.update({k: own[k] for k in fresh})

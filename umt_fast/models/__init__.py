@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from umt_fast.config import MLP_RATIO, RANDOM_TEACHER, STUDENT_SIZES, TEACHER_ARCHS, PretrainConfig
-from umt_fast.models.student import SparseVideoStudent, StudentArch
+from umt_fast.models.student import LN_EPS, SparseVideoStudent, StudentArch
 from umt_fast.models.teacher import CLIPVisionTeacher, TeacherArch, TeacherOutput
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def build_teacher(cfg: PretrainConfig) -> CLIPVisionTeacher:
     return teacher
 
 
-def build_student(cfg: PretrainConfig, teacher_dim: int) -> SparseVideoStudent:
+def build_student(cfg: PretrainConfig, teacher_dim: int, head_norm_eps: float = LN_EPS) -> SparseVideoStudent:
     size = STUDENT_SIZES[cfg.student.size]
     arch = StudentArch(
         width=size["width"],
@@ -58,5 +58,6 @@ def build_student(cfg: PretrainConfig, teacher_dim: int) -> SparseVideoStudent:
         patch_size=cfg.student.patch_size,
         mlp_ratio=MLP_RATIO,
         drop_path=cfg.student.drop_path,
+        head_norm_eps=head_norm_eps,
     )
     return SparseVideoStudent(arch)

@@ -24,10 +24,58 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from umt_fast.models.student import HEAD_DROPOUT_SEED_OFFSET, LN_EPS, Block, sincos_table
-from umt_kernels.reference import uniform_noise
+from umt_kernels.rng import uniform_noise
+
+PRETRAIN_FRAMES = 8
+"""Frames (= token frames, tubelet 1) of the reference's pre-training clips: the temporal size
+of the fixed table its fine-tuning model starts from."""
+
+
+def pretrain_grid(patch_size: int) -> int:
+    """Side of the patch grid of the reference's pre-training clips, for which its fine-tuning
+    model builds the fixed table: 14 (224 px / 16, the table's 1568 = 8 x 14 x 14 rows), or 16
+    for patch 14 (its ``pre_n_position`` 2048 = 8 x 16 x 16)."""
+    return 16 if patch_size == 14 else 14
+
+
+def resize_pos_time(table_1NC: torch.Tensor, frames: int, new_frames: int) -> torch.Tensor:
+    """[1, frames * P, C] -> [1, new_frames * P, C]: every (position, channel) row resized
+    linearly over time, align_corners=False, in the table's dtype (the reference's ops)."""
+    C = table_1NC.shape[-1]
+    x_PCT = table_1NC.reshape(1, frames, -1, C).permute(0, 2, 3, 1).reshape(-1, C, frames)
+    x_PCT = F.interpolate(x_PCT, size=new_frames, mode="linear", align_corners=False)
+    return x_PCT.reshape(1, -1, C, new_frames).permute(0, 3, 1, 2).reshape(1, -1, C)
+
+
+def resize_pos_space(table_1NC: torch.Tensor, grid: int, new_grid: int) -> torch.Tensor:
+    """[1, T * grid^2, C] -> [1, T * new_grid^2, C]: every frame's grid x grid table resized
+    bicubically, align_corners=False, in the table's dtype (the reference's ops)."""
+    C = table_1NC.shape[-1]
+    x_TCgg = table_1NC.contiguous().reshape(-1, grid, grid, C).permute(0, 3, 1, 2)
+    x_TCgg = F.interpolate(x_TCgg, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    return x_TCgg.permute(0, 2, 3, 1).reshape(1, -1, C)
+
+
+def finetune_pos_table(num_frames: int, grid: int, width: int, patch_size: int = 16) -> torch.Tensor:
+    """The reference fine-tuning model's fixed position table [1, num_frames * grid^2, width], float32.
+
+    The 1-D sin-cos table of the pre-training clip's length (8 x 14 x 14 = 1568 rows; see
+    `pretrain_grid`), rounded to float32, then, in float32, resized bicubically in space when
+    ``grid`` differs from the pre-training grid and after that linearly in time when
+    ``num_frames`` is not 8. At the pre-training size it is the plain 1568-row table.
+    """
+    grid0 = pretrain_grid(patch_size)
+    table_1NC = sincos_table(PRETRAIN_FRAMES * grid0**2, width)[None]
+    if grid != grid0:
+        table_1NC = resize_pos_space(table_1NC, grid0, grid)
+    if num_frames != PRETRAIN_FRAMES:
+        table_1NC = resize_pos_time(table_1NC, PRETRAIN_FRAMES, num_frames)
+    return table_1NC.contiguous()
+
 
 HEAD_INIT_SCALE = 0.001
 """The reference's ``init_scale``: the head's trunc-normal(std .02) weights and bias are
@@ -88,8 +136,9 @@ class VideoViT(nn.Module):
     """Dense video ViT with an optional mean-pool classification head.
 
     ``forward(video_BCTHW)`` returns logits [B, K] (or the pooled features [B, D] when
-    ``num_classes == 0``). ``pos_embed`` [1, N, D] is a saved buffer: the fixed 1-D sin-cos
-    table at construction, or a (resized) table loaded from a file.
+    ``num_classes == 0``). ``pos_embed`` [1, N, D] is a saved buffer: at construction the
+    reference's fixed table (`finetune_pos_table`: the pre-training clip's 1568-row sin-cos
+    table resized to T x g x g), or a (resized) table loaded from a file.
     """
 
     def __init__(self, arch: VideoViTArch):
@@ -100,7 +149,7 @@ class VideoViT(nn.Module):
         self.patch_embed = nn.Module()
         p = arch.patch_size
         self.patch_embed.proj = nn.Conv3d(3, arch.width, kernel_size=(1, p, p), stride=(1, p, p))
-        self.register_buffer("pos_embed", sincos_table(arch.num_tokens, arch.width)[None])
+        self.register_buffer("pos_embed", finetune_pos_table(arch.num_frames, arch.grid, arch.width, p))
         drop_rates = np.linspace(0, arch.drop_path, arch.depth).tolist()
         self.blocks = nn.ModuleList(Block(arch.width, arch.heads, arch.mlp_ratio, r) for r in drop_rates)
         self.norm = nn.LayerNorm(arch.width, eps=LN_EPS) if arch.final_norm else nn.Identity()

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 import umt_kernels
 from umt_fast.models.attention import multi_head_attention
-from umt_kernels.reference import uniform_noise
+from umt_kernels.rng import uniform_noise
 
 LN_EPS = 1e-6
 
@@ -53,6 +53,9 @@ class StudentArch:
     patch_size: int = 16
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
+    head_norm_eps: float = LN_EPS
+    """LayerNorm eps of the alignment heads: 1e-6 in stage 1, torch's default 1e-5 in the
+    reference's stage-2 model (its ``Linear_Decoder`` there uses a plain ``nn.LayerNorm``)."""
 
     @property
     def patches_per_frame(self) -> int:
@@ -220,10 +223,10 @@ class Encoder(nn.Module):
 class AlignmentHead(nn.Module):
     """Linear(D -> Ct) -> LayerNorm(Ct) -> L2 normalise (the reference's ``Linear_Decoder``)."""
 
-    def __init__(self, dim: int, teacher_dim: int):
+    def __init__(self, dim: int, teacher_dim: int, eps: float = LN_EPS):
         super().__init__()
         self.head = nn.Linear(dim, teacher_dim)
-        self.norm = nn.LayerNorm(teacher_dim, eps=LN_EPS)
+        self.norm = nn.LayerNorm(teacher_dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.norm(self.head(x)), dim=-1)
@@ -238,7 +241,7 @@ class SparseVideoStudent(nn.Module):
             raise ValueError(f"return_layers={arch.return_layers} exceeds depth={arch.depth}")
         self.arch = arch
         self.encoder = Encoder(arch)
-        self.clip_decoder = nn.ModuleList(AlignmentHead(arch.width, arch.teacher_dim) for _ in range(arch.return_layers))
+        self.clip_decoder = nn.ModuleList(AlignmentHead(arch.width, arch.teacher_dim, arch.head_norm_eps) for _ in range(arch.return_layers))
         self.register_buffer("clip_pos_embed", sincos_table(arch.num_tokens, arch.width), persistent=False)
         self.apply(_init_weights)
 

@@ -34,6 +34,7 @@ from umt_fast.data.annotations import read_annotation_list
 from umt_fast.data.dataset import init_worker
 from umt_fast.data.decoding import VideoDecodeError, count_frames, decode_frames
 from umt_fast.data.transforms import crop_resize_flip, tsn_frame_indices
+from umt_fast.vl.text import tokenize_captions
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,9 @@ def collate_captions(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class CaptionCollate:
-    """`collate_captions`, plus the captions' WordPiece ids and attention masks when given a
-    tokenizer, so that tokenizing runs in the loader workers: "text_ids", "text_mask" int64 [B, S]."""
+    """`collate_captions`, plus the captions' ids and attention masks as the reference builds them
+    (`umt_fast.vl.text.tokenize_captions`) when given a tokenizer, so that tokenizing runs in the
+    loader workers: "text_ids", "text_mask" int64 [B, S]."""
 
     def __init__(self, tokenizer=None, max_len: int = 32):
         self.tokenizer, self.max_len = tokenizer, max_len
@@ -190,9 +192,7 @@ class CaptionCollate:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         out = collate_captions(samples)
         if self.tokenizer is not None:
-            tok = self.tokenizer(out["captions"], padding="max_length", truncation=True, max_length=self.max_len,
-                                 return_tensors="pt")  # fmt: skip
-            out["text_ids"], out["text_mask"] = tok["input_ids"], tok["attention_mask"]
+            out["text_ids"], out["text_mask"] = tokenize_captions(self.tokenizer, out["captions"], self.max_len)
         return out
 
 

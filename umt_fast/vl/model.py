@@ -28,6 +28,9 @@ from umt_fast.vl import losses as L
 from umt_fast.vl.text import TextArch, TextEncoder, from_reference_keys, to_reference_keys
 
 TEMP_INIT = 0.07
+HEAD_NORM_EPS = 1e-5
+"""The alignment heads' LayerNorm eps in stage 2 (the reference's stage-2 ``Linear_Decoder`` uses
+``nn.LayerNorm``'s default; stage 1's heads use 1e-6)."""
 
 
 @dataclass
@@ -51,6 +54,7 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, student: SparseVideoStudent, text_encoder: TextEncoder, embed_dim: int):
         super().__init__()
         width, hidden = student.arch.width, text_encoder.arch.hidden
+        assert student.arch.head_norm_eps == HEAD_NORM_EPS, "build the stage-2 student with head_norm_eps=HEAD_NORM_EPS"
         if text_encoder.arch.vision_width != width:
             raise ValueError(f"text tower built for vision width {text_encoder.arch.vision_width}, student is {width}")
         self.student = student

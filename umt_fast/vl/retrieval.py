@@ -4,19 +4,27 @@
         --test-list msrvtt_1k_test.json --root /data/msrvtt/videos
 
 Scoring (as the reference does at test time):
+  * captions are cleaned and tokenized as the reference does: ``[CLS]`` + at most max_len - 1
+    wordpieces, no ``[SEP]``, [PAD] to max_len (`umt_fast.vl.text.tokenize_captions`);
   * every video is encoded whole (no masking), `num_frames` middle-of-segment frames; per frame,
     the frame's tokens are mean-pooled, pool_norm'ed and projected: one unit vector per frame;
   * VTC similarity of a caption and a video = the MEAN over frames of the per-frame cosine
     similarities (the reference's default "mean" aggregation);
   * VTM re-ranking: for every caption, its top-k videos by VTC similarity (and for every video, its
-    top-k captions) are scored again with the VTM head's match logit on the fused text (cross-
-    attending to all of the video's tokens); candidates outside the top k rank after them.
-Metrics: R@1/5/10, median and mean rank (1-based), for text-to-video and video-to-text (a video's
-rank is that of its best-ranked caption), both for VTC alone and after re-ranking.
+    top-k captions) are scored again with the VTM head's match logit alone on the fused text
+    (cross-attending to all of the video's tokens); every other pair scores -100, so it ranks
+    after them.
+Ranking (the reference's ``itm_eval``): a query's candidates in ``np.argsort(scores)[::-1]``
+order, equal scores included; its rank is the 0-based position of its best ground truth;
+R@k = rank < k. Metrics: R@1/5/10, and the median and mean rank reported 1-based (reference rank
++ 1), for text-to-video and video-to-text (a video's rank is that of its best-ranked caption),
+both for VTC alone and after re-ranking (text-to-video from the text-side top-k scores,
+video-to-text from the video-side ones).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -32,36 +40,74 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------- metrics
 
 
-def retrieval_metrics(sim_TV: np.ndarray | torch.Tensor, text_to_video: list[int]) -> dict[str, float]:
-    """R@1/5/10 (percent), median and mean rank of both directions from a [texts, videos] score matrix.
+def reference_ranks(scores_QC: np.ndarray, pairs_P2: np.ndarray) -> np.ndarray:
+    """0-based rank per query, as the reference's ``itm_eval``: the position of the query's best
+    ground truth in ``np.argsort(row)[::-1]``, so equal scores fall in the order numpy's default
+    argsort leaves them, reversed (not by index, not optimistically).
 
     Args:
-        sim_TV: higher = more similar.
-        text_to_video: the video of each text (a video may have several texts, every video >= 1).
+        scores_QC: [Q, C] scores, higher = better; ranked in their own dtype.
+        pairs_P2: int [P, 2] (query, candidate) ground-truth pairs; every query needs >= 1.
+
+    Returns:
+        int64 [Q]: the smallest position over each query's ground truths.
     """
-    sim = np.asarray(sim_TV.float().cpu() if isinstance(sim_TV, torch.Tensor) else sim_TV, dtype=np.float64)
-    nt, nv = sim.shape
-    t2v = np.asarray(text_to_video)
+    Q, C = scores_QC.shape
+    order_QC = np.argsort(scores_QC, axis=1)[:, ::-1]
+    position_QC = np.empty((Q, C), dtype=np.int64)
+    np.put_along_axis(position_QC, order_QC, np.broadcast_to(np.arange(C), (Q, C)), axis=1)
+    q, c = pairs_P2[:, 0], pairs_P2[:, 1]
+    ranks = np.full(Q, C, dtype=np.int64)
+    np.minimum.at(ranks, q, position_QC[q, c])
+    return ranks
+
+
+def _scores_numpy(scores: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A score matrix as numpy, keeping float16/32/64 as they are (bfloat16 -> float32)."""
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu()
+        if scores.dtype not in (torch.float16, torch.float32, torch.float64):
+            scores = scores.float()
+        return scores.numpy()
+    return np.asarray(scores)
+
+
+def retrieval_metrics(sim_TV: np.ndarray | torch.Tensor, text_to_video: list[int],
+                      v2t_sim_TV: np.ndarray | torch.Tensor | None = None) -> dict[str, float]:  # fmt: skip
+    """R@1/5/10 (percent), median and mean rank of both directions, ranked as the reference's
+    ``itm_eval`` ranks (`reference_ranks`): R@k = 0-based rank < k; the median and mean are
+    reported 1-based (reference rank + 1).
+
+    Text-to-video ranks each text's row of `sim_TV` (the right video); video-to-text ranks each
+    video's column of `v2t_sim_TV` (default `sim_TV`) and keeps its best-ranked caption.
+
+    Args:
+        sim_TV: [texts, videos] scores, higher = more similar (for VTM re-ranking: the text-to-video
+            scores, -100 outside each text's top k).
+        text_to_video: the video of each text (a video may have several texts, every video >= 1).
+        v2t_sim_TV: [texts, videos] scores for video-to-text (VTM re-ranking: -100 outside each
+            video's top k).
+    """
+    t2v_scores = _scores_numpy(sim_TV)
+    v2t_scores = t2v_scores if v2t_sim_TV is None else _scores_numpy(v2t_sim_TV)
+    nt, nv = t2v_scores.shape
+    if v2t_scores.shape != (nt, nv):
+        raise ValueError(f"the video-to-text scores are {v2t_scores.shape}, the text-to-video ones {(nt, nv)}")
+    t2v = np.asarray(text_to_video, dtype=np.int64)
     if t2v.shape != (nt,) or t2v.min() < 0 or t2v.max() >= nv:
         raise ValueError(f"text_to_video must give a video in [0, {nv}) for each of the {nt} texts")
-    # text -> video: 1-based rank of the right video in the text's row (ties counted pessimistically
-    # only against strictly higher scores).
-    correct = sim[np.arange(nt), t2v]
-    ranks_t = (sim > correct[:, None]).sum(1) + 1
-    # video -> text: rank of the best-ranked of its texts in the video's column.
-    ranks_v = np.empty(nv, dtype=np.int64)
-    for v in range(nv):
-        mine = np.flatnonzero(t2v == v)
-        if mine.size == 0:
-            raise ValueError(f"video {v} has no text")
-        col = sim[:, v]
-        ranks_v[v] = min(int((col > col[i]).sum()) + 1 for i in mine)
+    missing = np.setdiff1d(np.arange(nv), t2v)
+    if missing.size:
+        raise ValueError(f"video {int(missing[0])} has no text")
+    texts = np.arange(nt)
+    ranks_t = reference_ranks(np.ascontiguousarray(t2v_scores), np.stack([texts, t2v], 1))
+    ranks_v = reference_ranks(np.ascontiguousarray(v2t_scores.T), np.stack([t2v, texts], 1))
     out = {}
     for name, ranks in (("t2v", ranks_t), ("v2t", ranks_v)):
         for k in (1, 5, 10):
-            out[f"{name}_r{k}"] = float(100.0 * (ranks <= k).mean())
-        out[f"{name}_medr"] = float(np.median(ranks))
-        out[f"{name}_meanr"] = float(ranks.mean())
+            out[f"{name}_r{k}"] = 100.0 * int((ranks < k).sum()) / len(ranks)
+        out[f"{name}_medr"] = float(np.median(ranks + 1))
+        out[f"{name}_meanr"] = float((ranks + 1).mean())
     out["mean_r1"] = (out["t2v_r1"] + out["v2t_r1"]) / 2
     return out
 
@@ -89,7 +135,9 @@ def load_stage2_model(weights: str, text_weights: str, num_frames: int, img_size
     from umt_fast import checkpoint as ckpt
     from umt_fast.interop import read_state_dict, strip_prefix, student_arch_from_state_dict
     from umt_fast.models.student import SparseVideoStudent
-    from umt_fast.vl.model import VisionLanguageModel, load_reference_state_dict, stage2_shapes, state_dict_to_reference
+    from umt_fast.vl.model import (
+        HEAD_NORM_EPS, VisionLanguageModel, load_reference_state_dict, stage2_shapes, state_dict_to_reference,
+    )
     from umt_fast.vl.text import TextArch, build_text_encoder, load_tokenizer
 
     if os.path.isdir(weights):
@@ -106,7 +154,7 @@ def load_stage2_model(weights: str, text_weights: str, num_frames: int, img_size
     shapes = stage2_shapes(sd)
     vision = {k[len("vision_encoder."):]: v for k, v in sd.items() if k.startswith("vision_encoder.")}
     arch = student_arch_from_state_dict(strip_prefix(vision, ""), num_frames, img_size, patch_size)
-    student = SparseVideoStudent(arch)
+    student = SparseVideoStudent(dataclasses.replace(arch, head_norm_eps=HEAD_NORM_EPS))
     text = build_text_encoder(text_weights, shapes["fusion_layers"], arch.width, load=False)
     if text.arch.num_layers != shapes["text_layers"] or text.arch.hidden != shapes["text_width"]:
         raise ValueError(f"--text-weights {text_weights} is a {text.arch.num_layers}-layer BERT of width "
@@ -137,12 +185,14 @@ def encode_videos(model, videos_uint8: list[torch.Tensor], device, batch_size: i
 
 @torch.no_grad()
 def encode_texts(model, tokenizer, captions: list[str], device, max_len: int = 32, batch_size: int = 64, autocast_dtype=None):
-    """-> (text features [Nt, S, H], attention masks [Nt, S], unit embeddings [Nt, E])."""
+    """-> (text features [Nt, S, H], attention masks [Nt, S], unit embeddings [Nt, E]); the captions
+    tokenized as the reference does (`umt_fast.vl.text.tokenize_captions`)."""
+    from umt_fast.vl.text import tokenize_captions
+
     xs, masks, feats = [], [], []
     for i in range(0, len(captions), batch_size):
-        tok = tokenizer(captions[i:i + batch_size], padding="max_length", truncation=True, max_length=max_len,
-                        return_tensors="pt")  # fmt: skip
-        ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+        ids, mask = tokenize_captions(tokenizer, captions[i:i + batch_size], max_len)
+        ids, mask = ids.to(device), mask.to(device)
         with _autocast(device, autocast_dtype):
             x, f = model.encode_text(ids, mask)
         xs.append(x)
@@ -156,12 +206,18 @@ def vtc_similarity(text_feat_TE: torch.Tensor, frame_feat_VFE: torch.Tensor) -> 
     return torch.einsum("te,vfe->tvf", text_feat_TE.float(), frame_feat_VFE.float()).mean(-1)
 
 
+NOT_RERANKED = -100.0
+"""The score of a pair outside the re-ranked top k (the reference's fill value)."""
+
+
 @torch.no_grad()
 def vtm_rerank(model, sim_TV, text_x, text_mask, vision_tokens, k: int, batch_size: int = 64, autocast_dtype=None):
-    """Re-scores each text's top-k videos and each video's top-k texts with the VTM match logit.
+    """Re-scores each text's top-k videos and each video's top-k texts with the VTM match logit
+    alone (the VTC score is not added), as the reference does.
 
     Returns:
-        (t2v scores [Nt, Nv], v2t scores [Nt, Nv]); entries outside the top k are -inf.
+        (t2v scores [Nt, Nv], v2t scores [Nt, Nv]) float32; entries outside the top k are
+        `NOT_RERANKED` (-100, the reference's fill).
     """
     device = sim_TV.device
     nt, nv = sim_TV.shape
@@ -176,11 +232,11 @@ def vtm_rerank(model, sim_TV, text_x, text_mask, vision_tokens, k: int, batch_si
         return torch.cat(out)
 
     k_v, k_t = min(k, nv), min(k, nt)
-    t2v = torch.full((nt, nv), float("-inf"), device=device)
+    t2v = torch.full((nt, nv), NOT_RERANKED, device=device)
     top_v = sim_TV.topk(k_v, dim=1).indices  # [Nt, k]
     rows = torch.arange(nt, device=device).repeat_interleave(k_v)
     t2v[rows, top_v.flatten()] = score(rows, top_v.flatten())
-    v2t = torch.full((nt, nv), float("-inf"), device=device)
+    v2t = torch.full((nt, nv), NOT_RERANKED, device=device)
     top_t = sim_TV.topk(k_t, dim=0).indices  # [k, Nv]
     cols = torch.arange(nv, device=device).repeat(k_t)
     v2t[top_t.flatten(), cols] = score(top_t.flatten(), cols)
@@ -208,11 +264,7 @@ def evaluate(model, tokenizer, entries: list[dict], *, num_frames: int, img_size
     text_x, text_mask, text_feat = encode_texts(model, tokenizer, captions, device, max_len, autocast_dtype=autocast_dtype)
     sim = vtc_similarity(text_feat, frame_feat)
     t2v, v2t = vtm_rerank(model, sim, text_x, text_mask, tokens, k, autocast_dtype=autocast_dtype)
-    vtc = retrieval_metrics(sim, text_to_video)
-    m_t2v, m_v2t = retrieval_metrics(t2v, text_to_video), retrieval_metrics(v2t, text_to_video)
-    vtm = {key: (m_t2v if key.startswith("t2v") else m_v2t)[key] for key in m_t2v if key != "mean_r1"}
-    vtm["mean_r1"] = (vtm["t2v_r1"] + vtm["v2t_r1"]) / 2
-    return {"vtc": vtc, "vtm": vtm}
+    return {"vtc": retrieval_metrics(sim, text_to_video), "vtm": retrieval_metrics(t2v, text_to_video, v2t)}
 
 
 # ----------------------------------------------------------------------------------- command line

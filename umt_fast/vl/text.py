@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,49 @@ def load_tokenizer(weights: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_text_weights(weights), local_files_only=True)
+
+
+def clean_caption(text: str) -> str:
+    """The reference's caption clean-up, applied to every training and test caption before it is
+    tokenized: lower-case; drop , . ' ! ? " ( ) * # : ; ~; '-' and '/' become spaces; '<person>'
+    becomes 'person'; runs of two or more whitespace characters become one space; strip."""
+    text = re.sub(r"([,.'!?\"()*#:;~])", "", text.lower())
+    text = text.replace("-", " ").replace("/", " ").replace("<person>", "person")
+    text = re.sub(r"\s{2,}", " ", text)
+    return text.rstrip("\n").strip(" ")
+
+
+def tokenize_captions(
+    tokenizer, captions: list[str], max_len: int, *, clean: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> the reference's text input: ``[CLS] w_1 .. w_n`` with NO trailing [SEP], the
+    wordpieces cut to ``max_len - 1``, right-padded with [PAD] to `max_len`.
+
+    The reference's BERT tokenizer builds a single sequence as ``[CLS] X`` and is called with
+    ``padding="max_length", truncation=True, max_length=max_len``; since it adds one special
+    token, truncation keeps ``max_len - 1`` wordpieces. This gives the same ids from any Hugging
+    Face BERT tokenizer (fast or slow), whose own single-sequence template appends [SEP].
+
+    Args:
+        tokenizer: a Hugging Face BERT tokenizer (`load_tokenizer`).
+        captions: B strings.
+        max_len: S >= 1, tokens per caption ([CLS] included).
+        clean: apply `clean_caption` first, as the reference's datasets do.
+
+    Returns:
+        (ids [B, S] int64, attention mask [B, S] int64: 1 on [CLS] and the wordpieces, 0 on padding).
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len={max_len} must be >= 1 (room for [CLS])")
+    texts = [clean_caption(c) if clean else c for c in captions]
+    keep = max_len - 1
+    pieces = tokenizer(texts, add_special_tokens=False, truncation=keep > 0, max_length=keep or None,
+                       return_attention_mask=False, return_token_type_ids=False)["input_ids"] if texts else []  # fmt: skip
+    rows = [[tokenizer.cls_token_id, *p[:keep]] for p in pieces]
+    pad = [tokenizer.pad_token_id]
+    ids = torch.tensor([r + pad * (max_len - len(r)) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(r) + [0] * (max_len - len(r)) for r in rows], dtype=torch.long)
+    return ids.reshape(len(rows), max_len), mask.reshape(len(rows), max_len)
 
 
 def load_bert_config(weights: str):
@@ -247,8 +291,14 @@ class TextEncoder(nn.Module):
         return self.arch.num_layers - self.arch.fusion_layers
 
     def forward_text(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:
-        """The text-only lower layers: [B, S] ids and 0/1 mask -> [B, S, H]."""
-        return self.bert(input_ids=input_ids_BS, attention_mask=attention_mask_BS).last_hidden_state
+        """The text-only lower layers: [B, S] ids and 0/1 mask -> [B, S, H].
+
+        BERT's embeddings, then its encoder with the padding mask as a [B, 1, 1, S] boolean
+        (True = attend). ``BertModel.forward`` is bypassed because its mask preparation asks
+        whether any token is padding, which reads the mask back to the host on every call."""
+        x = self.bert.embeddings(input_ids=input_ids_BS)
+        keep = attention_mask_BS[:, None, None, :].bool()
+        return self.bert.encoder(x, attention_mask=keep).last_hidden_state
 
     def forward_fusion(
         self, text_BSH: torch.Tensor, attention_mask_BS: torch.Tensor, vision_BND: torch.Tensor

@@ -38,14 +38,15 @@ from umt_fast.train.stopping import StopOnSignal, stop_run
 from umt_fast.vl import data as vl_data
 from umt_fast.vl.losses import mask_tokens
 from umt_fast.vl.model import (
+    HEAD_NORM_EPS,
     VisionLanguageModel,
     VLBatch,
     from_reference_state_dict,
     is_stage2_state_dict,
     state_dict_to_reference,
 )
-from umt_fast.vl.text import build_text_encoder, load_tokenizer
-from umt_kernels.reference import mix_seed
+from umt_fast.vl.text import build_text_encoder, load_tokenizer, tokenize_captions
+from umt_kernels.rng import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class TrainResult:
 
 def build_model(cfg: VLPretrainConfig, teacher_dim: int, load_text: bool = True) -> VisionLanguageModel:
     """The stage-2 model of `cfg`: a fresh student of student.size, the text tower of text.weights."""
-    student = build_student(cfg, teacher_dim)
+    student = build_student(cfg, teacher_dim, head_norm_eps=HEAD_NORM_EPS)
     text = build_text_encoder(cfg.text.weights, cfg.text.fusion_layers, student.arch.width, load=load_text)
     return VisionLanguageModel(student, text, cfg.model.embed_dim)
 
@@ -142,7 +143,8 @@ class VLStep:
         self.model, self.teacher, self.optimizer, self.tokenizer = model, teacher, optimizer, tokenizer
         self.cfg, self.device, self.autocast_dtype, self.rank = cfg, device, autocast_dtype, rank
         self.patches_per_frame = unwrap(model).student.arch.patches_per_frame
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=device)
+        # MLM never picks [CLS] or [PAD], as the reference; any other id (e.g. [UNK]) may be picked.
+        self.special_ids = torch.tensor([tokenizer.cls_token_id, tokenizer.pad_token_id], device=device)
         self.vocab_size = unwrap(model).text_encoder.arch.vocab_size
 
     def _autocast(self):
@@ -167,9 +169,8 @@ class VLStep:
                                             offset=step, device=self.device, first_clip=first_clip)  # fmt: skip
                 targets = teacher_out.targets(idx)
         if "text_ids" not in batch:  # tokenized in the loader workers (CaptionCollate), else here
-            tok = self.tokenizer(batch["captions"], padding="max_length", truncation=True,
-                                 max_length=cfg.text.max_len, return_tensors="pt")  # fmt: skip
-            batch = {**batch, "text_ids": tok["input_ids"], "text_mask": tok["attention_mask"]}
+            text_ids, text_mask = tokenize_captions(self.tokenizer, batch["captions"], cfg.text.max_len)
+            batch = {**batch, "text_ids": text_ids, "text_mask": text_mask}
         ids = batch["text_ids"].to(self.device, non_blocking=True)
         mask = batch["text_mask"].to(self.device, non_blocking=True)
         special = torch.isin(ids, self.special_ids) | (mask == 0)
