@@ -1,9 +1,8 @@
 """Weighted sampling without replacement (Gumbel-top-k), one Triton program per group.
 
 Per group the kernel draws counter-based noise for all N items (the same splitmix64 values as
-``reference.uniform_noise``, so kernel and reference pick the same items), forms the Gumbel
-keys, finds the
-k-th largest key with a 32-step radix select on the keys' order-preserving integer image,
+``rng.uniform_noise``, so kernel and reference pick the same items), forms the Gumbel
+keys, finds the k-th largest key with a 32-step radix select on the keys' order-preserving integer image,
 and writes the selected items' indices at their rank among the selected: the output comes
 out ascending without a sort. Ties at the threshold (only possible with repeated keys, e.g.
 zero weights) are broken by index.
@@ -14,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from umt_kernels import reference
+from umt_kernels import reference, rng
 from umt_kernels._backend import use_triton
 from umt_kernels.utils import block_size, num_warps_for
 
@@ -104,8 +103,8 @@ def key_arguments(seed: int, offset: int, offset_tensor: torch.Tensor | None) ->
     """(scalar key, key tensor) for a kernel launch: the key is mixed on the host from an int
     offset, or on the device from ``offset_tensor`` (then the scalar is unused)."""
     if offset_tensor is None:
-        return reference.mix_seed(seed, offset), None
-    return 0, reference.mix_seed_on_device(seed, offset_tensor).reshape(1)
+        return rng.mix_seed(seed, offset), None
+    return 0, rng.mix_seed_on_device(seed, offset_tensor).reshape(1)
 
 
 def _launch_sample(

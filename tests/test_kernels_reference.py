@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import umt_kernels
-from umt_kernels import reference
+from umt_kernels import reference, rng
 
 
 def _exact_inclusion(weights: list[float], k: int) -> list[float]:
@@ -58,7 +58,7 @@ def test_sampling_is_reproducible_and_depends_on_seed_and_offset():
 @pytest.mark.parametrize("seed", [0, 5, 2**32 - 1])
 def test_a_device_offset_mixes_to_the_host_key(seed):
     for offset in (0, 1, 7, 2**31, 2**40 + 3, 2**62, 2**63 - 1):
-        assert reference.mix_seed_on_device(seed, torch.tensor(offset)).item() == reference.mix_seed(seed, offset)
+        assert rng.mix_seed_on_device(seed, torch.tensor(offset)).item() == rng.mix_seed(seed, offset)
 
 
 def test_a_tensor_offset_draws_what_the_int_offset_draws():
@@ -91,14 +91,14 @@ def test_topk_mode_keeps_the_largest_weights_ties_in_index_order():
 
 
 def test_noise_is_uniform_and_a_function_of_the_global_row():
-    u = reference.uniform_noise((4000, 50), seed=3, offset=1, device=torch.device("cpu")).double()
+    u = rng.uniform_noise((4000, 50), seed=3, offset=1, device=torch.device("cpu")).double()
     assert ((u >= 0) & (u < 1)).all()
     assert abs(u.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / u.numel())
     hist = torch.histc(u, bins=16, min=0, max=1) / u.numel()
     assert (hist - 1 / 16).abs().max() < 5 * math.sqrt((1 / 16) * (15 / 16) / u.numel())
     lag = torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1]
     assert abs(lag.item()) < 5 / math.sqrt(u.numel())
-    tail = reference.uniform_noise((10, 50), seed=3, offset=1, row_offset=3990, device=torch.device("cpu"))
+    tail = rng.uniform_noise((10, 50), seed=3, offset=1, row_offset=3990, device=torch.device("cpu"))
     assert torch.equal(tail.double(), u[3990:])
 
 
@@ -238,3 +238,13 @@ def test_ops_compile_with_fullgraph_with_a_device_offset():
         expected = [umt_kernels.sample_without_replacement(w, 3, seed=0, offset=value, mode=m) for m in ("weighted", "uniform")]
         for got, want in zip(compiled(w, counter), expected):
             assert torch.equal(got, want)
+
+
+def test_derive_seed_chains_mix_seed_over_its_parts():
+    import zlib
+
+    assert rng.derive_seed(7) == 7
+    assert rng.derive_seed(7, 3) == rng.mix_seed(7, 3)
+    assert rng.derive_seed(7, "clips", 3) == rng.mix_seed(rng.mix_seed(7, zlib.crc32(b"clips")), 3)
+    seeds = {rng.derive_seed(0, stream, epoch) for stream in ("a", "b") for epoch in range(50)}
+    assert len(seeds) == 100 and all(0 <= s < 2**63 for s in seeds)

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 import signal
-from collections import OrderedDict
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -31,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .annotations import VideoRecord
 from .decoding import VideoDecodeError, VideoInfo, decode_frames, probe_video
+from .order import EpochPermutations, sample_rng
 from .transforms import crop_resize_flip, multiscale_crop_box, tsn_frame_indices
 
 __all__ = [
@@ -95,7 +94,7 @@ class PretrainClipDataset(Dataset):
         max_substitutes: how many substitute records to try for an undecodable one.
     """
 
-    _NUM_CACHED_PERMUTATIONS = 3
+    STREAM = "pretrain_clips"
 
     def __init__(
         self,
@@ -126,21 +125,11 @@ class PretrainClipDataset(Dataset):
         self.seed = seed
         self.flip = flip
         self.max_substitutes = max_substitutes
-        self._permutations: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._permutations = EpochPermutations(len(self.records), seed, self.STREAM)
 
     def __len__(self) -> int:
         """Records per epoch; positions themselves are unbounded."""
         return len(self.records)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        perm = self._permutations.get(epoch)
-        if perm is None:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            perm = torch.randperm(len(self.records), generator=generator)
-            self._permutations[epoch] = perm
-            if len(self._permutations) > self._NUM_CACHED_PERMUTATIONS:
-                self._permutations.popitem(last=False)
-        return perm
 
     def record_index(self, position: int, attempt: int = 0) -> int:
         """Index into `records` of the video read at sample `position` by `attempt`
@@ -148,12 +137,12 @@ class PretrainClipDataset(Dataset):
         if position < 0:
             raise ValueError(f"sample position must be >= 0, got {position}")
         epoch, offset = divmod(position, len(self.records))
-        return (int(self._permutation(epoch)[offset]) + attempt) % len(self.records)
+        return (int(self._permutations[epoch][offset]) + attempt) % len(self.records)
 
     def plan_clip(self, position: int, attempt: int, video: VideoInfo) -> ClipPlan:
         """The plan of `attempt` at `position` for the probed `video`; no I/O.
 
-        Draws from random.Random(f"{seed}:{position}:{attempt}") in the reference's order:
+        Draws from `sample_rng(seed, STREAM, position, attempt)` in the reference's order:
         TSN frames, crop size and offset, flip.
 
         Raises:
@@ -161,7 +150,7 @@ class PretrainClipDataset(Dataset):
         """
         if video.num_frames < self.num_frames:
             raise VideoDecodeError(video.path, f"has {video.num_frames} frames, needs {self.num_frames}")
-        rng = random.Random(f"{self.seed}:{position}:{attempt}")
+        rng = sample_rng(self.seed, self.STREAM, position, attempt)
         indices = tsn_frame_indices(video.num_frames, self.num_frames, rng)
         box = multiscale_crop_box(video.width, video.height, self.img_size, rng)
         flip = self.flip and rng.random() < 0.5

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from torchvision.transforms.v2 import functional as TF
 from .annotations import VideoRecord
 from .dataset import PositionSampler, init_worker
 from .decoding import VideoDecodeError, count_frames, decode_frames
+from .order import EpochPermutations, sample_rng
 from .transforms import tsn_frame_indices
 
 __all__ = [
@@ -92,7 +92,7 @@ class FinetuneClipDataset(Dataset):
         max_substitutes: substitute records tried for an undecodable one.
     """
 
-    _NUM_CACHED_PERMUTATIONS = 3
+    STREAM = "labelled_clips"
 
     def __init__(
         self, records: list[VideoRecord], num_frames: int, img_size: int, seed: int, repeated_aug: int = 1,
@@ -113,7 +113,7 @@ class FinetuneClipDataset(Dataset):
             if rand_augment_ops > 0 else None
         )  # fmt: skip
         self.max_substitutes = max_substitutes
-        self._permutations: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._permutations = EpochPermutations(len(self.records), seed, self.STREAM)
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -121,13 +121,7 @@ class FinetuneClipDataset(Dataset):
 
     def record_index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.records))
-        perm = self._permutations.get(epoch)
-        if perm is None:
-            perm = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-            self._permutations[epoch] = perm
-            if len(self._permutations) > self._NUM_CACHED_PERMUTATIONS:
-                self._permutations.popitem(last=False)
-        return int(perm[offset])
+        return int(self._permutations[epoch][offset])
 
     def augment(self, frames_THWC: torch.Tensor, rng: random.Random) -> torch.Tensor:
         """One augmented clip of decoded frames: uint8 [T, H, W, 3] -> uint8 [T, S, S, 3]."""
@@ -153,7 +147,7 @@ class FinetuneClipDataset(Dataset):
         skipped: list[str] = []
         for attempt in range(self.max_substitutes + 1):
             record = self.records[(index + attempt) % n]
-            rng = random.Random(f"{self.seed}:{position}:{attempt}")
+            rng = sample_rng(self.seed, self.STREAM, position, attempt)
             try:
                 indices = tsn_frame_indices(count_frames(record.path), self.num_frames, rng)
                 frames = decode_frames(record.path, indices)

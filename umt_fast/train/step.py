@@ -27,7 +27,7 @@ from umt_fast.losses import alignment_loss
 from umt_fast.masking import num_visible, sample_visible_tokens
 from umt_fast.models.student import drop_path_scales, keep_probabilities
 from umt_fast.models.teacher import CLIPVisionTeacher
-from umt_kernels.reference import mix_seed
+from umt_kernels.rng import mix_seed
 
 
 class PretrainStep:
