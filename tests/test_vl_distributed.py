@@ -1,10 +1,30 @@
-"""VTC gathered over 2 gloo ranks (with gradients) equals the 1-rank computation on the whole batch."""
+"""Stage 2 over 2 gloo ranks on CPU: VTC gathered with gradients equals the 1-rank computation on the
+whole batch, and a run at the same global batch gives the same losses (total, UTA, VTC, VTM, MLM)
+on one rank or two, under DDP and FSDP2, with drop path on (drawn per pair of the global batch)
+and the text tower's dropout off (the one draw that depends on the rank); the batch options
+that cannot give that are refused."""
 import os
 import socket
+import subprocess
+import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from tests.markers import needs_fsdp_on_cpu
+from umt_fast.config_vl import build_config
+from umt_fast.train.logging import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOSSES = ("loss", "uta", "vtc", "vtm", "mlm")
+# The demo at 64 px and 2 frames: 6 video and 6 image captions, a global batch of 4 = 1 video and
+# 1 image step per epoch; hard negatives within pairs (2 groups of the global batch).
+ARGS = ["--data.img_size", "64", "--teacher.input_resolution", "64", "--data.num_frames", "2",
+        "--train.global_batch_size", "4", "--train.batch_size", "0", "--train.vtm_group_size", "2",
+        "--student.drop_path", "0.1", "--text.dropout", "0", "--train.max_steps", "4",
+        "--log.every_steps", "1", "--checkpoint.every_steps", "4", "--data.num_workers", "0"]  # fmt: skip
 
 
 def _features(seed=0):
@@ -64,3 +84,63 @@ def test_vtc_gathered_over_two_gloo_ranks_equals_one_rank(tmp_path):
         assert torch.allclose(res["gv"], 2 * v.grad[part], atol=1e-10)
         assert torch.allclose(res["gt"], 2 * t.grad[part], atol=1e-10)
         assert torch.allclose(res["gtemp"], temp.grad, atol=1e-10)
+
+
+def _run(run_dir, nproc, *extra):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "umt_fast.pretrain_vl"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(32500 + os.getpid() % 1000), "-m", "umt_fast.pretrain_vl"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd + ["--run-dir", str(run_dir)] + ARGS + list(extra), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r]
+    return {r["step"]: r for r in records}
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("one") / "run", 1)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=needs_fsdp_on_cpu)])
+def test_two_ranks_give_the_one_rank_losses_at_the_same_global_batch(tmp_path, one_rank, strategy):
+    two = _run(tmp_path / "run", 2, "--dist.strategy", strategy)
+    assert sorted(one_rank) == sorted(two) == [1, 2, 3, 4]
+    assert {r["video_steps"] for r in one_rank.values()} == {0, 1}  # video and image steps both ran
+    assert [r["video_steps"] for r in one_rank.values()] == [r["video_steps"] for r in two.values()]
+    assert one_rank[1]["loss"] - one_rank[4]["loss"] > 1.0  # the updates matter
+    for step, record in one_rank.items():
+        for name in LOSSES:
+            assert record[name] == pytest.approx(two[step][name], abs=1e-4), (step, name, record, two[step])
+
+
+def test_batch_options_that_would_change_with_the_world_size_are_refused():
+    from umt_fast.vl.train import BatchPlan, plan_batches
+
+    def plan(world, *argv):
+        return plan_batches(build_config(list(argv)), world)
+
+    global_batch = ["--train.batch_size", "0", "--train.global_batch_size"]
+    assert plan(1) == BatchPlan(global_batch=4, per_rank=4, vtm_group=4)  # the demo: a group is at most the batch
+    assert plan(2, "--train.vtm_group_size", "4") == BatchPlan(8, 4, 4)  # the demo's batch is per rank
+    assert plan(2, *global_batch, "8", "--train.vtm_group_size", "4") == BatchPlan(8, 4, 4)
+    assert plan(4, "--train.global_batch_size", "8", "--train.batch_size", "2", "--train.vtm_group_size", "2") == \
+        BatchPlan(8, 2, 2)
+    with pytest.raises(ValueError, match=r"train.batch_size=4 \(per rank\) x 4 ranks = 16 contradicts "
+                                         r"train.global_batch_size=8; set one of them to 0"):
+        plan(4, "--train.global_batch_size", "8")
+    with pytest.raises(ValueError, match=r"train.global_batch_size=6 must be divisible by the number of ranks \(4\)"):
+        plan(4, *global_batch, "6")
+    with pytest.raises(ValueError, match=r"train.vtm_group_size=4 must divide the per-rank batch \(4 pairs / 2 "
+                                         r"ranks = 2\)"):
+        plan(2, *global_batch, "4")  # one group of 4 (the whole batch) cannot be split
+    with pytest.raises(ValueError, match=r"train.vtm_group_size=4 must divide the global batch \(6 pairs\)"):
+        plan(1, *global_batch, "6", "--train.vtm_group_size", "4")
+    with pytest.raises(ValueError, match="train.global_batch_size=0 and train.batch_size=0: set one of them"):
+        build_config(["--train.global_batch_size", "0", "--train.batch_size", "0"])
+    for field, value in (("train.vtm_group_size", "1"), ("train.global_batch_size", "1"), ("text.dropout", "1.0")):
+        with pytest.raises(ValueError, match=field):
+            build_config([f"--{field}", value])

@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from umt_fast.vl import data as vl_data
-from umt_fast.vl.losses import mask_tokens, mlm_loss, sample_hard_negatives, vtc_loss, vtm_loss
+from umt_fast.vl.losses import (
+    hard_negative_noise,
+    hard_negatives,
+    mask_tokens,
+    mlm_loss,
+    mlm_noise,
+    sample_hard_negatives,
+    vtc_loss,
+    vtm_loss,
+)
 from umt_fast.vl.retrieval import retrieval_metrics
 
 
@@ -80,14 +89,17 @@ def test_hard_negatives_flag_rows_without_any_other_id():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_mlm_masking_rates_and_special_tokens():
+@pytest.mark.parametrize("counter_based", [False, True])
+def test_mlm_masking_rates_and_special_tokens(counter_based):
     g = torch.Generator().manual_seed(0)
     B, S, V, MASK = 400, 32, 1000, 103
     ids = torch.randint(200, V, (B, S), generator=g)
     special = torch.zeros(B, S, dtype=torch.bool)
     special[:, 0] = True  # [CLS]
     special[:, 20:] = True  # [SEP] and padding
-    masked, labels = mask_tokens(ids, special, mask_token_id=MASK, vocab_size=V, prob=0.5, generator=g)
+    noise = mlm_noise(B, S, seed=0, offset=3, first_clip=0, device=torch.device("cpu")) if counter_based else None
+    masked, labels = mask_tokens(ids, special, mask_token_id=MASK, vocab_size=V, prob=0.5, generator=g,
+                                 uniform_3BS=noise)  # fmt: skip
     chosen = labels != -100
     assert not chosen[special].any() and torch.equal(masked[special], ids[special])
     assert torch.equal(labels[chosen], ids[chosen])
@@ -100,6 +112,34 @@ def test_mlm_masking_rates_and_special_tokens():
     rnd = chosen & ~to_mask & ~kept
     for count, p in ((to_mask.sum().item(), 0.8), (rnd.sum().item(), 0.1 * (1 - 1 / V)), (kept.sum().item(), 0.1)):
         assert abs(count / k - p) < 4 * math.sqrt(p * (1 - p) / k) + 0.002
+
+
+def test_hard_negatives_and_mlm_masking_do_not_depend_on_how_the_batch_is_split():
+    """Rank r of 2 holds pairs [4r, 4r + 4) of a global batch of 8: its draws are the whole batch's."""
+    g = torch.Generator().manual_seed(0)
+    B, K, S, cpu = 8, 4, 6, torch.device("cpu")
+    v, t = (F.normalize(torch.randn(B, 16, generator=g), dim=-1) for _ in range(2))
+    ids = torch.tensor([0, 0, 1, 2, 3, 4, 4, 5])
+    temp = torch.tensor([0.07])
+
+    def negatives(part, first, step=7):
+        return hard_negatives(v[part], t[part], ids[part], temp,
+                              hard_negative_noise(part.stop - part.start, K, seed=3, offset=step, first_clip=first,
+                                                  device=cpu))  # fmt: skip
+
+    whole = negatives(slice(0, 8), 0)
+    halves = [negatives(slice(4 * r, 4 * r + 4), 4 * r) for r in range(2)]
+    for i in range(4):  # neg_text, valid_v, neg_video, valid_t
+        offset = 4 if i % 2 == 0 else 0  # the indices are into each rank's own batch
+        assert torch.equal(whole[i], torch.cat([halves[0][i], halves[1][i] + offset]))
+    for neg, valid in ((whole[0], whole[1]), (whole[2], whole[3])):
+        assert valid.all() and torch.equal(neg // K, torch.arange(B) // K)  # within its group
+        assert (ids[neg] != ids).all()  # never the positive or a same-id pair
+    later = torch.cat([negatives(slice(0, 8), 0, step)[0] for step in range(8, 40)])
+    assert not torch.equal(later, whole[0].repeat(32))  # a new draw each step
+    noise = mlm_noise(B, S, seed=3, offset=7, first_clip=0, device=cpu)
+    split = [mlm_noise(4, S, seed=3, offset=7, first_clip=4 * r, device=cpu) for r in range(2)]
+    assert torch.equal(noise, torch.cat(split, dim=1))
 
 
 def test_mlm_loss_averages_over_chosen_tokens_only():

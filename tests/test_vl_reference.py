@@ -191,3 +191,30 @@ def test_vtm_rerank_equals_the_reference_scores_and_metrics():
     _assert_matches_reference(retrieval_metrics(t2v, text_to_video, v2t), i2t_x, t2i_x, txt2img, img2txt)
     vtc = retrieval_metrics(sim_TV, text_to_video)
     _assert_matches_reference(vtc, sim_TV.T.numpy(), sim_TV.numpy(), txt2img, img2txt)
+
+
+def test_stage2_alignment_heads_match_the_reference_vision_encoder():
+    """The stage-2 model's UTA outputs against the reference's stage-2 vision encoder, in float64:
+    its heads' LayerNorm has torch's default eps 1e-5, where stage 1's has 1e-6."""
+    from umt_fast.models.student import SparseVideoStudent, StudentArch
+    from umt_fast.vl.model import HEAD_NORM_EPS, VisionLanguageModel
+    from umt_fast.vl.text import build_text_encoder
+
+    sd = ref.random_student_state_dict(width=64, depth=2, heads=1, K=2, teacher_dim=8, seed=4)
+    for k in range(2):  # small head outputs, so that the eps is felt
+        sd[f"clip_decoder.{k}.head.weight"] = sd[f"clip_decoder.{k}.head.weight"] * 0.01
+        sd[f"clip_decoder.{k}.head.bias"] = sd[f"clip_decoder.{k}.head.bias"] * 0.01
+    arch = StudentArch(width=64, depth=2, heads=1, teacher_dim=8, return_layers=2, num_frames=2, img_size=32,
+                       head_norm_eps=HEAD_NORM_EPS)  # fmt: skip
+    model = VisionLanguageModel(SparseVideoStudent(arch), build_text_encoder("minilm", 1, 64, load=False), 16)
+    model.student.load_state_dict(sd)
+    model = model.double().eval()
+    video = torch.randn(2, 3, 2, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    idx = torch.tensor([[0, 2, 5, 7], [1, 3, 4, 6]])
+    with torch.no_grad():
+        _, aligned, _ = model.encode_vision(video, idx)
+    mask = ref.bool_mask_from_indices(idx, 8)
+    expected = ref.student_forward({k: v.double() for k, v in sd.items()}, video, mask, heads=1, head_eps=1e-5)
+    stage1_eps = ref.student_forward({k: v.double() for k, v in sd.items()}, video, mask, heads=1, head_eps=1e-6)
+    assert (aligned - expected).abs().max() < 1e-12
+    assert (aligned - stage1_eps).abs().max() > 1e-6

@@ -30,8 +30,13 @@ def _ln(x, sd, prefix, eps):
     return F.layer_norm(x, (x.shape[-1],), sd[prefix + ".weight"], sd[prefix + ".bias"], eps)
 
 
-def student_forward(sd: dict, video_BCTHW: torch.Tensor, mask_BN: torch.Tensor, heads: int) -> torch.Tensor:
-    """mask_BN: bool, True = masked. Returns [K, B, N_vis, Ct]."""
+def student_forward(sd: dict, video_BCTHW: torch.Tensor, mask_BN: torch.Tensor, heads: int, head_eps: float = 1e-6) -> torch.Tensor:
+    """mask_BN: bool, True = masked. Returns [K, B, N_vis, Ct].
+
+    ``head_eps``: the alignment heads' LayerNorm eps, 1e-6 in stage 1 (single_modality's
+    ``Linear_Decoder`` gets ``partial(nn.LayerNorm, eps=1e-6)``); the stage-2 vision encoder's
+    ``Linear_Decoder`` (multi_modality/models/backbones/vit/vit.py) builds ``nn.LayerNorm(output_dim)``,
+    eps 1e-5."""
     dtype = video_BCTHW.dtype
     sd = {k: v.to(dtype) for k, v in sd.items()}
     depth = len({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.blocks\.(\d+)\.", k))})
@@ -68,7 +73,7 @@ def student_forward(sd: dict, video_BCTHW: torch.Tensor, mask_BN: torch.Tensor, 
     outs = []
     for k in range(K):
         y = F.linear(x_clip[k], sd[f"clip_decoder.{k}.head.weight"], sd[f"clip_decoder.{k}.head.bias"])
-        y = _ln(y, sd, f"clip_decoder.{k}.norm", 1e-6)
+        y = _ln(y, sd, f"clip_decoder.{k}.norm", head_eps)
         outs.append(y / y.norm(dim=-1, keepdim=True))
     return torch.stack(outs)
 

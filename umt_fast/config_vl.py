@@ -90,12 +90,19 @@ class TextConfig:
     """Captions are truncated / padded to this many tokens; >= 4."""
     mlm_prob: float = 0.5
     """MLM: probability that a (non-special) token is chosen (then 80% [MASK], 10% random, 10% kept)."""
+    dropout: float = -1.0
+    """Dropout of the text tower (BERT's hidden and attention-probability dropout, in every layer);
+    < 0 = the BERT config's hidden_dropout_prob (0.1 for BERT-base and the MiniLM). It draws from
+    torch's generator, seeded per rank: the one part of a step that depends on the number of
+    ranks (0 makes a step the same at any world size).
+    """
 
     def validate(self) -> None:
         check_types(self.SECTION, self)
         require(self.fusion_layers >= 1, "text.fusion_layers", self.fusion_layers, "must be >= 1")
         require(self.max_len >= 4, "text.max_len", self.max_len, "must be >= 4")
         require(0.0 < self.mlm_prob < 1.0, "text.mlm_prob", self.mlm_prob, "must be in (0, 1)")
+        require(self.dropout < 1.0, "text.dropout", self.dropout, "must be in [0, 1) (or < 0: the BERT config's)")
 
 
 @dataclass
@@ -178,12 +185,27 @@ class VLTrainConfig:
 
     SECTION: typing.ClassVar[str] = "train"
 
+    global_batch_size: int = 0
+    """Pairs per optimizer step over all ranks (each step is all-video or all-image); must divide by
+    the number of ranks; 0 = train.batch_size x ranks. The pairs, augmentation, masks, MLM masking,
+    hard negatives and drop path of step s depend only on (seed, global batch, s), not on the
+    number of ranks. Else >= 2.
+    """
     batch_size: int = 128
-    """Pairs per rank per step (each step is all-video or all-image); >= 2 (VTM needs negatives)."""
+    """Pairs per rank per step; 0 = train.global_batch_size / ranks. Where both are set they must
+    agree (batch_size x ranks = global_batch_size). Else >= 2.
+    """
+    vtm_group_size: int = 128
+    """VTM draws each hard negative within its group of this many consecutive pairs of the global
+    batch (the reference: within its per-GPU batch of 128), so the draws do not depend on the
+    number of ranks; a group larger than the global batch is the whole batch. Must divide the
+    per-rank batch (no group is split over ranks); >= 2.
+    """
     max_steps: int = 0
     """Stop after this many steps (0 = the full schedule); >= 0."""
     seed: int = 0
-    """Random seed (init, data order, interleaving, masks, MLM, hard negatives); in [0, 2**32)."""
+    """Random seed (init, data order, interleaving, augmentation, masks, drop path, MLM, hard negatives,
+    text dropout); in [0, 2**32)."""
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu or cuda."""
     precision: str = "bf16"
@@ -200,7 +222,14 @@ class VLTrainConfig:
 
     def validate(self) -> None:
         check_types(self.SECTION, self)
-        require(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2 (VTM needs negatives)")
+        for name in ("global_batch_size", "batch_size"):
+            value = getattr(self, name)
+            require(value == 0 or value >= 2, f"train.{name}", value, "must be 0 or >= 2 (VTM needs negatives)")
+        if self.global_batch_size == 0 and self.batch_size == 0:
+            raise ValueError("train.global_batch_size=0 and train.batch_size=0: set one of them (0 = derived from "
+                             "the other)")  # fmt: skip
+        require(self.vtm_group_size >= 2, "train.vtm_group_size", self.vtm_group_size,
+                "must be >= 2 (VTM needs negatives)")  # fmt: skip
         require_choice("train.compile", self.compile, VL_COMPILE_MODES)
         require(bool(self.compile_backend), "train.compile_backend", self.compile_backend, "must not be empty")
         require(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0 (0 = full schedule)")
@@ -350,7 +379,7 @@ def _demo_vl() -> VLPretrainConfig:
     cfg.data = VLDataConfig(video_list=DEMO_DATA, image_list=DEMO_DATA, num_frames=4, img_size=112, num_workers=0)
     # 6 video + 6 image captions at batch 4: 2 steps per epoch; 15 epochs = 30 steps.
     cfg.optim = VLOptimConfig(lr=3e-4, min_lr=3e-6, warmup_lr=0.0, epochs=15, warmup_epochs=1)
-    cfg.train = VLTrainConfig(batch_size=4, max_steps=0, seed=0)
+    cfg.train = VLTrainConfig(global_batch_size=0, batch_size=4, max_steps=0, seed=0)
     cfg.checkpoint = CheckpointConfig(every_steps=15, keep_last=2)
     cfg.log = VLLogConfig(every_steps=1)
     return cfg
@@ -366,7 +395,7 @@ def _recipe(size: str, corpus: str) -> VLPretrainConfig:
     cfg.mask = VLMaskConfig(policy="attention", video_ratio=0.8, image_ratio=0.5)
     cfg.data = VLDataConfig(num_frames=4, img_size=224)
     cfg.optim = VLOptimConfig()
-    cfg.train = VLTrainConfig(batch_size=128)
+    cfg.train = VLTrainConfig(global_batch_size=0, batch_size=128)  # per GPU, as the reference
     return cfg
 
 

@@ -10,10 +10,12 @@ Videos: ``num_frames`` frames, one random frame per segment (training) or the mi
 ratio (3/4, 4/3), and a horizontal flip (training); a plain resize (test).
 
 Every step is all-video or all-image. The order of media types within an epoch is a shuffle of
-[media m repeated steps_m times], seeded by (seed, epoch) only, so every rank follows the same
-order; each rank reads its own slice of each global batch. All randomness of a sample is
-seeded by (seed, media type, sample position), so a resumed run reads what an uninterrupted
-one would.
+[media m repeated steps_m times], seeded by (seed, epoch) only, where steps_m = (samples of m) //
+global batch; each rank reads its own slice of each global batch. Which (media, caption) sample
+fills a position of a global batch, and all randomness of the sample (frames, crop, flip), is
+seeded by (seed, media type, sample position) only. So the data of a step is the same at any
+number of ranks with the same global batch, and a resumed run reads what an uninterrupted one
+would.
 """
 from __future__ import annotations
 

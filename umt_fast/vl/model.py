@@ -45,6 +45,12 @@ class VLBatch:
     mlm_ids: torch.Tensor  # [B, S] masked copy of text_ids
     mlm_labels: torch.Tensor  # [B, S] original id where masked, -100 elsewhere
     ids: torch.Tensor  # [B] int64 media ids (same id = same video or image)
+    # [depth, B, 2] the student's drop-path factors (umt_fast.models.student.drop_path_scales);
+    # None = drawn from torch's generator
+    drop_scales: torch.Tensor | None = None
+    # [2, B, K] the hard-negative uniforms (losses.hard_negative_noise), K the group size;
+    # None = one group of the B pairs, drawn from torch's generator
+    negative_noise: torch.Tensor | None = None
 
 
 class VisionLanguageModel(nn.Module):
@@ -75,10 +81,14 @@ class VisionLanguageModel(nn.Module):
         return self.vision_proj.out_features
 
     # ---------------------------------------------------------------- vision
-    def encode_vision(self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor):
-        """-> (tokens [B, N, D], aligned [L, B, N, Ct] unit vectors, vision_feat [B, E] unit)."""
+    def encode_vision(self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor,
+                      drop_scales_LB2: torch.Tensor | None = None):  # fmt: skip
+        """-> (tokens [B, N, D], aligned [L, B, N, Ct] unit vectors, vision_feat [B, E] unit).
+
+        ``drop_scales_LB2``: [depth, B, 2] drop-path factors (training mode); None draws drop path
+        from torch's generator."""
         student = self.student
-        taps_LBND = student.encoder(video_BCTHW, visible_idx_BN)
+        taps_LBND = student.encoder(video_BCTHW, visible_idx_BN, drop_scales_LB2)
         tokens_BND = taps_LBND[-1]
         heads_in = taps_LBND + student.clip_pos_embed.to(taps_LBND.dtype)[visible_idx_BN]
         aligned = torch.stack([head(heads_in[i]) for i, head in enumerate(student.clip_decoder)])
@@ -112,19 +122,21 @@ class VisionLanguageModel(nn.Module):
 
     # ---------------------------------------------------------------- training
     def forward(self, batch: VLBatch) -> dict[str, torch.Tensor]:
-        """The four stage-2 losses on one masked vision forward: {uta, vtc, vtm, mlm} (0-dim)."""
-        tokens, aligned, vision_feat = self.encode_vision(batch.video, batch.visible_idx)
+        """The four stage-2 losses on one masked vision forward: {uta, vtc, vtm, mlm} (0-dim).
+
+        Under torchrun each is this rank's share of the global-batch loss (VTC over the gathered
+        batch; VTM and MLM divided by their global counts): the mean over ranks is the loss of the
+        whole batch."""
+        tokens, aligned, vision_feat = self.encode_vision(batch.video, batch.visible_idx, batch.drop_scales)
         uta = alignment_loss(aligned.float(), batch.targets.float())
         text, text_feat = self.encode_text(batch.text_ids, batch.text_mask)
         vtc = L.vtc_loss(vision_feat.float(), text_feat.float(), batch.ids, self.temp)
 
         # VTM: the positives, then one hard negative text per video and one hard negative video
-        # per text, drawn from the (local) similarity softmax, never of the same id.
+        # per text, drawn from the similarity softmax within its group, never of the same id.
         B = tokens.shape[0]
-        with torch.no_grad():
-            sim_v2t = vision_feat.float() @ text_feat.float().t() / L.clamp_temperature(self.temp)
-            neg_text, valid_v = L.sample_hard_negatives(sim_v2t, batch.ids)
-            neg_video, valid_t = L.sample_hard_negatives(sim_v2t.t(), batch.ids)
+        neg_text, valid_v, neg_video, valid_t = L.hard_negatives(vision_feat, text_feat, batch.ids, self.temp,
+                                                                 batch.negative_noise)  # fmt: skip
         text_all = torch.cat([text, text[neg_text], text])
         mask_all = torch.cat([batch.text_mask, batch.text_mask[neg_text], batch.text_mask])
         vision_all = torch.cat([tokens, tokens, tokens[neg_video]])

@@ -16,7 +16,7 @@ import importlib.util
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -370,14 +370,20 @@ def from_reference_keys(state_dict: dict[str, torch.Tensor], arch: TextArch) -> 
     return out
 
 
-def build_text_encoder(weights: str, fusion_layers: int, vision_width: int, load: bool = True) -> TextEncoder:
+def build_text_encoder(weights: str, fusion_layers: int, vision_width: int, load: bool = True,
+                       dropout: float | None = None) -> TextEncoder:  # fmt: skip
     """The text tower of `weights` (a local Hugging Face BERT folder, or 'minilm' for the bundled
     MiniLM): its BERT layers (and MLM head when the folder has one) loaded, the cross-attention
-    of the fusion layers (and a missing MLM head) initialised as BERT does."""
+    of the fusion layers (and a missing MLM head) initialised as BERT does.
+
+    ``dropout``: every dropout of the tower (hidden and attention probabilities, BERT and fusion
+    layers); None = the folder's ``hidden_dropout_prob``."""
     config = load_bert_config(weights)
     if getattr(config, "model_type", "bert") != "bert":
         raise ValueError(f"text.weights={weights!r} holds a {config.model_type!r} model; a BERT is needed")
     arch = TextArch.from_bert_config(config, fusion_layers, vision_width)
+    if dropout is not None:
+        arch = replace(arch, dropout=dropout)
     encoder = TextEncoder(arch)
     if not load:
         return encoder

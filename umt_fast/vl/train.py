@@ -11,10 +11,18 @@ One step, as data (every step is all-video or all-image):
 Same engine as stage 1: bf16 autocast on the GPU, the kernels, DDP or FSDP2 under torchrun, the
 run directory, DCP checkpoints that resume at the exact data position, the progress line. At the
 end the model is also written in the reference's stage-2 naming to <run_dir>/umt_stage2.pth.
+
+World-size invariance, as stage 1: step s reads global batch s of its media type (rank r holds
+pairs [r*b, (r+1)*b) of it), and the augmentation, the masks, the drop path, the MLM masking and
+the hard negatives are functions of (seed, s, the pair's index in the global batch); the VTM and
+MLM means are over the global batch. So a step gives the same losses and update on any number of
+ranks at the same train.global_batch_size, except for the text tower's dropout (`text.dropout`),
+which draws from torch's generator, seeded per (seed, step, rank).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -31,12 +39,13 @@ from umt_fast.launch import open_run_dir
 from umt_fast.masking import num_visible, sample_visible_tokens
 from umt_fast.models import build_student, build_teacher
 from umt_fast.models.attention import set_attention_backend
+from umt_fast.models.student import drop_path_scales, keep_probabilities
 from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages
 from umt_fast.train.loop import check_finite_loss, seed_everything
 from umt_fast.train.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.train.stopping import StopOnSignal, stop_run
 from umt_fast.vl import data as vl_data
-from umt_fast.vl.losses import mask_tokens
+from umt_fast.vl.losses import hard_negative_noise, mask_tokens, mlm_noise
 from umt_fast.vl.model import (
     HEAD_NORM_EPS,
     VisionLanguageModel,
@@ -69,8 +78,50 @@ class TrainResult:
 def build_model(cfg: VLPretrainConfig, teacher_dim: int, load_text: bool = True) -> VisionLanguageModel:
     """The stage-2 model of `cfg`: a fresh student of student.size, the text tower of text.weights."""
     student = build_student(cfg, teacher_dim, head_norm_eps=HEAD_NORM_EPS)
-    text = build_text_encoder(cfg.text.weights, cfg.text.fusion_layers, student.arch.width, load=load_text)
+    dropout = cfg.text.dropout if cfg.text.dropout >= 0 else None
+    text = build_text_encoder(cfg.text.weights, cfg.text.fusion_layers, student.arch.width, load=load_text,
+                              dropout=dropout)  # fmt: skip
     return VisionLanguageModel(student, text, cfg.model.embed_dim)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How every step's global batch is split over the ranks, and its hard-negative groups."""
+
+    global_batch: int
+    per_rank: int
+    vtm_group: int
+
+
+def vtm_group(group_size: int, global_batch: int) -> int:
+    """The hard-negative group of `train.vtm_group_size` at this global batch (at most the batch)."""
+    return min(group_size, global_batch)
+
+
+def plan_batches(cfg: VLPretrainConfig, world_size: int) -> BatchPlan:
+    """train.global_batch_size / train.batch_size / train.vtm_group_size at `world_size` ranks;
+    ValueError naming the fields where they do not fit."""
+    G, b = cfg.train.global_batch_size, cfg.train.batch_size
+    if G and b and b * world_size != G:
+        raise ValueError(f"train.batch_size={b} (per rank) x {world_size} ranks = {b * world_size} contradicts "
+                         f"train.global_batch_size={G}; set one of them to 0 to derive it from the other")  # fmt: skip
+    if G:
+        if G % world_size:
+            raise ValueError(f"train.global_batch_size={G} must be divisible by the number of ranks ({world_size})")
+        b = G // world_size
+    else:
+        G = b * world_size
+    group = vtm_group(cfg.train.vtm_group_size, G)
+    if G % group:
+        raise ValueError(f"train.vtm_group_size={group} must divide the global batch ({G} pairs)")
+    if b % group:
+        raise ValueError(
+            f"train.vtm_group_size={group} must divide the per-rank batch ({G} pairs / {world_size} ranks = {b}): "
+            "hard negatives are drawn within groups of consecutive pairs, and a group cannot be split over ranks. "
+            f"Run on fewer ranks, or pass a train.vtm_group_size that divides {b} (the negatives then differ from "
+            f"those of groups of {group})"
+        )  # fmt: skip
+    return BatchPlan(G, b, group)
 
 
 def read_init_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -137,15 +188,31 @@ def caption_datasets(cfg: VLPretrainConfig, info: DistInfo) -> list[vl_data.Capt
 
 
 class VLStep:
-    """Callable ``(media, batch, step) -> [5] device tensor (total, uta, vtc, vtm, mlm)``; no host sync."""
+    """Callable ``(media, batch, step) -> [5] device tensor (total, uta, vtc, vtm, mlm)``; no host sync.
 
-    def __init__(self, model, teacher, optimizer, tokenizer, cfg: VLPretrainConfig, device, autocast_dtype, rank=0):
+    ``batch`` is this rank's share of the step's global batch of ``B * world_size`` pairs (rank r
+    holds pairs [r*B, (r+1)*B)). The masks, drop path, MLM masking and hard-negative noise are
+    counter-based functions of (seed, step, global pair index), the hard negatives are drawn
+    within groups of `vtm_group` (train.vtm_group_size, at most the global batch) consecutive
+    pairs, and the losses are this rank's shares of the global ones
+    (`VisionLanguageModel.forward`): the same step at any world size. torch's
+    generator, seeded from (seed, step, rank), serves the text tower's dropout alone.
+    """
+
+    def __init__(self, model, teacher, optimizer, tokenizer, cfg: VLPretrainConfig, device, autocast_dtype, rank=0,
+                 world_size=1):  # fmt: skip
         self.model, self.teacher, self.optimizer, self.tokenizer = model, teacher, optimizer, tokenizer
-        self.cfg, self.device, self.autocast_dtype, self.rank = cfg, device, autocast_dtype, rank
+        self.cfg, self.device, self.autocast_dtype = cfg, device, autocast_dtype
+        self.rank, self.world_size = rank, world_size
         self.patches_per_frame = unwrap(model).student.arch.patches_per_frame
         # MLM never picks [CLS] or [PAD], as the reference; any other id (e.g. [UNK]) may be picked.
         self.special_ids = torch.tensor([tokenizer.cls_token_id, tokenizer.pad_token_id], device=device)
         self.vocab_size = unwrap(model).text_encoder.arch.vocab_size
+
+    @functools.cached_property
+    def keep_prob(self) -> torch.Tensor | None:
+        """[depth] keep probabilities of the student's blocks on the device (None: no drop path)."""
+        return keep_probabilities(unwrap(self.model).student.encoder.drop_probs, self.device)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -154,18 +221,22 @@ class VLStep:
 
     def make_batch(self, media: str, batch: dict, step: int) -> VLBatch:
         cfg = self.cfg
+        seed = cfg.train.seed
         video = normalize_video(batch["media"].to(self.device, non_blocking=True))
         B, _, T = video.shape[:3]
+        group = vtm_group(cfg.train.vtm_group_size, B * self.world_size)
+        if B % group:
+            raise ValueError(f"train.vtm_group_size={group} must divide the per-rank batch ({B})")
         ratio = cfg.mask.video_ratio if media == "video" else cfg.mask.image_ratio
         first_clip = self.rank * B
         with torch.no_grad(), self._autocast():
             teacher_out = self.teacher(video)
             if cfg.mask.policy == "attention":
-                idx, targets = teacher_out.sample_visible(num_visible(self.patches_per_frame, ratio), seed=cfg.train.seed,
+                idx, targets = teacher_out.sample_visible(num_visible(self.patches_per_frame, ratio), seed=seed,
                                                           offset=step, first_clip=first_clip)  # fmt: skip
             else:
                 idx = sample_visible_tokens(cfg.mask.policy, batch_size=B, num_frames=T,
-                                            patches_per_frame=self.patches_per_frame, ratio=ratio, seed=cfg.train.seed,
+                                            patches_per_frame=self.patches_per_frame, ratio=ratio, seed=seed,
                                             offset=step, device=self.device, first_clip=first_clip)  # fmt: skip
                 targets = teacher_out.targets(idx)
         if "text_ids" not in batch:  # tokenized in the loader workers (CaptionCollate), else here
@@ -174,13 +245,19 @@ class VLStep:
         ids = batch["text_ids"].to(self.device, non_blocking=True)
         mask = batch["text_mask"].to(self.device, non_blocking=True)
         special = torch.isin(ids, self.special_ids) | (mask == 0)
+        keyed = dict(seed=seed, offset=step, first_clip=first_clip, device=self.device)
         mlm_ids, mlm_labels = mask_tokens(ids, special, mask_token_id=self.tokenizer.mask_token_id,
-                                          vocab_size=self.vocab_size, prob=cfg.text.mlm_prob)  # fmt: skip
+                                          vocab_size=self.vocab_size, prob=cfg.text.mlm_prob,
+                                          uniform_3BS=mlm_noise(B, ids.shape[1], **keyed))  # fmt: skip
+        drop_scales = None
+        if self.keep_prob is not None:
+            drop_scales = drop_path_scales(self.keep_prob, B, seed=seed, offset=step, first_clip=first_clip)
         return VLBatch(video=video, visible_idx=idx, targets=targets, text_ids=ids, text_mask=mask,
-                       mlm_ids=mlm_ids, mlm_labels=mlm_labels, ids=batch["ids"].to(self.device))  # fmt: skip
+                       mlm_ids=mlm_ids, mlm_labels=mlm_labels, ids=batch["ids"].to(self.device),
+                       drop_scales=drop_scales, negative_noise=hard_negative_noise(B, group, **keyed))  # fmt: skip
 
     def __call__(self, media: str, batch: dict, step: int) -> torch.Tensor:
-        torch.manual_seed(mix_seed(self.cfg.train.seed, step) + self.rank)  # MLM, negatives, dropout
+        torch.manual_seed(mix_seed(self.cfg.train.seed, step) + self.rank)  # the text tower's dropout
         self.optimizer.zero_grad(set_to_none=True)
         vl_batch = self.make_batch(media, batch, step)
         with self._autocast():
@@ -208,6 +285,7 @@ def export_reference(model: nn.Module, text_arch, path: str, info: DistInfo) -> 
 def train(cfg: VLPretrainConfig) -> TrainResult:
     """Runs (or resumes) stage-2 pre-training as `cfg` says."""
     info = init_distributed(cfg.train.device)
+    plan = plan_batches(cfg, info.world_size)
     if info.is_main:
         check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)  # refuse before touching anything
     resume_path, logger = open_run_dir(cfg, info)
@@ -216,7 +294,7 @@ def train(cfg: VLPretrainConfig) -> TrainResult:
     set_attention_backend(cfg.train.attention)
 
     datasets = caption_datasets(cfg, info)
-    B = cfg.train.batch_size
+    B, G = plan.per_rank, plan.global_batch
     counts = [vl_data.MediaBatchSampler(len(d), B, info.rank, info.world_size).batches_per_epoch for d in datasets]
     steps_per_epoch = sum(counts)
     total_steps = cfg.optim.epochs * steps_per_epoch
@@ -257,19 +335,21 @@ def train(cfg: VLPretrainConfig) -> TrainResult:
                                       resume_step=start_step if resume_path is not None else None)  # fmt: skip
         ckpt.restore_rng_state(rng)
     log.info(
-        "preset %s | student %s + text %d layers (%d fusion, width %d), %.1fM params | %s | batch %d x %d ranks | "
-        "%d steps (%d per epoch) | %s, %s, compile %s",
+        "preset %s | student %s + text %d layers (%d fusion, width %d), %.1fM params | %s | global batch %d = %d "
+        "ranks x %d, hard negatives in groups of %d | %d steps (%d per epoch) | %s, %s, compile %s",
         cfg.preset, cfg.student.size, text_arch.num_layers, text_arch.fusion_layers, text_arch.hidden,
         sum(p.numel() for p in model.parameters()) / 1e6,
-        ", ".join(f"{len(d)} {d.media} captions" for d in datasets), B, info.world_size, last_step, steps_per_epoch,
-        device, cfg.train.precision if device.type == "cuda" else "fp32", cfg.train.compile,
+        ", ".join(f"{len(d)} {d.media} captions" for d in datasets), G, info.world_size, B, plan.vtm_group,
+        last_step, steps_per_epoch, device, cfg.train.precision if device.type == "cuda" else "fp32",
+        cfg.train.compile,
     )  # fmt: skip
 
     stream = vl_data.InterleavedStream(datasets, B, cfg.train.seed, start_step, rank=info.rank,
                                        world_size=info.world_size, num_workers=cfg.data.num_workers,
                                        pin_memory=device.type == "cuda",
                                        collate_fn=vl_data.CaptionCollate(tokenizer, cfg.text.max_len))  # fmt: skip
-    step_fn = VLStep(wrapped, teacher, optimizer, tokenizer, cfg, device, low_precision, rank=info.rank)
+    step_fn = VLStep(wrapped, teacher, optimizer, tokenizer, cfg, device, low_precision, rank=info.rank,
+                     world_size=info.world_size)  # fmt: skip
     progress = ProgressLine(last_step, logger) if info.is_main else None
     last_checkpoint, last_loss, export_path = resume_path, None, None
     loss_sum = torch.zeros(len(LOSS_NAMES), device=device)
@@ -297,7 +377,7 @@ def train(cfg: VLPretrainConfig) -> TrainResult:
                 last_loss = values[0]
                 check_finite_loss(last_loss, done - window_steps + 1, done, last_checkpoint)
                 elapsed = time.perf_counter() - window_start
-                pairs_per_s = window_steps * B * info.world_size / elapsed
+                pairs_per_s = window_steps * G / elapsed
                 if info.is_main:
                     record = {"step": done, **dict(zip(LOSS_NAMES, values)), "lr": lr, "pairs/s": pairs_per_s,
                               "temp": float(unwrap(wrapped).temp.detach().clamp(0.001, 0.5)) if not info.distributed
