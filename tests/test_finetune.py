@@ -11,6 +11,7 @@ from safetensors import safe_open
 from tests import umt_reference as ref
 from umt_fast import evaluate, export, extract, finetune, interop
 from umt_fast.data import sample_clip_paths
+from umt_fast.train.optim import WarmupCosineSchedule
 from umt_fast.data.labelled import multi_view_clip, multi_view_frame_indices, spatial_crop_offsets
 from umt_fast.finetune_config import PRESETS, build_config, get_preset, validate
 from umt_fast.models.classifier import VideoViT, VideoViTArch, head_dropout_scales
@@ -168,7 +169,7 @@ def test_layer_decay_groups_and_the_head_init():
     assert scale_of[id(model.head.weight)] == (1.0, 0.05) and scale_of[id(model.fc_norm.weight)] == (1.0, 0.0)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     optimizer = finetune.build_optimizer(model, cfg)
-    finetune.set_lr(optimizer, 1e-3)
+    WarmupCosineSchedule(peak_lr=1e-3, min_lr=1e-3, total_steps=10, warmup_steps=0).set_lr(optimizer, 5)
     assert sorted({g["lr"] for g in optimizer.param_groups}) == [1e-3 * 0.5**k for k in range(depth + 1, -1, -1)]
 
 

@@ -236,7 +236,8 @@ def load_classifier(path: str, num_frames: int | None, img_size: int | None, pat
                    "class_names": known.get("class_names")}  # fmt: skip
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """--device auto | cpu | cuda -> the torch device (cuda refused when there is none)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_clips < 1:
             raise ValueError(f"--num-clips={args.num_clips} must be >= 1")
-        device = _resolve_device(args.device)
+        device = resolve_device(args.device)
         model, known = load_classifier(args.checkpoint, args.num_frames, args.img_size, args.patch_size)
         if model.arch.num_classes == 0:
             raise ValueError(

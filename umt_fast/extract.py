@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from umt_fast.data.annotations import read_annotation_list
 from umt_fast.data.transforms import normalize_video
-from umt_fast.evaluate import _resolve_device, _ViewsDataset, autocast_for
+from umt_fast.evaluate import resolve_device, _ViewsDataset, autocast_for
 from umt_fast.models.classifier import VideoViT
 
 LIST_SUFFIXES = (".csv", ".txt", ".lst", ".list")
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.out.endswith((".safetensors", ".npy")):
             raise ValueError(f"--out {args.out}: the suffix must be .safetensors or .npy")
-        device = _resolve_device(args.device)
+        device = resolve_device(args.device)
         model = load_feature_model(args.checkpoint, args.num_frames, args.img_size, args.patch_size).to(device)
         paths = video_paths(args.videos, args.root)
     except (ValueError, FileNotFoundError) as exc:

@@ -136,11 +136,6 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
 # --------------------------------------------------------------------------------------------
 # Batch augmentation on the device: random erasing, mixup / cutmix, soft targets
 # --------------------------------------------------------------------------------------------
@@ -330,14 +325,6 @@ class FinetuneResult:
     eval_report: dict | None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but no CUDA device is available; use --train.device auto or cpu")
-    return torch.device(name)
-
-
 def _records(list_value: str, root: str, run_dir: str) -> list[VideoRecord]:
     if list_value == SAMPLE_CLIPS:  # written by `_write_sample_list`
         return read_annotation_list(os.path.join(run_dir, "sample_clips.csv"))
@@ -503,8 +490,6 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
                 ckpt.restore_rng_state(meta["rng"])
         start_step = meta["step"]
         log.info("resumed from %s at step %d", resume_path, start_step)
-    if info.rank > 0:  # head dropout: the ranks draw different masks (rank 0 keeps the stream it always had)
-        torch.manual_seed(cfg.train.seed + 1_000_003 * info.rank + 7919 * start_step)
 
     metrics = None
     if info.is_main:
@@ -555,8 +540,7 @@ def train(cfg: FinetuneConfig) -> FinetuneResult:
         for step in range(start_step, last_step):
             batch = next(batches)
             budget.update(b, batch["skipped"])
-            lr = schedule(step)
-            set_lr(optimizer, lr)
+            lr = schedule.set_lr(optimizer, step)
             loss, correct = step_fn(batch["video"], batch["label"], step)
             loss_sum += loss
             correct_sum += correct

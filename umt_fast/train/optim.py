@@ -75,11 +75,13 @@ class WarmupCosineSchedule:
         return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1 + math.cos(math.pi * i / n))
 
     def set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Sets every group's lr for ``step`` (in place, with no host sync, when it is a tensor)."""
+        """Sets every group's lr for ``step``, times the group's ``lr_scale`` when it has one
+        (layer-wise decay), in place and with no host sync when the lr is a tensor. Returns the
+        unscaled lr."""
         lr = self(step)
         for group in optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(lr)
+                group["lr"].fill_(lr * group.get("lr_scale", 1.0))
             else:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr

@@ -1,0 +1,18 @@
+"""The import contract (.importlinter): umt_kernels stands alone, the data, masking and loss
+layers sit below the engine, and nothing imports the command modules."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_import_contracts_are_kept():
+    pytest.importorskip("importlinter", reason="import-linter is not installed (pip install -e '.[dev]')")
+    code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    result = subprocess.run([sys.executable, "-c", code, "--config", os.path.join(ROOT, ".importlinter")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout
