@@ -217,7 +217,7 @@ def test_interleaved_stream_resumes_where_it_stopped():
 def test_random_resized_crop_box_stays_inside_and_in_scale():
     rng = random.Random(0)
     for _ in range(200):
-        x, y, w, h = vl_data.random_resized_crop_box(320, 240, rng)
+        x, y, w, h = vl_data.random_resized_crop_box(320, 240, rng, scale=vl_data.RRC_SCALE)
         assert 0 <= x and x + w <= 320 and 0 <= y and y + h <= 240
         assert 0.5 * 320 * 240 * 0.97 <= w * h <= 320 * 240
 

@@ -19,7 +19,6 @@ crops sit at the start, centre and end of the long side.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from typing import Any
 
@@ -33,7 +32,7 @@ from .annotations import VideoRecord
 from .dataset import PositionSampler, init_worker
 from .decoding import VideoDecodeError, count_frames, decode_frames
 from .order import EpochPermutations, sample_rng
-from .transforms import tsn_frame_indices
+from .transforms import random_resized_crop_box, tsn_frame_indices
 
 __all__ = [
     "FinetuneClipDataset",
@@ -52,32 +51,6 @@ RAND_AUGMENT_LEVELS = 11
 operation's range, timm's (and the reference's) 0..10 scale."""
 
 
-def random_resized_crop_box(
-    width: int, height: int, rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box (10 tries, then a centre crop), drawn from ``rng``.
-
-    Returns:
-        (x0, y0, crop_w, crop_h) in pixels.
-    """
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
 
 
 class FinetuneClipDataset(Dataset):

@@ -7,6 +7,7 @@ normalisation. The crop and resize run per clip in the loader workers (uint8, ch
 """
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -156,3 +157,31 @@ def normalize_video(video_BTHWC: torch.Tensor, dtype: torch.dtype = torch.float3
     for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
         out_BCTHW[:, c] = video_BTHWC[..., c].float().div_(255.0).sub_(mean).div_(std)
     return out_BCTHW
+
+
+def random_resized_crop_box(
+    width: int, height: int, rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (10 tries, then a centre crop), drawn from ``rng``.
+
+    Returns:
+        (x0, y0, crop_w, crop_h) in pixels.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h

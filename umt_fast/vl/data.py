@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 import random
 from collections.abc import Iterator
@@ -35,8 +34,10 @@ from torch.utils.data import DataLoader, Dataset
 from umt_fast.data.annotations import read_annotation_list
 from umt_fast.data.dataset import init_worker
 from umt_fast.data.decoding import VideoDecodeError, count_frames, decode_frames
-from umt_fast.data.transforms import crop_resize_flip, tsn_frame_indices
+from umt_fast.data.order import EpochPermutations, sample_rng
+from umt_fast.data.transforms import crop_resize_flip, random_resized_crop_box, tsn_frame_indices
 from umt_fast.vl.text import tokenize_captions
+from umt_kernels.rng import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -76,26 +77,6 @@ def caption_records(entries: list[dict[str, Any]], media: str) -> list[CaptionRe
     return records
 
 
-def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box drawn from `rng`: (x0, y0, crop_w, crop_h)."""
-    area = w * h
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            return rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch
-    in_ratio = w / h  # fallback: a central crop of the closest allowed aspect ratio
-    if in_ratio < ratio[0]:
-        cw, ch = w, int(round(w / ratio[0]))
-    elif in_ratio > ratio[1]:
-        cw, ch = int(round(h * ratio[1])), h
-    else:
-        cw, ch = w, h
-    return (w - cw) // 2, (h - ch) // 2, cw, ch
-
-
 def load_image(path: str) -> torch.Tensor:
     """uint8 [1, H, W, 3] (a 1-frame clip); VideoDecodeError if unreadable."""
     from PIL import Image
@@ -121,7 +102,7 @@ def load_media(path: str, media: str, num_frames: int, img_size: int, rng: rando
     _, h, w, _ = frames.shape
     if rng is None:
         return crop_resize_flip(frames, (0, 0, w, h), img_size, False)
-    box = random_resized_crop_box(w, h, rng)
+    box = random_resized_crop_box(w, h, rng, scale=RRC_SCALE, ratio=RRC_RATIO)
     return crop_resize_flip(frames, box, img_size, flip and rng.random() < 0.5)
 
 
@@ -136,24 +117,21 @@ class CaptionDataset(Dataset):
         self.records, self.media = records, media
         self.num_frames = num_frames if media == "video" else 1
         self.img_size, self.seed, self.flip, self.max_substitutes = img_size, seed, flip, max_substitutes
-        self._perm: tuple[int, torch.Tensor] | None = None
+        self._permutations = EpochPermutations(len(records), seed, f"{media}_captions")
 
     def __len__(self) -> int:
         return len(self.records)
 
     def record_index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.records))
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(hash_seed(self.seed, self.media, epoch))
-            self._perm = (epoch, torch.randperm(len(self.records), generator=g))
-        return int(self._perm[1][offset])
+        return int(self._permutations[epoch][offset])
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         index = self.record_index(position)
         skipped = []
         for attempt in range(self.max_substitutes + 1):
             record = self.records[(index + attempt) % len(self.records)]
-            rng = random.Random(f"{self.seed}:{self.media}:{position}:{attempt}")
+            rng = sample_rng(self.seed, f"{self.media}_captions", position, attempt)
             try:
                 media = load_media(record.path, self.media, self.num_frames, self.img_size, rng, self.flip)
             except VideoDecodeError as e:
@@ -163,14 +141,6 @@ class CaptionDataset(Dataset):
             return {"media": media, "caption": record.caption, "id": record.media_id, "skipped": skipped}
         raise RuntimeError(f"{self.media} sample {position}: {len(skipped)} items in a row could not be decoded "
                            f"(first: {skipped[0]})")  # fmt: skip
-
-
-def hash_seed(seed: int, *parts: Any) -> int:
-    """A 63-bit seed from (seed, parts), stable across processes (unlike hash())."""
-    import hashlib
-
-    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def collate_captions(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -224,7 +194,7 @@ def interleave_order(steps_per_media: list[int], seed: int, epoch: int) -> list[
     """Which media type each step of `epoch` reads: a shuffle of [m] * steps_per_media[m], seeded by
     (seed, epoch) only, so it is the same on every rank."""
     order = [m for m, count in enumerate(steps_per_media) for _ in range(count)]
-    random.Random(hash_seed(seed, "interleave", epoch)).shuffle(order)
+    random.Random(derive_seed(seed, "interleave", epoch)).shuffle(order)
     return order
 
 
