@@ -171,7 +171,7 @@ def step_rows(
     import umt_kernels
     from benchmarks.reference_style import ReferenceStyleStep
     from umt_fast.losses import alignment_loss
-    from umt_fast.masking import num_visible, visible_tokens_per_clip
+    from umt_fast.masking import mask_and_targets, visible_tokens_per_clip
     from umt_fast.train.optim import build_optimizer
     from umt_fast.train.step import PretrainStep
     from umt_fast.data.transforms import normalize_video
@@ -200,11 +200,10 @@ def step_rows(
             step_ms = _time(lambda: step(video_u8, next(counter)), device, warmup=2, reps=reps)
             peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
             video = normalize_video(video_u8)
-            k = num_visible(P, cfg.mask.ratio)
 
             def teacher_part():
                 with torch.no_grad(), step._autocast():
-                    return teacher(video).sample_visible(k, seed=0, offset=0)
+                    return mask_and_targets(teacher(video), "attention", ratio=cfg.mask.ratio, seed=0, offset=0)
 
             idx, targets = teacher_part()
 

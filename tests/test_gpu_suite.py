@@ -56,7 +56,7 @@ def test_model_flops_formula_counts_every_block_matmul():
 
     from umt_fast.data.transforms import normalize_video
     from umt_fast.losses import alignment_loss
-    from umt_fast.masking import num_visible, visible_tokens_per_clip
+    from umt_fast.masking import mask_and_targets, visible_tokens_per_clip
     from umt_fast.models.attention import attention_backend
 
     def block_flops(counter):
@@ -69,7 +69,7 @@ def test_model_flops_formula_counts_every_block_matmul():
     P = student.arch.patches_per_frame
     with attention_backend("math"):
         with FlopCounterMode(display=False) as teacher_count, torch.no_grad():
-            idx, targets = teacher(video).sample_visible(num_visible(P, cfg.mask.ratio), seed=0, offset=0)
+            idx, targets = mask_and_targets(teacher(video), "attention", ratio=cfg.mask.ratio, seed=0, offset=0)
         with FlopCounterMode(display=False) as student_count:
             alignment_loss(student(video, idx), targets).backward()
 

@@ -6,7 +6,7 @@ import torch
 
 from tests import umt_reference as ref
 from umt_fast import interop
-from umt_fast.masking import sample_visible_tokens
+from umt_fast.masking import mask_and_targets, sample_visible_tokens
 from umt_fast.models.teacher import resize_clip_pos_embed
 
 T, IMG, PATCH = 2, 64, 16  # 2 frames of a 4x4 grid: 32 tokens
@@ -149,7 +149,7 @@ def test_fused_attention_sampling_matches_the_two_step_path():
     t_sd = ref.random_clip_visual_state_dict(width=64, layers=2, patch=16, output_dim=32, grid=4, seed=11)
     teacher = interop.load_teacher(t_sd, input_resolution=IMG, return_layers=2)
     out = teacher(_video(seed=12))
-    idx, targets = out.sample_visible(4, seed=5, offset=9)
+    idx, targets = mask_and_targets(out, "attention", ratio=0.8, seed=5, offset=9)
     expected_idx = sample_visible_tokens("attention", batch_size=2, num_frames=T, patches_per_frame=16, ratio=0.8,
                                          seed=5, offset=9, device=torch.device("cpu"), cls_attn_BTP=out.cls_attn)
     assert torch.equal(idx, expected_idx)  # 16 - int(12.8) = 4 per frame

@@ -1,8 +1,10 @@
 """Which tokens the student sees: attention (semantic), tube and random policies.
 
-Every policy returns sorted visible token indices [B, N_vis] (int64, on the device),
-with token index t * P + p. No boolean masks, no host syncs: shapes depend only on
-(T, P, ratio), so they are static for a given config.
+`mask_and_targets` is the one entry point of the training steps: the teacher's output and a
+policy give the visible tokens and the teacher's targets on them. Every policy returns sorted
+visible token indices [B, N_vis] (int64, on the device), with token index t * P + p. No
+boolean masks, no host syncs: shapes depend only on (T, P, ratio), so they are static for a
+given config.
 """
 from __future__ import annotations
 
@@ -81,3 +83,37 @@ def sample_visible_tokens(
             weights, num_visible(T * P, ratio), seed=seed, offset=offset, row_offset=first_clip, mode="uniform"
         )
     raise ValueError(f"mask policy must be one of {POLICIES}, got {policy!r}")
+
+
+def mask_and_targets(
+    teacher_out, policy: str, *, ratio: float, seed: int, offset: int | torch.Tensor, first_clip: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The visible tokens of every clip and the teacher's targets on exactly those tokens.
+
+    Args:
+        teacher_out: the teacher's output (``cls_attn`` [B, T, P] fp32, ``streams``
+            [B, T*P, L, W], and ``targets(idx)`` / ``project_rows(rows)``; see
+            `umt_fast.models.teacher.TeacherOutput`).
+        policy, ratio, seed, offset, first_clip: as in `sample_visible_tokens`.
+
+    For ``attention``, sampling and the gather of the streams' rows are one fused launch
+    (`umt_kernels.select_and_gather`); the indices equal ``sample_visible_tokens("attention",
+    ...)``'s for the same arguments. The other policies sample, then gather.
+
+    Returns:
+        (visible_idx_BN [B, N_vis] int64 ascending, targets_LBNC [L, B, N_vis, Ct] L2-normalised).
+    """
+    B, T, P = teacher_out.cls_attn.shape
+    if policy == "attention":
+        L, W = teacher_out.streams.shape[2:]
+        idx_GK, rows_GKX = umt_kernels.select_and_gather(
+            teacher_out.cls_attn.reshape(B * T, P), teacher_out.streams.view(B * T, P, L * W), num_visible(P, ratio),
+            seed=seed, offset=offset, row_offset=first_clip * T,
+        )  # fmt: skip
+        visible_idx_BN = frame_to_clip_indices(idx_GK.view(B, T, -1), P)
+        return visible_idx_BN, teacher_out.project_rows(rows_GKX.view(B, -1, L, W))
+    visible_idx_BN = sample_visible_tokens(
+        policy, batch_size=B, num_frames=T, patches_per_frame=P, ratio=ratio, seed=seed, offset=offset,
+        device=teacher_out.cls_attn.device, first_clip=first_clip,
+    )  # fmt: skip
+    return visible_idx_BN, teacher_out.targets(visible_idx_BN)

@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import umt_kernels
-from umt_fast.masking import frame_to_clip_indices
 from umt_fast.models.attention import multi_head_attention
 
 CLIP_LN_EPS = 1e-5
@@ -148,32 +147,11 @@ class TeacherOutput:
         """[B, N] int64 -> [L, B, N, Ct] L2-normalised targets, computed on those rows only."""
         B, TP, L, W = self.streams.shape
         rows_BNX = umt_kernels.gather_rows(self.streams.view(B, TP, L * W), visible_idx_BN)
-        return self._project_rows(rows_BNX.view(B, -1, L, W))
+        return self.project_rows(rows_BNX.view(B, -1, L, W))
 
-    def sample_visible(
-        self, visible_per_frame: int, *, seed: int, offset: int | torch.Tensor, first_clip: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention masking and target gather in one fused launch.
-
-        Per frame, draws ``visible_per_frame`` patches without replacement in proportion to
-        ``cls_attn`` and gathers their residual-stream rows (umt_kernels.select_and_gather).
-        The indices equal ``sample_visible_tokens("attention", ...)`` for the same seed, offset
-        and ``first_clip`` (the global index of clip 0 in the step's batch); ``offset`` may be a
-        0-dim int64 device tensor.
-
-        Returns:
-            (visible_idx_BN [B, T*k] int64 ascending, targets [L, B, T*k, Ct] L2-normalised).
-        """
-        B, T, P = self.cls_attn.shape
-        L, W = self.streams.shape[2:]
-        idx_GK, rows_GKX = umt_kernels.select_and_gather(
-            self.cls_attn.reshape(B * T, P), self.streams.view(B * T, P, L * W), visible_per_frame,
-            seed=seed, offset=offset, row_offset=first_clip * T,
-        )
-        visible_idx_BN = frame_to_clip_indices(idx_GK.view(B, T, -1), P)
-        return visible_idx_BN, self._project_rows(rows_GKX.view(B, -1, L, W))
-
-    def _project_rows(self, rows_BNLW: torch.Tensor) -> torch.Tensor:
+    def project_rows(self, rows_BNLW: torch.Tensor) -> torch.Tensor:
+        """Gathered residual-stream rows [B, N, L, W] -> [L, B, N, Ct] L2-normalised targets
+        (``ln_post``, ``proj``, normalise: on those rows only)."""
         return self._teacher.project(rows_BNLW.permute(2, 0, 1, 3))
 
 

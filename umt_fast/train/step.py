@@ -24,7 +24,7 @@ import torch.nn as nn
 from umt_fast.data.transforms import normalize_video
 from umt_fast.distributed import set_gradient_sync, unwrap
 from umt_fast.losses import alignment_loss
-from umt_fast.masking import num_visible, sample_visible_tokens
+from umt_fast.masking import mask_and_targets
 from umt_fast.models.student import drop_path_scales, keep_probabilities
 from umt_fast.models.teacher import CLIPVisionTeacher
 from umt_kernels.rng import mix_seed
@@ -72,9 +72,6 @@ class PretrainStep:
         self.grad_scaler = grad_scaler
         self.rank = rank
         self.first_clip = first_clip
-        arch = unwrap(student).arch
-        self.num_frames = arch.num_frames
-        self.patches_per_frame = arch.patches_per_frame
         self.keep_prob = keep_probabilities(unwrap(student).encoder.drop_probs, device)
 
     def _autocast(self):
@@ -91,24 +88,9 @@ class PretrainStep:
         video = normalize_video(video_BTHWC.to(self.device, non_blocking=True))
         with torch.no_grad(), self._autocast():
             teacher_out = self.teacher(video)
-            if self.mask_policy == "attention":
-                visible_idx_BN, targets_LBNC = teacher_out.sample_visible(
-                    num_visible(self.patches_per_frame, self.mask_ratio), seed=self.seed, offset=step,
-                    first_clip=first_clip,
-                )
-            else:
-                visible_idx_BN = sample_visible_tokens(
-                    self.mask_policy,
-                    batch_size=video.shape[0],
-                    num_frames=self.num_frames,
-                    patches_per_frame=self.patches_per_frame,
-                    ratio=self.mask_ratio,
-                    seed=self.seed,
-                    offset=step,
-                    device=self.device,
-                    first_clip=first_clip,
-                )
-                targets_LBNC = teacher_out.targets(visible_idx_BN)
+            visible_idx_BN, targets_LBNC = mask_and_targets(
+                teacher_out, self.mask_policy, ratio=self.mask_ratio, seed=self.seed, offset=step, first_clip=first_clip
+            )
         del teacher_out  # frees the residual streams before the student's forward
         drop_scales = None
         if self.keep_prob is not None:

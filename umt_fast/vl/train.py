@@ -36,7 +36,7 @@ from umt_fast.config_vl import DEMO_DATA, VLPretrainConfig, config_to_dict
 from umt_fast.data.transforms import normalize_video
 from umt_fast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, unwrap, wrap_model
 from umt_fast.launch import open_run_dir
-from umt_fast.masking import num_visible, sample_visible_tokens
+from umt_fast.masking import mask_and_targets
 from umt_fast.models import build_student, build_teacher
 from umt_fast.models.attention import set_attention_backend
 from umt_fast.models.student import drop_path_scales, keep_probabilities
@@ -204,7 +204,6 @@ class VLStep:
         self.model, self.teacher, self.optimizer, self.tokenizer = model, teacher, optimizer, tokenizer
         self.cfg, self.device, self.autocast_dtype = cfg, device, autocast_dtype
         self.rank, self.world_size = rank, world_size
-        self.patches_per_frame = unwrap(model).student.arch.patches_per_frame
         # MLM never picks [CLS] or [PAD], as the reference; any other id (e.g. [UNK]) may be picked.
         self.special_ids = torch.tensor([tokenizer.cls_token_id, tokenizer.pad_token_id], device=device)
         self.vocab_size = unwrap(model).text_encoder.arch.vocab_size
@@ -231,14 +230,8 @@ class VLStep:
         first_clip = self.rank * B
         with torch.no_grad(), self._autocast():
             teacher_out = self.teacher(video)
-            if cfg.mask.policy == "attention":
-                idx, targets = teacher_out.sample_visible(num_visible(self.patches_per_frame, ratio), seed=seed,
-                                                          offset=step, first_clip=first_clip)  # fmt: skip
-            else:
-                idx = sample_visible_tokens(cfg.mask.policy, batch_size=B, num_frames=T,
-                                            patches_per_frame=self.patches_per_frame, ratio=ratio, seed=seed,
-                                            offset=step, device=self.device, first_clip=first_clip)  # fmt: skip
-                targets = teacher_out.targets(idx)
+            idx, targets = mask_and_targets(teacher_out, cfg.mask.policy, ratio=ratio, seed=seed, offset=step,
+                                            first_clip=first_clip)  # fmt: skip
         if "text_ids" not in batch:  # tokenized in the loader workers (CaptionCollate), else here
             text_ids, text_mask = tokenize_captions(self.tokenizer, batch["captions"], cfg.text.max_len)
             batch = {**batch, "text_ids": text_ids, "text_mask": text_mask}
