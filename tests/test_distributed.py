@@ -12,25 +12,16 @@ import torch.nn as nn
 from tests.markers import needs_fsdp_on_cpu
 from umt_fast import checkpoint as ckpt
 from umt_fast.distributed import DistInfo, check_fsdp_supported, wrap_model
-from umt_fast.train.logging import read_metrics
+from tests.launch import REPO, run_command
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Drop path on: its draws, like the masks, must not depend on the number of ranks.
 ARGS = ["--data.img_size", "64", "--teacher.input_resolution", "64", "--log.every_steps", "1",
         "--train.global_batch_size", "4", "--data.num_workers", "0", "--student.drop_path", "0.3"]
 
 
 def _run(run_dir, nproc, *extra):
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "umt_fast.pretrain"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "umt_fast.pretrain"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd + ["--run-dir", str(run_dir)] + ARGS + list(extra), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r}
+    records = run_command("umt_fast.pretrain", run_dir, nproc, ARGS + list(extra), port_base=29500)
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,6 @@ The demo preset, with mixup, cutmix, random erasing, drop path and head dropout 
 (they are drawn for the global batch, so a step does not depend on the world size) and a larger learning rate
 without warm-up, so that the losses move away from ln(4) within the few steps.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -16,9 +13,8 @@ from tests.markers import needs_fsdp_on_cpu
 from umt_fast import checkpoint as ckpt
 from umt_fast import finetune
 from umt_fast.finetune_config import build_config
-from umt_fast.train.logging import read_metrics
+from tests.launch import run_command
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--preset", "demo", "--model.drop_path", "0.3", "--model.head_dropout", "0.3",
         "--data.img_size", "64", "--data.num_frames", "2",
         "--aug.mixup", "0.8", "--aug.cutmix", "1.0", "--aug.random_erasing", "0.5", "--optim.lr", "0.32",
@@ -27,16 +23,7 @@ ARGS = ["--preset", "demo", "--model.drop_path", "0.3", "--model.head_dropout", 
 
 
 def _run(run_dir, nproc, *extra):
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "umt_fast.finetune"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(31500 + os.getpid() % 1000), "-m", "umt_fast.finetune"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd + ["--run-dir", str(run_dir)] + ARGS + list(extra), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    records = run_command("umt_fast.finetune", run_dir, nproc, ARGS + list(extra), port_base=31500)
     return {
         "loss": {r["step"]: r["loss"] for r in records if "loss" in r},
         "train/top1": {r["step"]: r["train/top1"] for r in records if "train/top1" in r},

@@ -5,8 +5,6 @@ and the text tower's dropout off (the one draw that depends on the rank); the ba
 that cannot give that are refused."""
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,9 +13,8 @@ import torch.nn.functional as F
 
 from tests.markers import needs_fsdp_on_cpu
 from umt_fast.config_vl import build_config
-from umt_fast.train.logging import read_metrics
+from tests.launch import run_command
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSSES = ("loss", "uta", "vtc", "vtm", "mlm")
 # The demo at 64 px and 2 frames: 6 video and 6 image captions, a global batch of 4 = 1 video and
 # 1 image step per epoch; hard negatives within pairs (2 groups of the global batch).
@@ -87,17 +84,8 @@ def test_vtc_gathered_over_two_gloo_ranks_equals_one_rank(tmp_path):
 
 
 def _run(run_dir, nproc, *extra):
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "umt_fast.pretrain_vl"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(32500 + os.getpid() % 1000), "-m", "umt_fast.pretrain_vl"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd + ["--run-dir", str(run_dir)] + ARGS + list(extra), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r]
-    return {r["step"]: r for r in records}
+    records = run_command("umt_fast.pretrain_vl", run_dir, nproc, ARGS + list(extra), port_base=32500)
+    return {r["step"]: r for r in records if "loss" in r}
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,26 @@ def _ln(x, sd, prefix, eps):
     return F.layer_norm(x, (x.shape[-1],), sd[prefix + ".weight"], sd[prefix + ".bias"], eps)
 
 
+def vit_block(x_BNC: torch.Tensor, sd: dict, p: str, heads: int) -> torch.Tensor:
+    """One block of the reference's video ViT (``Block`` in modeling_pretrain / modeling_finetune):
+    pre-norm (eps 1e-6) attention with qkv bias (q_bias, 0, v_bias) and an explicit softmax, then
+    the GELU MLP."""
+    B, N, C = x_BNC.shape
+    h = _ln(x_BNC, sd, p + ".norm1", 1e-6)
+    qkv_bias = torch.cat([sd[p + ".attn.q_bias"], torch.zeros_like(sd[p + ".attn.v_bias"]), sd[p + ".attn.v_bias"]])
+    qkv = F.linear(h, sd[p + ".attn.qkv.weight"], qkv_bias)
+    qkv = qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    q = q * (C // heads) ** -0.5
+    attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+    h = (attn @ v).transpose(1, 2).reshape(B, N, -1)
+    x_BNC = x_BNC + F.linear(h, sd[p + ".attn.proj.weight"], sd[p + ".attn.proj.bias"])
+    h = _ln(x_BNC, sd, p + ".norm2", 1e-6)
+    h = F.linear(F.gelu(F.linear(h, sd[p + ".mlp.fc1.weight"], sd[p + ".mlp.fc1.bias"])),
+                 sd[p + ".mlp.fc2.weight"], sd[p + ".mlp.fc2.bias"])
+    return x_BNC + h
+
+
 def student_forward(sd: dict, video_BCTHW: torch.Tensor, mask_BN: torch.Tensor, heads: int, head_eps: float = 1e-6) -> torch.Tensor:
     """mask_BN: bool, True = masked. Returns [K, B, N_vis, Ct].
 
@@ -50,21 +70,7 @@ def student_forward(sd: dict, video_BCTHW: torch.Tensor, mask_BN: torch.Tensor, 
     return_index = [depth - i - 1 for i in range(K)]
     taps = []
     for i in range(depth):
-        p = f"encoder.blocks.{i}"
-        h = _ln(x_vis, sd, p + ".norm1", 1e-6)
-        qkv_bias = torch.cat([sd[p + ".attn.q_bias"], torch.zeros_like(sd[p + ".attn.v_bias"]), sd[p + ".attn.v_bias"]])
-        qkv = F.linear(h, sd[p + ".attn.qkv.weight"], qkv_bias)
-        Bq, Nq, _ = qkv.shape
-        qkv = qkv.reshape(Bq, Nq, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        q = q * (C // heads) ** -0.5
-        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
-        h = (attn @ v).transpose(1, 2).reshape(Bq, Nq, -1)
-        x_vis = x_vis + F.linear(h, sd[p + ".attn.proj.weight"], sd[p + ".attn.proj.bias"])
-        h = _ln(x_vis, sd, p + ".norm2", 1e-6)
-        h = F.linear(F.gelu(F.linear(h, sd[p + ".mlp.fc1.weight"], sd[p + ".mlp.fc1.bias"])),
-                     sd[p + ".mlp.fc2.weight"], sd[p + ".mlp.fc2.bias"])
-        x_vis = x_vis + h
+        x_vis = vit_block(x_vis, sd, f"encoder.blocks.{i}", heads)
         if i in return_index:
             taps.append(x_vis)
     x_clip_vis = _ln(torch.stack(taps), sd, "encoder.norm", 1e-6)
@@ -391,21 +397,8 @@ def finetune_vit_forward(sd: dict, video_BCTHW: torch.Tensor, heads: int, tubele
     if pos_embed is None:
         pos_embed = finetune_sinusoid_table(N, C, all_frames // tubelet_size, pre_n_position=1568)
     x = x + pos_embed.expand(B, -1, -1).type_as(x).clone().detach()
-    for i in range(depth):
-        p = f"blocks.{i}"
-        h = _ln(x, sd, p + ".norm1", 1e-6)
-        qkv_bias = torch.cat((sd[p + ".attn.q_bias"], torch.zeros_like(sd[p + ".attn.v_bias"]), sd[p + ".attn.v_bias"]))
-        qkv = F.linear(input=h, weight=sd[p + ".attn.qkv.weight"], bias=qkv_bias)
-        qkv = qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        q = q * (C // heads) ** -0.5
-        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
-        h = (attn @ v).transpose(1, 2).reshape(B, N, -1)
-        x = x + F.linear(h, sd[p + ".attn.proj.weight"], sd[p + ".attn.proj.bias"])
-        h = _ln(x, sd, p + ".norm2", 1e-6)
-        h = F.linear(F.gelu(F.linear(h, sd[p + ".mlp.fc1.weight"], sd[p + ".mlp.fc1.bias"])),
-                     sd[p + ".mlp.fc2.weight"], sd[p + ".mlp.fc2.bias"])
-        x = x + h
+    for i in range(depth):  # the reference's fine-tuning ViT uses the pre-training Block
+        x = vit_block(x, sd, f"blocks.{i}", heads)
     x = _ln(x.mean(1), sd, "fc_norm", 1e-6)
     return F.linear(x, sd["head.weight"], sd["head.bias"])
 
