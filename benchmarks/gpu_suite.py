@@ -137,7 +137,8 @@ def _time(fn, device: torch.device, warmup: int = 3, reps: int = 10) -> float:
 
 def _build(preset: str, device: torch.device, tiny: bool):
     from umt_fast.config import get_preset
-    from umt_fast.models import build_student, build_teacher
+    from umt_fast.interop import build_teacher
+    from umt_fast.models import build_student
 
     cfg = get_preset(preset)
     cfg.teacher.weights = "none"
@@ -172,8 +173,8 @@ def step_rows(
     from benchmarks.reference_style import ReferenceStyleStep
     from umt_fast.losses import alignment_loss
     from umt_fast.masking import mask_and_targets, visible_tokens_per_clip
-    from umt_fast.train.optim import build_optimizer
-    from umt_fast.train.step import PretrainStep
+    from umt_fast.engine.optim import build_optimizer
+    from umt_fast.recipes.pretrain import PretrainStep
     from umt_fast.data.transforms import normalize_video
 
     on_gpu = device.type == "cuda"
@@ -227,7 +228,7 @@ def step_rows(
             return step_ms, parts, peak, sync
 
         def graphed(batch):
-            from umt_fast.train.cuda_graph import CUDAGraphStep
+            from umt_fast.engine.cuda_graph import CUDAGraphStep
 
             optimizer = build_optimizer(student, 1e-4, 0.05, (0.9, 0.95), 1e-8, capturable=True)
             step = CUDAGraphStep(PretrainStep(student, teacher, optimizer, mask_policy="attention",
@@ -243,7 +244,7 @@ def step_rows(
             def run(batch):
                 import copy
 
-                from umt_fast.train.loop import _compile
+                from umt_fast.engine.trainer import _compile
 
                 c_student, c_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
                 _compile(c_student, c_teacher, mode, "aot_eager" if tiny else "inductor")

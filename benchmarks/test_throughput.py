@@ -11,9 +11,10 @@ import torch
 
 import umt_kernels
 from umt_fast.config import get_preset
-from umt_fast.models import build_student, build_teacher
-from umt_fast.train.optim import build_optimizer
-from umt_fast.train.step import PretrainStep
+from umt_fast.interop import build_teacher
+from umt_fast.models import build_student
+from umt_fast.engine.optim import build_optimizer
+from umt_fast.recipes.pretrain import PretrainStep
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

@@ -32,7 +32,7 @@ def run_demo(name: str, run_dir: str) -> dict[str, list[float]]:
     """Runs demo ``name`` into ``run_dir``: {metric: [value at step 1, 2, ...]}."""
     import importlib
 
-    from umt_fast.train.logging import read_metrics
+    from umt_fast.engine.metrics import read_metrics
 
     module, options, metrics = DEMOS[name]
     code = importlib.import_module(module).main(["--run-dir", run_dir, *options])

@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from umt_fast.train.logging import read_metrics
+from umt_fast.engine.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.torch_version import TorchVersion
 
-from umt_fast.distributed import FSDP_ON_CPU_MIN_TORCH
+from umt_fast.engine.distributed import FSDP_ON_CPU_MIN_TORCH
 
 needs_fsdp_on_cpu = pytest.mark.skipif(
     TorchVersion(torch.__version__) < FSDP_ON_CPU_MIN_TORCH,

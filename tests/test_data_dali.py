@@ -16,7 +16,7 @@ from tests.test_data import INDEX_H, INDEX_W, assert_follows_plan  # noqa: E402
 from umt_fast.data import DaliClipLoader, PretrainClipDataset, VideoRecord, build_pretrain_loader  # noqa: E402
 from umt_fast.data.synthetic import write_broken_videos, write_synthetic_video  # noqa: E402
 from umt_fast.pretrain import main  # noqa: E402
-from umt_fast.train.logging import read_metrics  # noqa: E402
+from umt_fast.engine.metrics import read_metrics  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from tests.markers import needs_fsdp_on_cpu
-from umt_fast import checkpoint as ckpt
-from umt_fast.distributed import DistInfo, check_fsdp_supported, wrap_model
+from umt_fast.engine import checkpoint as ckpt
+from umt_fast.engine.distributed import DistInfo, check_fsdp_supported, wrap_model
 from tests.launch import REPO, run_command
 
 # Drop path on: its draws, like the masks, must not depend on the number of ranks.

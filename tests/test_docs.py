@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from umt_fast import config, config_vl, finetune_config
+from umt_fast import config
+from umt_fast.config import finetune as finetune_config, vl as config_vl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")

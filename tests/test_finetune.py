@@ -9,13 +9,14 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from tests import umt_reference as ref
-from umt_fast import evaluate, export, extract, finetune, interop
+from umt_fast import evaluate, export, extract, interop
+from umt_fast.recipes import finetune
 from umt_fast.data import sample_clip_paths
-from umt_fast.train.optim import WarmupCosineSchedule
+from umt_fast.engine.optim import WarmupCosineSchedule
 from umt_fast.data.labelled import multi_view_clip, multi_view_frame_indices, spatial_crop_offsets
-from umt_fast.finetune_config import PRESETS, build_config, get_preset, validate
+from umt_fast.config.finetune import PRESETS, build_config, get_preset, validate
 from umt_fast.models.classifier import VideoViT, VideoViTArch, head_dropout_scales
-from umt_fast.train.logging import read_metrics
+from umt_fast.engine.metrics import read_metrics
 
 # Synthetic labels a tiny model can learn from a few steps: the two carphone clips (the same
 # scene) share a class, the other two have one each. Chance is 1/3 of the clips.
@@ -264,7 +265,7 @@ def test_demo_preset_runs_on_the_sample_clips(tmp_path, capsys):
 
 
 def test_init_from_a_pretraining_run_directory(tmp_path):
-    from umt_fast import checkpoint as ckpt
+    from umt_fast.engine import checkpoint as ckpt
 
     sd = ref.random_student_state_dict(width=192, depth=4, heads=3, K=2, teacher_dim=16, seed=4)
     student = interop.load_student(sd, num_frames=4, img_size=112)
@@ -280,7 +281,7 @@ def test_init_from_a_pretraining_run_directory(tmp_path):
 
 
 def test_help_lists_every_option():
-    from umt_fast.finetune_config import all_field_names, make_arg_parser
+    from umt_fast.config.finetune import all_field_names, make_arg_parser
 
     text = make_arg_parser().format_help()
     for name in all_field_names():
@@ -323,7 +324,7 @@ def test_head_dropout_is_drawn_per_global_clip():
 
 
 def test_head_label_map_option_starts_kinetics_600_from_a_k710_file(tmp_path):
-    from umt_fast.finetune_config import check_paths
+    from umt_fast.finetune import check_config as check_paths
 
     stage1 = ref.random_student_state_dict(width=192, depth=4, heads=3, K=1, teacher_dim=16, seed=6)
     k710 = ref.finetuned_state_dict(stage1, num_classes=710, seed=6)

@@ -10,9 +10,9 @@ without warm-up, so that the losses move away from ln(4) within the few steps.
 import pytest
 
 from tests.markers import needs_fsdp_on_cpu
-from umt_fast import checkpoint as ckpt
-from umt_fast import finetune
-from umt_fast.finetune_config import build_config
+from umt_fast.engine import checkpoint as ckpt
+from umt_fast.recipes import finetune
+from umt_fast.config.finetune import build_config
 from tests.launch import run_command
 
 ARGS = ["--preset", "demo", "--model.drop_path", "0.3", "--model.head_dropout", "0.3",

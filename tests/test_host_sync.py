@@ -12,9 +12,10 @@ def _video(B, T, S, seed=0):
 
 def _stage1_step(policy):
     from umt_fast.config import get_preset
-    from umt_fast.models import build_student, build_teacher
-    from umt_fast.train.optim import build_optimizer
-    from umt_fast.train.step import PretrainStep
+    from umt_fast.interop import build_teacher
+    from umt_fast.models import build_student
+    from umt_fast.engine.optim import build_optimizer
+    from umt_fast.recipes.pretrain import PretrainStep
 
     cfg = get_preset("demo")
     cfg.data.img_size = cfg.teacher.input_resolution = 64
@@ -38,11 +39,11 @@ def test_stage1_step_has_no_host_sync(policy):
 
 
 def test_stage2_step_has_no_host_sync():
-    from umt_fast.config_vl import get_preset
-    from umt_fast.models import build_teacher
-    from umt_fast.train.optim import build_optimizer
-    from umt_fast.vl.text import load_tokenizer, tokenize_captions
-    from umt_fast.vl.train import VLStep, build_model
+    from umt_fast.config.vl import get_preset
+    from umt_fast.interop import build_teacher
+    from umt_fast.engine.optim import build_optimizer
+    from umt_fast.models.text import load_tokenizer, tokenize_captions
+    from umt_fast.recipes.pretrain_vl import VLStep, build_model
 
     cfg = get_preset("demo_vl")
     cfg.data.img_size = cfg.teacher.input_resolution = 64
@@ -63,8 +64,8 @@ def test_stage2_step_has_no_host_sync():
 
 
 def test_finetune_step_has_no_host_sync():
-    from umt_fast.finetune import FinetuneStep, build_model, build_optimizer
-    from umt_fast.finetune_config import get_preset
+    from umt_fast.recipes.finetune import FinetuneStep, build_model, build_optimizer
+    from umt_fast.config.finetune import get_preset
 
     cfg = get_preset("demo")
     cfg.data.img_size, cfg.data.num_frames = 32, 2
@@ -83,7 +84,7 @@ def test_finetune_step_has_no_host_sync():
 def test_the_detector_catches_a_planted_boolean_index(monkeypatch):
     """A boolean index planted into the stage-1 step (keeping rows by a mask, the reference's way)
     is caught, although the step reads nothing back explicitly."""
-    from umt_fast.train import step as step_module
+    from umt_fast.recipes import pretrain as step_module
 
     original = step_module.alignment_loss
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from tests import umt_reference as ref
-from umt_fast import checkpoint as ckpt
+from umt_fast.engine import checkpoint as ckpt
 from umt_fast import export, interop
 from umt_fast.models.classifier import VideoViT, VideoViTArch, finetune_pos_table
 from umt_fast.models.student import sincos_table

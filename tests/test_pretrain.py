@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tests import umt_reference as ref
-from umt_fast import checkpoint as ckpt
+from umt_fast.engine import checkpoint as ckpt
 from umt_fast.config import build_config
 from umt_fast.data import sample_clip_paths
 from umt_fast.pretrain import main
 from umt_fast.train import loop
-from umt_fast.train.logging import read_metrics
+from umt_fast.engine.metrics import read_metrics
 
 # The demo preset at a smaller resolution (4x4 grid, 4 visible tokens per frame), for speed.
 SMALL = ["--data.img_size", "64", "--teacher.input_resolution", "64", "--log.every_steps", "1"]
@@ -106,7 +106,7 @@ def test_cuda_graph_bookkeeping_in_the_training_loop(tmp_path, monkeypatch):
     checkpoint resumes a plain run (and the other way round) that continues the same losses."""
     import functools
 
-    from umt_fast.train.cuda_graph import CUDAGraphStep
+    from umt_fast.engine.cuda_graph import CUDAGraphStep
 
     monkeypatch.setattr(loop, "_require_cuda_for_graphs", lambda cfg, device: None)
     monkeypatch.setattr(loop, "CUDAGraphStep", functools.partial(CUDAGraphStep, capture=False))

@@ -101,9 +101,9 @@ def test_finetuned_file_as_the_reference_saves_it_loads(tmp_path):
 
 def test_stage2_file_as_the_reference_saves_it_loads(tmp_path):
     from umt_fast.models.student import SparseVideoStudent, StudentArch
-    from umt_fast.vl.model import HEAD_NORM_EPS, VisionLanguageModel, to_reference_state_dict
-    from umt_fast.vl.retrieval import load_stage2_model
-    from umt_fast.vl.text import build_text_encoder
+    from umt_fast.models.vl import HEAD_NORM_EPS, VisionLanguageModel, to_reference_state_dict
+    from umt_fast.recipes.retrieval import load_stage2_model
+    from umt_fast.models.text import build_text_encoder
 
     torch.manual_seed(0)
     arch = StudentArch(width=192, depth=2, heads=3, teacher_dim=24, return_layers=2, num_frames=2, img_size=32,

@@ -3,7 +3,8 @@ import torch
 
 from benchmarks.reference_style import _host_mask, _student_forward, _teacher_forward
 from umt_fast.config import get_preset
-from umt_fast.models import build_student, build_teacher
+from umt_fast.interop import build_teacher
+from umt_fast.models import build_student
 
 
 def test_reference_style_forward_equals_ours_for_the_same_mask():

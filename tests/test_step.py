@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from umt_fast.config import get_preset
-from umt_fast.models import build_student, build_teacher
-from umt_fast.train.optim import build_optimizer
-from umt_fast.train.step import PretrainStep
+from umt_fast.interop import build_teacher
+from umt_fast.models import build_student
+from umt_fast.engine.optim import build_optimizer
+from umt_fast.recipes.pretrain import PretrainStep
 
 _SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
@@ -90,7 +91,7 @@ def test_compiled_step_matches_eager():
 def _graph_pair(policy="attention", device="cpu", drop_path=0.1, checkpointed_blocks=0):
     """Two identical students: one for the plain step (float lr), one for the graph step
     (capturable AdamW, lr tensor, device step counter)."""
-    from umt_fast.train.cuda_graph import CUDAGraphStep
+    from umt_fast.engine.cuda_graph import CUDAGraphStep
 
     cfg = get_preset("demo")
     cfg.data.img_size = cfg.teacher.input_resolution = 64
@@ -110,7 +111,7 @@ def _graph_pair(policy="attention", device="cpu", drop_path=0.1, checkpointed_bl
 
 
 def _run_both(plain, graphed, device, num_steps):
-    from umt_fast.train.optim import WarmupCosineSchedule
+    from umt_fast.engine.optim import WarmupCosineSchedule
 
     schedule = WarmupCosineSchedule(peak_lr=2e-3, min_lr=1e-4, total_steps=num_steps, warmup_steps=2)
     gen = torch.Generator().manual_seed(1)
@@ -175,7 +176,7 @@ def test_graph_step_builds_no_tensor_from_host_data(policy):
 
 
 def test_graph_step_refuses_what_it_cannot_capture():
-    from umt_fast.train.cuda_graph import CUDAGraphStep
+    from umt_fast.engine.cuda_graph import CUDAGraphStep
 
     plain, graphed, _ = _graph_pair()
     with pytest.raises(ValueError, match="capturable=True"):
@@ -216,8 +217,8 @@ def test_graph_replay_equals_eager_on_gpu(checkpointed_blocks):
 def test_checkpoints_move_between_cuda_graph_and_plain_runs(tmp_path):
     """The lr is a device tensor in a CUDA-graph run and a float otherwise; a checkpoint of
     either restores into the other, and saving leaves the live lr tensor in place."""
-    from umt_fast import checkpoint as ckpt
-    from umt_fast.train.optim import use_lr_tensor
+    from umt_fast.engine import checkpoint as ckpt
+    from umt_fast.engine.optim import use_lr_tensor
 
     def model():
         torch.manual_seed(0)

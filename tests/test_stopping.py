@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from umt_fast import checkpoint as ckpt
+from umt_fast.engine import checkpoint as ckpt
 from umt_fast.pretrain import main
-from umt_fast.train.logging import read_metrics
-from umt_fast.train.stopping import StopOnSignal, TrainingStopped
+from umt_fast.engine.metrics import read_metrics
+from umt_fast.engine.stopping import StopOnSignal, TrainingStopped
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +80,7 @@ def _signal_at(step_to_signal, signum):
 
 def test_finetuning_stops_on_sigusr1_after_saving(tmp_path, monkeypatch):
     from tests.test_finetune import SMALL, _write_list
-    from umt_fast import finetune
+    from umt_fast.recipes import finetune
 
     monkeypatch.setattr(finetune.FinetuneStep, "__call__", _signal_at(2, signal.SIGUSR1)(finetune.FinetuneStep.__call__))
     train_list = _write_list(tmp_path / "train.csv")
@@ -95,8 +95,8 @@ def test_finetuning_stops_on_sigusr1_after_saving(tmp_path, monkeypatch):
 
 
 def test_stage2_stops_on_sigterm_after_saving(tmp_path, monkeypatch):
-    from umt_fast.config_vl import build_config
-    from umt_fast.vl import train as vl_train
+    from umt_fast.config.vl import build_config
+    from umt_fast.recipes import pretrain_vl as vl_train
 
     monkeypatch.setattr(vl_train.VLStep, "__call__", _signal_at(1, signal.SIGTERM)(vl_train.VLStep.__call__))
     run_dir = str(tmp_path / "run")

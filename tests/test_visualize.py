@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from umt_fast import checkpoint as ckpt
+from umt_fast.engine import checkpoint as ckpt
 from umt_fast.config import build_config, get_preset
 from umt_fast.data import sample_clip_paths
 from umt_fast.masking import num_visible, sample_visible_tokens
-from umt_fast.models import build_student, build_teacher
+from umt_fast.interop import build_teacher
+from umt_fast.models import build_student
 from umt_fast.pretrain import main as pretrain_main
-from umt_fast.train.logging import build_metrics_sinks, read_metrics
+from umt_fast.engine.metrics import build_metrics_sinks, read_metrics
 from umt_fast.visualize import main
 from umt_fast.viz import overlay
 from umt_fast.viz.bench_report import bench_figure_size, load_benchmarks, order_rows

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tests.markers import needs_fsdp_on_cpu
-from umt_fast.config_vl import build_config
+from umt_fast.config.vl import build_config
 from tests.launch import run_command
 
 LOSSES = ("loss", "uta", "vtc", "vtm", "mlm")
@@ -35,7 +35,7 @@ def _features(seed=0):
 def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
 
-    from umt_fast.vl.losses import vtc_loss
+    from umt_fast.losses.vl import vtc_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -62,7 +62,7 @@ def _free_port():
 
 
 def test_vtc_gathered_over_two_gloo_ranks_equals_one_rank(tmp_path):
-    from umt_fast.vl.losses import vtc_loss
+    from umt_fast.losses.vl import vtc_loss
 
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     v, t, ids = _features()
@@ -106,7 +106,7 @@ def test_two_ranks_give_the_one_rank_losses_at_the_same_global_batch(tmp_path, o
 
 
 def test_batch_options_that_would_change_with_the_world_size_are_refused():
-    from umt_fast.vl.train import BatchPlan, plan_batches
+    from umt_fast.recipes.pretrain_vl import BatchPlan, plan_batches
 
     def plan(world, *argv):
         return plan_batches(build_config(list(argv)), world)

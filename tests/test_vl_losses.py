@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from umt_fast.vl import data as vl_data
-from umt_fast.vl.losses import (
+from umt_fast.data import captions as vl_data
+from umt_fast.losses.vl import (
     hard_negative_noise,
     hard_negatives,
     mask_tokens,
@@ -18,7 +18,7 @@ from umt_fast.vl.losses import (
     vtc_loss,
     vtm_loss,
 )
-from umt_fast.vl.retrieval import retrieval_metrics
+from umt_fast.recipes.retrieval import retrieval_metrics
 
 
 def _vtc_by_hand(v, t, ids, temp):
@@ -237,7 +237,7 @@ def test_caption_lists_give_one_sample_per_caption_with_the_media_id(tmp_path):
 
 
 def test_caption_collate_tokenizes_in_the_loader():
-    from umt_fast.vl.text import load_tokenizer
+    from umt_fast.models.text import load_tokenizer
 
     collate = vl_data.CaptionCollate(load_tokenizer("minilm"), max_len=8)
     samples = [_FakeCaptions("video", 2)[i] for i in range(2)]

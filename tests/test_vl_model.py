@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from umt_fast.models.student import SparseVideoStudent, StudentArch
-from umt_fast.vl.model import (
+from umt_fast.models.vl import (
     HEAD_NORM_EPS,
     VisionLanguageModel,
     VLBatch,
@@ -13,8 +13,8 @@ from umt_fast.vl.model import (
     stage2_shapes,
     to_reference_state_dict,
 )
-from umt_fast.vl.text import build_text_encoder, bundled_minilm_dir, load_tokenizer, tokenize_captions
-from umt_fast.vl.train import initialise
+from umt_fast.models.text import build_text_encoder, bundled_minilm_dir, load_tokenizer, tokenize_captions
+from umt_fast.recipes.pretrain_vl import initialise
 
 ARCH = StudentArch(width=192, depth=4, heads=3, teacher_dim=64, return_layers=2, num_frames=2, img_size=64,
                    head_norm_eps=HEAD_NORM_EPS)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from umt_fast.config_vl import build_config
+from umt_fast.config.vl import build_config
 from umt_fast.pretrain_vl import main
-from umt_fast.train.logging import read_metrics
+from umt_fast.engine.metrics import read_metrics
 from umt_fast.vl import retrieval
 
 # The demo's schedule shortened to 3 epochs = 6 steps (2 per epoch: one video, one image step).

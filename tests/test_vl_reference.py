@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests import umt_reference as ref
-from umt_fast.vl.retrieval import NOT_RERANKED, reference_ranks, retrieval_metrics, vtm_rerank
-from umt_fast.vl.text import bundled_minilm_dir, clean_caption, load_tokenizer, tokenize_captions
+from umt_fast.recipes.retrieval import NOT_RERANKED, reference_ranks, retrieval_metrics, vtm_rerank
+from umt_fast.models.text import bundled_minilm_dir, clean_caption, load_tokenizer, tokenize_captions
 
 WORDS = "the cat sat on a red mat and dog ran to big green park with two old men".split()  # one wordpiece each
 
@@ -95,7 +95,7 @@ def test_clean_caption_is_the_reference_pre_text():
 
 
 def test_mlm_never_masks_cls_and_pad_only():
-    from umt_fast.vl.train import VLStep
+    from umt_fast.recipes.pretrain_vl import VLStep
 
     tok = load_tokenizer("minilm")
     model = types.SimpleNamespace(student=types.SimpleNamespace(arch=types.SimpleNamespace(patches_per_frame=4)),
@@ -197,8 +197,8 @@ def test_stage2_alignment_heads_match_the_reference_vision_encoder():
     """The stage-2 model's UTA outputs against the reference's stage-2 vision encoder, in float64:
     its heads' LayerNorm has torch's default eps 1e-5, where stage 1's has 1e-6."""
     from umt_fast.models.student import SparseVideoStudent, StudentArch
-    from umt_fast.vl.model import HEAD_NORM_EPS, VisionLanguageModel
-    from umt_fast.vl.text import build_text_encoder
+    from umt_fast.models.vl import HEAD_NORM_EPS, VisionLanguageModel
+    from umt_fast.models.text import build_text_encoder
 
     sd = ref.random_student_state_dict(width=64, depth=2, heads=1, K=2, teacher_dim=8, seed=4)
     for k in range(2):  # small head outputs, so that the eps is felt

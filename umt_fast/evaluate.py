@@ -18,237 +18,33 @@ Unreadable videos are skipped, listed in the report and on stderr, and left out 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from umt_fast.data.annotations import read_annotation_list
-from umt_fast.data.decoding import VideoDecodeError
-from umt_fast.data.labelled import multi_view_clip, read_class_names
-from umt_fast.data.transforms import normalize_video
+from umt_fast.data.labelled import read_class_names
 from umt_fast.models.classifier import VideoViT
-
-log = logging.getLogger(__name__)
-
-WORST_CLASSES_SHOWN = 10
-
-
-class _ViewsDataset(Dataset):
-    """Video i -> (i, uint8 views [V, T, S, S, 3] or None, error text or None)."""
-
-    def __init__(self, paths: list[str], num_frames: int, img_size: int, num_clips: int, num_crops: int):
-        self.paths, self.shape = paths, (num_frames, img_size, num_clips, num_crops)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, multi_view_clip(self.paths[i], *self.shape), None
-        except VideoDecodeError as e:
-            return i, None, e.reason
-
-
-@dataclass
-class Predictions:
-    """Averaged softmax scores of the videos that could be read.
-
-    Attributes:
-        paths: the readable videos, in input order.
-        probs: float32 [len(paths), K], the mean over views of the softmax.
-        views_per_video: num_clips x num_crops.
-        failed: (path, reason) of every unreadable video.
-    """
-
-    paths: list[str]
-    probs: torch.Tensor
-    views_per_video: int
-    failed: list[tuple[str, str]] = field(default_factory=list)
-
-
-def autocast_for(device: torch.device, precision: str = "bf16"):
-    """bf16 autocast on a GPU when asked; nothing on a CPU."""
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def predict_videos(
-    model: VideoViT,
-    paths: list[str],
-    *,
-    num_clips: int,
-    num_crops: int,
-    batch_size: int = 16,
-    device: torch.device = torch.device("cpu"),
-    precision: str = "bf16",
-    num_workers: int = 0,
-    on_video: Callable[[int, int], None] | None = None,
-) -> Predictions:
-    """Runs ``model`` on every view of every video and averages the softmax per video.
-
-    Args:
-        model: a classifier (num_classes > 0); its arch fixes frames and input size.
-        batch_size: views per forward pass (views of several videos share a batch).
-        on_video: called as on_video(done, total) after each video (progress).
-    """
-    arch = model.arch
-    if arch.num_classes == 0:
-        raise ValueError("evaluation needs a classifier (a model with a head); this model has none")
-    was_training = model.training
-    model.eval()
-    views_per_video = num_clips * num_crops
-    loader = DataLoader(
-        _ViewsDataset(paths, arch.num_frames, arch.img_size, num_clips, num_crops), batch_size=None,
-        num_workers=num_workers, pin_memory=device.type == "cuda",
-    )  # fmt: skip
-    probs_by_video: dict[int, torch.Tensor] = {}
-    failed: list[tuple[str, str]] = []
-    pending: list[tuple[int, torch.Tensor]] = []  # (video, views) not yet run
-
-    def flush(force: bool) -> None:
-        while pending and (force or sum(v.shape[0] for _, v in pending) >= batch_size):
-            views = torch.cat([v for _, v in pending]).to(device, non_blocking=True)
-            owners = [i for i, v in pending for _ in range(v.shape[0])]
-            pending.clear()
-            scores = []
-            for chunk in views.split(batch_size):
-                with autocast_for(device, precision):
-                    logits = model(normalize_video(chunk))
-                scores.append(logits.float().softmax(-1))
-            scores = torch.cat(scores).cpu()
-            for i in dict.fromkeys(owners):
-                rows = [r for r, owner in enumerate(owners) if owner == i]
-                probs_by_video[i] = scores[rows].mean(0)
-
-    for done, (i, views, error) in enumerate(loader, start=1):
-        if views is None:
-            failed.append((paths[i], error))
-            log.warning("skipping unreadable video %s: %s", paths[i], error)
-        else:
-            assert views.shape[0] == views_per_video
-            pending.append((i, views))
-            flush(force=False)
-        if on_video is not None:
-            on_video(done, len(paths))
-    flush(force=True)
-    model.train(was_training)
-    order = sorted(probs_by_video)
-    probs = torch.stack([probs_by_video[i] for i in order]) if order else torch.empty(0, arch.num_classes)
-    return Predictions([paths[i] for i in order], probs, views_per_video, failed)
-
-
-def class_name(names: list[str] | None, label: int) -> str:
-    return names[label] if names and 0 <= label < len(names) else str(label)
-
-
-def accuracy_report(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None = None) -> dict[str, Any]:
-    """Top-1 / top-5 (in %, over videos) and the worst classes.
-
-    Args:
-        probs: [V, K] averaged scores; labels: int64 [V].
-
-    Returns:
-        {"num_videos", "top1", "top5", "mean_class_top1", "worst_classes": [{"label", "name",
-        "videos", "top1", "confused_with": [{"label", "name", "count"}]}]}
-    """
-    num_videos, num_classes = probs.shape
-    if num_videos == 0:
-        return {"num_videos": 0, "top1": None, "top5": None, "mean_class_top1": None, "worst_classes": []}
-    top5 = probs.topk(min(5, num_classes), dim=-1).indices
-    predicted = top5[:, 0]
-    correct1 = predicted == labels
-    correct5 = (top5 == labels[:, None]).any(-1)
-    per_class = []
-    for label in labels.unique().tolist():
-        rows = labels == label
-        wrong = predicted[rows & ~correct1]
-        confused = torch.bincount(wrong, minlength=num_classes) if wrong.numel() else torch.zeros(num_classes)
-        top_confused = [
-            {"label": c, "name": class_name(class_names, c), "count": int(confused[c])}
-            for c in confused.argsort(descending=True)[:3].tolist() if confused[c] > 0
-        ]  # fmt: skip
-        per_class.append({
-            "label": label, "name": class_name(class_names, label), "videos": int(rows.sum()),
-            "top1": 100.0 * float(correct1[rows].float().mean()), "confused_with": top_confused,
-        })  # fmt: skip
-    worst = sorted(per_class, key=lambda c: (c["top1"], -c["videos"], c["label"]))[:WORST_CLASSES_SHOWN]
-    return {
-        "num_videos": num_videos,
-        "top1": 100.0 * float(correct1.float().mean()),
-        "top5": 100.0 * float(correct5.float().mean()),
-        "mean_class_top1": sum(c["top1"] for c in per_class) / len(per_class),
-        "worst_classes": worst,
-    }
-
-
-def format_report(report: dict[str, Any], failed: list[tuple[str, str]] = ()) -> str:
-    """The report as a readable table."""
-    lines = [f"videos: {report['num_videos']}" + (f" ({len(failed)} unreadable, skipped)" if failed else "")]
-    if report["top1"] is not None:
-        lines += [
-            f"top-1:  {report['top1']:6.2f} %",
-            f"top-5:  {report['top5']:6.2f} %",
-            f"mean per-class top-1: {report['mean_class_top1']:6.2f} %",
-            "",
-            "worst classes:",
-            f"  {'class':<32} {'videos':>6} {'top-1 %':>8}  most often predicted instead",
-        ]
-        for c in report["worst_classes"]:
-            confused = ", ".join(f"{x['name']} ({x['count']})" for x in c["confused_with"]) or "-"
-            lines.append(f"  {c['name'][:32]:<32} {c['videos']:>6} {c['top1']:>8.1f}  {confused}")
-    for path, reason in failed:
-        lines.append(f"unreadable: {path}: {reason}")
-    return "\n".join(lines)
-
-
-def load_classifier(path: str, num_frames: int | None, img_size: int | None, patch_size: int | None) -> tuple[VideoViT, dict]:
-    """A classifier from a fine-tuning run (dir or checkpoint), an export of ours or a reference
-    file; (model, what we know about it: num_frames, img_size, patch_size, class_names)."""
-    from umt_fast import export, interop
-
-    known: dict[str, Any] = {}
-    if os.path.isdir(path):
-        state_dict, description = export.read_run_checkpoint(path)
-        known = {k: description.get(k) for k in ("num_frames", "img_size", "patch_size", "class_names")}
-        source: Any = state_dict
-    else:
-        sidecar = export.sidecar_path(path)
-        if os.path.isfile(sidecar):
-            with open(sidecar, encoding="utf-8") as f:
-                description = json.load(f)
-            known = {k: description.get(k) for k in ("num_frames", "img_size", "patch_size", "class_names")}
-        source = path
-    num_frames = num_frames or known.get("num_frames") or 8
-    img_size = img_size or known.get("img_size") or 224
-    patch_size = patch_size or known.get("patch_size") or 16
-    model = interop.load_video_vit(source, num_frames=num_frames, img_size=img_size, patch_size=patch_size)
-    return model, {"num_frames": num_frames, "img_size": img_size, "patch_size": patch_size,
-                   "class_names": known.get("class_names")}  # fmt: skip
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device auto | cpu | cuda -> the torch device (cuda refused when there is none)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
-    return torch.device(name)
+from umt_fast.recipes.evaluation import (  # noqa: F401 (the library's names, importable from the command too)
+    Predictions,
+    accuracy_report,
+    autocast_for,
+    class_name,
+    format_report,
+    load_classifier,
+    predict_videos,
+    resolve_device,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "retrieval":  # zero-shot video-text retrieval of a stage-2 model
-        from umt_fast.vl.retrieval import main as retrieval_main
+        from umt_fast.recipes.retrieval import main as retrieval_main
 
         return retrieval_main(argv[1:], prog="python -m umt_fast.evaluate retrieval")
     parser = argparse.ArgumentParser(

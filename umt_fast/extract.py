@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from umt_fast.data.annotations import read_annotation_list
 from umt_fast.data.transforms import normalize_video
-from umt_fast.evaluate import resolve_device, _ViewsDataset, autocast_for
+from umt_fast.recipes.evaluation import _ViewsDataset, autocast_for, resolve_device
 from umt_fast.models.classifier import VideoViT
 
 LIST_SUFFIXES = (".csv", ".txt", ".lst", ".list")
@@ -37,7 +37,8 @@ LIST_SUFFIXES = (".csv", ".txt", ".lst", ".list")
 
 def load_feature_model(path: str, num_frames: int | None, img_size: int | None, patch_size: int | None) -> VideoViT:
     """The dense ViT of any student-side file, export or run (dir or checkpoint), in eval mode."""
-    from umt_fast import export, interop
+    from umt_fast import interop
+    from umt_fast.engine import checkpoint as export
 
     known: dict = {}
     source = path

@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 
 from umt_fast.config import build_config, check_paths
-from umt_fast.launch import location_lines, run_training_command
+from umt_fast.engine.launch import location_lines, run_training_command
 
 
 def _summary(result) -> list[str]:
@@ -32,7 +32,7 @@ def _summary(result) -> list[str]:
 
 
 def _load_train():
-    from umt_fast.train.loop import train
+    from umt_fast.engine.trainer import train
 
     return train
 

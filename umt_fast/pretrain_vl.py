@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
-from umt_fast.config_vl import build_config, check_paths
-from umt_fast.launch import location_lines, run_training_command
+from umt_fast.config.vl import build_config, check_paths
+from umt_fast.engine.launch import location_lines, run_training_command
 
 
 def _summary(result) -> list[str]:
@@ -33,7 +33,7 @@ def _summary(result) -> list[str]:
 
 
 def _load_train():
-    from umt_fast.vl.train import train
+    from umt_fast.recipes.pretrain_vl import train
 
     return train
 

@@ -1,4 +1,5 @@
-"""Reading ``torch.save`` files without running their code.
+"""Reading ``torch.save`` files without running their code, and loading state dicts into modules
+with one readable report of missing, unexpected and wrong-shape keys (`load_state_dict_checked`).
 
 Every pickle is read with ``torch.load(weights_only=True)``. Besides tensors and plain
 containers, exactly the non-tensor objects that the reference's training scripts (and our own
@@ -18,15 +19,21 @@ from __future__ import annotations
 
 import argparse
 import collections
+import logging
 import os
 import pickle
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 EASYDICT_NAMES = ("utils.easydict.EasyDict", "multi_modality.utils.easydict.EasyDict", "easydict.EasyDict")
+
+log = logging.getLogger(__name__)
 
 
 def _numpy_globals() -> list:
@@ -99,3 +106,58 @@ def _detail(exc: BaseException) -> str:
         if line.endswith("WeightsUnpickler error:"):
             return lines[i + 1]
     return lines[0] if lines else type(exc).__name__
+
+
+# Loading a state dict into a module, with one readable report of what does not fit.
+
+_SHOWN_KEYS = 5
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class KeyReport:
+    """How a state dict's keys compare with a module's."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    wrong_shape: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.wrong_shape)
+
+    def describe(self) -> str:
+        problems = []
+        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("wrong-shape", self.wrong_shape)):
+            if keys:
+                shown = ", ".join(keys[:_SHOWN_KEYS]) + (", ..." if len(keys) > _SHOWN_KEYS else "")
+                problems.append(f"{len(keys)} {name} key(s): {shown}")
+        return "; ".join(problems)
+
+
+def compare_keys(module: nn.Module, state_dict: StateDict) -> KeyReport:
+    expected = module.state_dict()
+    return KeyReport(
+        missing=sorted(set(expected) - set(state_dict)),
+        unexpected=sorted(set(state_dict) - set(expected)),
+        wrong_shape=sorted(
+            f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in set(expected) & set(state_dict)
+            if state_dict[k].shape != expected[k].shape
+        ),
+    )
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: StateDict, source: str, strict: bool = True) -> KeyReport:
+    """load_state_dict with a readable report of missing, unexpected and wrong-shape keys.
+
+    Strict (the default): any mismatch raises ValueError with the report. ``strict=False``:
+    the matching keys are loaded and the report is logged as a warning; wrong shapes still
+    raise (such a tensor cannot be loaded).
+    """
+    report = compare_keys(module, state_dict)
+    if report and (strict or report.wrong_shape):
+        raise ValueError(f"{source} does not match {type(module).__name__}: {report.describe()}")
+    if report:
+        log.warning("loading %s into %s with strict=False: %s", source, type(module).__name__, report.describe())
+    module.load_state_dict({k: v for k, v in state_dict.items() if k not in report.unexpected}, strict=False)
+    return report

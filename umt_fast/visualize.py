@@ -127,10 +127,11 @@ def mask_command(args: argparse.Namespace) -> list[str]:
     """Draw the mask figure of args.video; returns the written paths."""
     import torch
 
-    from umt_fast import checkpoint as ckpt
+    from umt_fast.engine import checkpoint as ckpt
     from umt_fast.config import SAMPLE_CLIPS, build_config
     from umt_fast.data import VideoDecodeError
-    from umt_fast.models import build_student, build_teacher
+    from umt_fast.interop import build_teacher
+    from umt_fast.models import build_student
     from umt_fast.viz.mask_figure import (
         MaskFigureInfo,
         compute_mask_views,

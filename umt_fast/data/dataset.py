@@ -386,7 +386,7 @@ def init_worker(worker_id: int) -> None:
     """A decoding worker's setup: one intra-op thread (parallelism comes from the workers, more
     threads would oversubscribe the cores), and SIGTERM / SIGUSR1 ignored: a scheduler that
     signals the whole process group asks the training process to stop after a checkpoint
-    (umt_fast.train.stopping), which then shuts its workers down itself."""
+    (umt_fast.engine.stopping), which then shuts its workers down itself."""
     torch.set_num_threads(1)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)

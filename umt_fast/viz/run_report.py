@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from umt_fast.train.logging import format_duration, read_metrics_counting_skips
+from umt_fast.engine.metrics import format_duration, read_metrics_counting_skips
 from umt_fast.viz.render import new_figure
 
 METRICS_FILE = "metrics.jsonl"

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from umt_fast import checkpoint as ckpt
+from umt_fast.engine import checkpoint as ckpt
 from umt_fast.config import PretrainConfig
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from umt_fast import checkpoint as ckpt
+from umt_fast.engine import checkpoint as ckpt
 from umt_fast.config import (
     SAMPLE_CLIPS,
     PretrainConfig,
@@ -31,15 +31,16 @@ from umt_fast.data import (
     read_annotation_list,
     write_sample_clip_list,
 )
-from umt_fast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_student
-from umt_fast.launch import open_run_dir
-from umt_fast.models import build_student, build_teacher
+from umt_fast.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_student
+from umt_fast.engine.launch import open_run_dir
+from umt_fast.interop import build_teacher
+from umt_fast.models import build_student
 from umt_fast.models.attention import set_attention_backend
-from umt_fast.train.cuda_graph import CUDAGraphStep
-from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages
-from umt_fast.train.optim import WarmupCosineSchedule, build_optimizer
-from umt_fast.train.step import PretrainStep
-from umt_fast.train.stopping import StopOnSignal, stop_run
+from umt_fast.engine.cuda_graph import CUDAGraphStep
+from umt_fast.engine.metrics import ProgressLine, build_metrics_sinks, check_sink_packages
+from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
+from umt_fast.recipes.pretrain import PretrainStep
+from umt_fast.engine.stopping import StopOnSignal, stop_run
 
 log = logging.getLogger(__name__)
 

@@ -42,11 +42,11 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
+from umt_fast.config import RANDOM_TEACHER, TEACHER_ARCHS, PretrainConfig
 from umt_fast.models.classifier import (
     PRETRAIN_FRAMES,
     VideoViT,
@@ -58,13 +58,12 @@ from umt_fast.models.classifier import (
 )
 from umt_fast.models.student import SparseVideoStudent, StudentArch
 from umt_fast.models.teacher import CLIPVisionTeacher, TeacherArch, resize_clip_pos_embed
-from umt_fast.safe_load import load_torch_file
+from umt_fast.safe_load import KeyReport, compare_keys, load_state_dict_checked, load_torch_file  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 StateDict = Mapping[str, torch.Tensor]
 _WRAPPER_KEYS = ("model", "module", "state_dict", "model_state_dict")
-_SHOWN_KEYS = 5
 REFERENCE_PRETRAIN_FRAMES = 8
 """Frames of the reference's pre-training clips: the temporal size assumed for a file's
 ``pos_embed`` when its token count alone does not decide it (as the reference assumes)."""
@@ -218,55 +217,6 @@ def _strip_wrapping_prefixes(state_dict: StateDict) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # Strict loading with a readable report
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class KeyReport:
-    """How a state dict's keys compare with a module's."""
-
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    wrong_shape: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.missing or self.unexpected or self.wrong_shape)
-
-    def describe(self) -> str:
-        problems = []
-        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("wrong-shape", self.wrong_shape)):
-            if keys:
-                shown = ", ".join(keys[:_SHOWN_KEYS]) + (", ..." if len(keys) > _SHOWN_KEYS else "")
-                problems.append(f"{len(keys)} {name} key(s): {shown}")
-        return "; ".join(problems)
-
-
-def compare_keys(module: nn.Module, state_dict: StateDict) -> KeyReport:
-    expected = module.state_dict()
-    return KeyReport(
-        missing=sorted(set(expected) - set(state_dict)),
-        unexpected=sorted(set(state_dict) - set(expected)),
-        wrong_shape=sorted(
-            f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-            for k in set(expected) & set(state_dict)
-            if state_dict[k].shape != expected[k].shape
-        ),
-    )
-
-
-def load_state_dict_checked(module: nn.Module, state_dict: StateDict, source: str, strict: bool = True) -> KeyReport:
-    """load_state_dict with a readable report of missing, unexpected and wrong-shape keys.
-
-    Strict (the default): any mismatch raises ValueError with the report. ``strict=False``:
-    the matching keys are loaded and the report is logged as a warning; wrong shapes still
-    raise (such a tensor cannot be loaded).
-    """
-    report = compare_keys(module, state_dict)
-    if report and (strict or report.wrong_shape):
-        raise ValueError(f"{source} does not match {type(module).__name__}: {report.describe()}")
-    if report:
-        log.warning("loading %s into %s with strict=False: %s", source, type(module).__name__, report.describe())
-    module.load_state_dict({k: v for k, v in state_dict.items() if k not in report.unexpected}, strict=False)
-    return report
 
 
 def _count_indexed(state_dict: StateDict, pattern: str) -> int:
@@ -763,3 +713,26 @@ def load_teacher(
     teacher = CLIPVisionTeacher(arch)
     load_state_dict_checked(teacher, state_dict, "CLIP teacher weights", strict=strict)
     return teacher.eval()
+
+
+def build_teacher(cfg: PretrainConfig) -> CLIPVisionTeacher:
+    """The frozen CLIP teacher: from ``teacher.weights``, or random for ``none`` (with a warning)."""
+    K = cfg.student.return_layers
+    if cfg.teacher.weights == RANDOM_TEACHER:
+        log.warning(
+            "THE TEACHER IS RANDOM (--teacher.weights none): its attention and targets carry no "
+            "semantic information. Fine for a demo or a smoke test, useless for real pre-training. "
+            "Pass an OpenAI CLIP visual state dict with --teacher.weights PATH."
+        )
+        spec = TEACHER_ARCHS[cfg.teacher.arch]
+        return CLIPVisionTeacher(TeacherArch(**spec, input_resolution=cfg.teacher.input_resolution, return_layers=K))
+    teacher = load_teacher(cfg.teacher.weights, input_resolution=cfg.teacher.input_resolution, return_layers=K)
+    spec = TEACHER_ARCHS[cfg.teacher.arch]
+    found = (teacher.arch.width, teacher.arch.layers, teacher.arch.patch_size, teacher.arch.output_dim)
+    wanted = (spec["width"], spec["layers"], spec["patch_size"], spec["output_dim"])
+    if found != wanted:
+        raise ValueError(
+            f"--teacher.weights {cfg.teacher.weights} holds a CLIP ViT with (width, layers, patch, output) = "
+            f"{found}, but teacher.arch={cfg.teacher.arch!r} is {wanted}; pick the matching --teacher.arch"
+        )
+    return teacher

@@ -366,10 +366,6 @@ def check_paths(cfg: FinetuneConfig) -> None:
     if cfg.resume not in ("auto", "none"):
         checks.append(("resume", cfg.resume, os.path.isdir))
     require_paths(checks)
-    if cfg.model.head_label_map:  # the rows must index a K710 head (checked against the file's head on load)
-        from umt_fast.interop import K710_CLASSES, read_head_label_map
-
-        read_head_label_map(cfg.model.head_label_map, cfg.model.num_classes or None, K710_CLASSES, "model.head_label_map")
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +432,7 @@ PRESET_HELP = {
 
 
 # --------------------------------------------------------------------------------------------
-# Command line and files (the shared machinery of umt_fast.config_cli)
+# Command line and files (the shared machinery of umt_fast.config.cli)
 # --------------------------------------------------------------------------------------------
 
 SCHEMA = ConfigSchema(

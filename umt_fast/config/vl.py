@@ -37,7 +37,7 @@ from umt_fast.config import (
     StudentConfig,
     TeacherConfig,
 )
-from umt_fast.config_cli import (
+from umt_fast.config.cli import (
     ConfigSchema,
     check_types,
     config_to_dict,

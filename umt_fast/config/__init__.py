@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from umt_fast.config_cli import (  # noqa: F401  (the private names are used by the other commands' configs)
+from umt_fast.config.cli import (  # noqa: F401  (the private names are used by the other commands' configs)
     TOP_LEVEL,
     ArgumentParser as _ArgumentParser,
     ConfigSchema,
@@ -650,7 +650,7 @@ def get_preset(name: str) -> PretrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Command line and files (the shared machinery of umt_fast.config_cli)
+# Command line and files (the shared machinery of umt_fast.config.cli)
 # --------------------------------------------------------------------------------------------
 
 SCHEMA = ConfigSchema(

@@ -31,22 +31,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from umt_fast import checkpoint as ckpt
-from umt_fast.config_vl import DEMO_DATA, VLPretrainConfig, config_to_dict
+from umt_fast.engine import checkpoint as ckpt
+from umt_fast.config.vl import DEMO_DATA, VLPretrainConfig, config_to_dict
 from umt_fast.data.transforms import normalize_video
-from umt_fast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, unwrap, wrap_model
-from umt_fast.launch import open_run_dir
+from umt_fast.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, unwrap, wrap_model
+from umt_fast.engine.launch import open_run_dir
 from umt_fast.masking import mask_and_targets
-from umt_fast.models import build_student, build_teacher
+from umt_fast.interop import build_teacher
+from umt_fast.models import build_student
 from umt_fast.models.attention import set_attention_backend
 from umt_fast.models.student import drop_path_scales, keep_probabilities
-from umt_fast.train.logging import ProgressLine, build_metrics_sinks, check_sink_packages
-from umt_fast.train.loop import check_finite_loss, seed_everything
-from umt_fast.train.optim import WarmupCosineSchedule, build_optimizer
-from umt_fast.train.stopping import StopOnSignal, stop_run
-from umt_fast.vl import data as vl_data
-from umt_fast.vl.losses import hard_negative_noise, mask_tokens, mlm_noise
-from umt_fast.vl.model import (
+from umt_fast.engine.metrics import ProgressLine, build_metrics_sinks, check_sink_packages
+from umt_fast.engine.trainer import check_finite_loss, seed_everything
+from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
+from umt_fast.engine.stopping import StopOnSignal, stop_run
+from umt_fast.data import captions as vl_data
+from umt_fast.losses.vl import hard_negative_noise, mask_tokens, mlm_noise
+from umt_fast.models.vl import (
     HEAD_NORM_EPS,
     VisionLanguageModel,
     VLBatch,
@@ -54,7 +55,7 @@ from umt_fast.vl.model import (
     is_stage2_state_dict,
     state_dict_to_reference,
 )
-from umt_fast.vl.text import build_text_encoder, load_tokenizer, tokenize_captions
+from umt_fast.models.text import build_text_encoder, load_tokenizer, tokenize_captions
 from umt_kernels.rng import mix_seed
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ def run_training_command(
 
     A bad config or input (ValueError / FileNotFoundError) prints ``error: ...`` and returns 2
     before any work; Ctrl-C returns 130 with the resume command; a run stopped by SIGTERM or
-    SIGUSR1 (umt_fast.train.stopping) returns 128 + the signal number, its checkpoint saved. The process group is torn
+    SIGUSR1 (umt_fast.engine.stopping) returns 128 + the signal number, its checkpoint saved. The process group is torn
     down whatever happens, and rank 0 prints ``summary(result)``. ``load_train`` imports the
     training function, so that torch loads only once the config is valid.
     """
@@ -37,8 +37,8 @@ def run_training_command(
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from umt_fast.distributed import destroy_distributed
-    from umt_fast.train.stopping import TrainingStopped
+    from umt_fast.engine.distributed import destroy_distributed
+    from umt_fast.engine.stopping import TrainingStopped
 
     try:
         result = load_train()(cfg)
@@ -66,10 +66,10 @@ def open_run_dir(cfg: Any, info: Any) -> tuple[str | None, Any]:
     Returns:
         (the checkpoint to resume from or None, the logger)
     """
-    from umt_fast import checkpoint as ckpt
-    from umt_fast.config_cli import save_config
-    from umt_fast.distributed import barrier
-    from umt_fast.train.logging import setup_logging
+    from umt_fast.engine import checkpoint as ckpt
+    from umt_fast.config.cli import save_config
+    from umt_fast.engine.distributed import barrier
+    from umt_fast.engine.metrics import setup_logging
 
     if info.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from umt_fast.losses import alignment_loss
 from umt_fast.models.student import LN_EPS, SparseVideoStudent
-from umt_fast.vl import losses as L
-from umt_fast.vl.text import TextArch, TextEncoder, from_reference_keys, to_reference_keys
+from umt_fast.losses import vl as L
+from umt_fast.models.text import TextArch, TextEncoder, from_reference_keys, to_reference_keys
 
 TEMP_INIT = 0.07
 HEAD_NORM_EPS = 1e-5
@@ -231,7 +231,7 @@ def stage2_shapes(sd: dict[str, torch.Tensor]) -> dict[str, int]:
 
 def load_reference_state_dict(model: VisionLanguageModel, sd: dict[str, torch.Tensor], source: str) -> None:
     """Load a reference-format stage-2 state dict into `model`, strictly (every key must match)."""
-    from umt_fast.interop import load_state_dict_checked
+    from umt_fast.safe_load import load_state_dict_checked
 
     ours = from_reference_state_dict(sd, model.text_encoder.arch)
     load_state_dict_checked(model, ours, source, strict=True)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from umt_fast.data.transforms import normalize_video
-from umt_fast.distributed import set_gradient_sync, unwrap
+from umt_fast.engine.distributed import set_gradient_sync, unwrap
 from umt_fast.losses import alignment_loss
 from umt_fast.masking import mask_and_targets
 from umt_fast.models.student import drop_path_scales, keep_probabilities
@@ -119,7 +119,7 @@ class PretrainStep:
     def run(self, micro_batches: list[torch.Tensor], step: int | torch.Tensor) -> torch.Tensor:
         """The step's device work, without seeding: zero the gradients, forward and backward
         every micro-batch, step the optimizer. Capturable in a CUDA graph when ``step`` is a
-        device tensor and there is no GradScaler (see umt_fast.train.cuda_graph)."""
+        device tensor and there is no GradScaler (see umt_fast.engine.cuda_graph)."""
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         first_clip, count = self.first_clip, len(micro_batches)

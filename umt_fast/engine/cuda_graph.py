@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from umt_fast.train.optim import use_lr_tensor
-from umt_fast.train.step import PretrainStep
+from umt_fast.engine.optim import use_lr_tensor
+from umt_fast.recipes.pretrain import PretrainStep
 
 DDP_WARMUP_STEPS = 11  # DDP must see this many eager iterations before its backward is captured
 

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from umt_fast.distributed import DistInfo, barrier
+from umt_fast.engine.distributed import DistInfo, barrier
+from umt_fast.interop import _strip_wrapping_prefixes
 from umt_fast.safe_load import load_torch_file
 
 log = logging.getLogger(__name__)
@@ -206,3 +207,60 @@ def find_resume_checkpoint(run_dir: str, resume: str) -> str | None:
         return None
     _check_checkpoint(resume)
     return resume
+
+
+# Reading a run's weights back (export, evaluation, fine-tuning from a run)
+
+STUDENT_NAMING = "reference stage-1 (encoder.*, clip_decoder.{k}.*)"
+CLASSIFIER_NAMING = "reference fine-tuned (patch_embed.*, blocks.*, fc_norm.*, head.*, pos_embed)"
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint as given (``checkpoints/step_N``), or the newest one of a run directory."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, META)):
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"{path} is neither a checkpoint nor a run directory with checkpoints/step_*")
+        return found[-1][1]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def read_run_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict in the reference's naming, description) of a run checkpoint or run dir.
+
+    The description has ``kind`` (``student`` for pre-training runs, ``classifier`` for
+    fine-tuning runs), ``naming``, ``num_frames``, ``img_size``, ``patch_size``, the run's
+    ``config``, ``source`` and ``step``.
+    """
+    path = resolve_checkpoint(path)
+    state = load_checkpoint(path)
+    if "student" not in state:
+        raise ValueError(f"{path} is not a umt_fast run checkpoint: it holds no model weights (keys: {sorted(state)})")
+    config = state.get("config") or {}
+    kind = state.get("kind", "student")
+    data = config.get("data", {})
+    if kind == "student":
+        naming, patch_size = STUDENT_NAMING, config.get("student", {}).get("patch_size")
+    else:
+        naming, patch_size = CLASSIFIER_NAMING, config.get("model", {}).get("patch_size")
+    description = {
+        "format": "umt_fast export",
+        "kind": kind,
+        "naming": naming,
+        "num_frames": data.get("num_frames"),
+        "img_size": data.get("img_size"),
+        "patch_size": patch_size,
+        "step": state.get("step"),
+        "source": os.path.abspath(path),
+        "config": config,
+    }
+    if "class_names" in state:
+        description["class_names"] = state["class_names"]
+    return _strip_wrapping_prefixes(state["student"]), description
+
+
+def sidecar_path(out: str) -> str:
+    """``model.safetensors`` -> ``model.json``."""
+    return os.path.splitext(out)[0] + ".json"

@@ -5,7 +5,7 @@
 
 Scoring (as the reference does at test time):
   * captions are cleaned and tokenized as the reference does: ``[CLS]`` + at most max_len - 1
-    wordpieces, no ``[SEP]``, [PAD] to max_len (`umt_fast.vl.text.tokenize_captions`);
+    wordpieces, no ``[SEP]``, [PAD] to max_len (`umt_fast.models.text.tokenize_captions`);
   * every video is encoded whole (no masking), `num_frames` middle-of-segment frames; per frame,
     the frame's tokens are mean-pooled, pool_norm'ed and projected: one unit vector per frame;
   * VTC similarity of a caption and a video = the MEAN over frames of the per-frame cosine
@@ -132,13 +132,13 @@ def load_stage2_model(weights: str, text_weights: str, num_frames: int, img_size
     """A stage-2 model from a reference-format file (ours: <run_dir>/umt_stage2.pth) or a stage-2 run
     checkpoint directory; the BERT config comes from `text_weights` (the same folder as in training).
     Returns (model in eval mode, tokenizer)."""
-    from umt_fast import checkpoint as ckpt
+    from umt_fast.engine import checkpoint as ckpt
     from umt_fast.interop import read_state_dict, strip_prefix, student_arch_from_state_dict
     from umt_fast.models.student import SparseVideoStudent
-    from umt_fast.vl.model import (
+    from umt_fast.models.vl import (
         HEAD_NORM_EPS, VisionLanguageModel, load_reference_state_dict, stage2_shapes, state_dict_to_reference,
     )
-    from umt_fast.vl.text import TextArch, build_text_encoder, load_tokenizer
+    from umt_fast.models.text import TextArch, build_text_encoder, load_tokenizer
 
     if os.path.isdir(weights):
         sd = ckpt.load_checkpoint(weights)["student"]
@@ -186,8 +186,8 @@ def encode_videos(model, videos_uint8: list[torch.Tensor], device, batch_size: i
 @torch.no_grad()
 def encode_texts(model, tokenizer, captions: list[str], device, max_len: int = 32, batch_size: int = 64, autocast_dtype=None):
     """-> (text features [Nt, S, H], attention masks [Nt, S], unit embeddings [Nt, E]); the captions
-    tokenized as the reference does (`umt_fast.vl.text.tokenize_captions`)."""
-    from umt_fast.vl.text import tokenize_captions
+    tokenized as the reference does (`umt_fast.models.text.tokenize_captions`)."""
+    from umt_fast.models.text import tokenize_captions
 
     xs, masks, feats = [], [], []
     for i in range(0, len(captions), batch_size):
@@ -252,7 +252,7 @@ def _autocast(device, dtype):
 def evaluate(model, tokenizer, entries: list[dict], *, num_frames: int, img_size: int, device, k: int = 128,
              max_len: int = 32, batch_size: int = 8, autocast_dtype=None) -> dict[str, dict[str, float]]:  # fmt: skip
     """Zero-shot retrieval over `entries` (read_caption_json's output): {"vtc": metrics, "vtm": metrics}."""
-    from umt_fast.vl.data import load_media
+    from umt_fast.data.captions import load_media
 
     videos = [load_media(e["path"], e["media"], num_frames, img_size, rng=None) for e in entries]
     if len({v.shape[0] for v in videos}) != 1:
@@ -289,7 +289,7 @@ def make_parser(prog: str = "python -m umt_fast.evaluate retrieval") -> argparse
 
 def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate retrieval") -> int:
     args = make_parser(prog).parse_args(argv)
-    from umt_fast.vl.data import read_caption_json
+    from umt_fast.data.captions import read_caption_json
 
     try:
         if args.k < 1:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import os
 import random
 from collections.abc import Iterator
@@ -36,10 +37,53 @@ from umt_fast.data.dataset import init_worker
 from umt_fast.data.decoding import VideoDecodeError, count_frames, decode_frames
 from umt_fast.data.order import EpochPermutations, sample_rng
 from umt_fast.data.transforms import crop_resize_flip, random_resized_crop_box, tsn_frame_indices
-from umt_fast.vl.text import tokenize_captions
 from umt_kernels.rng import derive_seed
 
 log = logging.getLogger(__name__)
+
+def clean_caption(text: str) -> str:
+    """The reference's caption clean-up, applied to every training and test caption before it is
+    tokenized: lower-case; drop , . ' ! ? " ( ) * # : ; ~; '-' and '/' become spaces; '<person>'
+    becomes 'person'; runs of two or more whitespace characters become one space; strip."""
+    text = re.sub(r"([,.'!?\"()*#:;~])", "", text.lower())
+    text = text.replace("-", " ").replace("/", " ").replace("<person>", "person")
+    text = re.sub(r"\s{2,}", " ", text)
+    return text.rstrip("\n").strip(" ")
+
+
+def tokenize_captions(
+    tokenizer, captions: list[str], max_len: int, *, clean: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> the reference's text input: ``[CLS] w_1 .. w_n`` with NO trailing [SEP], the
+    wordpieces cut to ``max_len - 1``, right-padded with [PAD] to `max_len`.
+
+    The reference's BERT tokenizer builds a single sequence as ``[CLS] X`` and is called with
+    ``padding="max_length", truncation=True, max_length=max_len``; since it adds one special
+    token, truncation keeps ``max_len - 1`` wordpieces. This gives the same ids from any Hugging
+    Face BERT tokenizer (fast or slow), whose own single-sequence template appends [SEP].
+
+    Args:
+        tokenizer: a Hugging Face BERT tokenizer (`load_tokenizer`).
+        captions: B strings.
+        max_len: S >= 1, tokens per caption ([CLS] included).
+        clean: apply `clean_caption` first, as the reference's datasets do.
+
+    Returns:
+        (ids [B, S] int64, attention mask [B, S] int64: 1 on [CLS] and the wordpieces, 0 on padding).
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len={max_len} must be >= 1 (room for [CLS])")
+    texts = [clean_caption(c) if clean else c for c in captions]
+    keep = max_len - 1
+    pieces = tokenizer(texts, add_special_tokens=False, truncation=keep > 0, max_length=keep or None,
+                       return_attention_mask=False, return_token_type_ids=False)["input_ids"] if texts else []  # fmt: skip
+    rows = [[tokenizer.cls_token_id, *p[:keep]] for p in pieces]
+    pad = [tokenizer.pad_token_id]
+    ids = torch.tensor([r + pad * (max_len - len(r)) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(r) + [0] * (max_len - len(r)) for r in rows], dtype=torch.long)
+    return ids.reshape(len(rows), max_len), mask.reshape(len(rows), max_len)
+
+
 
 MEDIA_TYPES = ("video", "image")
 RRC_SCALE = (0.5, 1.0)
@@ -155,7 +199,7 @@ def collate_captions(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 class CaptionCollate:
     """`collate_captions`, plus the captions' ids and attention masks as the reference builds them
-    (`umt_fast.vl.text.tokenize_captions`) when given a tokenizer, so that tokenizing runs in the
+    (`tokenize_captions`) when given a tokenizer, so that tokenizing runs in the
     loader workers: "text_ids", "text_mask" int64 [B, S]."""
 
     def __init__(self, tokenizer=None, max_len: int = 32):

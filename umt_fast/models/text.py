@@ -4,7 +4,7 @@ the vision tokens (the reference's ``xbert``), and BERT's masked-language-model 
 The lower ``num_layers - fusion_layers`` layers are a ``transformers.BertModel`` (text only: the
 VTC text features come from them). The fusion layers are `FusionLayer`s with BERT's own submodule
 names (``attention``, ``crossattention``, ``intermediate``, ``output``), so BERT's layer weights
-load into them unchanged and `umt_fast.vl.model` maps them to and from the reference's
+load into them unchanged and `umt_fast.models.vl` maps them to and from the reference's
 ``text_encoder.bert.encoder.layer.{i}`` keys.
 
 Shape legend: B captions, S tokens per caption, H text width, N vision tokens, Dv vision width,
@@ -15,14 +15,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from umt_fast.data.captions import clean_caption, tokenize_captions  # noqa: F401 (the tokenizing lives in data)
+
 log = logging.getLogger(__name__)
+
 
 BUNDLED_MINILM = "minilm"
 """`text.weights` value meaning: the MiniLM-L6 BERT (384 wide, uncased WordPiece) shipped inside the
@@ -68,49 +70,6 @@ def load_tokenizer(weights: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_text_weights(weights), local_files_only=True)
-
-
-def clean_caption(text: str) -> str:
-    """The reference's caption clean-up, applied to every training and test caption before it is
-    tokenized: lower-case; drop , . ' ! ? " ( ) * # : ; ~; '-' and '/' become spaces; '<person>'
-    becomes 'person'; runs of two or more whitespace characters become one space; strip."""
-    text = re.sub(r"([,.'!?\"()*#:;~])", "", text.lower())
-    text = text.replace("-", " ").replace("/", " ").replace("<person>", "person")
-    text = re.sub(r"\s{2,}", " ", text)
-    return text.rstrip("\n").strip(" ")
-
-
-def tokenize_captions(
-    tokenizer, captions: list[str], max_len: int, *, clean: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions -> the reference's text input: ``[CLS] w_1 .. w_n`` with NO trailing [SEP], the
-    wordpieces cut to ``max_len - 1``, right-padded with [PAD] to `max_len`.
-
-    The reference's BERT tokenizer builds a single sequence as ``[CLS] X`` and is called with
-    ``padding="max_length", truncation=True, max_length=max_len``; since it adds one special
-    token, truncation keeps ``max_len - 1`` wordpieces. This gives the same ids from any Hugging
-    Face BERT tokenizer (fast or slow), whose own single-sequence template appends [SEP].
-
-    Args:
-        tokenizer: a Hugging Face BERT tokenizer (`load_tokenizer`).
-        captions: B strings.
-        max_len: S >= 1, tokens per caption ([CLS] included).
-        clean: apply `clean_caption` first, as the reference's datasets do.
-
-    Returns:
-        (ids [B, S] int64, attention mask [B, S] int64: 1 on [CLS] and the wordpieces, 0 on padding).
-    """
-    if max_len < 1:
-        raise ValueError(f"max_len={max_len} must be >= 1 (room for [CLS])")
-    texts = [clean_caption(c) if clean else c for c in captions]
-    keep = max_len - 1
-    pieces = tokenizer(texts, add_special_tokens=False, truncation=keep > 0, max_length=keep or None,
-                       return_attention_mask=False, return_token_type_ids=False)["input_ids"] if texts else []  # fmt: skip
-    rows = [[tokenizer.cls_token_id, *p[:keep]] for p in pieces]
-    pad = [tokenizer.pad_token_id]
-    ids = torch.tensor([r + pad * (max_len - len(r)) for r in rows], dtype=torch.long)
-    mask = torch.tensor([[1] * len(r) + [0] * (max_len - len(r)) for r in rows], dtype=torch.long)
-    return ids.reshape(len(rows), max_len), mask.reshape(len(rows), max_len)
 
 
 def load_bert_config(weights: str):

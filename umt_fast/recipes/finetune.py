@@ -1,0 +1,566 @@
+"""The fine-tuning recipe for action recognition (UMT_SPEC.md section 3): the classifier, its
+optimizer, the batch augmentation on the device, the step, the multi-view evaluation and the loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from umt_fast.engine import checkpoint as ckpt
+from umt_fast.config import SAMPLE_CLIPS, STUDENT_SIZES
+from umt_fast.data import BadSampleBudget, read_annotation_list, write_sample_clip_list
+from umt_fast.data.annotations import VideoRecord
+from umt_fast.data.labelled import FinetuneClipDataset, build_finetune_loader, read_class_names
+from umt_fast.data.transforms import normalize_video
+from umt_fast.engine.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_gather_stacked,
+    all_reduce_sum,
+    barrier,
+    exchange_with,
+    init_distributed,
+    unwrap,
+    wrap_model,
+)
+from umt_fast.recipes.evaluation import Predictions, _ViewsDataset, accuracy_report, autocast_for, format_report, predict_videos
+from umt_fast.engine.launch import open_run_dir
+from umt_fast.config.finetune import FinetuneConfig, config_to_dict, scaled_lrs
+from umt_fast.models.classifier import VideoViT, VideoViTArch, head_dropout_scales
+from umt_fast.models.student import drop_path_scales, keep_probabilities
+from umt_fast.engine.metrics import MetricsWriter, ProgressLine
+from umt_fast.engine.trainer import check_finite_loss
+from umt_fast.engine.optim import WarmupCosineSchedule
+from umt_fast.engine.stopping import StopOnSignal, stop_run
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Model and optimizer
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int) -> VideoViT:
+    """The classifier of ``cfg``, initialised from ``model.init`` when set."""
+    size = STUDENT_SIZES[cfg.model.size]
+    arch = VideoViTArch(
+        width=size["width"], depth=size["depth"], heads=size["heads"], num_frames=cfg.data.num_frames,
+        img_size=cfg.data.img_size, patch_size=cfg.model.patch_size, num_classes=num_classes,
+        drop_path=cfg.model.drop_path, head_dropout=cfg.model.head_dropout,
+    )  # fmt: skip
+    model = VideoViT(arch)
+    if cfg.model.init:
+        from umt_fast import interop
+
+        source = cfg.model.init
+        if cfg.model.head_label_map:  # against the class count, which may come from the labels
+            interop.read_head_label_map(cfg.model.head_label_map, num_classes, name="model.head_label_map")
+        if os.path.isdir(source):  # a run directory or checkpoint of ours
+            from umt_fast.engine.checkpoint import read_run_checkpoint
+
+            source, _ = read_run_checkpoint(source)
+        interop.init_video_vit(model, source, strict=cfg.model.init_strict,
+                               head_label_map=cfg.model.head_label_map or None)
+        log.info("initialised from %s", cfg.model.init)
+    model.set_grad_checkpointing(num_blocks=cfg.train.checkpointed_blocks(arch.depth))
+    return model
+
+
+def layer_decay_param_groups(model: VideoViT, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups keyed by (depth, decay): ``lr_scale`` = layer_decay^(depth + 1 - layer_id)
+    (the head at 1), no weight decay on 1-D parameters, biases and ``no_weight_decay()``."""
+    depth = model.arch.depth
+    skip = model.no_weight_decay()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim <= 1 or name.endswith(".bias") or name in skip)
+        layer = model.layer_id(name)
+        group = groups.setdefault((layer, decay), {
+            "params": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (depth + 1 - layer), "layer": layer,
+        })  # fmt: skip
+        group["params"].append(param)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW over `layer_decay_param_groups`, with the fused kernel (CUDA and CPU: one launch,
+    and no read-back of the step counter)."""
+    inner = getattr(model, "module", model)
+    groups = layer_decay_param_groups(inner, cfg.optim.weight_decay, cfg.optim.layer_decay)
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch augmentation on the device: random erasing, mixup / cutmix, soft targets
+# --------------------------------------------------------------------------------------------
+
+
+def random_erasing_boxes(
+    num_images: int, height: int, width: int, probability: float, rng: np.random.Generator
+) -> list[tuple[int, int, int, int, int]]:
+    """timm's RandomErasing boxes (area 2%..1/3, aspect 0.3..3.3, 10 tries), one decision per
+    image: [(image, top, left, h, w)] of the images that are erased."""
+    boxes = []
+    for i in range(num_images):
+        if rng.random() >= probability:
+            continue
+        for _ in range(10):
+            area = height * width * rng.uniform(0.02, 1 / 3)
+            aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if w < width and h < height:
+                top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+                boxes.append((i, top, left, h, w))
+                break
+    return boxes
+
+
+def random_erasing_mask(
+    num_images: int, height: int, width: int, probability: float, rng: np.random.Generator
+) -> torch.Tensor | None:
+    """`random_erasing_boxes` as bool [num_images, 1, H, W] (True = erase), or None when nothing
+    is erased."""
+    boxes = random_erasing_boxes(num_images, height, width, probability, rng)
+    if not boxes:
+        return None
+    mask = torch.zeros(num_images, 1, height, width, dtype=torch.bool)
+    for i, top, left, h, w in boxes:
+        mask[i, :, top:top + h, left:left + w] = True
+    return mask
+
+
+@dataclass
+class MixParams:
+    """One batch's mixing decision: lam = weight of each clip's own content and label."""
+
+    lam: float
+    box: tuple[int, int, int, int] | None  # cutmix (y0, y1, x0, x1), or None for mixup
+
+
+def draw_mix(height: int, width: int, mixup: float, cutmix: float, mix_prob: float, switch_prob: float,
+             rng: np.random.Generator) -> MixParams:  # fmt: skip
+    """timm's Mixup in batch mode: pick mixup or cutmix, draw lam ~ Beta(alpha, alpha); for
+    cutmix a box of area (1 - lam), clipped to the frame, and lam corrected to the clipped area."""
+    if (mixup <= 0 and cutmix <= 0) or rng.random() >= mix_prob:
+        return MixParams(1.0, None)
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < switch_prob)
+    lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
+    if not use_cutmix:
+        return MixParams(lam, None)
+    ratio = math.sqrt(1 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    lam = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+    return MixParams(lam, (y0, y1, x0, x1))
+
+
+def soft_targets(labels_B: torch.Tensor, num_classes: int, smoothing: float, lam: float,
+                 partner_labels_B: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """[B] -> [B, K]: smoothed one-hot of each label mixed with that of its mixing partner
+    (``partner_labels_B``; default: the flipped batch)."""
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+
+    def one_hot(labels: torch.Tensor) -> torch.Tensor:
+        return torch.full((labels.shape[0], num_classes), off, device=labels.device).scatter_(1, labels[:, None], on)
+
+    own = one_hot(labels_B)
+    if lam == 1.0:
+        return own
+    partner = own.flip(0) if partner_labels_B is None else one_hot(partner_labels_B)
+    return own * lam + partner * (1.0 - lam)
+
+
+class FinetuneStep:
+    """Callable ``(video_uint8 [B, T, S, S, 3], labels [B], step) -> (loss, correct)``: both
+    0-dim device tensors (no host sync). ``correct`` counts clips whose top-1 prediction is
+    their own, un-mixed label.
+
+    Under torchrun each rank passes its share of the global batch (rank r holds global clips
+    [r*B, (r+1)*B)), and every random draw is made for the global batch, so a step does the
+    same work at any world size: the erasing boxes are drawn for all clips from the step's
+    generator and each clip's noise comes from its global index; mixup / cutmix pair global
+    clip i with clip G-1-i (timm's batch mode over the global batch), whose rows live on rank
+    world_size-1-r and are exchanged with it.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, num_classes: int,
+                 device: torch.device, rank: int = 0, world_size: int = 1):  # fmt: skip
+        self.model, self.optimizer, self.cfg = model, optimizer, cfg
+        self.num_classes, self.device = num_classes, device
+        self.rank, self.world_size = rank, world_size
+        self.use_bf16 = device.type == "cuda" and cfg.train.precision == "bf16"
+        self.keep_prob = keep_probabilities(unwrap(model).drop_probs, device)
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+
+    def _erase(self, video: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Random erasing per frame (as the reference) with normal noise: [B, C, T, H, W]."""
+        B, C, T, H, W = video.shape
+        first = self.rank * B * T  # this rank's first frame in the global batch
+        boxes = random_erasing_boxes(B * T * self.world_size, H, W, self.cfg.aug.random_erasing, rng)
+        if not boxes:
+            return video
+        noise_seed = int(rng.integers(2**62))
+        mask = torch.zeros(B, T, H, W, dtype=torch.bool)
+        erased = set()
+        for i, top, left, h, w in boxes:
+            if first <= i < first + B * T:
+                clip, t = divmod(i - first, T)
+                mask[clip, t, top:top + h, left:left + w] = True
+                erased.add(clip)
+        if not erased:
+            return video
+        noise = torch.empty_like(video)
+        generator = torch.Generator(self.device)
+        for clip in sorted(erased):  # each clip's noise from its global index
+            generator.manual_seed(noise_seed + self.rank * B + clip)
+            noise[clip] = torch.randn(noise.shape[1:], generator=generator, device=self.device)
+        return torch.where(mask[:, None].to(self.device, non_blocking=True), noise, video)
+
+    def _partners(self, video: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixing partners of this rank's clips: rows of the flipped global batch."""
+        if self.world_size > 1:
+            video, labels = exchange_with(self.world_size - 1 - self.rank, [video, labels])
+        return video.flip(0), labels.flip(0)
+
+    def __call__(self, video_BTHWC: torch.Tensor, labels_B: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        aug = self.cfg.aug
+        rng = np.random.default_rng([self.cfg.train.seed, step])  # host-side draws: reproducible per step
+        video = normalize_video(video_BTHWC.to(self.device, non_blocking=True))  # [B, 3, T, S, S]
+        labels = labels_B.to(self.device, non_blocking=True)
+        B, C, T, H, W = video.shape
+        if aug.random_erasing > 0:
+            video = self._erase(video, rng)
+        mix = draw_mix(H, W, aug.mixup, aug.cutmix, aug.mix_prob, aug.switch_prob, rng)
+        partner_labels = None
+        if mix.box is not None or mix.lam < 1.0:
+            partner_video, partner_labels = self._partners(video, labels)
+            if mix.box is not None:
+                y0, y1, x0, x1 = mix.box
+                video = video.clone()
+                video[..., y0:y1, x0:x1] = partner_video[..., y0:y1, x0:x1]
+            else:
+                video = video * mix.lam + partner_video * (1.0 - mix.lam)
+        targets = soft_targets(labels, self.num_classes, aug.label_smoothing, mix.lam, partner_labels)
+        drop_scales = None
+        if self.keep_prob is not None:  # keyed by each clip's global index: the same at any world size
+            drop_scales = drop_path_scales(self.keep_prob, B, seed=self.cfg.train.seed, offset=step, first_clip=self.rank * B)
+        head_scales = None
+        if self.cfg.model.head_dropout > 0:  # likewise keyed by clip
+            head_scales = head_dropout_scales(self.cfg.model.head_dropout, B, unwrap(self.model).arch.width,
+                                              seed=self.cfg.train.seed, offset=step, first_clip=self.rank * B,
+                                              device=video.device)
+        with self._autocast():
+            logits = self.model(video, drop_scales, head_scales)
+        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        correct = (logits.detach().argmax(-1) == labels).sum()
+        return loss.detach(), correct
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: str
+    last_checkpoint: str | None
+    steps_done: int
+    last_loss: float | None
+    train_top1: float | None
+    eval_report: dict | None
+
+
+def _records(list_value: str, root: str, run_dir: str) -> list[VideoRecord]:
+    if list_value == SAMPLE_CLIPS:  # written by `_write_sample_list`
+        return read_annotation_list(os.path.join(run_dir, "sample_clips.csv"))
+    return read_annotation_list(list_value, root=root)
+
+
+def _write_sample_list(cfg: FinetuneConfig, info: DistInfo) -> None:
+    """<run_dir>/sample_clips.csv when a list is 'sample_clips': written once, by rank 0."""
+    if SAMPLE_CLIPS in (cfg.data.train_list, cfg.data.val_list):
+        if info.is_main:
+            write_sample_clip_list(os.path.join(cfg.run_dir, "sample_clips.csv"))
+        barrier()
+
+
+def _num_classes(cfg: FinetuneConfig, records: list[VideoRecord]) -> int:
+    labels = [r.label for r in records if r.label is not None]
+    largest = max(labels) if labels else -1
+    if cfg.model.num_classes == 0:
+        return largest + 1
+    if largest >= cfg.model.num_classes:
+        raise ValueError(
+            f"data.train_list has label {largest}, but model.num_classes={cfg.model.num_classes}; labels must be in "
+            f"[0, num_classes)"
+        )
+    return cfg.model.num_classes
+
+
+def per_rank_batch(cfg: FinetuneConfig, world_size: int) -> int:
+    """train.batch_size (videos per optimizer step, over all ranks) / world_size."""
+    if cfg.train.batch_size % world_size:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by the number of ranks ({world_size}): it is "
+            f"the global batch of videos per optimizer step"
+        )
+    return cfg.train.batch_size // world_size
+
+
+@torch.no_grad()
+def predict_videos_sharded(
+    model: nn.Module, paths: list[str], info: DistInfo, *, num_clips: int, num_crops: int, batch_size: int,
+    device: torch.device, precision: str, num_workers: int,
+) -> Predictions:  # fmt: skip
+    """`predict_videos` over ranks: rank r scores paths[r::world_size], and every rank returns the
+    Predictions of all paths (scores gathered, input order).
+
+    The ranks run in lock-step, the same number of forward passes of the same shape each (FSDP2
+    all-gathers parameters in every forward): a rank with fewer videos, or with unreadable ones,
+    runs blank views whose scores are dropped.
+    """
+    arch = model.arch
+    if arch.num_classes == 0:
+        raise ValueError("evaluation needs a classifier (a model with a head); this model has none")
+    was_training = model.training
+    model.eval()
+    W, views_per_video = info.world_size, num_clips * num_crops
+    mine = list(range(info.rank, len(paths), W))
+    per_rank = -(-len(paths) // W)
+    videos_per_pass = max(1, batch_size // views_per_video)
+    loader = DataLoader(
+        _ViewsDataset([paths[i] for i in mine], arch.num_frames, arch.img_size, num_clips, num_crops),
+        batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    items = iter(loader)
+    blank = torch.zeros(views_per_video, arch.num_frames, arch.img_size, arch.img_size, 3, dtype=torch.uint8)
+    probs = torch.zeros(per_rank, arch.num_classes, device=device)
+    readable = torch.zeros(per_rank, dtype=torch.bool)
+    failed: list[tuple[str, str]] = []
+    for start in range(0, per_rank, videos_per_pass):
+        chunk = []
+        for j in range(start, min(start + videos_per_pass, per_rank)):
+            views = None
+            if j < len(mine):
+                _, views, error = next(items)
+                if views is None:
+                    failed.append((paths[mine[j]], error))
+                    log.warning("skipping unreadable video %s: %s", paths[mine[j]], error)
+                else:
+                    readable[j] = True
+            chunk.append(blank if views is None else views)
+        views = torch.cat(chunk).to(device, non_blocking=True)
+        scores = []
+        for part in views.split(batch_size):
+            with autocast_for(device, precision):
+                logits = model(normalize_video(part))
+            scores.append(logits.float().softmax(-1))
+        probs[start:start + len(chunk)] = torch.cat(scores).view(len(chunk), views_per_video, -1).mean(1)
+    model.train(was_training)
+    all_probs = all_gather_stacked(probs).cpu()  # [W, per_rank, K]
+    all_readable = all_gather_stacked(readable.to(device, torch.int32)).cpu()  # NCCL: no bool
+    found = sorted((r + j * W, r, j) for r in range(W) for j in range(per_rank) if all_readable[r, j])
+    stacked = torch.stack([all_probs[r, j] for _, r, j in found]) if found else torch.empty(0, arch.num_classes)
+    all_failed = dict(f for part in all_gather_objects(failed) for f in part)
+    return Predictions([paths[i] for i, _, _ in found], stacked, views_per_video,
+                       [(p, all_failed[p]) for p in paths if p in all_failed])  # fmt: skip
+
+
+def run_evaluation(model: nn.Module, cfg: FinetuneConfig, records: list[VideoRecord], device: torch.device,
+                   class_names: list[str] | None, info: DistInfo = DistInfo()) -> tuple[dict, list]:  # fmt: skip
+    """Multi-view evaluation of ``records``; under torchrun sharded over the ranks (the report is
+    over all videos, on every rank)."""
+    paths = [r.path for r in records]
+    options = dict(num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops, batch_size=cfg.eval.batch_size,
+                   device=device, precision=cfg.train.precision, num_workers=cfg.data.num_workers)  # fmt: skip
+    model = unwrap(model)  # DDP: the module itself; FSDP2: the sharded model, run in lock-step
+    if info.distributed:
+        preds = predict_videos_sharded(model, paths, info, **options)
+    else:
+        preds = predict_videos(model, paths, **options)
+    label_of = {r.path: r.label for r in records}
+    labels = torch.tensor([label_of[p] for p in preds.paths], dtype=torch.long)
+    report = accuracy_report(preds.probs, labels, class_names)
+    report.update(num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops, views_per_video=preds.views_per_video,
+                  unreadable=[{"path": p, "reason": r} for p, r in preds.failed])  # fmt: skip
+    return report, preds.failed
+
+
+def train(cfg: FinetuneConfig) -> FinetuneResult:
+    """Runs (or resumes) fine-tuning as ``cfg`` says; returns where things are.
+
+    In one process, or under torchrun with DDP or FSDP2 (``dist.strategy``): each rank trains on
+    its share of every global batch, rank 0 alone writes the run directory's logs and metrics,
+    and every rank takes part in checkpoints and evaluation.
+    """
+    info = init_distributed(cfg.train.device)
+    b = per_rank_batch(cfg, info.world_size)
+    resume_path, logger = open_run_dir(cfg, info)
+    device = info.device
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
+
+    _write_sample_list(cfg, info)
+    train_records = _records(cfg.data.train_list, cfg.data.root, cfg.run_dir)
+    val_records = _records(cfg.data.val_list, cfg.data.root, cfg.run_dir) if cfg.data.val_list else []
+    num_classes = _num_classes(cfg, train_records)
+    class_names = read_class_names(cfg.data.class_names) if cfg.data.class_names else None
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"data.class_names has {len(class_names)} names, but there are {num_classes} classes")
+
+    B = cfg.train.batch_size
+    steps_per_epoch = max(1, len(train_records) // B)
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
+    peak, final, start_lr = scaled_lrs(cfg)
+    schedule = WarmupCosineSchedule(peak_lr=peak, min_lr=final, total_steps=total_steps,
+                                    warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch, warmup_lr=start_lr)  # fmt: skip
+
+    if not cfg.model.init and cfg.preset != "demo":
+        log.warning("no --model.init: fine-tuning starts from random weights, not from a pre-trained model")
+    model = build_model(cfg, num_classes).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    low_precision = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
+    # DDP, or FSDP2 per block then the root (parameters kept in fp32; compute in bf16 on the GPU).
+    model = wrap_model(model, model.blocks, cfg.dist.strategy, info, low_precision)
+    optimizer = build_optimizer(model, cfg)
+    budget = BadSampleBudget(cfg.data.max_bad_fraction)
+    start_step = 0
+    if resume_path is not None:
+        meta = ckpt.restore_checkpoint(resume_path, model, optimizer)
+        if info.is_main:  # the counts are global totals; the other ranks count from zero
+            budget.load_state_dict(meta["bad_samples"])
+            if "rng" in meta:
+                ckpt.restore_rng_state(meta["rng"])
+        start_step = meta["step"]
+        log.info("resumed from %s at step %d", resume_path, start_step)
+
+    metrics = None
+    if info.is_main:
+        metrics = MetricsWriter(os.path.join(cfg.run_dir, "metrics.jsonl"))
+        if resume_path is not None:
+            metrics.write({"event": "resume", "step": start_step, "checkpoint": resume_path})
+    log.info(
+        "preset %s | %s classifier, %d classes (%.1fM params) | %d train / %d val videos | %d videos x %d clips per "
+        "step = %d ranks x %d videos, %d steps (%d per epoch) | device %s%s", cfg.preset, cfg.model.size, num_classes,
+        num_params / 1e6, len(train_records), len(val_records), B, cfg.data.repeated_aug, info.world_size, b,
+        last_step, steps_per_epoch, device, f", {cfg.dist.strategy}" if info.distributed else "",
+    )  # fmt: skip
+
+    dataset = FinetuneClipDataset(
+        train_records, cfg.data.num_frames, cfg.data.img_size, seed=cfg.train.seed, repeated_aug=cfg.data.repeated_aug,
+        min_scale=cfg.aug.min_scale, flip=cfg.aug.flip, rand_augment_ops=cfg.aug.rand_augment_ops,
+        rand_augment_magnitude=cfg.aug.rand_augment_magnitude,
+    )  # fmt: skip
+    loader = build_finetune_loader(dataset, b, start_position=start_step * B, num_workers=cfg.data.num_workers,
+                                   pin_memory=device.type == "cuda", global_batch_size=B, rank=info.rank,
+                                   world_size=info.world_size)  # fmt: skip
+    step_fn = FinetuneStep(model, optimizer, cfg, num_classes, device, rank=info.rank, world_size=info.world_size)
+
+    progress = ProgressLine(last_step, logger) if info.is_main else None
+    last_checkpoint, last_loss, train_top1, report = resume_path, None, None, None
+    loss_sum = torch.zeros((), device=device)
+    correct_sum = torch.zeros((), device=device)
+    window_steps, window_clips = 0, 0
+    window_start = time.perf_counter()
+    clips_per_step = B * cfg.data.repeated_aug  # over all ranks
+
+    def evaluate_now(done: int) -> dict:
+        eval_start = time.perf_counter()
+        report, failed = run_evaluation(model, cfg, val_records, device, class_names, info)
+        if info.is_main:
+            metrics.write({"step": done, "eval/top1": report["top1"], "eval/top5": report["top5"],
+                           "eval/videos": report["num_videos"], "eval/views": report["views_per_video"],
+                           "time": time.time()})  # fmt: skip
+            with open(os.path.join(cfg.run_dir, "eval.json"), "w", encoding="utf-8") as f:
+                json.dump({"step": done, **report}, f, indent=2)
+        log.info("evaluation at step %d (%.1f s):\n%s", done, time.perf_counter() - eval_start, format_report(report, failed))
+        return report
+
+    batches = iter(loader)
+    model.train()
+    stop = StopOnSignal(info.distributed).install()
+    try:
+        for step in range(start_step, last_step):
+            batch = next(batches)
+            budget.update(b, batch["skipped"])
+            lr = schedule.set_lr(optimizer, step)
+            loss, correct = step_fn(batch["video"], batch["label"], step)
+            loss_sum += loss
+            correct_sum += correct
+            window_steps += 1
+            window_clips += clips_per_step
+            done = step + 1
+            is_last = done == last_step
+            save_now = done % cfg.checkpoint.every_steps == 0 or is_last
+            stopping = False
+            if done % cfg.log.every_steps == 0 or save_now or stop.check_every_step:
+                # The only host sync: once per logging window, summed over ranks.
+                counts = torch.tensor([budget.num_skipped, budget.num_seen, stop.flag], device=device, dtype=torch.float32)
+                totals = all_reduce_sum(torch.cat([loss_sum.view(1), correct_sum.view(1), counts])).tolist()
+                last_loss = totals[0] / (window_steps * info.world_size)
+                train_top1 = 100.0 * totals[1] / window_clips
+                num_skipped, num_seen = int(totals[2]), int(totals[3])
+                stopping = totals[4] > 0
+                save_now = save_now or stopping
+                check_finite_loss(last_loss, done - window_steps + 1, done, last_checkpoint)
+                elapsed = time.perf_counter() - window_start
+                if info.is_main:
+                    metrics.write({"step": done, "loss": last_loss, "train/top1": train_top1, "lr": lr,
+                                   "clips/s": window_clips / elapsed, "data/skipped": num_skipped,
+                                   "epoch": step // steps_per_epoch, "time": time.time()})  # fmt: skip
+                    progress.update(done, last_loss, lr, window_clips / elapsed)
+                loss_sum.zero_()
+                correct_sum.zero_()
+                window_steps, window_clips = 0, 0
+                window_start = time.perf_counter()
+            if val_records and ((cfg.eval.every_steps and done % cfg.eval.every_steps == 0) or is_last):
+                eval_start = time.perf_counter()
+                report = evaluate_now(done)
+                model.train()
+                window_start += time.perf_counter() - eval_start  # keep evaluation out of clips/s
+            if save_now:
+                meta = {"kind": "classifier", "config": config_to_dict(cfg), "data_position": done * B,
+                        "bad_samples": {**budget.state_dict(), "num_skipped": num_skipped, "num_seen": num_seen},
+                        "num_classes": num_classes, "rng": ckpt.rng_state(), "world_size": info.world_size}  # fmt: skip
+                if class_names is not None:
+                    meta["class_names"] = class_names
+                last_checkpoint = ckpt.save_checkpoint(cfg.run_dir, done, model, optimizer, meta,
+                                                       keep_last=cfg.checkpoint.keep_last, info=info)  # fmt: skip
+                log.info("saved checkpoint %s", last_checkpoint)
+            if stopping and not is_last:
+                raise stop_run(stop, done, last_checkpoint, metrics)
+    finally:
+        stop.restore()
+        if progress is not None:
+            progress.close()
+        if metrics is not None:
+            metrics.close()
+        del batches, loader
+    return FinetuneResult(cfg.run_dir, last_checkpoint, last_step, last_loss, train_top1, report)
