@@ -33,6 +33,7 @@ import traceback
 import torch
 
 from benchmarks.common import BASELINES, OPS, UMT_L, bytes_moved, make_inputs, run_op
+from umt_fast.engine.flops import pretrain_flops_per_clip
 
 GPU_TESTS = (  # the tests whose GPU branches only run here: kernels compiled, attention backends, host syncs,
     # CUDA-graph capture (step and whole run)
@@ -102,19 +103,7 @@ def teacher_block_rows() -> list[dict]:
     return rows
 
 
-def _vit_forward_flops(tokens: int, seq: int, width: int, depth: int) -> float:
-    """Matmul FLOPs of a ViT forward: 24 W^2 per token per block (qkv 6, proj 2, MLP 16), plus
-    4 * seq * W per token per block for the two attention matmuls."""
-    return depth * tokens * (24 * width * width + 4 * seq * width)
-
-
-def model_flops_per_clip(teacher_arch, student_arch, teacher_grid: int, num_visible: int) -> float:
-    """Teacher forward on every frame (CLS included) + student forward and backward (3x) on the
-    visible tokens; the heads and the loss are negligible. UMT-L: ~1.0 + ~0.6 TFLOP."""
-    T, P = student_arch.num_frames, teacher_grid**2
-    teacher = _vit_forward_flops(T * (P + 1), P + 1, teacher_arch.width, teacher_arch.layers)
-    student = 3 * _vit_forward_flops(num_visible, num_visible, student_arch.width, student_arch.depth)
-    return teacher + student
+model_flops_per_clip = pretrain_flops_per_clip  # the name this suite's JSON and tests used
 
 
 def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -244,7 +233,7 @@ def step_rows(
             def run(batch):
                 import copy
 
-                from umt_fast.engine.trainer import _compile
+                from umt_fast.recipes.pretrain import _compile
 
                 c_student, c_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
                 _compile(c_student, c_teacher, mode, "aot_eager" if tiny else "inductor")

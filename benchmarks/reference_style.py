@@ -10,6 +10,8 @@ boolean indexing; hand-written softmax attention in the student; no compile; unf
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -23,11 +25,25 @@ def _clip_layer_norm(ln: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
 
 
+_CLIP_MLP_WEIGHTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.Tensor, ...]]" = weakref.WeakKeyDictionary()
+
+
+def clip_mlp(block, x: torch.Tensor) -> torch.Tensor:
+    """CLIP's MLP as the reference writes it: c_fc, the literal QuickGELU x * sigmoid(1.702 x)
+    (three elementwise passes), c_proj; on CLIP's own weights (the block's, unfolded once)."""
+    if block not in _CLIP_MLP_WEIGHTS:
+        sd = block.state_dict()
+        _CLIP_MLP_WEIGHTS[block] = tuple(sd[f"mlp.{k}"] for k in ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias"))
+    w1, b1, w2, b2 = (t.to(x.dtype) for t in _CLIP_MLP_WEIGHTS[block])
+    h = F.linear(x, w1, b1)
+    return F.linear(h * torch.sigmoid(1.702 * h), w2, b2)
+
+
 def teacher_block_forward(block, x: torch.Tensor) -> torch.Tensor:
     """One teacher block as the reference writes it: fp32-upcast LayerNorms and the literal
     QuickGELU MLP (three elementwise passes) around the same attention. [B, S, W] -> [B, S, W]."""
     x = x + block.attn(_clip_layer_norm(block.ln_1, x))
-    return x + block.mlp(_clip_layer_norm(block.ln_2, x))
+    return x + clip_mlp(block, _clip_layer_norm(block.ln_2, x))
 
 
 def _teacher_forward(teacher: CLIPVisionTeacher, video: torch.Tensor):
@@ -51,7 +67,7 @@ def _teacher_forward(teacher: CLIPVisionTeacher, video: torch.Tensor):
             x = x + block.attn.out_proj(out)
         else:
             x = x + block.attn(h)
-        x = x + block.mlp(_clip_layer_norm(block.ln_2, x))  # the literal QuickGELU Sequential
+        x = x + clip_mlp(block, _clip_layer_norm(block.ln_2, x))
         if i >= len(blocks) - teacher.arch.return_layers:
             taps.append(x[:, 1:])
     z = torch.stack(taps)  # ln_post and proj on every token

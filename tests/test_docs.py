@@ -30,7 +30,7 @@ def _read(rel: str) -> str:
 
 
 def _help(module) -> str:
-    return module.make_arg_parser().format_help()
+    return module.help_text()
 
 
 def _table_lines(text: str) -> list[str]:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from tests import umt_reference as ref
 from umt_fast import evaluate, export, extract, interop
-from umt_fast.recipes import finetune
+from umt_fast import finetune
 from umt_fast.data import sample_clip_paths
 from umt_fast.engine.optim import WarmupCosineSchedule
 from umt_fast.data.labelled import multi_view_clip, multi_view_frame_indices, spatial_crop_offsets
@@ -218,8 +218,13 @@ def test_presets_and_config_errors(capsys):
         build_config(["--aug.switch_prob", "1.5"])
     with pytest.raises(ValueError, match="data.train_list is not set"):
         build_config(["--preset", "umt_b16_k400"])
-    assert finetune.main(["--eval.num_crops", "2"]) == 2
-    assert "eval.num_crops=2 is not allowed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--eval.num_crops", "2"])
+    assert e.value.code == 2 and "--eval.num_crops" in capsys.readouterr().err
+    assert finetune.main(["--eval.num_clips", "0"]) == 2
+    assert "eval.num_clips=0 is not allowed" in capsys.readouterr().err
+    # the older spelling of the global batch, on the command line and in a run's config.yaml
+    assert build_config(["--train.batch_size", "6"]).train.global_batch_size == 6
 
 
 def test_extract_writes_embeddings_deterministically_and_reports_unreadable_files(tmp_path, capsys):
@@ -281,11 +286,14 @@ def test_init_from_a_pretraining_run_directory(tmp_path):
 
 
 def test_help_lists_every_option():
-    from umt_fast.config.finetune import all_field_names, make_arg_parser
+    from umt_fast.config.finetune import all_field_names, help_text
 
-    text = make_arg_parser().format_help()
+    text = help_text()
     for name in all_field_names():
-        assert f"--{name.replace('run_dir', 'run-dir')}" in text, name
+        assert f"--{name}" in text, name
+    for shared in ("--train.compile", "--train.attention", "--train.global_batch_size", "--log.tensorboard",
+                   "--log.wandb", "--train.batch_size", "--init"):  # fmt: skip
+        assert shared in text, shared
     assert "layer-wise lr decay" in text.lower() or "Layer-wise lr decay" in text
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.markers import needs_fsdp_on_cpu
 from umt_fast.engine import checkpoint as ckpt
-from umt_fast.recipes import finetune
+from umt_fast import finetune
 from umt_fast.config.finetune import build_config
 from tests.launch import run_command
 
@@ -74,7 +74,7 @@ def test_fsdp_checkpoint_resumes_in_a_single_process(tmp_path, one_rank, fsdp_ru
 def test_global_batch_must_split_over_ranks_and_torchrun_needs_a_run_dir(monkeypatch, capsys):
     cfg = build_config(["--train.batch_size", "6"])
     assert finetune.per_rank_batch(cfg, 2) == 3
-    with pytest.raises(ValueError, match=r"train.batch_size=6 must be divisible by the number of ranks \(4\)"):
+    with pytest.raises(ValueError, match=r"train.global_batch_size=6 must be divisible by the number of ranks \(4\)"):
         finetune.per_rank_batch(cfg, 4)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert finetune.main(["--train.max_steps", "1"]) == 2

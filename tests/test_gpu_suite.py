@@ -73,9 +73,11 @@ def test_model_flops_formula_counts_every_block_matmul():
         with FlopCounterMode(display=False) as student_count:
             alignment_loss(student(video, idx), targets).backward()
 
+    from umt_fast.engine import flops
+
     grid, visible = teacher.arch.grid, visible_tokens_per_clip("attention", T, P, cfg.mask.ratio)
-    teacher_formula = gpu_suite._vit_forward_flops(T * (grid**2 + 1), grid**2 + 1, teacher.arch.width, teacher.arch.layers)
-    student_formula = 3 * gpu_suite._vit_forward_flops(visible, visible, student.arch.width, student.arch.depth)
+    teacher_formula = flops.transformer_forward_flops(T * (grid**2 + 1), grid**2 + 1, teacher.arch.width, teacher.arch.layers)
+    student_formula = 3 * flops.transformer_forward_flops(visible, visible, student.arch.width, student.arch.depth)
     assert block_flops(teacher_count) == B * teacher_formula
     assert block_flops(student_count) == B * student_formula
     assert gpu_suite.model_flops_per_clip(teacher.arch, student.arch, grid, visible) == teacher_formula + student_formula

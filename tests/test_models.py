@@ -165,7 +165,7 @@ def test_activation_checkpointing_gives_the_same_gradients(num_blocks):
         student = interop.load_student(sd, num_frames=T, img_size=IMG)
         student = type(student)(dataclasses.replace(student.arch, drop_path=0.3))
         student.load_state_dict(sd)
-        student.train().set_activation_checkpointing(checkpointed)
+        student.train().set_grad_checkpointing(num_blocks=checkpointed)
         torch.manual_seed(0)
         student(video, idx).square().sum().backward()
         return {n: p.grad for n, p in student.named_parameters()}
@@ -282,7 +282,7 @@ def test_student_with_drop_path_is_the_same_whole_or_split_and_checkpointed():
 
     def grads(checkpointed):
         student.zero_grad()
-        student.set_activation_checkpointing(checkpointed)
+        student.set_grad_checkpointing(num_blocks=checkpointed)
         student(video, idx, scales(4, 0)).square().sum().backward()
         return {n: p.grad.clone() for n, p in student.named_parameters()}
 
@@ -299,9 +299,17 @@ def test_teacher_mlp_folds_quick_gelu_into_one_silu():
     from umt_fast.models.teacher import ResidualAttentionBlock
 
     torch.manual_seed(0)
+    clip = {k: v.double() for k, v in ResidualAttentionBlock(16, 2).state_dict().items()}  # CLIP's own values
     block = ResidualAttentionBlock(16, 2).double()
+    block.load_state_dict(clip)
     x = torch.randn(3, 5, 16, dtype=torch.float64)
-    torch.testing.assert_close(block._mlp(x), block.mlp(x), atol=1e-12, rtol=1e-12)  # mlp: the literal Sequential
+    hidden = x @ clip["mlp.c_fc.weight"].T + clip["mlp.c_fc.bias"]
+    literal = (hidden * torch.sigmoid(1.702 * hidden)) @ clip["mlp.c_proj.weight"].T + clip["mlp.c_proj.bias"]
+    torch.testing.assert_close(block.mlp(x), literal, atol=1e-12, rtol=1e-12)
+    # folded once, at load: the parameters hold the scaled values, state_dict() CLIP's
+    torch.testing.assert_close(block.mlp.c_fc.weight, 1.702 * clip["mlp.c_fc.weight"], atol=0, rtol=1e-15)
+    for key, value in block.state_dict().items():
+        torch.testing.assert_close(value, clip[key], atol=0, rtol=1e-15, msg=key)
 
     class Record(TorchDispatchMode):
         def __init__(self):

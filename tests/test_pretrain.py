@@ -37,10 +37,18 @@ def test_demo_trains_and_reports_where_it_saved(tmp_path, capsys):
         assert (run_dir / name).is_file()
     records = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 13))
-    assert {"step", "loss", "lr", "clips/s", "data/skipped"} <= set(records[0])
+    assert {"step", "loss", "lr", "clips/s", "data/skipped", "data_wait_ms", "tflops"} <= set(records[0])
+    assert "mfu" not in records[0] and "peak_mem_gb" not in records[0]  # no known peak, no GPU memory on a CPU
+    # TFLOP/s per clip/s is the model FLOPs of one clip: the tiny teacher on 4 frames of 7x7 + CLS, and
+    # the tiny student's forward and backward on its 4 x 10 visible tokens (by hand, 24 w^2 + 4 s w per token)
+    teacher = 4 * (4 * 50) * (24 * 128**2 + 4 * 50 * 128)
+    student = 3 * 4 * 40 * (24 * 192**2 + 4 * 40 * 192)
+    assert records[0]["tflops"] * 1e12 / records[0]["clips/s"] == pytest.approx(teacher + student, rel=1e-9)
+    assert all(r["data_wait_ms"] >= 0 for r in records)
     losses = [r["loss"] for r in records]
     assert sum(losses[-3:]) / 3 < 0.75 * losses[0], losses
-    assert "step 12/12" in (run_dir / "log.txt").read_text()
+    log_text = (run_dir / "log.txt").read_text()
+    assert "step 12/12" in log_text and "TFLOP/s" in log_text and "data " in log_text
     state = ckpt.load_checkpoint(final)
     assert {"student", "optimizer", "step", "data_position", "config", "bad_samples"} <= set(state)
     assert state["step"] == 12 and state["data_position"] == 12 * 4
@@ -108,7 +116,9 @@ def test_cuda_graph_bookkeeping_in_the_training_loop(tmp_path, monkeypatch):
 
     from umt_fast.engine.cuda_graph import CUDAGraphStep
 
-    monkeypatch.setattr(loop, "_require_cuda_for_graphs", lambda cfg, device: None)
+    from umt_fast.engine import trainer
+
+    monkeypatch.setattr(trainer, "require_cuda_for_graphs", lambda cfg, device: None)
     monkeypatch.setattr(loop, "CUDAGraphStep", functools.partial(CUDAGraphStep, capture=False))
 
     def run(run_dir, max_steps, graphs, resume="auto"):
@@ -217,6 +227,6 @@ def test_teacher_weights_of_the_wrong_arch_are_refused(tmp_path, capsys):
 def test_help_lists_every_option():
     out = subprocess.run([sys.executable, "-m", "umt_fast.pretrain", "--help"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
-    for option in ("--preset", "--run-dir", "--resume", "--train.max_steps", "--checkpoint.every_steps",
+    for option in ("--preset", "--run_dir", "--resume", "--train.max_steps", "--checkpoint.every_steps",
                    "--log.every_steps", "--data.train_list", "--data.root", "--teacher.weights", "--mask.policy"):
         assert option in out

@@ -102,7 +102,7 @@ def _graph_pair(policy="attention", device="cpu", drop_path=0.1, checkpointed_bl
     students[1].load_state_dict(students[0].state_dict())
     steps = []
     for student, capturable in zip(students, (False, True)):
-        student.set_activation_checkpointing(checkpointed_blocks)
+        student.set_grad_checkpointing(num_blocks=checkpointed_blocks)
         optimizer = build_optimizer(student, 1e-3, 0.05, (0.9, 0.95), 1e-8, capturable=capturable)
         steps.append(PretrainStep(student, teacher, optimizer, mask_policy=policy, mask_ratio=0.8, seed=3,
                                   device=torch.device(device), autocast_dtype=None))

@@ -80,7 +80,7 @@ def _signal_at(step_to_signal, signum):
 
 def test_finetuning_stops_on_sigusr1_after_saving(tmp_path, monkeypatch):
     from tests.test_finetune import SMALL, _write_list
-    from umt_fast.recipes import finetune
+    from umt_fast import finetune
 
     monkeypatch.setattr(finetune.FinetuneStep, "__call__", _signal_at(2, signal.SIGUSR1)(finetune.FinetuneStep.__call__))
     train_list = _write_list(tmp_path / "train.csv")

@@ -75,7 +75,7 @@ def test_published_presets_need_their_inputs_and_bad_values_are_named(tmp_path, 
     assert "data.video_list" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--text.fusion_layer", "2"])
-    assert "did you mean --text.fusion_layers" in capsys.readouterr().err
+    assert "--text.fusion_layers" in capsys.readouterr().err  # the close match
 
 
 def test_compiled_blocks_give_the_eager_losses(demo_run, tmp_path):

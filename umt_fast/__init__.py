@@ -17,6 +17,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 
 # Module paths from before the engine/recipes layout, still importable under their old names.
 MOVED_MODULES = {
@@ -31,7 +32,7 @@ MOVED_MODULES = {
     "umt_fast.train.logging": "umt_fast.engine.metrics",
     "umt_fast.train.stopping": "umt_fast.engine.stopping",
     "umt_fast.train.cuda_graph": "umt_fast.engine.cuda_graph",
-    "umt_fast.train.loop": "umt_fast.engine.trainer",
+    "umt_fast.train.loop": "umt_fast.recipes.pretrain",
     "umt_fast.train.step": "umt_fast.recipes.pretrain",
     "umt_fast.vl": "umt_fast.recipes",
     "umt_fast.vl.train": "umt_fast.recipes.pretrain_vl",
@@ -44,20 +45,42 @@ MOVED_MODULES = {
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Resolves an old module path to the module at its new path (the same module object)."""
+    """Resolves an old module path to the module at its new path (the same module object).
+
+    An old package whose children moved elsewhere (`umt_fast.train`, `umt_fast.vl`) becomes a
+    small stand-in package: `from umt_fast.train import loop` finds the moved child, and any
+    other name is read from the package it moved to.
+    """
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in MOVED_MODULES:
             return None
-        return importlib.util.spec_from_loader(fullname, self)
+        return importlib.util.spec_from_loader(fullname, self, is_package=_is_old_package(fullname))
 
     def create_module(self, spec):
+        if _is_old_package(spec.name):
+            return _OldPackage(spec.name)
         module = importlib.import_module(MOVED_MODULES[spec.name])
         self.own_spec = module.__spec__  # the import system overwrites it with the alias's spec
         return module
 
     def exec_module(self, module):
-        module.__spec__ = self.own_spec
+        if not isinstance(module, _OldPackage):
+            module.__spec__ = self.own_spec
+
+
+def _is_old_package(name: str) -> bool:
+    return any(old.startswith(name + ".") for old in MOVED_MODULES)
+
+
+class _OldPackage(types.ModuleType):
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        child = f"{self.__name__}.{attr}"
+        if child in MOVED_MODULES:
+            return importlib.import_module(child)
+        return getattr(importlib.import_module(MOVED_MODULES[self.__name__]), attr)
 
 
 if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):

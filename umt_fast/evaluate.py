@@ -136,5 +136,15 @@ def _predict_one(model: VideoViT, args: argparse.Namespace, device: torch.device
     return 0
 
 
+def __getattr__(name: str):
+    """The library's names (``build_model``, ...) stay importable from the command, loaded on first use."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module("umt_fast.recipes.evaluation"), name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
 if __name__ == "__main__":
     sys.exit(main())

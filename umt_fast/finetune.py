@@ -11,7 +11,7 @@ The published recipes, from a reference checkpoint (nothing is downloaded):
         --data.train_list ssv2_train.csv --data.val_list ssv2_val.csv --data.root /data/ssv2 \\
         --run-dir runs/ft_b16_ssv2
 
-Several GPUs (``train.batch_size`` is the global batch; add --dist.strategy fsdp to shard the
+Several GPUs (``train.global_batch_size`` is the global batch; add --dist.strategy fsdp to shard the
 model):
 
     torchrun --nproc_per_node 8 -m umt_fast.finetune --preset umt_b16_ssv2 --init ... \\
@@ -66,6 +66,16 @@ def _load_train():
 
 def main(argv: list[str] | None = None) -> int:
     return run_training_command(argv, build_config, check_config, _load_train, _summary)
+
+
+def __getattr__(name: str):
+    """The library's names (``build_model``, ...) stay importable from the command, loaded on first use."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module("umt_fast.recipes.finetune"), name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def _summary(result) -> list[str]:
 
 
 def _load_train():
-    from umt_fast.engine.trainer import train
+    from umt_fast.recipes.pretrain import train
 
     return train
 

@@ -24,8 +24,6 @@ import os
 import sys
 
 def _parser() -> argparse.ArgumentParser:
-    from umt_fast.config import make_arg_parser
-
     parser = argparse.ArgumentParser(
         prog="python -m umt_fast.visualize",
         description="Pictures of masks, teacher attention, runs and benchmarks (PNG, optionally HTML).",
@@ -35,8 +33,6 @@ def _parser() -> argparse.ArgumentParser:
 
     mask = commands.add_parser(
         "mask",
-        parents=[make_arg_parser()],  # --preset, --config and every --section.field option
-        conflict_handler="resolve",
         usage=(
             "python -m umt_fast.visualize mask VIDEO [--preset NAME] [--config FILE] [--teacher.weights PATH] "
             "[--mask.ratio R] [--seed N] [--checkpoint PATH] [--out PNG] [--section.field VALUE ...]"
@@ -54,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     mask.add_argument("video", help="the video file")
+    mask.add_argument("--preset", help="a pre-training preset (python -m umt_fast.pretrain --help lists them)")
+    mask.add_argument("--config", metavar="FILE", help="a pre-training config file, e.g. a run's config.yaml")
     mask.add_argument("--seed", type=int, default=None,
                       help="seed of the masks (and of a random teacher's weights); default: train.seed")
     mask.add_argument("--checkpoint", metavar="PATH",
@@ -98,20 +96,25 @@ def _add_compact_option(parser: argparse.ArgumentParser) -> None:
                         help="5 bits per colour channel: about half the file size (e.g. for committing)")
 
 
+def _split_config_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this command's own arguments, the --section.field options with their values)."""
+    own, config = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            takes_next = "=" not in arg and i + 1 < len(argv)
+            config += argv[i:i + 2] if takes_next else [arg]
+            i += 2 if takes_next else 1
+        else:
+            own.append(arg)
+            i += 1
+    return own, config
+
+
 def _default_out(path: str, suffix: str, here: bool) -> str:
     stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     return f"{stem}{suffix}" if here else os.path.join(os.path.dirname(os.path.abspath(path)), f"{stem}{suffix}")
-
-
-def _config_argv(args: argparse.Namespace) -> list[str]:
-    """The pretrain options given to `mask`, back as a build_config argv."""
-    from umt_fast.config import all_field_names
-
-    argv = []
-    for name in ["preset", "config"] + [n for n in all_field_names() if "." in n]:
-        if getattr(args, name, None) is not None:
-            argv += [f"--{name}", getattr(args, name)]
-    return argv
 
 
 def _device(name: str):
@@ -143,15 +146,15 @@ def mask_command(args: argparse.Namespace) -> list[str]:
 
     if not os.path.isfile(args.video):
         raise FileNotFoundError(f"{args.video}: no such video file")
-    argv = _config_argv(args)
+    argv = list(args.config_argv)  # every option that is not mask's own: pretrain's, for build_config
     if args.checkpoint is not None:
         if not os.path.exists(args.checkpoint):
             raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such checkpoint")
         # <run_dir>/checkpoints/step_N -> <run_dir>/config.yaml
         run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))), "config.yaml")
-        if "--preset" not in argv and "--config" not in argv and os.path.isfile(run_config):
+        if not any(a.split("=")[0] in ("--preset", "--config") for a in argv) and os.path.isfile(run_config):
             argv += ["--config", run_config]
-    if "--data.train_list" not in argv:
+    if not any(a.split("=")[0] in ("--data.train_list", "--data.train-list") for a in argv):
         argv += ["--data.train_list", SAMPLE_CLIPS]  # validation wants one; the figure reads only the video
     cfg = build_config(argv, prog="python -m umt_fast.visualize mask")
     seed = cfg.train.seed if args.seed is None else args.seed
@@ -216,7 +219,13 @@ def bench_command(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    own, config_argv = _split_config_options(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(own)
+    if args.command == "mask":
+        args.config_argv = config_argv + [a for name in ("preset", "config") if getattr(args, name)
+                                          for a in (f"--{name}", getattr(args, name))]  # fmt: skip
+    elif config_argv:
+        parser.error(f"unrecognized arguments: {' '.join(config_argv)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         if args.command == "mask":

@@ -1,17 +1,27 @@
-"""The machinery every umt_fast command's config shares: validation helpers, field docstrings
-and types, value conversion, ``config.yaml`` I/O and the ``--section.field`` command line.
+"""What every umt_fast command's config shares: the `Section` base, validation helpers, value
+conversion, ``config.yaml`` I/O and the command line (tyro).
 
-A command describes its config once, as a :class:`ConfigSchema` (the root dataclass, its
-sections, presets, choice fields and validation); the schema then parses argv, applies YAML
-files and dicts, and builds the ``--help`` text from the fields' docstrings.
+A command describes its config once, as a :class:`ConfigSchema`: the root dataclass (a
+`RunConfig`: ``preset``, ``run_dir``, ``resume`` and one field per section), its presets and its
+validation. The schema then parses argv, applies YAML files and dicts, and gives ``--help``.
+
+Where the values come from, lowest precedence first (as in lingua): the preset, then a YAML
+file given with ``--config FILE`` (the nested layout of the ``config.yaml`` written into every run
+directory), then ``--section.field VALUE`` options. tyro turns the dataclasses into the command
+line: one option per field, in either spelling (``--train.max_steps`` or ``--train.max-steps``),
+``Literal`` fields as choices, the field docstrings as help. Bad values raise ValueError naming
+the dotted field (``mask.ratio``), the value and what is allowed, before anything is built;
+a value that does not parse at all (``--train.seed four``) and an unknown option exit with code 2
+and tyro's message naming the option.
 """
 from __future__ import annotations
 
 import argparse
-import ast
+import contextlib
+import contextvars
 import dataclasses
 import difflib
-import inspect
+import io
 import json
 import math
 import os
@@ -19,8 +29,9 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Annotated, Any, Callable, Literal, NoReturn
 
+import tyro
 import yaml
 
 TOP_LEVEL = ("preset", "run_dir", "resume")
@@ -45,39 +56,9 @@ def require(ok: bool, name: str, value: Any, allowed: str) -> None:
 def require_choice(name: str, value: Any, choices) -> None:
     choices = tuple(choices)
     if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         fail(name, value, f"must be one of {', '.join(map(repr, choices))}{hint}")
-
-
-def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def check_types(section: str, obj: Any) -> None:
-    """Type-check every field of a section dataclass (catches e.g. `cfg.train.global_batch_size = "4"`)."""
-    for f in dataclasses.fields(obj):
-        name = f"{section}.{f.name}" if section else f.name
-        typ = field_types(type(obj))[f.name]
-        v = getattr(obj, f.name)
-        if typ is bool:
-            ok, what = isinstance(v, bool), "a bool"
-        elif typ is int:
-            ok, what = is_int(v), "an int"
-        elif typ is float:
-            ok, what = is_real(v), "a finite float"
-        elif typ is str:
-            ok, what = isinstance(v, str), "a string"
-        elif typ == tuple[float, float]:
-            ok = isinstance(v, tuple) and len(v) == 2 and all(is_real(x) for x in v)
-            what = "a tuple of two finite floats"
-        else:  # a section dataclass; checked separately
-            continue
-        require(ok, name, v, f"must be {what}")
 
 
 def require_paths(checks: typing.Iterable[tuple[str, str, Callable[[str], bool]]]) -> None:
@@ -89,112 +70,181 @@ def require_paths(checks: typing.Iterable[tuple[str, str, Callable[[str], bool]]
             raise FileNotFoundError(f"{name}={path!r}: no such {kind}")
 
 
-# --------------------------------------------------------------------------------------------
-# Field introspection: types and docstrings
-# --------------------------------------------------------------------------------------------
-
-_DOCS_CACHE: dict[type, dict[str, str]] = {}
-_TYPES_CACHE: dict[type, dict[str, Any]] = {}
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def field_types(cls: type) -> dict[str, Any]:
-    if cls not in _TYPES_CACHE:
-        _TYPES_CACHE[cls] = typing.get_type_hints(cls)
-    return _TYPES_CACHE[cls]
+def is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _own_field_docs(cls: type) -> dict[str, str]:
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for stmt, nxt in zip(body, body[1:]):
-        if (
-            isinstance(stmt, ast.AnnAssign)
-            and isinstance(stmt.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
+def _reflow(text: str) -> str:
+    """A field docstring as one paragraph per blank-line-separated block (tyro keeps the break
+    before every indented continuation line of a docstring written inside a class)."""
+    return "\n\n".join(" ".join(block.split()) for block in text.split("\n\n"))
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the docstring under it in the class body, a subclass's overriding its
-    parents' ({} where the source is unavailable)."""
-    if cls not in _DOCS_CACHE:
-        docs: dict[str, str] = {}
-        for klass in reversed(cls.__mro__):
-            if dataclasses.is_dataclass(klass):
-                docs.update(_own_field_docs(klass))
-        _DOCS_CACHE[cls] = docs
-    return _DOCS_CACHE[cls]
+tyro._strings.remove_single_line_breaks = _reflow  # the one tyro behaviour changed here: help text only
 
 
 # --------------------------------------------------------------------------------------------
-# Conversion of user-given values (CLI strings, YAML/JSON values) to a field's type
+# Field types: bool and (float, float) take one value on the command line, as in config.yaml
 # --------------------------------------------------------------------------------------------
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
 
-def convert(name: str, typ: Any, value: Any) -> Any:
-    """Convert `value` (a CLI string or a YAML/JSON scalar) to `typ`; ValueError naming `name`."""
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if is_int(value) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        fail(name, value, "must be a bool: true/false, 1/0 or yes/no (any case)")
-    if typ is int:
-        if is_int(value):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        fail(name, value, "must be an integer")
-    if typ is float:
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                fail(name, value, "must be a number")
-        if is_real(value):
-            return float(value)
-        fail(name, value, "must be a finite number")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        fail(name, value, "must be a string")
+def parse_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise ValueError(f"{text!r} is not a bool: true/false, 1/0 or yes/no (any case)")
+    return word in _TRUE
+
+
+def parse_pair(text: str) -> tuple[float, float]:
+    parts = text.strip().strip("()[]").replace(",", " ").split()
+    try:
+        a, b = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{text!r} is not two numbers, e.g. 0.9,0.95") from None
+    return a, b
+
+
+Bool = Annotated[
+    bool,
+    tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1, metavar="BOOL", instance_from_str=lambda args: parse_bool(args[0]),
+        is_instance=lambda v: isinstance(v, bool), str_from_instance=lambda v: [str(v).lower()],
+    ),
+    tyro.conf.FlagConversionOff,
+]
+"""A bool that takes a value on the command line: true/false, 1/0 or yes/no, any case."""
+
+Pair = Annotated[
+    tuple[float, float],
+    tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1, metavar="A,B", instance_from_str=lambda args: parse_pair(args[0]),
+        is_instance=lambda v: isinstance(v, tuple), str_from_instance=lambda v: [",".join(map(str, v))],
+    ),
+]
+"""Two floats, written 0.9,0.95 on the command line (or [0.9, 0.95] in YAML)."""
+
+
+def _base_type(typ: Any) -> Any:
+    return typing.get_args(typ)[0] if typing.get_origin(typ) is Annotated else typ
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> its type, Annotated wrappers removed."""
+    return {name: _base_type(t) for name, t in typing.get_type_hints(cls, include_extras=True).items()}
+
+
+def _type_error(name: str, value: Any, typ: Any) -> str | None:
+    """Why ``value`` is not of field type ``typ`` (None when it is)."""
+    if typing.get_origin(typ) is Literal:
+        choices = typing.get_args(typ)
+        if value in choices and type(value) is type(choices[0]):
+            return None
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"must be one of {', '.join(map(repr, choices))}{hint}"
+    ok, what = {
+        bool: (isinstance(value, bool), "a bool"),
+        int: (is_int(value), "an int"),
+        float: (is_real(value), "a finite float"),
+        str: (isinstance(value, str), "a string"),
+    }.get(typ, (True, ""))
     if typ == tuple[float, float]:
-        parts = value
-        if isinstance(value, str):
-            parts = [p for p in value.strip().strip("()[]").replace(",", " ").split()]
-        if isinstance(parts, (list, tuple)) and len(parts) == 2:
-            try:
-                return tuple(convert(name, float, p) for p in parts)
-            except ValueError:
-                pass
-        fail(name, value, "must be two numbers, e.g. 0.9,0.95")
-    raise AssertionError(f"no converter for {name}: {typ}")
+        ok = isinstance(value, tuple) and len(value) == 2 and all(is_real(x) for x in value)
+        what = "a tuple of two finite floats"
+    return None if ok else f"must be {what}"
 
 
-def set_field(cfg: Any, dotted: str, value: Any) -> None:
-    """Set `section.field` (or a top-level field) on cfg, converting value to the field's type."""
-    if "." in dotted:
-        section, name = dotted.split(".", 1)
-        obj = getattr(cfg, section)
-    else:
-        obj, name = cfg, dotted
-    setattr(obj, name, convert(dotted, field_types(type(obj))[name], value))
+def check_types(section: str, obj: Any) -> None:
+    """Type-check every field of a dataclass (catches e.g. ``cfg.train.global_batch_size = "4"``)."""
+    for name, typ in field_types(type(obj)).items():
+        if dataclasses.is_dataclass(typ):
+            continue
+        value = getattr(obj, name)
+        problem = _type_error(name, value, typ)
+        if problem:
+            fail(f"{section}.{name}" if section else name, value, problem)
+
+
+def convert(name: str, typ: Any, value: Any) -> Any:
+    """A YAML / JSON value (or a string) as field type ``typ``; ValueError naming ``name``."""
+    try:
+        if isinstance(value, str) and typ is not str:
+            if typ is bool:
+                value = parse_bool(value)
+            elif typ is int:
+                value = int(value.strip())
+            elif typ is float:
+                value = float(value.strip())
+            elif typ == tuple[float, float]:
+                value = parse_pair(value)
+            elif typing.get_origin(typ) is Literal and not isinstance(typing.get_args(typ)[0], str):
+                value = int(value.strip())
+        elif typ is bool and is_int(value) and value in (0, 1):
+            value = bool(value)
+        elif typ is float and is_int(value):
+            value = float(value)
+        elif typ == tuple[float, float] and isinstance(value, list):
+            value = tuple(float(v) if is_int(v) else v for v in value)
+    except ValueError as exc:
+        fail(name, value, str(exc))
+    problem = _type_error(name, value, typ)
+    if problem:
+        fail(name, value, problem)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Sections: dataclasses that check themselves
+# --------------------------------------------------------------------------------------------
+
+_DEFER_CHECKS = contextvars.ContextVar("defer_checks", default=False)
+
+
+@dataclass
+class Section:
+    """A config section: a dataclass whose fields carry docstrings, checked in `__post_init__`
+    (and again by the command's `validate`, which also sees later assignments).
+
+    Subclasses set ``SECTION`` (the name in ``--SECTION.field`` and config.yaml) and extend
+    `validate` with their rules, each raising ValueError naming the dotted field.
+    """
+
+    SECTION: typing.ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if not _DEFER_CHECKS.get():
+            self.validate()
+
+    def validate(self) -> None:
+        check_types(self.SECTION, self)
+
+
+@dataclass
+class RunConfig:
+    """The root fields every command's config starts with."""
+
+    preset: str = ""
+    """Name of the preset the config started from ('' = the dataclass defaults); informational."""
+    run_dir: Annotated[str, tyro.conf.arg(name="run-dir")] = ""
+    """Run directory (config.yaml/.json, metrics.jsonl, checkpoints/, log.txt); '' = the launcher
+    picks one (runs/PRESET-DATE-TIME).
+    """
+    resume: str = "auto"
+    """auto: resume from the newest checkpoint in run_dir if there is one; none: start fresh; or a
+    checkpoint directory (run_dir/checkpoints/step_N).
+    """
+
+
+def sections_of(root: type) -> dict[str, type]:
+    """Section name -> dataclass, in the root's field order (config.yaml and --help order)."""
+    return {name: typ for name, typ in field_types(root).items() if dataclasses.is_dataclass(typ)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +272,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def save_config(cfg: Any, run_dir: str | os.PathLike) -> Path:
-    """Write <run_dir>/config.yaml and <run_dir>/config.json (creating run_dir); return the YAML path.
-    """
+    """Write <run_dir>/config.yaml and <run_dir>/config.json (creating run_dir); return the YAML path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     d = config_to_dict(cfg)
@@ -253,78 +302,8 @@ def load_config_dict(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Command line
+# One command's config
 # --------------------------------------------------------------------------------------------
-
-
-def show(v: Any) -> str:
-    if isinstance(v, tuple):
-        return ",".join(str(x) for x in v)
-    if isinstance(v, str):
-        return repr(v)
-    return str(v)
-
-
-def esc(text: str) -> str:
-    return text.replace("%", "%%")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """ArgumentParser whose unknown options fail with exit 2 naming the option, an unknown
-    section, and close matches; numeric values that start with '-' parse as values."""
-
-    sections: typing.Sequence[str] = ()
-
-    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
-        ns, extras = self.parse_known_args(args, namespace)
-        if extras:
-            self.error(self._unknown_message(extras))
-        return ns
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        args = list(sys.argv[1:] if args is None else args)
-        # argparse takes a value such as "-1e-3" for an option name: glue numeric values that
-        # start with "-" onto their option ("--optim.lr=-1e-3") so they parse as values.
-        takes_value = {s for a in self._actions if a.nargs != 0 for s in a.option_strings}
-        out: list[str] = []
-        i = 0
-        while i < len(args):
-            if args[i] in takes_value and i + 1 < len(args) and args[i + 1].startswith("-"):
-                try:
-                    float(args[i + 1])
-                except ValueError:
-                    pass
-                else:
-                    out.append(f"{args[i]}={args[i + 1]}")
-                    i += 2
-                    continue
-            out.append(args[i])
-            i += 1
-        return super().parse_known_args(out, namespace)
-
-    def _unknown_message(self, extras: list[str]) -> str:
-        options = [s for a in self._actions for s in a.option_strings]
-        msgs = []
-        for arg in extras:
-            if not arg.startswith("--"):
-                continue
-            opt = arg.split("=", 1)[0]
-            body = opt[2:]
-            if "." in body and self.sections and body.split(".", 1)[0] not in self.sections:
-                section = body.split(".", 1)[0]
-                close = difflib.get_close_matches(section, self.sections, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                msgs.append(
-                    f"unrecognized option {opt}: unknown section {section!r}{hint}; "
-                    f"sections are {', '.join(self.sections)}"
-                )
-                continue
-            close = difflib.get_close_matches(opt, options, n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else "; see --help"
-            msgs.append(f"unrecognized option {opt}{hint}")
-        if not msgs:
-            msgs.append(f"unrecognized arguments: {' '.join(extras)} (values go after --section.field)")
-        return "\n".join(msgs)
 
 
 @dataclass
@@ -332,28 +311,31 @@ class ConfigSchema:
     """One command's config: how to build, check, parse and print it.
 
     Attributes:
-        root: the root dataclass (fields ``preset``, ``run_dir``, ``resume`` and one per section).
-        sections: section name -> dataclass, in --help and config.yaml order.
+        root: the root dataclass (a RunConfig with one field per section).
         presets: preset name -> a function returning a fresh root config.
-        validate: raises ValueError naming the first bad field.
-        choices: dotted field -> its allowed values (for --help metavars).
+        validate: the command's own checks (cross-field rules, required values), run after
+            every section's and the root fields'; raises ValueError naming the first bad field.
         description: the command's one-line description for --help.
         prog: how the command is invoked, for --help.
         preset_help: preset name -> one line for --help (default: the preset function's docstring).
-        shorthands: extra (flag, dotted field, help) options, e.g. ("--init", "model.init", ...).
+        shorthands: (flag, dotted field) options, e.g. ("--init", "model.init").
+        aliases: old dotted name -> the field it now sets, on the command line and in files.
         default_preset: used when neither --preset nor the YAML names one.
     """
 
     root: type
-    sections: dict[str, type]
     presets: dict[str, Callable[[], Any]]
     validate: Callable[[Any], None]
-    choices: dict[str, tuple] = field(default_factory=dict)
     description: str = ""
     prog: str = ""
     preset_help: dict[str, str] | None = None
-    shorthands: tuple[tuple[str, str, str], ...] = ()
+    shorthands: tuple[tuple[str, str], ...] = ()
+    aliases: dict[str, str] = field(default_factory=dict)
     default_preset: str = "demo"
+
+    @property
+    def sections(self) -> dict[str, type]:
+        return sections_of(self.root)
 
     def all_field_names(self) -> list[str]:
         """Every settable key: 'preset', 'run_dir', 'resume' and 'section.field' for every field."""
@@ -361,10 +343,22 @@ class ConfigSchema:
 
     def get_preset(self, name: str) -> Any:
         if name not in self.presets:
-            close = difflib.get_close_matches(str(name), self.presets, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            fail("preset", name, f"must be one of {', '.join(map(repr, self.presets))}{hint}")
+            require_choice("preset", name, self.presets)
         return self.presets[name]()
+
+    def check(self, cfg: Any) -> None:
+        """Every check: the root fields, each section's own rules, then the command's."""
+        if not isinstance(cfg, self.root):
+            raise TypeError(f"expected a {self.root.__name__}, got {type(cfg).__name__}")
+        check_types("", cfg)
+        if cfg.preset:
+            require_choice("preset", cfg.preset, self.presets)
+        require(cfg.resume != "", "resume", cfg.resume, "must be 'auto', 'none' or the path of a checkpoint directory")
+        for name, cls in self.sections.items():
+            section = getattr(cfg, name)
+            require(isinstance(section, cls), name, section, f"must be a {cls.__name__}")
+            section.validate()
+        self.validate(cfg)
 
     def _unknown_key(self, key: str, where: str) -> NoReturn:
         names = self.all_field_names()
@@ -376,19 +370,23 @@ class ConfigSchema:
         """Apply a nested dict (the config.yaml layout) onto cfg, converting every value."""
         if not isinstance(d, dict):
             raise ValueError(f"a config{where} must be a mapping of sections, got {type(d).__name__}")
+        sections = self.sections
         for key, value in d.items():
             if key in TOP_LEVEL:
-                set_field(cfg, key, value)
-            elif key in self.sections:
+                setattr(cfg, key, convert(key, str, value))
+            elif key in sections:
                 if value is None:  # an empty section in YAML
                     continue
                 if not isinstance(value, dict):
                     raise ValueError(f"config key {key!r}{where} must be a mapping of fields, got {value!r}")
-                known = {f.name for f in dataclasses.fields(self.sections[key])}
+                section = getattr(cfg, key)
+                types = field_types(type(section))
                 for name, field_value in value.items():
-                    if name not in known:
-                        self._unknown_key(f"{key}.{name}", where)
-                    set_field(cfg, f"{key}.{name}", field_value)
+                    dotted = self.aliases.get(f"{key}.{name}", f"{key}.{name}")
+                    name = dotted.split(".", 1)[1]
+                    if name not in types:
+                        self._unknown_key(dotted, where)
+                    setattr(section, name, convert(dotted, types[name], field_value))
             else:
                 self._unknown_key(str(key), where)
 
@@ -398,82 +396,70 @@ class ConfigSchema:
         cfg = self.root()
         self.apply_dict(cfg, d)
         if check:
-            self.validate(cfg)
+            self.check(cfg)
         return cfg
 
-    def _metavar(self, dotted: str, typ: Any) -> str:
-        if dotted in self.choices:
-            return "{" + ",".join(map(str, self.choices[dotted])) + "}"
-        if typ == tuple[float, float]:
-            return "B1,B2"
-        return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[typ]
-
-    def make_arg_parser(self, prog: str | None = None) -> ArgumentParser:
-        """--preset, --run-dir, --resume, --config, the shorthands and one ``--section.field
-        VALUE`` option per field. Every option defaults to argparse.SUPPRESS, so only what the
-        command line gives overrides the preset / YAML; values stay strings until `build`
-        converts them by the field's type."""
-        helps = self.preset_help or {name: fn.__doc__ or "" for name, fn in self.presets.items()}
+    def _description(self) -> str:
+        helps = self.preset_help or {name: " ".join((fn.__doc__ or "").split()) for name, fn in self.presets.items()}
         presets = "\n".join(f"  {name:<14} {helps.get(name, '')}" for name in self.presets)
-        parser = ArgumentParser(
-            prog=prog or self.prog or None,
-            description=self.description,
-            epilog=(
-                f"presets:\n{presets}\n\n"
-                "Values are applied in this order: the preset, then --config FILE, then --section.field options.\n"
-                "Defaults shown under each section are the dataclass defaults; the chosen preset replaces\n"
-                "them. Every bad value is reported before any work starts."
-            ),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            allow_abbrev=False,
-            argument_default=argparse.SUPPRESS,
+        shorthands = "".join(f"  {flag} VALUE  shorthand for --{dotted} VALUE\n" for flag, dotted in self.shorthands)
+        aliases = "".join(f"  --{old} VALUE  the old spelling of --{new}\n" for old, new in self.aliases.items())
+        return (
+            f"{self.description}\n\n"
+            f"  --preset NAME  starting values, one of (default {self.default_preset!r}):\n{presets}\n"
+            "  --config FILE  a YAML (or .json) file with nested sections, e.g. a run's config.yaml\n"
+            f"{shorthands}{aliases}\n"
+            "Values apply in this order: the preset, then --config FILE, then --section.field options. "
+            "The defaults shown are the chosen preset's. Every bad value is reported before any work starts."
         )
-        parser.sections = tuple(self.sections)
-        top_docs = field_docs(self.root)
-        parser.add_argument(
-            "--preset", metavar="NAME",
-            help=f"starting values: one of {', '.join(self.presets)} (default: {self.default_preset!r})",
-        )
-        parser.add_argument("--run-dir", dest="run_dir", metavar="DIR", help=esc(top_docs.get("run_dir", "")))
-        parser.add_argument(
-            "--resume", metavar="{auto,none,PATH}", help=esc(top_docs.get("resume", "")) + " (default: 'auto')"
-        )
-        for flag, dotted, text in self.shorthands:
-            parser.add_argument(flag, dest=dotted, metavar="VALUE", help=esc(text))
-        parser.add_argument(
-            "--config", metavar="FILE",
-            help="YAML (or .json) file with nested sections, e.g. a run's config.yaml; applied after "
-            "the preset and before the --section.field options",
-        )
-        for sec, cls in self.sections.items():
-            group = parser.add_argument_group(sec, esc(cls.__doc__ or ""))
-            docs, types = field_docs(cls), field_types(cls)
-            for f in dataclasses.fields(cls):
-                dotted = f"{sec}.{f.name}"
-                group.add_argument(
-                    f"--{dotted}", dest=dotted, metavar=self._metavar(dotted, types[f.name]),
-                    help=esc(f"{docs.get(f.name, '')} (default: {show(f.default)})".strip()),
-                )
-        return parser
+
+    def _tyro_parse(self, default: Any, args: list[str], prog: str | None) -> Any:
+        token = _DEFER_CHECKS.set(True)  # every check runs once, in `check`, after the whole config is known
+        try:
+            return tyro.cli(
+                self.root, args=args, default=default, prog=prog or self.prog, description=self._description(),
+                use_underscores=True,
+            )  # fmt: skip
+        finally:
+            _DEFER_CHECKS.reset(token)
+
+    def help_text(self, preset: str | None = None) -> str:
+        """What ``--help`` prints (with the defaults of ``preset``, or the default preset)."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            self._tyro_parse(self.get_preset(preset or self.default_preset), ["--help"], None)
+        return out.getvalue()
 
     def build(self, argv: list[str] | None = None, prog: str | None = None) -> Any:
         """argv (sys.argv[1:] if None) -> a validated config.
 
         preset (--preset, else the YAML's `preset`, else the default) < --config YAML <
         --section.field options. ValueError for an unknown preset or any bad value; exit code 2
-        for an unknown option."""
-        args = vars(self.make_arg_parser(prog).parse_args(sys.argv[1:] if argv is None else argv))
+        for an unknown option or a value that does not parse."""
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        pre.add_argument("--preset")
+        pre.add_argument("--config")
+        for flag, dotted in self.shorthands:
+            pre.add_argument(flag, dest=dotted)
+        known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+        for flag, dotted in self.shorthands:
+            if getattr(known, dotted) is not None:
+                rest += [f"--{dotted}", getattr(known, dotted)]
+        rest = [self._resolve_alias(arg) for arg in rest]
         file_dict: dict[str, Any] = {}
         where = ""
-        if "config" in args:
-            config_path = args.pop("config")
-            file_dict = load_config_dict(config_path)
-            where = f" in config file {str(config_path)!r}"
-        preset = args.pop("preset", None) or file_dict.get("preset") or self.default_preset
+        if known.config is not None:
+            file_dict = load_config_dict(known.config)
+            where = f" in config file {known.config!r}"
+        preset = known.preset or file_dict.get("preset") or self.default_preset
         cfg = self.get_preset(preset)
         self.apply_dict(cfg, {k: v for k, v in file_dict.items() if k != "preset"}, where)
+        cfg = self._tyro_parse(cfg, rest, prog)
         cfg.preset = preset
-        for dotted, raw in args.items():
-            set_field(cfg, dotted, raw)
-        self.validate(cfg)
+        self.check(cfg)
         return cfg
+
+    def _resolve_alias(self, arg: str) -> str:
+        option, eq, value = arg.partition("=")
+        dotted = option[2:].replace("-", "_") if option.startswith("--") else ""
+        return f"--{self.aliases[dotted]}{eq}{value}" if dotted in self.aliases else arg

@@ -14,44 +14,46 @@ Presets (UMT_SPEC.md section 3 and the reference's published fine-tuning scripts
   model (30 epochs, 5 warm-up, lr 2e-4), L from the K710-fine-tuned model (14 epochs,
   4 warm-up, lr 4e-4, 12 checkpointed blocks).
 
-lr values are per 256 clips, and a step holds ``train.batch_size x data.repeated_aug`` clips,
+lr values are per 256 clips, and a step holds ``train.global_batch_size x data.repeated_aug`` clips,
 which is how the reference scales them (``lr x batch x num_sample / 256``).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-from umt_fast.config import (
-    DEVICES,
-    DIST_STRATEGIES,
-    SAMPLE_CLIPS,
-    STUDENT_SIZES,
-    CheckpointConfig,
-    DistConfig,
-    OptimConfig,
+from umt_fast.config import SAMPLE_CLIPS
+from umt_fast.config.cli import (  # noqa: F401  (config_to_dict and save_config: this module's API too)
+    Bool,
     ConfigSchema,
-    _check_types,
-    _require,
-    _require_choice,
+    RunConfig,
+    Section,
     config_to_dict,
+    require,
     require_paths,
     save_config,
+)
+from umt_fast.config.sections import (
+    CheckpointConfig,
+    DistConfig,
+    LogConfig,
+    OptimConfig,
+    StudentSize,
+    TrainConfig,
+    refuse_unsupported,
 )
 
 FINETUNE_PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The classifier: the dense video ViT, mean pooling, fc_norm, dropout and a Linear head."""
 
-    SECTION: typing.ClassVar[str] = "model"
+    SECTION = "model"
 
-    size: str = "base"
+    size: StudentSize = "base"
     """Backbone size, one of tiny (192 wide, 4 deep), base (ViT-B), large (ViT-L)."""
     patch_size: int = 16
     """Spatial patch size in pixels (tubelet size 1)."""
@@ -61,7 +63,7 @@ class ModelConfig:
     """Weights to start from: a stage-1 / stage-2 / fine-tuned reference file (.pth/.safetensors),
     an export of ours, or a pre-training run checkpoint (checkpoints/step_N); '' = random init.
     """
-    init_strict: bool = True
+    init_strict: Bool = True
     """Refuse an init file whose backbone does not match exactly (false: load what matches and log a
     warning listing the rest).
     """
@@ -77,22 +79,21 @@ class ModelConfig:
     """Dropout before the head (the reference's fc_drop_rate, 0 in its recipes); in [0, 1)."""
 
     def validate(self) -> None:
-        _check_types(self.SECTION, self)
-        _require_choice("model.size", self.size, STUDENT_SIZES)
-        _require(self.patch_size >= 1, "model.patch_size", self.patch_size, "must be >= 1")
-        _require(self.num_classes >= 0, "model.num_classes", self.num_classes, "must be >= 0 (0 = from the labels)")
-        _require(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
-        _require(0.0 <= self.head_dropout < 1.0, "model.head_dropout", self.head_dropout, "must be in [0, 1)")
+        super().validate()
+        require(self.patch_size >= 1, "model.patch_size", self.patch_size, "must be >= 1")
+        require(self.num_classes >= 0, "model.num_classes", self.num_classes, "must be >= 0 (0 = from the labels)")
+        require(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
+        require(0.0 <= self.head_dropout < 1.0, "model.head_dropout", self.head_dropout, "must be in [0, 1)")
         if self.head_label_map:
-            _require(bool(self.init), "model.head_label_map", self.head_label_map,
+            require(bool(self.init), "model.head_label_map", self.head_label_map,
                      "needs model.init (the file whose head rows it picks)")  # fmt: skip
 
 
 @dataclass
-class LabelledDataConfig:
+class LabelledDataConfig(Section):
     """Labelled clips: annotation lists of 'path,label' lines (the reference's CSV)."""
 
-    SECTION: typing.ClassVar[str] = "data"
+    SECTION = "data"
 
     train_list: str = ""
     """Training list ('path,label' lines); 'sample_clips' = the bundled clips, labelled by identity."""
@@ -116,24 +117,24 @@ class LabelledDataConfig:
     """Largest tolerated fraction of undecodable videos (skipped; beyond it the run stops)."""
 
     def validate(self) -> None:
-        _check_types(self.SECTION, self)
-        _require(self.num_frames >= 1, "data.num_frames", self.num_frames, "must be >= 1")
-        _require(self.img_size > 0, "data.img_size", self.img_size, "must be > 0")
-        _require(self.repeated_aug >= 1, "data.repeated_aug", self.repeated_aug, "must be >= 1")
-        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
-        _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
+        super().validate()
+        require(self.num_frames >= 1, "data.num_frames", self.num_frames, "must be >= 1")
+        require(self.img_size > 0, "data.img_size", self.img_size, "must be > 0")
+        require(self.repeated_aug >= 1, "data.repeated_aug", self.repeated_aug, "must be >= 1")
+        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Section):
     """Training augmentation (the reference's): RandomResizedCrop, flip, RandAugment, random erasing,
     mixup / cutmix and label smoothing."""
 
-    SECTION: typing.ClassVar[str] = "aug"
+    SECTION = "aug"
 
     min_scale: float = 0.08
     """RandomResizedCrop: smallest crop area as a fraction of the frame (aspect ratio 3/4..4/3); in (0, 1]."""
-    flip: bool = True
+    flip: Bool = True
     """Random horizontal flip (off for Something-Something, whose labels name directions)."""
     rand_augment_ops: int = 4
     """RandAugment: operations per clip, the same for all its frames (0 = off)."""
@@ -153,17 +154,17 @@ class AugmentConfig:
     """Label smoothing of the (mixed) targets; in [0, 1)."""
 
     def validate(self) -> None:
-        _check_types(self.SECTION, self)
-        _require(0 < self.min_scale <= 1, "aug.min_scale", self.min_scale, "must be in (0, 1]")
-        _require(self.rand_augment_ops >= 0, "aug.rand_augment_ops", self.rand_augment_ops, "must be >= 0")
-        _require(0 <= self.rand_augment_magnitude <= 10, "aug.rand_augment_magnitude", self.rand_augment_magnitude,
+        super().validate()
+        require(0 < self.min_scale <= 1, "aug.min_scale", self.min_scale, "must be in (0, 1]")
+        require(self.rand_augment_ops >= 0, "aug.rand_augment_ops", self.rand_augment_ops, "must be >= 0")
+        require(0 <= self.rand_augment_magnitude <= 10, "aug.rand_augment_magnitude", self.rand_augment_magnitude,
                  "must be in [0, 10]")  # fmt: skip
         for name in ("random_erasing", "mix_prob", "switch_prob"):
             value = getattr(self, name)
-            _require(0 <= value <= 1, f"aug.{name}", value, "must be in [0, 1]")
-        _require(self.mixup >= 0, "aug.mixup", self.mixup, "must be >= 0 (0 = off)")
-        _require(self.cutmix >= 0, "aug.cutmix", self.cutmix, "must be >= 0 (0 = off)")
-        _require(0 <= self.label_smoothing < 1, "aug.label_smoothing", self.label_smoothing, "must be in [0, 1)")
+            require(0 <= value <= 1, f"aug.{name}", value, "must be in [0, 1]")
+        require(self.mixup >= 0, "aug.mixup", self.mixup, "must be >= 0 (0 = off)")
+        require(self.cutmix >= 0, "aug.cutmix", self.cutmix, "must be >= 0 (0 = off)")
+        require(0 <= self.label_smoothing < 1, "aug.label_smoothing", self.label_smoothing, "must be in [0, 1)")
 
 
 @dataclass
@@ -171,7 +172,7 @@ class FinetuneOptimConfig(OptimConfig):
     """AdamW with layer-wise lr decay, linear warm-up then cosine per step."""
 
     lr: float = 2e-4
-    """Base learning rate per 256 clips; the peak is lr * train.batch_size * data.repeated_aug / 256."""
+    """Base learning rate per 256 clips; the peak is lr * train.global_batch_size * data.repeated_aug / 256."""
     min_lr: float = 1e-6
     """Final cosine learning rate per 256 clips, scaled like lr; in [0, lr]."""
     warmup_lr: float = 1e-6
@@ -189,118 +190,64 @@ class FinetuneOptimConfig(OptimConfig):
 
     def validate(self) -> None:
         super().validate()
-        _require(0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay, "must be in (0, 1]")
+        require(0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay, "must be in (0, 1]")
 
 
 @dataclass
-class FinetuneTrainConfig:
-    """The training loop."""
+class FinetuneTrainConfig(TrainConfig):
+    """The training loop (the shared train section; a batch counts videos)."""
 
-    SECTION: typing.ClassVar[str] = "train"
-
-    batch_size: int = 256
-    """Videos per optimizer step (each gives data.repeated_aug clips); >= 1."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps (0 = the whole schedule); the schedule is unchanged."""
+    global_batch_size: int = 256
+    """Videos per optimizer step over all ranks (each gives data.repeated_aug clips); must divide by the
+    number of ranks; >= 1. Also spelled --train.batch_size, its older name.
+    """
     seed: int = 0
     """Random seed (head init, data order, augmentation, drop path); in [0, 2**32)."""
-    device: str = "auto"
-    """auto (CUDA when available, else CPU), cpu, or cuda."""
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"
     """bf16: bf16 autocast on the GPU (fp32 weights); fp32: none. The CPU always runs fp32."""
     activation_checkpointing: str = "off"
     """Recompute block activations in the backward (torch.utils.checkpoint per block): off, all,
     or N (the first N blocks).
     """
 
-    def validate(self) -> None:
-        _check_types(self.SECTION, self)
-        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
-        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0 (0 = full schedule)")
-        _require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
-        _require_choice("train.device", self.device, DEVICES)
-        _require_choice("train.precision", self.precision, FINETUNE_PRECISIONS)
-        ac = self.activation_checkpointing
-        _require(ac in ("off", "all") or (ac.isdigit() and int(ac) >= 1), "train.activation_checkpointing", ac,
-                 "must be off, all, or a positive number of blocks")  # fmt: skip
+    @property
+    def batch_size(self) -> int:
+        """The older name of global_batch_size."""
+        return self.global_batch_size
 
-    def checkpointed_blocks(self, depth: int) -> int:
-        ac = self.activation_checkpointing
-        return 0 if ac == "off" else depth if ac == "all" else min(int(ac), depth)
+    def validate(self) -> None:
+        super().validate()
+        refuse_unsupported(self, "fine-tuning", precisions=FINETUNE_PRECISIONS, micro_batches=False,
+                           cuda_graphs=False)  # fmt: skip
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Multi-view evaluation on data.val_list: num_clips temporal clips x num_crops spatial crops
     per video (short side resized to data.img_size, crops along the long side), softmax averaged."""
 
-    SECTION: typing.ClassVar[str] = "eval"
+    SECTION = "eval"
 
     every_steps: int = 0
     """Evaluate every this many optimizer steps (0 = only at the end of the run)."""
     num_clips: int = 4
     """Temporal clips per video (K400 4, SSv2 2); >= 1."""
-    num_crops: int = 3
+    num_crops: Literal[1, 3] = 3
     """Spatial crops per clip: 3 (start, centre, end of the long side) or 1 (centre)."""
     batch_size: int = 16
     """Views per forward pass; >= 1."""
 
     def validate(self) -> None:
-        _check_types(self.SECTION, self)
-        _require(self.every_steps >= 0, "eval.every_steps", self.every_steps, "must be >= 0 (0 = at the end)")
-        _require(self.num_clips >= 1, "eval.num_clips", self.num_clips, "must be >= 1")
-        _require(self.num_crops in (1, 3), "eval.num_crops", self.num_crops, "must be 1 or 3")
-        _require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+        super().validate()
+        require(self.every_steps >= 0, "eval.every_steps", self.every_steps, "must be >= 0 (0 = at the end)")
+        require(self.num_clips >= 1, "eval.num_clips", self.num_clips, "must be >= 1")
+        require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 
 
 @dataclass
-class FinetuneLogConfig:
-    """Progress lines and <run_dir>/metrics.jsonl."""
+class FinetuneConfig(RunConfig):
+    """Everything a fine-tuning run needs (its run directory also gets eval.json)."""
 
-    SECTION: typing.ClassVar[str] = "log"
-
-    every_steps: int = 50
-    """Log loss, train/top1 and lr (reading them back from the device) every this many steps; >= 1."""
-
-    def validate(self) -> None:
-        _check_types(self.SECTION, self)
-        _require(self.every_steps >= 1, "log.every_steps", self.every_steps, "must be >= 1")
-
-
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "data": LabelledDataConfig,
-    "aug": AugmentConfig,
-    "optim": FinetuneOptimConfig,
-    "train": FinetuneTrainConfig,
-    "eval": EvalConfig,
-    "checkpoint": CheckpointConfig,
-    "log": FinetuneLogConfig,
-    "dist": DistConfig,
-}
-CHOICES: dict[str, tuple] = {
-    "model.size": tuple(STUDENT_SIZES),
-    "train.device": DEVICES,
-    "train.precision": FINETUNE_PRECISIONS,
-    "eval.num_crops": (1, 3),
-    "dist.strategy": DIST_STRATEGIES,
-}
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything a fine-tuning run needs."""
-
-    preset: str = ""
-    """Name of the preset the config started from; informational."""
-    run_dir: str = ""
-    """Run directory (config.yaml/.json, metrics.jsonl, checkpoints/, log.txt, eval.json); '' = the
-    launcher picks one.
-    """
-    resume: str = "auto"
-    """auto: resume from the newest checkpoint in run_dir if there is one; none: start fresh; or a
-    checkpoint directory.
-    """
     model: ModelConfig = field(default_factory=ModelConfig)
     data: LabelledDataConfig = field(default_factory=LabelledDataConfig)
     aug: AugmentConfig = field(default_factory=AugmentConfig)
@@ -308,16 +255,13 @@ class FinetuneConfig:
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: FinetuneLogConfig = field(default_factory=FinetuneLogConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
 
-_TOP_LEVEL = ("preset", "run_dir", "resume")
-
-
 def clips_per_step(cfg: FinetuneConfig) -> int:
-    """train.batch_size videos x data.repeated_aug clips each."""
-    return cfg.train.batch_size * cfg.data.repeated_aug
+    """train.global_batch_size videos x data.repeated_aug clips each."""
+    return cfg.train.global_batch_size * cfg.data.repeated_aug
 
 
 def scaled_lrs(cfg: FinetuneConfig) -> tuple[float, float, float]:
@@ -326,19 +270,9 @@ def scaled_lrs(cfg: FinetuneConfig) -> tuple[float, float, float]:
     return cfg.optim.lr * scale, cfg.optim.min_lr * scale, cfg.optim.warmup_lr * scale
 
 
-def validate(cfg: FinetuneConfig) -> None:
-    """Every check; ValueError naming the first bad field, its value and what is allowed."""
-    if not isinstance(cfg, FinetuneConfig):
-        raise TypeError(f"validate() expects a FinetuneConfig, got {type(cfg).__name__}")
-    _check_types("", cfg)
-    if cfg.preset:
-        _require_choice("preset", cfg.preset, PRESETS)
-    _require(cfg.resume != "", "resume", cfg.resume, "must be 'auto', 'none' or a checkpoint directory")
-    for name, cls in SECTIONS.items():
-        section = getattr(cfg, name)
-        _require(isinstance(section, cls), name, section, f"must be a {cls.__name__}")
-        section.validate()
-    _require(cfg.data.img_size % cfg.model.patch_size == 0, "data.img_size", cfg.data.img_size,
+def _check(cfg: FinetuneConfig) -> None:
+    """Fine-tuning's cross-field rules and required values (after every section's own checks)."""
+    require(cfg.data.img_size % cfg.model.patch_size == 0, "data.img_size", cfg.data.img_size,
              f"must be a multiple of model.patch_size={cfg.model.patch_size}")  # fmt: skip
     if cfg.data.train_list == "":
         raise ValueError(
@@ -386,10 +320,10 @@ def _demo() -> FinetuneConfig:
     # 4 videos x 2 clips = 8 clips per step: lr 0.032 per 256 -> 1e-3 peak; one step per epoch.
     cfg.optim = FinetuneOptimConfig(lr=0.032, min_lr=3.2e-4, warmup_lr=0.0, epochs=30, warmup_epochs=3,
                                     layer_decay=0.9)  # fmt: skip
-    cfg.train = FinetuneTrainConfig(batch_size=4, max_steps=0, seed=0)
+    cfg.train = FinetuneTrainConfig(global_batch_size=4, max_steps=0, seed=0)
     cfg.eval = EvalConfig(every_steps=10, num_clips=2, num_crops=3, batch_size=12)
     cfg.checkpoint = CheckpointConfig(every_steps=10, keep_last=2)
-    cfg.log = FinetuneLogConfig(every_steps=2)
+    cfg.log = LogConfig(every_steps=2)
     return cfg
 
 
@@ -410,7 +344,7 @@ def _recipe(size: str, dataset: str) -> FinetuneConfig:
         lr, epochs, warmup = 4e-4, 14, 4
     cfg.optim = FinetuneOptimConfig(lr=lr, min_lr=1e-6, warmup_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999),
                                     eps=1e-8, epochs=epochs, warmup_epochs=warmup, layer_decay=layer_decay)  # fmt: skip
-    cfg.train = FinetuneTrainConfig(batch_size=256, activation_checkpointing="off" if base else "12")
+    cfg.train = FinetuneTrainConfig(global_batch_size=256, activation_checkpointing="off" if base else "12")
     cfg.eval = EvalConfig(every_steps=0, num_clips=4 if dataset == "k400" else 2, num_crops=3)
     return cfg
 
@@ -437,15 +371,21 @@ PRESET_HELP = {
 
 SCHEMA = ConfigSchema(
     root=FinetuneConfig,
-    sections=SECTIONS,
     presets=PRESETS,
-    validate=validate,
-    choices=CHOICES,
+    validate=_check,
     description="Fine-tune a UMT video ViT for action recognition (mean pool, fc_norm, linear head).",
     prog="python -m umt_fast.finetune",
     preset_help=PRESET_HELP,
-    shorthands=(("--init", "model.init", "shorthand for --model.init PATH"),),
+    shorthands=(("--init", "model.init"),),
+    aliases={"train.batch_size": "train.global_batch_size"},
 )
+SECTIONS = SCHEMA.sections
+FinetuneLogConfig = LogConfig
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """Every check; ValueError naming the first bad field, its value and what is allowed."""
+    SCHEMA.check(cfg)
 
 
 def get_preset(name: str) -> FinetuneConfig:
@@ -465,8 +405,9 @@ def config_from_dict(d: dict[str, Any], check: bool = True) -> FinetuneConfig:
     return SCHEMA.from_dict(d, check)
 
 
-def make_arg_parser(prog: str = "python -m umt_fast.finetune") -> argparse.ArgumentParser:
-    return SCHEMA.make_arg_parser(prog)
+def help_text() -> str:
+    """What ``python -m umt_fast.finetune --help`` prints."""
+    return SCHEMA.help_text()
 
 
 def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.finetune") -> FinetuneConfig:
@@ -477,6 +418,6 @@ def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.
 __all__ = [
     "AugmentConfig", "EvalConfig", "FinetuneConfig", "FinetuneLogConfig", "FinetuneOptimConfig",
     "FinetuneTrainConfig", "LabelledDataConfig", "ModelConfig", "PRESETS", "SECTIONS", "build_config",
-    "check_paths", "clips_per_step", "config_from_dict", "config_to_dict", "get_preset", "save_config",
+    "check_paths", "clips_per_step", "config_from_dict", "config_to_dict", "get_preset", "help_text", "save_config",
     "scaled_lrs", "validate",
 ]  # fmt: skip

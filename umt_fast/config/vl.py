@@ -16,36 +16,34 @@ The published presets need ``--init`` (the stage-1 checkpoint), ``--teacher.weig
 """
 from __future__ import annotations
 
-import argparse
 import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from umt_fast.config import (
-    ATTENTION_BACKENDS,
-    DEVICES,
-    DIST_STRATEGIES,
-    MASK_POLICIES,
-    RANDOM_TEACHER,
-    STUDENT_SIZES,
-    TEACHER_ARCHS,
-    WANDB_MODES,
-    CheckpointConfig,
-    DistConfig,
-    OptimConfig,
-    StudentConfig,
-    TeacherConfig,
-)
-from umt_fast.config.cli import (
+from umt_fast.config import MaskPolicy
+from umt_fast.config.cli import (  # noqa: F401  (config_to_dict and save_config: this module's API too)
+    Bool,
     ConfigSchema,
-    check_types,
+    RunConfig,
+    Section,
     config_to_dict,
     fail,
     require,
-    require_choice,
     require_paths,
     save_config,
+)
+from umt_fast.config.sections import (
+    RANDOM_TEACHER,
+    TEACHER_ARCHS,
+    CheckpointConfig,
+    CompileMode,
+    DistConfig,
+    LogConfig,
+    OptimConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+    refuse_unsupported,
 )
 
 BUNDLED_TEXT = "minilm"
@@ -55,10 +53,10 @@ DEMO_DATA = "demo"
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Where the vision tower starts and the shared embedding space."""
 
-    SECTION: typing.ClassVar[str] = "model"
+    SECTION = "model"
 
     init: str = ""
     """Stage-1 weights to start from: a reference stage-1 file, a stage-1 run checkpoint
@@ -69,15 +67,15 @@ class ModelConfig:
     """Width of the VTC embedding space (vision_proj / text_proj outputs); >= 1."""
 
     def validate(self) -> None:
-        check_types(self.SECTION, self)
+        super().validate()
         require(self.embed_dim >= 1, "model.embed_dim", self.embed_dim, "must be >= 1")
 
 
 @dataclass
-class TextConfig:
+class TextConfig(Section):
     """The BERT text tower."""
 
-    SECTION: typing.ClassVar[str] = "text"
+    SECTION = "text"
 
     weights: str = ""
     """A local Hugging Face BERT folder (config.json, weights, vocab.txt), e.g. bert-base-uncased;
@@ -98,7 +96,7 @@ class TextConfig:
     """
 
     def validate(self) -> None:
-        check_types(self.SECTION, self)
+        super().validate()
         require(self.fusion_layers >= 1, "text.fusion_layers", self.fusion_layers, "must be >= 1")
         require(self.max_len >= 4, "text.max_len", self.max_len, "must be >= 4")
         require(0.0 < self.mlm_prob < 1.0, "text.mlm_prob", self.mlm_prob, "must be in (0, 1)")
@@ -106,12 +104,12 @@ class TextConfig:
 
 
 @dataclass
-class VLMaskConfig:
+class VLMaskConfig(Section):
     """Which tokens the student sees (one masked vision forward serves all four losses)."""
 
-    SECTION: typing.ClassVar[str] = "mask"
+    SECTION = "mask"
 
-    policy: str = "attention"
+    policy: MaskPolicy = "attention"
     """attention (UMT), tube or random; see the stage-1 mask section."""
     video_ratio: float = 0.8
     """Fraction of each video frame's tokens hidden from the student, in (0, 1)."""
@@ -119,18 +117,17 @@ class VLMaskConfig:
     """Fraction of an image's tokens hidden from the student, in (0, 1)."""
 
     def validate(self) -> None:
-        check_types(self.SECTION, self)
-        require_choice("mask.policy", self.policy, MASK_POLICIES)
+        super().validate()
         for name in ("video_ratio", "image_ratio"):
             v = getattr(self, name)
             require(0.0 < v < 1.0, f"mask.{name}", v, "must be in (0, 1)")
 
 
 @dataclass
-class VLDataConfig:
+class VLDataConfig(Section):
     """JSON caption lists: [{"video" or "image": path, "caption": str or [str]}]."""
 
-    SECTION: typing.ClassVar[str] = "data"
+    SECTION = "data"
 
     video_list: str = ""
     """Video caption list (JSON); 'demo' = the bundled sample clips with built-in captions; '' = none."""
@@ -142,13 +139,13 @@ class VLDataConfig:
     """Frames per video (one random frame per segment in training); >= 1."""
     img_size: int = 224
     """Side of the square crop (RandomResizedCrop, scale (0.5, 1)); a multiple of student.patch_size."""
-    flip: bool = True
+    flip: Bool = True
     """Random horizontal flip."""
     num_workers: int = 4
     """DataLoader workers per media type (0 = in the main process); >= 0."""
 
     def validate(self) -> None:
-        check_types(self.SECTION, self)
+        super().validate()
         require(self.num_frames >= 1, "data.num_frames", self.num_frames, "must be >= 1")
         require(self.img_size > 0, "data.img_size", self.img_size, "must be > 0")
         require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
@@ -157,8 +154,6 @@ class VLDataConfig:
 @dataclass
 class VLOptimConfig(OptimConfig):
     """AdamW and its schedule (linear warm-up, then cosine per step); learning rates are absolute."""
-
-    SECTION: typing.ClassVar[str] = "optim"
 
     lr: float = 1e-4
     """Peak learning rate (absolute, not scaled by the batch)."""
@@ -180,10 +175,8 @@ VL_COMPILE_MODES = ("none", "blocks")
 
 
 @dataclass
-class VLTrainConfig:
-    """The training loop."""
-
-    SECTION: typing.ClassVar[str] = "train"
+class VLTrainConfig(TrainConfig):
+    """The training loop (the shared train section, plus the per-rank batch and the VTM groups)."""
 
     global_batch_size: int = 0
     """Pairs per optimizer step over all ranks (each step is all-video or all-image); must divide by
@@ -201,27 +194,17 @@ class VLTrainConfig:
     number of ranks; a group larger than the global batch is the whole batch. Must divide the
     per-rank batch (no group is split over ranks); >= 2.
     """
-    max_steps: int = 0
-    """Stop after this many steps (0 = the full schedule); >= 0."""
     seed: int = 0
     """Random seed (init, data order, interleaving, augmentation, masks, drop path, MLM, hard negatives,
     text dropout); in [0, 2**32)."""
-    device: str = "auto"
-    """auto (CUDA when available, else CPU), cpu or cuda."""
-    precision: str = "bf16"
-    """On the GPU: bf16 autocast (teacher weights in bf16, fp32 master weights) or fp32; the CPU runs
-    fp32.
-    """
-    attention: str = "auto"
-    """Attention kernel of the teacher and student (see the stage-1 train.attention)."""
-    compile: str = "none"
+    compile: CompileMode = "none"
     """torch.compile each transformer block on its own (teacher, student, BERT and fusion layers):
     none or blocks. Video and image steps have different shapes: each block compiles for both."""
-    compile_backend: str = "inductor"
-    """torch.compile backend (inductor; aot_eager for a fast check on a CPU)."""
+
+    GLOBAL_BATCH_FROM_PER_RANK = True
 
     def validate(self) -> None:
-        check_types(self.SECTION, self)
+        super().validate()
         for name in ("global_batch_size", "batch_size"):
             value = getattr(self, name)
             require(value == 0 or value >= 2, f"train.{name}", value, "must be 0 or >= 2 (VTM needs negatives)")
@@ -230,77 +213,14 @@ class VLTrainConfig:
                              "the other)")  # fmt: skip
         require(self.vtm_group_size >= 2, "train.vtm_group_size", self.vtm_group_size,
                 "must be >= 2 (VTM needs negatives)")  # fmt: skip
-        require_choice("train.compile", self.compile, VL_COMPILE_MODES)
-        require(bool(self.compile_backend), "train.compile_backend", self.compile_backend, "must not be empty")
-        require(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0 (0 = full schedule)")
-        require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
-        require_choice("train.device", self.device, DEVICES)
-        require_choice("train.precision", self.precision, ("bf16", "fp32"))
-        require_choice("train.attention", self.attention, ATTENTION_BACKENDS)
+        refuse_unsupported(self, "stage 2", precisions=("bf16", "fp32"), compile_modes=VL_COMPILE_MODES,
+                           micro_batches=False, cuda_graphs=False)  # fmt: skip
 
 
 @dataclass
-class VLLogConfig:
-    """Progress lines, <run_dir>/metrics.jsonl, TensorBoard and Weights & Biases."""
+class VLPretrainConfig(RunConfig):
+    """Everything a stage-2 pre-training run needs (its run directory also gets umt_stage2.pth)."""
 
-    SECTION: typing.ClassVar[str] = "log"
-
-    every_steps: int = 50
-    """Log (and read the losses back from the device) every this many steps; >= 1."""
-    tensorboard: bool = False
-    """Also write the metrics as TensorBoard events in <run_dir>/tensorboard/."""
-    wandb: str = ""
-    """Weights & Biases project to also log the metrics to; '' = off."""
-    wandb_mode: str = ""
-    """W&B mode: online, offline or disabled; '' = the WANDB_MODE environment variable."""
-
-    def validate(self) -> None:
-        check_types(self.SECTION, self)
-        require(self.every_steps >= 1, "log.every_steps", self.every_steps, "must be >= 1")
-        require_choice("log.wandb_mode", self.wandb_mode, WANDB_MODES)
-
-
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "student": StudentConfig,
-    "teacher": TeacherConfig,
-    "text": TextConfig,
-    "mask": VLMaskConfig,
-    "data": VLDataConfig,
-    "optim": VLOptimConfig,
-    "train": VLTrainConfig,
-    "dist": DistConfig,
-    "checkpoint": CheckpointConfig,
-    "log": VLLogConfig,
-}
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "student.size": tuple(STUDENT_SIZES),
-    "teacher.arch": tuple(TEACHER_ARCHS),
-    "mask.policy": MASK_POLICIES,
-    "train.device": DEVICES,
-    "train.precision": ("bf16", "fp32"),
-    "train.attention": ATTENTION_BACKENDS,
-    "train.compile": VL_COMPILE_MODES,
-    "dist.strategy": DIST_STRATEGIES,
-    "log.wandb_mode": WANDB_MODES,
-}
-
-
-@dataclass
-class VLPretrainConfig:
-    """Everything a stage-2 pre-training run needs."""
-
-    preset: str = ""
-    """Name of the preset the config started from; informational."""
-    run_dir: str = ""
-    """Run directory (config.yaml/.json, metrics.jsonl, checkpoints/, log.txt, umt_stage2.pth); '' = the
-    launcher picks one.
-    """
-    resume: str = "auto"
-    """auto: resume from the newest checkpoint in run_dir if there is one; none: start fresh; or a
-    checkpoint directory.
-    """
     model: ModelConfig = field(default_factory=ModelConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -311,19 +231,11 @@ class VLPretrainConfig:
     train: VLTrainConfig = field(default_factory=VLTrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: VLLogConfig = field(default_factory=VLLogConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
-def validate(cfg: VLPretrainConfig) -> None:
-    """Every check; ValueError naming the first bad field. Does not look at the file system."""
-    check_types("", cfg)
-    if cfg.preset:
-        require_choice("preset", cfg.preset, PRESETS)
-    require(cfg.resume != "", "resume", cfg.resume, "must be 'auto', 'none' or a checkpoint directory")
-    for name, cls in SECTIONS.items():
-        section = getattr(cfg, name)
-        require(isinstance(section, cls), name, section, f"must be a {cls.__name__}")
-        section.validate()
+def _check(cfg: VLPretrainConfig) -> None:
+    """Stage 2's cross-field rules and required values (after every section's own checks)."""
     patch = cfg.student.patch_size
     require(cfg.data.img_size % patch == 0, "data.img_size", cfg.data.img_size, f"must be a multiple of student.patch_size={patch}")
     s_grid = cfg.data.img_size // patch
@@ -381,7 +293,7 @@ def _demo_vl() -> VLPretrainConfig:
     cfg.optim = VLOptimConfig(lr=3e-4, min_lr=3e-6, warmup_lr=0.0, epochs=15, warmup_epochs=1)
     cfg.train = VLTrainConfig(global_batch_size=0, batch_size=4, max_steps=0, seed=0)
     cfg.checkpoint = CheckpointConfig(every_steps=15, keep_last=2)
-    cfg.log = VLLogConfig(every_steps=1)
+    cfg.log = LogConfig(every_steps=1)
     return cfg
 
 
@@ -415,17 +327,22 @@ PRESET_HELP = {
 
 SCHEMA = ConfigSchema(
     root=VLPretrainConfig,
-    sections=SECTIONS,
     presets=PRESETS,
-    validate=validate,
-    choices=CHOICES,
+    validate=_check,
     description="UMT stage-2 pre-training: UTA + VTC + VTM + MLM on video-text and image-text pairs.",
     prog="python -m umt_fast.pretrain_vl",
     preset_help=PRESET_HELP,
-    shorthands=(("--init", "model.init", "shorthand for --model.init PATH"),),
+    shorthands=(("--init", "model.init"),),
     default_preset="demo_vl",
 )
 """The stage-2 command's config: presets, YAML and dicts, --section.field options, --help."""
+SECTIONS = SCHEMA.sections
+VLLogConfig = LogConfig
+
+
+def validate(cfg: VLPretrainConfig) -> None:
+    """Every check; ValueError naming the first bad field. Does not look at the file system."""
+    SCHEMA.check(cfg)
 
 
 def get_preset(name: str) -> VLPretrainConfig:
@@ -436,8 +353,9 @@ def config_from_dict(d: dict[str, Any], check: bool = True) -> VLPretrainConfig:
     return SCHEMA.from_dict(d, check)
 
 
-def make_arg_parser(prog: str = "python -m umt_fast.pretrain_vl") -> argparse.ArgumentParser:
-    return SCHEMA.make_arg_parser(prog)
+def help_text() -> str:
+    """What ``python -m umt_fast.pretrain_vl --help`` prints."""
+    return SCHEMA.help_text()
 
 
 def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.pretrain_vl") -> VLPretrainConfig:
@@ -448,5 +366,5 @@ def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.
 __all__ = [
     "SCHEMA", "ModelConfig", "PRESETS", "SECTIONS", "TextConfig", "VLDataConfig", "VLLogConfig", "VLMaskConfig",
     "VLOptimConfig", "VLPretrainConfig", "VLTrainConfig", "build_config", "check_paths", "config_from_dict",
-    "config_to_dict", "get_preset", "save_config", "validate",
+    "config_to_dict", "get_preset", "help_text", "save_config", "validate",
 ]  # fmt: skip

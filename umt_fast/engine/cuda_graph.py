@@ -33,23 +33,23 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from umt_fast.engine.optim import use_lr_tensor
-from umt_fast.recipes.pretrain import PretrainStep
 
 DDP_WARMUP_STEPS = 11  # DDP must see this many eager iterations before its backward is captured
 
 
 class CUDAGraphStep:
-    """Callable ``(micro_batches, step) -> loss`` like PretrainStep, replaying a captured graph.
+    """Callable ``(micro_batches, step) -> loss`` like the eager step, replaying a captured graph.
 
     Args:
-        step_fn: the eager step. Its optimizer must be fused AdamW built with ``capturable=True``
+        step_fn: the eager step (`umt_fast.recipes.pretrain.PretrainStep`: ``run(inputs, step_counter)``,
+            ``seed_random_streams(step)``, ``device``, ``optimizer``, ``grad_scaler``, ``student``). Its optimizer must be fused AdamW built with ``capturable=True``
             (build_optimizer(..., capturable=True)); it must have no GradScaler.
         warmup_steps: eager steps before the capture (at least DDP_WARMUP_STEPS under DDP).
         capture: False runs every step eagerly through the same static buffers and device
             counter (for checking the bookkeeping where no GPU is present).
     """
 
-    def __init__(self, step_fn: PretrainStep, warmup_steps: int = 3, capture: bool = True):
+    def __init__(self, step_fn, warmup_steps: int = 3, capture: bool = True):
         if step_fn.grad_scaler is not None:
             raise ValueError("CUDA graphs cannot capture fp16 loss scaling (GradScaler reads back to the host); use bf16")
         if capture and step_fn.device.type != "cuda":

@@ -280,18 +280,20 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressLine:
-    """step/total, loss, lr, clips/s and ETA: rewritten in place on a terminal, one line
-    per update otherwise (and always one line per update in ``log.txt``)."""
+    """step/total, loss, lr, throughput, then any extras (TFLOP/s, MFU, data wait, memory) and
+    the ETA: rewritten in place on a terminal, one line per update otherwise (and always one
+    line per update in ``log.txt``)."""
 
-    def __init__(self, total_steps: int, logger: logging.Logger, stream: TextIO = sys.stderr):
+    def __init__(self, total_steps: int, logger: logging.Logger, stream: TextIO = sys.stderr, unit: str = "clips"):
         self.total_steps = total_steps
+        self.unit = unit
         self.logger = logger
         self.stream = stream
         self.interactive = stream.isatty()
         self._start = time.perf_counter()
         self._start_step: int | None = None
 
-    def update(self, step: int, loss: float, lr: float, clips_per_s: float) -> str:
+    def update(self, step: int, loss: float, lr: float, clips_per_s: float, extras: str = "") -> str:
         """``step`` is the number of optimizer steps done so far."""
         if self._start_step is None:
             self._start_step = step - 1
@@ -301,7 +303,7 @@ class ProgressLine:
         width = len(str(self.total_steps))
         line = (
             f"step {step:>{width}}/{self.total_steps} | loss {loss:.4f} | lr {lr:.3e} | "
-            f"{clips_per_s:.1f} clips/s | ETA {format_duration(eta)}"
+            f"{clips_per_s:.1f} {self.unit}/s | {extras + ' | ' if extras else ''}ETA {format_duration(eta)}"
         )
         self.logger.info(line, extra={"progress": True})
         if self.interactive:

@@ -1,50 +1,57 @@
-"""The stage-1 training loop: build, resume, step, log, checkpoint.
+"""The one training loop under every recipe (stage 1, stage 2, fine-tuning).
+
+The trainer owns what every run does the same way; a `Recipe` supplies only what is its own:
+
+    trainer                                   recipe
+    -------                                   ------
+    init_distributed, recipe.plan       <-    plan(info): the batch split, refused before anything is built
+    run dir, config.yaml, log.txt, seeds
+    attention backend                         build(info, resume_path) -> Setup: the model (wrapped),
+                                        <-      optimizer, schedule, steps per epoch, FLOPs per step
+    resume: restore model + optimizer,  <-    load_state(meta): the recipe's own state
+      the bad-sample counts, the config diff
+    metrics sinks (jsonl, TensorBoard, W&B)
+    for step in [start, last):
+      batch = next(batches)  (timed)    <-    batches(start_step): per-step inputs from the exact data position
+      lr = schedule.set_lr(step)
+      sums += step_fn(batch, step)      <-    step(batch, step) -> [M] device tensor, no host sync
+      every log.every_steps: ONE all-reduce of (sums, bad-sample counts, stop flag) -> host
+        -> loss terms, lr, throughput, TFLOP/s, MFU, data wait, peak memory -> metrics + progress line
+        -> non-finite loss: stop, naming the last good checkpoint
+      after_step(done, ...)             <-    figures, evaluation (kept out of the throughput)
+      checkpoint every checkpoint.every_steps, at the end and on a stop signal
+    finish(info)                        <-    e.g. the stage-2 export
+    teardown (signal handlers, progress line, sinks, loaders) whatever happens
 
 Works the same in one process (CPU or GPU) and under torchrun (DDP or FSDP2): rank 0 writes
 the run directory's logs, metrics and figures; every rank takes part in checkpoints.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
+from umt_fast.config.cli import config_to_dict
 from umt_fast.engine import checkpoint as ckpt
-from umt_fast.config import (
-    SAMPLE_CLIPS,
-    PretrainConfig,
-    config_to_dict,
-    peak_lr,
-    scaled_min_lr,
-    scaled_warmup_lr,
-)
-from umt_fast.data import (
-    BadSampleBudget,
-    PretrainClipDataset,
-    build_clip_loader,
-    read_annotation_list,
-    write_sample_clip_list,
-)
-from umt_fast.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_student
+from umt_fast.engine.distributed import DistInfo, all_reduce_sum, init_distributed
+from umt_fast.engine.flops import peak_tflops
 from umt_fast.engine.launch import open_run_dir
-from umt_fast.interop import build_teacher
-from umt_fast.models import build_student
-from umt_fast.models.attention import set_attention_backend
-from umt_fast.engine.cuda_graph import CUDAGraphStep
 from umt_fast.engine.metrics import ProgressLine, build_metrics_sinks, check_sink_packages
-from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
-from umt_fast.recipes.pretrain import PretrainStep
+from umt_fast.engine.optim import WarmupCosineSchedule
 from umt_fast.engine.stopping import StopOnSignal, stop_run
+from umt_fast.models.attention import set_attention_backend
 
 log = logging.getLogger(__name__)
 
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+DATA_WAIT_WARNING = 0.10  # the share of step time spent waiting for data that is worth one warning
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,140 +68,186 @@ def check_finite_loss(loss: float, first_step: int, last_step: int, last_checkpo
         )
 
 
-@dataclass
-class TrainResult:
-    run_dir: str
-    last_checkpoint: str | None
-    steps_done: int
-    last_loss: float | None
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _train_list_path(cfg: PretrainConfig, info: DistInfo) -> str:
-    if cfg.data.train_list != SAMPLE_CLIPS:
-        return cfg.data.train_list
-    path = os.path.join(cfg.run_dir, "sample_clips.csv")
-    if info.is_main:
-        write_sample_clip_list(path)
-    barrier()
-    return path
-
-
-def _differing_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def differing_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``section.field: old -> new`` for every config value that differs (resume and run dir aside)."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differing_fields(a, b, f"{prefix}{key}.")
+            out += differing_fields(a, b, f"{prefix}{key}.")
         elif a != b and key not in ("resume", "run_dir"):
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    """How the global batch of every step is split: over ranks, then into micro-batches."""
-
-    global_batch: int
-    per_rank: int
-    micro: int
-
-    @property
-    def accumulation(self) -> int:
-        return self.per_rank // self.micro
-
-
-def plan_batches(cfg: PretrainConfig, world_size: int) -> BatchPlan:
-    G = cfg.train.global_batch_size
-    if G % world_size:
-        raise ValueError(
-            f"train.global_batch_size={G} must be divisible by the number of ranks ({world_size})"
-        )
-    per_rank = G // world_size
-    micro = cfg.train.micro_batch_size or per_rank
-    if per_rank % micro:
-        raise ValueError(
-            f"train.micro_batch_size={micro} must divide the per-rank batch "
-            f"(train.global_batch_size {G} / {world_size} ranks = {per_rank})"
-        )
-    return BatchPlan(G, per_rank, micro)
-
-
-def _compile(student, teacher, mode: str, backend: str) -> None:
-    """In place (Module.compile keeps parameter names): per block, or the student's whole forward."""
-    if mode == "none":
-        return
-    for block in teacher.transformer.resblocks:
-        block.compile(backend=backend)
-    if mode == "blocks":
-        for block in student.encoder.blocks:
-            block.compile(backend=backend)
-    else:
-        student.compile(backend=backend)
-
-
-def _require_cuda_for_graphs(cfg: PretrainConfig, device: torch.device) -> None:
+def require_cuda_for_graphs(cfg, device: torch.device) -> None:
     if cfg.train.cuda_graphs and device.type != "cuda":
         raise ValueError(f"train.cuda_graphs=True needs a CUDA device, but training runs on {device}")
 
 
-def train(cfg: PretrainConfig) -> TrainResult:
-    """Runs (or resumes) stage-1 pre-training as ``cfg`` says; returns where things are."""
+def last_step_of(total_steps: int, max_steps: int) -> int:
+    return min(total_steps, max_steps) if max_steps else total_steps
+
+
+@dataclass
+class Setup:
+    """What a recipe builds for the trainer."""
+
+    model: nn.Module
+    """The model as trained (DDP / FSDP2-wrapped under torchrun); checkpoints hold its state."""
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosineSchedule
+    steps_per_epoch: int
+    total_steps: int
+    items_per_step: int
+    """Clips (or pairs) per optimizer step over all ranks: the throughput's unit."""
+    flops_per_step: float | None = None
+    """Model FLOPs of one optimizer step over all ranks (engine.flops); None: not reported."""
+    describe: str = ""
+    """The one-line summary logged before the first step."""
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run is: its directory, last checkpoint, steps and last window's metrics."""
+
+    run_dir: str
+    last_checkpoint: str | None
+    steps_done: int
+    last_loss: float | None
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    eval_report: dict | None = None
+    export_path: str | None = None
+
+    @property
+    def train_top1(self) -> float | None:
+        return self.last_metrics.get("train/top1")
+
+
+class Recipe:
+    """One training recipe on the trainer; subclasses fill in the methods that raise.
+
+    Attributes a subclass sets: ``cfg`` (its config, with the shared sections train, optim,
+    checkpoint, log and dist), ``unit`` (what one item of the batch is, for the throughput),
+    ``loss_names`` (the entries of the step's output vector; the first is the loss) and
+    ``budget`` (a data.BadSampleBudget when its data skips unreadable samples, else None).
+    """
+
+    unit = "clips"
+    loss_names: tuple[str, ...] = ("loss",)
+    budget = None
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def plan(self, info: DistInfo) -> None:
+        """Checks how the batch splits over ``info.world_size`` ranks; ValueError naming the fields."""
+
+    def build(self, info: DistInfo, resume_path: str | None) -> Setup:
+        raise NotImplementedError
+
+    def load_state(self, meta: dict, info: DistInfo) -> None:
+        """Restores the recipe's own state from a checkpoint's metadata."""
+
+    def batches(self, start_step: int) -> Iterator[Any]:
+        """The inputs of steps start_step, start_step + 1, ..."""
+        raise NotImplementedError
+
+    def step(self, batch: Any, step: int) -> torch.Tensor:
+        """One optimizer step; a [len(loss_names)] fp32 device tensor (no host sync)."""
+        raise NotImplementedError
+
+    def window_metrics(self, sums: list[float], window_steps: int, world_size: int) -> dict[str, float]:
+        """The logging window's metrics from the summed step outputs (over steps and ranks)."""
+        return {name: total / (window_steps * world_size) for name, total in zip(self.loss_names, sums)}
+
+    def data_position(self, steps_done: int) -> int:
+        """Where the data stream continues after `steps_done` steps (stored in checkpoints)."""
+        return steps_done * self.cfg.train.global_batch_size
+
+    def checkpoint_meta(self) -> dict:
+        """The recipe's own entries of a checkpoint's metadata."""
+        return {}
+
+    def after_step(self, done: int, is_last: bool, metrics) -> None:
+        """Work between steps (figures, evaluation); its time is kept out of the throughput."""
+
+    def finish(self, info: DistInfo) -> None:
+        """After the last step (every rank): e.g. an export."""
+
+    def result(self, result: TrainResult) -> TrainResult:
+        return result
+
+    def data_wait_advice(self, device: torch.device) -> str:
+        data = self.cfg.data
+        advice = f"raise --data.num_workers (now {data.num_workers})"
+        if device.type == "cuda" and getattr(data, "decoder", "dali") != "dali":
+            advice += " or decode on the GPU (--data.decoder dali)"
+        return advice
+
+
+def _window_record(recipe: Recipe, setup: Setup, info: DistInfo, sums: list[float], window_steps: int,
+                   elapsed: float, data_wait: float, precision: str) -> dict[str, Any]:  # fmt: skip
+    record = recipe.window_metrics(sums, window_steps, info.world_size)
+    step_s = elapsed / window_steps
+    record[f"{recipe.unit}/s"] = setup.items_per_step / step_s
+    record["data_wait_ms"] = 1e3 * data_wait / window_steps
+    if setup.flops_per_step:
+        tflops = setup.flops_per_step / info.world_size / step_s / 1e12  # per device
+        record["tflops"] = tflops
+        peak = peak_tflops(info.device, precision)
+        if peak:
+            record["mfu"] = tflops / peak
+    if info.device.type == "cuda":
+        record["peak_mem_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+    return record
+
+
+def _progress_extras(record: dict[str, Any]) -> str:
+    parts = []
+    if "tflops" in record:
+        parts.append(f"{record['tflops']:.3g} TFLOP/s")
+    if "mfu" in record:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    parts.append(f"data {record['data_wait_ms']:.0f} ms")
+    if "peak_mem_gb" in record:
+        parts.append(f"mem {record['peak_mem_gb']:.1f} GB")
+    return " | ".join(parts)
+
+
+def run(recipe: Recipe) -> TrainResult:
+    """Runs (or resumes) `recipe` as its config says; returns where things are."""
+    cfg = recipe.cfg
     info = init_distributed(cfg.train.device)
-    plan = plan_batches(cfg, info.world_size)
-    _require_cuda_for_graphs(cfg, info.device)
+    recipe.plan(info)
+    require_cuda_for_graphs(cfg, info.device)
     if info.is_main:
         check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)  # refuse before touching anything
     resume_path, logger = open_run_dir(cfg, info)
     device = info.device
     seed_everything(cfg.train.seed)
     set_attention_backend(cfg.train.attention)
-
-    records = read_annotation_list(_train_list_path(cfg, info), root=cfg.data.root)
-    G = plan.global_batch
-    steps_per_epoch = max(1, len(records) // G)
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
-    schedule = WarmupCosineSchedule(
-        peak_lr=peak_lr(cfg),
-        min_lr=scaled_min_lr(cfg),
-        total_steps=total_steps,
-        warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
-        warmup_lr=scaled_warmup_lr(cfg),
-    )
-
-    low_precision = _AUTOCAST[cfg.train.precision] if device.type == "cuda" else None
-    teacher = build_teacher(cfg).to(device)
-    if low_precision is not None:
-        teacher = teacher.to(low_precision)  # frozen: bf16/fp16 weights, LayerNorm statistics in fp32
-    student = build_student(cfg, teacher_dim=teacher.arch.output_dim).to(device)
-    student.set_activation_checkpointing(cfg.train.checkpointed_blocks(student.arch.depth))
-    _compile(student, teacher, cfg.train.compile, cfg.train.compile_backend)
-    # DDP is built on a side stream for CUDA graphs, as PyTorch's capture of DDP asks.
-    graph_capture = cfg.train.cuda_graphs and device.type == "cuda"
-    with torch.cuda.stream(torch.cuda.Stream()) if graph_capture else contextlib.nullcontext():
-        model = wrap_student(student, cfg.dist.strategy, info, low_precision)
-    optimizer = build_optimizer(
-        model, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps, capturable=cfg.train.cuda_graphs
-    )
-    scaler = torch.amp.GradScaler("cuda") if low_precision == torch.float16 else None
-    budget = BadSampleBudget(cfg.data.max_bad_fraction)
+    setup = recipe.build(info, resume_path)
+    model, optimizer, schedule = setup.model, setup.optimizer, setup.schedule
+    last_step = last_step_of(setup.total_steps, cfg.train.max_steps)
+    precision = cfg.train.precision if device.type == "cuda" else "fp32"
+    budget = recipe.budget
 
     start_step = 0
     if resume_path is not None:
         meta = ckpt.restore_checkpoint(resume_path, model, optimizer)
-        changed = _differing_fields(meta.get("config", {}), config_to_dict(cfg))
+        changed = differing_fields(meta.get("config", {}), config_to_dict(cfg))
         if changed:
             log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changed))
-        if info.is_main:  # the counts are global totals; the other ranks count from zero
+        if budget is not None and info.is_main:  # the counts are global totals; other ranks count from zero
             budget.load_state_dict(meta["bad_samples"])
-        if scaler is not None and "grad_scaler" in meta:
-            scaler.load_state_dict(meta["grad_scaler"])
+        recipe.load_state(meta, info)
         start_step = meta["step"]
         log.info("resumed from %s at step %d (data position %d)", resume_path, start_step, meta["data_position"])
 
@@ -208,113 +261,80 @@ def train(cfg: PretrainConfig) -> TrainResult:
         ckpt.restore_rng_state(rng)
         if resume_path is not None:
             metrics.write({"event": "resume", "step": start_step, "checkpoint": resume_path})
-    log.info(
-        "preset %s | student %s (%.1fM params) | teacher %s | %d clips | global batch %d = %d ranks x %d x %d "
-        "micro-batches | %d steps (%d per epoch) | %s, %s, attention %s, compile %s, CUDA graphs %s",
-        cfg.preset, cfg.student.size, sum(p.numel() for p in student.parameters()) / 1e6, cfg.teacher.arch,
-        len(records), G, info.world_size, plan.micro, plan.accumulation, last_step, steps_per_epoch, device,
-        cfg.train.precision if device.type == "cuda" else "fp32", cfg.train.attention, cfg.train.compile,
-        "on" if cfg.train.cuda_graphs else "off",
-    )
+    log.info("%s | %d steps (%d per epoch) | %s, %s, attention %s, compile %s%s", setup.describe, last_step,
+             setup.steps_per_epoch, device, precision, cfg.train.attention, cfg.train.compile,
+             ", CUDA graphs" if cfg.train.cuda_graphs else "")  # fmt: skip
 
-    dataset = PretrainClipDataset(records, cfg.data.num_frames, cfg.data.img_size, seed=cfg.train.seed, flip=cfg.data.flip)
-    loader = build_clip_loader(
-        cfg.data.decoder, dataset, plan.micro, start_position=start_step * G, num_workers=cfg.data.num_workers,
-        device=device, global_batch_size=G, rank=info.rank, world_size=info.world_size,
-    )
-    step_fn = PretrainStep(
-        model, teacher, optimizer,
-        mask_policy=cfg.mask.policy, mask_ratio=cfg.mask.ratio, seed=cfg.train.seed, device=device,
-        autocast_dtype=low_precision, grad_scaler=scaler, rank=info.rank, first_clip=info.rank * plan.per_rank,
-    )
-    if cfg.train.cuda_graphs:
-        step_fn = CUDAGraphStep(step_fn)
-
-    figures = None
-    if cfg.log.mask_figure_every_steps > 0 and info.is_main:
-        if info.distributed and cfg.dist.strategy == "fsdp":
-            log.warning("log.mask_figure_every_steps is ignored under FSDP (rank 0 cannot run a sharded student alone)")
-        else:
-            from umt_fast.viz.training import MaskFigureReporter
-
-            figures = MaskFigureReporter(cfg, [r.path for r in records], teacher, student, device, low_precision)
-
-    progress = ProgressLine(last_step, logger) if info.is_main else None
-    last_checkpoint = resume_path
-    last_loss = None
-    loss_sum = torch.zeros((), device=device)
-    window_steps, data_time = 0, 0.0
-    window_start = time.perf_counter()
+    progress = ProgressLine(last_step, logger, unit=recipe.unit) if info.is_main else None
+    last_checkpoint, last_metrics = resume_path, {}
+    sums = torch.zeros(len(recipe.loss_names), device=device)
+    window_steps, data_wait, windows, warned = 0, 0.0, 0, False
+    num_skipped = num_seen = 0
     model.train()
-    batches = iter(loader)
+    batches = recipe.batches(start_step)
+    window_start = time.perf_counter()
     stop = StopOnSignal(info.distributed).install()
     try:
         for step in range(start_step, last_step):
             fetch_start = time.perf_counter()
-            micro_batches = []
-            for _ in range(plan.accumulation):
-                batch = next(batches)
-                budget.update(plan.micro, batch["skipped"], batch["skip_reasons"])
-                micro_batches.append(batch["video"])
-            data_time += time.perf_counter() - fetch_start
-
+            batch = next(batches)
+            data_wait += time.perf_counter() - fetch_start
             lr = schedule.set_lr(optimizer, step)
-            loss_sum += step_fn(micro_batches, step)
+            sums += recipe.step(batch, step)
             window_steps += 1
             done = step + 1
-
             is_last = done == last_step
             save_now = done % cfg.checkpoint.every_steps == 0 or is_last
             stopping = False
             if done % cfg.log.every_steps == 0 or save_now or stop.check_every_step:
                 # The only host sync: once per logging window, summed over ranks.
-                counts = torch.tensor([budget.num_skipped, budget.num_seen, stop.flag], device=device, dtype=torch.float32)
-                totals = all_reduce_sum(torch.cat([loss_sum.view(1), counts])).tolist()
-                last_loss = totals[0] / (window_steps * info.world_size)
-                num_skipped, num_seen = int(totals[1]), int(totals[2])
-                stopping = totals[3] > 0
+                counts = [budget.num_skipped, budget.num_seen] if budget is not None else []
+                host = torch.tensor([*counts, stop.flag], device=device, dtype=torch.float32)
+                totals = all_reduce_sum(torch.cat([sums, host])).tolist()
+                stopping = totals[-1] > 0
                 save_now = save_now or stopping
-                check_finite_loss(last_loss, done - window_steps + 1, done, last_checkpoint)
+                if budget is not None:
+                    num_skipped, num_seen = int(totals[len(sums)]), int(totals[len(sums) + 1])
                 elapsed = time.perf_counter() - window_start
-                clips_per_s = window_steps * G / elapsed
+                record = _window_record(recipe, setup, info, totals[:len(sums)], window_steps, elapsed, data_wait,
+                                        precision)  # fmt: skip
+                check_finite_loss(record["loss"], done - window_steps + 1, done, last_checkpoint)
+                windows += 1
+                if windows > 1 and not warned and data_wait > DATA_WAIT_WARNING * elapsed:
+                    warned = True
+                    log.warning("the step waited for its data %.0f%% of the time (%.1f of %.1f ms per step): %s",
+                                100 * data_wait / elapsed, record["data_wait_ms"], 1e3 * elapsed / window_steps,
+                                recipe.data_wait_advice(device))  # fmt: skip
+                last_metrics = {"step": done, **record, "lr": lr}
                 if info.is_main:
-                    metrics.write({
-                        "step": done, "loss": last_loss, "lr": lr, "clips/s": clips_per_s,
-                        "data_time": data_time / window_steps, "data/skipped": num_skipped,
-                        "epoch": step // steps_per_epoch, "time": time.time(),
-                    })
-                    progress.update(done, last_loss, lr, clips_per_s)
-                loss_sum.zero_()
-                window_steps, data_time = 0, 0.0
+                    extra = {"data/skipped": num_skipped} if budget is not None else {}
+                    metrics.write({**last_metrics, **extra, "epoch": step // setup.steps_per_epoch, "time": time.time()})
+                    progress.update(done, record["loss"], lr, record[f"{recipe.unit}/s"], _progress_extras(record))
+                sums.zero_()
+                window_steps, data_wait = 0, 0.0
                 window_start = time.perf_counter()
 
-            if figures is not None and figures.due(done):
-                figure_start = time.perf_counter()
-                path = figures.maybe_write(done, metrics)
-                if path:
-                    log.info("wrote %s", path)
-                window_start += time.perf_counter() - figure_start  # keep drawing out of clips/s
+            pause_start = time.perf_counter()
+            recipe.after_step(done, is_last, metrics)
+            window_start += time.perf_counter() - pause_start  # keep figures and evaluation out of the throughput
 
             if save_now:
-                meta = {
-                    "data_position": done * G,
-                    "bad_samples": {**budget.state_dict(), "num_skipped": num_skipped, "num_seen": num_seen},
-                    "config": config_to_dict(cfg),
-                    "world_size": info.world_size,
-                }
-                if scaler is not None:
-                    meta["grad_scaler"] = scaler.state_dict()
-                last_checkpoint = ckpt.save_checkpoint(
-                    cfg.run_dir, done, model, optimizer, meta, keep_last=cfg.checkpoint.keep_last, info=info
-                )
+                meta = {"data_position": recipe.data_position(done), "config": config_to_dict(cfg),
+                        "world_size": info.world_size, **recipe.checkpoint_meta()}  # fmt: skip
+                if budget is not None:
+                    meta["bad_samples"] = {**budget.state_dict(), "num_skipped": num_skipped, "num_seen": num_seen}
+                last_checkpoint = ckpt.save_checkpoint(cfg.run_dir, done, model, optimizer, meta,
+                                                       keep_last=cfg.checkpoint.keep_last, info=info)  # fmt: skip
                 log.info("saved checkpoint %s", last_checkpoint)
             if stopping and not is_last:
                 raise stop_run(stop, done, last_checkpoint, metrics)
+        recipe.finish(info)
     finally:
         stop.restore()
         if progress is not None:
             progress.close()
         if metrics is not None:
             metrics.close()
-        del batches, loader
-    return TrainResult(cfg.run_dir, last_checkpoint, last_step, last_loss)
+        del batches
+    return recipe.result(TrainResult(cfg.run_dir, last_checkpoint, last_step, last_metrics.get("loss"), last_metrics))
+

@@ -258,17 +258,29 @@ class SparseVideoStudent(nn.Module):
         Returns:
             [L, B, N, Ct] unit vectors; index 0 is the shallowest aligned block.
         """
-        taps_LBND = self.encoder(video_BCTHW, visible_idx_BN, drop_scales_LB2)
+        taps_LBND = self.forward_features(video_BCTHW, visible_idx_BN, drop_scales_LB2)
         taps_LBND = taps_LBND + self.clip_pos_embed.to(taps_LBND.dtype)[visible_idx_BN]
         return torch.stack([head(taps_LBND[i]) for i, head in enumerate(self.clip_decoder)])
 
-    def set_activation_checkpointing(self, num_blocks: int) -> None:
-        """Recompute the first ``num_blocks`` blocks in the backward instead of storing their
-        activations (0 = off, depth = every block). Drop-path draws are replayed exactly
+    def forward_features(
+        self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The encoder alone: [L, B, N, W], the visible tokens after each of the last L = return_layers
+        blocks, final-normed, shallowest first; arguments as for `forward`."""
+        return self.encoder(video_BCTHW, visible_idx_BN, drop_scales_LB2)
+
+    def set_grad_checkpointing(self, enable: bool = True, num_blocks: int | None = None) -> None:
+        """Recompute the first ``num_blocks`` blocks (all when None; none when not ``enable``) in
+        the backward instead of storing their activations. Drop-path draws are replayed exactly
         (given as factors, or from torch's generator state, which checkpoint saves)."""
+        num_blocks = (self.arch.depth if num_blocks is None else num_blocks) if enable else 0
         if not 0 <= num_blocks <= self.arch.depth:
             raise ValueError(f"activation checkpointing: num_blocks must be in [0, {self.arch.depth}], got {num_blocks}")
         self.encoder.checkpointed_blocks = num_blocks
+
+    def set_activation_checkpointing(self, num_blocks: int) -> None:
+        """The older name: ``set_grad_checkpointing(num_blocks=num_blocks)``."""
+        self.set_grad_checkpointing(num_blocks=num_blocks)
 
 
 def _init_weights(module: nn.Module) -> None:

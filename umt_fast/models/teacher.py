@@ -55,13 +55,8 @@ class LayerNormFP32(nn.LayerNorm):
 
 
 QUICK_GELU_SCALE = 1.702
-
-
-class QuickGELU(nn.Module):
-    """CLIP's activation, x * sigmoid(1.702 x)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(QUICK_GELU_SCALE * x)
+"""CLIP's QuickGELU is x * sigmoid(1.702 x) = silu(1.702 x) / 1.702: the teacher keeps c_fc
+multiplied by 1.702 and c_proj's weight divided by it, so that its MLP is c_proj(silu(c_fc(x)))."""
 
 
 class CLIPAttention(nn.Module):
@@ -93,23 +88,43 @@ class CLIPAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
+    """CLIP's block, with QuickGELU's 1.702 folded into the MLP weights once (`QUICK_GELU_SCALE`):
+    folded when built, when weights are loaded, and unfolded again in state_dict(), which holds
+    CLIP's own values."""
+
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.attn = CLIPAttention(width, heads)
         self.ln_1 = LayerNormFP32(width, eps=CLIP_LN_EPS)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
-        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("silu", nn.SiLU())
         self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
         self.ln_2 = LayerNormFP32(width, eps=CLIP_LN_EPS)
+        with torch.no_grad():
+            for name, param in self.mlp.named_parameters():
+                param.mul_(self._fold_factor(name))
+        self.register_load_state_dict_pre_hook(self._fold_loaded)
+        self.register_state_dict_post_hook(self._unfold_saved)
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """``mlp(x)`` = c_proj(QuickGELU(c_fc(x))), computed as
-        (c_proj / 1.702)(silu(1.702 c_fc(x))) with the 1.702 folded into the weights (equal
-        up to rounding): one elementwise pass over the [*, 4W] activations instead of three."""
-        fc, proj = self.mlp.c_fc, self.mlp.c_proj
-        hidden = F.silu(F.linear(x, fc.weight * QUICK_GELU_SCALE, fc.bias * QUICK_GELU_SCALE))
-        return F.linear(hidden, proj.weight * (1.0 / QUICK_GELU_SCALE), proj.bias)
+    @staticmethod
+    def _fold_factor(name: str) -> float:
+        """What CLIP's value of mlp parameter `name` is multiplied by here."""
+        return {"c_fc.weight": QUICK_GELU_SCALE, "c_fc.bias": QUICK_GELU_SCALE, "c_proj.weight": 1.0 / QUICK_GELU_SCALE}.get(name, 1.0)
+
+    @staticmethod
+    def _fold_loaded(module, state_dict, prefix, *args) -> None:
+        for name in ("c_fc.weight", "c_fc.bias", "c_proj.weight"):
+            key = f"{prefix}mlp.{name}"
+            if key in state_dict:
+                state_dict[key] = state_dict[key] * module._fold_factor(name)
+
+    @staticmethod
+    def _unfold_saved(module, state_dict, prefix, local_metadata) -> None:
+        for name in ("c_fc.weight", "c_fc.bias", "c_proj.weight"):
+            key = f"{prefix}mlp.{name}"
+            if key in state_dict:
+                state_dict[key] = state_dict[key] / module._fold_factor(name)
 
     def forward(self, x: torch.Tensor, return_cls_attn: bool = False):
         if return_cls_attn:
@@ -117,7 +132,7 @@ class ResidualAttentionBlock(nn.Module):
         else:
             attn_out, cls_attn = self.attn(self.ln_1(x)), None
         x = x + attn_out
-        x = x + self._mlp(self.ln_2(x))
+        x = x + self.mlp(self.ln_2(x))
         return x, cls_attn
 
 

@@ -88,7 +88,7 @@ class VisionLanguageModel(nn.Module):
         ``drop_scales_LB2``: [depth, B, 2] drop-path factors (training mode); None draws drop path
         from torch's generator."""
         student = self.student
-        taps_LBND = student.encoder(video_BCTHW, visible_idx_BN, drop_scales_LB2)
+        taps_LBND = student.forward_features(video_BCTHW, visible_idx_BN, drop_scales_LB2)
         tokens_BND = taps_LBND[-1]
         heads_in = taps_LBND + student.clip_pos_embed.to(taps_LBND.dtype)[visible_idx_BN]
         aligned = torch.stack([head(heads_in[i]) for i, head in enumerate(student.clip_decoder)])
@@ -105,7 +105,7 @@ class VisionLanguageModel(nn.Module):
         B, _, T = video_BCTHW.shape[:3]
         P = self.student.arch.patches_per_frame
         idx = torch.arange(T * P, device=video_BCTHW.device).expand(B, -1)
-        tokens = self.student.encoder(video_BCTHW, idx)[-1]
+        tokens = self.student.forward_features(video_BCTHW, idx)[-1]
         pooled_BTD = self.pool_norm(tokens.view(B, T, P, -1).mean(2))
         return tokens, F.normalize(self.vision_proj(pooled_BTD), dim=-1)
 

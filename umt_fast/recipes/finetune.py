@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 
@@ -18,32 +17,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from umt_fast.engine import checkpoint as ckpt
 from umt_fast.config import SAMPLE_CLIPS, STUDENT_SIZES
+from umt_fast.config.finetune import FinetuneConfig, scaled_lrs
 from umt_fast.data import BadSampleBudget, read_annotation_list, write_sample_clip_list
 from umt_fast.data.annotations import VideoRecord
 from umt_fast.data.labelled import FinetuneClipDataset, build_finetune_loader, read_class_names
 from umt_fast.data.transforms import normalize_video
+from umt_fast.engine import checkpoint as ckpt
 from umt_fast.engine.distributed import (
     DistInfo,
     all_gather_objects,
     all_gather_stacked,
-    all_reduce_sum,
     barrier,
     exchange_with,
-    init_distributed,
     unwrap,
     wrap_model,
 )
-from umt_fast.recipes.evaluation import Predictions, _ViewsDataset, accuracy_report, autocast_for, format_report, predict_videos
-from umt_fast.engine.launch import open_run_dir
-from umt_fast.config.finetune import FinetuneConfig, config_to_dict, scaled_lrs
+from umt_fast.engine.flops import classifier_flops_per_clip
+from umt_fast.engine.optim import WarmupCosineSchedule
+from umt_fast.engine.trainer import Recipe, Setup, TrainResult, run
 from umt_fast.models.classifier import VideoViT, VideoViTArch, head_dropout_scales
 from umt_fast.models.student import drop_path_scales, keep_probabilities
-from umt_fast.engine.metrics import MetricsWriter, ProgressLine
-from umt_fast.engine.trainer import check_finite_loss
-from umt_fast.engine.optim import WarmupCosineSchedule
-from umt_fast.engine.stopping import StopOnSignal, stop_run
+from umt_fast.recipes.evaluation import Predictions, _ViewsDataset, accuracy_report, autocast_for, format_report, predict_videos
+from umt_fast.recipes.pretrain import compile_blocks
 
 log = logging.getLogger(__name__)
 
@@ -285,16 +281,6 @@ class FinetuneStep:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class FinetuneResult:
-    run_dir: str
-    last_checkpoint: str | None
-    steps_done: int
-    last_loss: float | None
-    train_top1: float | None
-    eval_report: dict | None
-
-
 def _records(list_value: str, root: str, run_dir: str) -> list[VideoRecord]:
     if list_value == SAMPLE_CLIPS:  # written by `_write_sample_list`
         return read_annotation_list(os.path.join(run_dir, "sample_clips.csv"))
@@ -323,13 +309,13 @@ def _num_classes(cfg: FinetuneConfig, records: list[VideoRecord]) -> int:
 
 
 def per_rank_batch(cfg: FinetuneConfig, world_size: int) -> int:
-    """train.batch_size (videos per optimizer step, over all ranks) / world_size."""
-    if cfg.train.batch_size % world_size:
+    """train.global_batch_size (videos per optimizer step, over all ranks) / world_size."""
+    if cfg.train.global_batch_size % world_size:
         raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} must be divisible by the number of ranks ({world_size}): it is "
+            f"train.global_batch_size={cfg.train.global_batch_size} must be divisible by the number of ranks ({world_size}): it is "
             f"the global batch of videos per optimizer step"
         )
-    return cfg.train.batch_size // world_size
+    return cfg.train.global_batch_size // world_size
 
 
 @torch.no_grad()
@@ -411,156 +397,113 @@ def run_evaluation(model: nn.Module, cfg: FinetuneConfig, records: list[VideoRec
     return report, preds.failed
 
 
-def train(cfg: FinetuneConfig) -> FinetuneResult:
+class FinetuneRecipe(Recipe):
+    """Fine-tuning: the dense classifier on labelled clips, evaluated with multiple views."""
+
+    loss_names = ("loss", "correct")
+
+    def plan(self, info: DistInfo) -> None:
+        self.info = info
+        self.per_rank = per_rank_batch(self.cfg, info.world_size)
+
+    def build(self, info: DistInfo, resume_path: str | None) -> Setup:
+        cfg, device = self.cfg, info.device
+        _write_sample_list(cfg, info)
+        self.train_records = _records(cfg.data.train_list, cfg.data.root, cfg.run_dir)
+        self.val_records = _records(cfg.data.val_list, cfg.data.root, cfg.run_dir) if cfg.data.val_list else []
+        self.num_classes = num_classes = _num_classes(cfg, self.train_records)
+        self.class_names = read_class_names(cfg.data.class_names) if cfg.data.class_names else None
+        if self.class_names is not None and len(self.class_names) != num_classes:
+            raise ValueError(f"data.class_names has {len(self.class_names)} names, but there are {num_classes} classes")
+        B = cfg.train.global_batch_size
+        steps_per_epoch = max(1, len(self.train_records) // B)
+        total_steps = cfg.optim.epochs * steps_per_epoch
+        peak, final, start_lr = scaled_lrs(cfg)
+        schedule = WarmupCosineSchedule(peak_lr=peak, min_lr=final, total_steps=total_steps,
+                                        warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch, warmup_lr=start_lr)  # fmt: skip
+        if not cfg.model.init and cfg.preset != "demo":
+            log.warning("no --model.init: fine-tuning starts from random weights, not from a pre-trained model")
+        model = build_model(cfg, num_classes).to(device)
+        arch, num_params = model.arch, sum(p.numel() for p in model.parameters())
+        compile_blocks(list(model.blocks), model, cfg.train.compile, cfg.train.compile_backend)
+        low_precision = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
+        # DDP, or FSDP2 per block then the root (parameters kept in fp32; compute in bf16 on the GPU).
+        self.model = model = wrap_model(model, model.blocks, cfg.dist.strategy, info, low_precision)
+        optimizer = build_optimizer(model, cfg)
+        self.budget = BadSampleBudget(cfg.data.max_bad_fraction)
+        self.step_fn = FinetuneStep(model, optimizer, cfg, num_classes, device, rank=info.rank, world_size=info.world_size)
+        self.clips_per_step = B * cfg.data.repeated_aug  # over all ranks
+        self.report = None
+        describe = (f"preset {cfg.preset} | {cfg.model.size} classifier, {num_classes} classes ({num_params / 1e6:.1f}M "
+                    f"params) | {len(self.train_records)} train / {len(self.val_records)} val videos | {B} videos x "
+                    f"{cfg.data.repeated_aug} clips per step = {info.world_size} ranks x {self.per_rank} videos")  # fmt: skip
+        flops = self.clips_per_step * classifier_flops_per_clip(arch)
+        return Setup(model, optimizer, schedule, steps_per_epoch, total_steps, self.clips_per_step, flops, describe)
+
+    def load_state(self, meta: dict, info: DistInfo) -> None:
+        if info.is_main and "rng" in meta:
+            ckpt.restore_rng_state(meta["rng"])
+
+    def batches(self, start_step: int):
+        cfg, info, B = self.cfg, self.info, self.cfg.train.global_batch_size
+        dataset = FinetuneClipDataset(
+            self.train_records, cfg.data.num_frames, cfg.data.img_size, seed=cfg.train.seed,
+            repeated_aug=cfg.data.repeated_aug, min_scale=cfg.aug.min_scale, flip=cfg.aug.flip,
+            rand_augment_ops=cfg.aug.rand_augment_ops, rand_augment_magnitude=cfg.aug.rand_augment_magnitude,
+        )  # fmt: skip
+        loader = build_finetune_loader(dataset, self.per_rank, start_position=start_step * B,
+                                       num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda",
+                                       global_batch_size=B, rank=info.rank, world_size=info.world_size)  # fmt: skip
+        for batch in loader:
+            self.budget.update(self.per_rank, batch["skipped"])
+            yield batch
+
+    def step(self, batch: dict, step: int) -> torch.Tensor:
+        loss, correct = self.step_fn(batch["video"], batch["label"], step)
+        return torch.stack([loss, correct.float()])
+
+    def window_metrics(self, sums: list[float], window_steps: int, world_size: int) -> dict[str, float]:
+        return {"loss": sums[0] / (window_steps * world_size), "train/top1": 100.0 * sums[1] / (window_steps * self.clips_per_step)}
+
+    def data_position(self, steps_done: int) -> int:
+        return steps_done * self.cfg.train.global_batch_size
+
+    def checkpoint_meta(self) -> dict:
+        meta = {"kind": "classifier", "num_classes": self.num_classes, "rng": ckpt.rng_state()}
+        if self.class_names is not None:
+            meta["class_names"] = self.class_names
+        return meta
+
+    def after_step(self, done: int, is_last: bool, metrics) -> None:
+        every = self.cfg.eval.every_steps
+        if not self.val_records or not ((every and done % every == 0) or is_last):
+            return
+        eval_start = time.perf_counter()
+        self.report, failed = run_evaluation(self.model, self.cfg, self.val_records, self.info.device,
+                                             self.class_names, self.info)  # fmt: skip
+        report = self.report
+        if self.info.is_main:
+            metrics.write({"step": done, "eval/top1": report["top1"], "eval/top5": report["top5"],
+                           "eval/videos": report["num_videos"], "eval/views": report["views_per_video"],
+                           "time": time.time()})  # fmt: skip
+            with open(os.path.join(self.cfg.run_dir, "eval.json"), "w", encoding="utf-8") as f:
+                json.dump({"step": done, **report}, f, indent=2)
+        log.info("evaluation at step %d (%.1f s):\n%s", done, time.perf_counter() - eval_start, format_report(report, failed))
+        self.model.train()
+
+    def result(self, result: TrainResult) -> TrainResult:
+        result.eval_report = self.report
+        return result
+
+
+FinetuneResult = TrainResult
+
+
+def train(cfg: FinetuneConfig) -> TrainResult:
     """Runs (or resumes) fine-tuning as ``cfg`` says; returns where things are.
 
     In one process, or under torchrun with DDP or FSDP2 (``dist.strategy``): each rank trains on
     its share of every global batch, rank 0 alone writes the run directory's logs and metrics,
     and every rank takes part in checkpoints and evaluation.
     """
-    info = init_distributed(cfg.train.device)
-    b = per_rank_batch(cfg, info.world_size)
-    resume_path, logger = open_run_dir(cfg, info)
-    device = info.device
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
-
-    _write_sample_list(cfg, info)
-    train_records = _records(cfg.data.train_list, cfg.data.root, cfg.run_dir)
-    val_records = _records(cfg.data.val_list, cfg.data.root, cfg.run_dir) if cfg.data.val_list else []
-    num_classes = _num_classes(cfg, train_records)
-    class_names = read_class_names(cfg.data.class_names) if cfg.data.class_names else None
-    if class_names is not None and len(class_names) != num_classes:
-        raise ValueError(f"data.class_names has {len(class_names)} names, but there are {num_classes} classes")
-
-    B = cfg.train.batch_size
-    steps_per_epoch = max(1, len(train_records) // B)
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
-    peak, final, start_lr = scaled_lrs(cfg)
-    schedule = WarmupCosineSchedule(peak_lr=peak, min_lr=final, total_steps=total_steps,
-                                    warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch, warmup_lr=start_lr)  # fmt: skip
-
-    if not cfg.model.init and cfg.preset != "demo":
-        log.warning("no --model.init: fine-tuning starts from random weights, not from a pre-trained model")
-    model = build_model(cfg, num_classes).to(device)
-    num_params = sum(p.numel() for p in model.parameters())
-    low_precision = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
-    # DDP, or FSDP2 per block then the root (parameters kept in fp32; compute in bf16 on the GPU).
-    model = wrap_model(model, model.blocks, cfg.dist.strategy, info, low_precision)
-    optimizer = build_optimizer(model, cfg)
-    budget = BadSampleBudget(cfg.data.max_bad_fraction)
-    start_step = 0
-    if resume_path is not None:
-        meta = ckpt.restore_checkpoint(resume_path, model, optimizer)
-        if info.is_main:  # the counts are global totals; the other ranks count from zero
-            budget.load_state_dict(meta["bad_samples"])
-            if "rng" in meta:
-                ckpt.restore_rng_state(meta["rng"])
-        start_step = meta["step"]
-        log.info("resumed from %s at step %d", resume_path, start_step)
-
-    metrics = None
-    if info.is_main:
-        metrics = MetricsWriter(os.path.join(cfg.run_dir, "metrics.jsonl"))
-        if resume_path is not None:
-            metrics.write({"event": "resume", "step": start_step, "checkpoint": resume_path})
-    log.info(
-        "preset %s | %s classifier, %d classes (%.1fM params) | %d train / %d val videos | %d videos x %d clips per "
-        "step = %d ranks x %d videos, %d steps (%d per epoch) | device %s%s", cfg.preset, cfg.model.size, num_classes,
-        num_params / 1e6, len(train_records), len(val_records), B, cfg.data.repeated_aug, info.world_size, b,
-        last_step, steps_per_epoch, device, f", {cfg.dist.strategy}" if info.distributed else "",
-    )  # fmt: skip
-
-    dataset = FinetuneClipDataset(
-        train_records, cfg.data.num_frames, cfg.data.img_size, seed=cfg.train.seed, repeated_aug=cfg.data.repeated_aug,
-        min_scale=cfg.aug.min_scale, flip=cfg.aug.flip, rand_augment_ops=cfg.aug.rand_augment_ops,
-        rand_augment_magnitude=cfg.aug.rand_augment_magnitude,
-    )  # fmt: skip
-    loader = build_finetune_loader(dataset, b, start_position=start_step * B, num_workers=cfg.data.num_workers,
-                                   pin_memory=device.type == "cuda", global_batch_size=B, rank=info.rank,
-                                   world_size=info.world_size)  # fmt: skip
-    step_fn = FinetuneStep(model, optimizer, cfg, num_classes, device, rank=info.rank, world_size=info.world_size)
-
-    progress = ProgressLine(last_step, logger) if info.is_main else None
-    last_checkpoint, last_loss, train_top1, report = resume_path, None, None, None
-    loss_sum = torch.zeros((), device=device)
-    correct_sum = torch.zeros((), device=device)
-    window_steps, window_clips = 0, 0
-    window_start = time.perf_counter()
-    clips_per_step = B * cfg.data.repeated_aug  # over all ranks
-
-    def evaluate_now(done: int) -> dict:
-        eval_start = time.perf_counter()
-        report, failed = run_evaluation(model, cfg, val_records, device, class_names, info)
-        if info.is_main:
-            metrics.write({"step": done, "eval/top1": report["top1"], "eval/top5": report["top5"],
-                           "eval/videos": report["num_videos"], "eval/views": report["views_per_video"],
-                           "time": time.time()})  # fmt: skip
-            with open(os.path.join(cfg.run_dir, "eval.json"), "w", encoding="utf-8") as f:
-                json.dump({"step": done, **report}, f, indent=2)
-        log.info("evaluation at step %d (%.1f s):\n%s", done, time.perf_counter() - eval_start, format_report(report, failed))
-        return report
-
-    batches = iter(loader)
-    model.train()
-    stop = StopOnSignal(info.distributed).install()
-    try:
-        for step in range(start_step, last_step):
-            batch = next(batches)
-            budget.update(b, batch["skipped"])
-            lr = schedule.set_lr(optimizer, step)
-            loss, correct = step_fn(batch["video"], batch["label"], step)
-            loss_sum += loss
-            correct_sum += correct
-            window_steps += 1
-            window_clips += clips_per_step
-            done = step + 1
-            is_last = done == last_step
-            save_now = done % cfg.checkpoint.every_steps == 0 or is_last
-            stopping = False
-            if done % cfg.log.every_steps == 0 or save_now or stop.check_every_step:
-                # The only host sync: once per logging window, summed over ranks.
-                counts = torch.tensor([budget.num_skipped, budget.num_seen, stop.flag], device=device, dtype=torch.float32)
-                totals = all_reduce_sum(torch.cat([loss_sum.view(1), correct_sum.view(1), counts])).tolist()
-                last_loss = totals[0] / (window_steps * info.world_size)
-                train_top1 = 100.0 * totals[1] / window_clips
-                num_skipped, num_seen = int(totals[2]), int(totals[3])
-                stopping = totals[4] > 0
-                save_now = save_now or stopping
-                check_finite_loss(last_loss, done - window_steps + 1, done, last_checkpoint)
-                elapsed = time.perf_counter() - window_start
-                if info.is_main:
-                    metrics.write({"step": done, "loss": last_loss, "train/top1": train_top1, "lr": lr,
-                                   "clips/s": window_clips / elapsed, "data/skipped": num_skipped,
-                                   "epoch": step // steps_per_epoch, "time": time.time()})  # fmt: skip
-                    progress.update(done, last_loss, lr, window_clips / elapsed)
-                loss_sum.zero_()
-                correct_sum.zero_()
-                window_steps, window_clips = 0, 0
-                window_start = time.perf_counter()
-            if val_records and ((cfg.eval.every_steps and done % cfg.eval.every_steps == 0) or is_last):
-                eval_start = time.perf_counter()
-                report = evaluate_now(done)
-                model.train()
-                window_start += time.perf_counter() - eval_start  # keep evaluation out of clips/s
-            if save_now:
-                meta = {"kind": "classifier", "config": config_to_dict(cfg), "data_position": done * B,
-                        "bad_samples": {**budget.state_dict(), "num_skipped": num_skipped, "num_seen": num_seen},
-                        "num_classes": num_classes, "rng": ckpt.rng_state(), "world_size": info.world_size}  # fmt: skip
-                if class_names is not None:
-                    meta["class_names"] = class_names
-                last_checkpoint = ckpt.save_checkpoint(cfg.run_dir, done, model, optimizer, meta,
-                                                       keep_last=cfg.checkpoint.keep_last, info=info)  # fmt: skip
-                log.info("saved checkpoint %s", last_checkpoint)
-            if stopping and not is_last:
-                raise stop_run(stop, done, last_checkpoint, metrics)
-    finally:
-        stop.restore()
-        if progress is not None:
-            progress.close()
-        if metrics is not None:
-            metrics.close()
-        del batches, loader
-    return FinetuneResult(cfg.run_dir, last_checkpoint, last_step, last_loss, train_top1, report)
+    return run(FinetuneRecipe(cfg))

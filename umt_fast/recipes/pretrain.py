@@ -1,4 +1,4 @@
-"""One stage-1 optimizer step, as data (DESIGN.md "One stage-1 step").
+"""Stage 1: UMT pre-training. One optimizer step, as data (DESIGN.md "One stage-1 step"):
 
     uint8 clips [m, T, H, W, 3] -> normalise on the device -> x [m, 3, T, H, W]
     teacher(x)  -> CLS attention [m, T, P] + last-L residual streams
@@ -17,17 +17,33 @@ micro-batches.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from umt_fast.config import SAMPLE_CLIPS, PretrainConfig, peak_lr, scaled_min_lr, scaled_warmup_lr
+from umt_fast.data import BadSampleBudget, PretrainClipDataset, build_clip_loader, read_annotation_list, write_sample_clip_list
 from umt_fast.data.transforms import normalize_video
-from umt_fast.engine.distributed import set_gradient_sync, unwrap
+from umt_fast.engine.cuda_graph import CUDAGraphStep
+from umt_fast.engine.distributed import DistInfo, barrier, set_gradient_sync, unwrap, wrap_student
+from umt_fast.engine.flops import pretrain_flops_per_clip
+from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
+from umt_fast.engine.trainer import NonFiniteLossError, Recipe, Setup, TrainResult, run  # noqa: F401 (NonFiniteLossError: for callers)
+from umt_fast.interop import build_teacher
 from umt_fast.losses import alignment_loss
 from umt_fast.masking import mask_and_targets
+from umt_fast.models import build_student
 from umt_fast.models.student import drop_path_scales, keep_probabilities
 from umt_fast.models.teacher import CLIPVisionTeacher
 from umt_kernels.rng import mix_seed
+
+log = logging.getLogger(__name__)
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 class PretrainStep:
@@ -136,3 +152,153 @@ class PretrainStep:
         else:
             self.optimizer.step()
         return total / count
+
+
+# ----------------------------------------------------------------------------------- the recipe
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch of every step is split: over ranks, then into micro-batches."""
+
+    global_batch: int
+    per_rank: int
+    micro: int
+
+    @property
+    def accumulation(self) -> int:
+        return self.per_rank // self.micro
+
+
+def plan_batches(cfg: PretrainConfig, world_size: int) -> BatchPlan:
+    G = cfg.train.global_batch_size
+    if G % world_size:
+        raise ValueError(f"train.global_batch_size={G} must be divisible by the number of ranks ({world_size})")
+    per_rank = G // world_size
+    micro = cfg.train.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(
+            f"train.micro_batch_size={micro} must divide the per-rank batch "
+            f"(train.global_batch_size {G} / {world_size} ranks = {per_rank})"
+        )
+    return BatchPlan(G, per_rank, micro)
+
+
+def compile_blocks(modules: list[nn.Module], whole: nn.Module, mode: str, backend: str) -> None:
+    """``train.compile``, in place (Module.compile keeps parameter names): each of `modules`
+    (``blocks``), or `whole` (``model``)."""
+    if mode == "blocks":
+        for module in modules:
+            module.compile(backend=backend)
+    elif mode == "model":
+        whole.compile(backend=backend)
+
+
+def _compile(student, teacher, mode: str, backend: str) -> None:
+    """Stage 1: the teacher per block whenever compiling; the student per block or whole."""
+    if mode == "none":
+        return
+    compile_blocks(list(teacher.transformer.resblocks), teacher, "blocks", backend)
+    compile_blocks(list(student.encoder.blocks), student, mode, backend)
+
+
+def train_list_path(path: str, run_dir: str, info: DistInfo) -> str:
+    """`data.train_list`, or the bundled sample clips' list written into the run directory."""
+    if path != SAMPLE_CLIPS:
+        return path
+    path = os.path.join(run_dir, "sample_clips.csv")
+    if info.is_main:
+        write_sample_clip_list(path)
+    barrier()
+    return path
+
+
+class PretrainRecipe(Recipe):
+    """Stage 1: the sparse student distilled from the frozen teacher on the visible tokens."""
+
+    def plan(self, info: DistInfo) -> None:
+        self.info = info
+        self.batch_plan = plan_batches(self.cfg, info.world_size)
+
+    def build(self, info: DistInfo, resume_path: str | None) -> Setup:
+        cfg, plan, device = self.cfg, self.batch_plan, info.device
+        self.records = read_annotation_list(train_list_path(cfg.data.train_list, cfg.run_dir, info), root=cfg.data.root)
+        G = plan.global_batch
+        steps_per_epoch = max(1, len(self.records) // G)
+        total_steps = cfg.optim.epochs * steps_per_epoch
+        schedule = WarmupCosineSchedule(peak_lr=peak_lr(cfg), min_lr=scaled_min_lr(cfg), total_steps=total_steps,
+                                        warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
+                                        warmup_lr=scaled_warmup_lr(cfg))  # fmt: skip
+        self.low_precision = AUTOCAST[cfg.train.precision] if device.type == "cuda" else None
+        teacher = build_teacher(cfg).to(device)
+        if self.low_precision is not None:
+            teacher = teacher.to(self.low_precision)  # frozen: bf16/fp16 weights, LayerNorm statistics in fp32
+        student = build_student(cfg, teacher_dim=teacher.arch.output_dim).to(device)
+        student.set_grad_checkpointing(num_blocks=cfg.train.checkpointed_blocks(student.arch.depth))
+        _compile(student, teacher, cfg.train.compile, cfg.train.compile_backend)
+        # DDP is built on a side stream for CUDA graphs, as PyTorch's capture of DDP asks.
+        graph_capture = cfg.train.cuda_graphs and device.type == "cuda"
+        with torch.cuda.stream(torch.cuda.Stream()) if graph_capture else contextlib.nullcontext():
+            model = wrap_student(student, cfg.dist.strategy, info, self.low_precision)
+        optimizer = build_optimizer(model, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
+                                    capturable=cfg.train.cuda_graphs)  # fmt: skip
+        self.scaler = torch.amp.GradScaler("cuda") if self.low_precision == torch.float16 else None
+        self.budget = BadSampleBudget(cfg.data.max_bad_fraction)
+        self.teacher, self.student, self.model = teacher, student, model
+        step_fn = PretrainStep(model, teacher, optimizer, mask_policy=cfg.mask.policy, mask_ratio=cfg.mask.ratio,
+                               seed=cfg.train.seed, device=device, autocast_dtype=self.low_precision,
+                               grad_scaler=self.scaler, rank=info.rank, first_clip=info.rank * plan.per_rank)  # fmt: skip
+        self.step_fn = CUDAGraphStep(step_fn) if cfg.train.cuda_graphs else step_fn
+        self.figures = None
+        if cfg.log.mask_figure_every_steps > 0 and info.is_main:
+            if info.distributed and cfg.dist.strategy == "fsdp":
+                log.warning("log.mask_figure_every_steps is ignored under FSDP (rank 0 cannot run a sharded student alone)")
+            else:
+                from umt_fast.viz.training import MaskFigureReporter
+
+                self.figures = MaskFigureReporter(cfg, [r.path for r in self.records], teacher, student, device,
+                                                  self.low_precision)  # fmt: skip
+        num_visible = student.arch.num_tokens - int(round(cfg.mask.ratio * student.arch.num_tokens))
+        flops = G * pretrain_flops_per_clip(teacher.arch, student.arch, teacher.arch.grid, num_visible)
+        describe = (f"preset {cfg.preset} | student {cfg.student.size} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
+                    f"params) | teacher {cfg.teacher.arch} | {len(self.records)} clips | global batch {G} = "
+                    f"{info.world_size} ranks x {plan.micro} x {plan.accumulation} micro-batches")  # fmt: skip
+        return Setup(model, optimizer, schedule, steps_per_epoch, total_steps, G, flops, describe)
+
+    def load_state(self, meta: dict, info: DistInfo) -> None:
+        if self.scaler is not None and "grad_scaler" in meta:
+            self.scaler.load_state_dict(meta["grad_scaler"])
+
+    def checkpoint_meta(self) -> dict:
+        return {"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def batches(self, start_step: int) -> Iterator[list[torch.Tensor]]:
+        cfg, plan, info = self.cfg, self.batch_plan, self.info
+        dataset = PretrainClipDataset(self.records, cfg.data.num_frames, cfg.data.img_size, seed=cfg.train.seed,
+                                      flip=cfg.data.flip)  # fmt: skip
+        loader = build_clip_loader(cfg.data.decoder, dataset, plan.micro, start_position=start_step * plan.global_batch,
+                                   num_workers=cfg.data.num_workers, device=info.device,
+                                   global_batch_size=plan.global_batch, rank=info.rank,
+                                   world_size=info.world_size)  # fmt: skip
+        stream = iter(loader)
+        while True:
+            micro_batches = []
+            for _ in range(plan.accumulation):
+                batch = next(stream)
+                self.budget.update(plan.micro, batch["skipped"], batch["skip_reasons"])
+                micro_batches.append(batch["video"])
+            yield micro_batches
+
+    def step(self, micro_batches: list[torch.Tensor], step: int) -> torch.Tensor:
+        return self.step_fn(micro_batches, step).view(1)
+
+    def after_step(self, done: int, is_last: bool, metrics) -> None:
+        if self.figures is not None and self.figures.due(done):
+            path = self.figures.maybe_write(done, metrics)
+            if path:
+                log.info("wrote %s", path)
+
+
+def train(cfg: PretrainConfig) -> TrainResult:
+    """Runs (or resumes) stage-1 pre-training as ``cfg`` says; returns where things are."""
+    return run(PretrainRecipe(cfg))

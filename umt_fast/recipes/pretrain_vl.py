@@ -25,28 +25,25 @@ import contextlib
 import functools
 import logging
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from umt_fast.engine import checkpoint as ckpt
-from umt_fast.config.vl import DEMO_DATA, VLPretrainConfig, config_to_dict
-from umt_fast.data.transforms import normalize_video
-from umt_fast.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, unwrap, wrap_model
-from umt_fast.engine.launch import open_run_dir
-from umt_fast.masking import mask_and_targets
-from umt_fast.interop import build_teacher
-from umt_fast.models import build_student
-from umt_fast.models.attention import set_attention_backend
-from umt_fast.models.student import drop_path_scales, keep_probabilities
-from umt_fast.engine.metrics import ProgressLine, build_metrics_sinks, check_sink_packages
-from umt_fast.engine.trainer import check_finite_loss, seed_everything
-from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
-from umt_fast.engine.stopping import StopOnSignal, stop_run
+from umt_fast.config.vl import DEMO_DATA, VLPretrainConfig
 from umt_fast.data import captions as vl_data
+from umt_fast.data.transforms import normalize_video
+from umt_fast.engine import checkpoint as ckpt
+from umt_fast.engine.distributed import DistInfo, barrier, unwrap, wrap_model
+from umt_fast.engine.flops import pretrain_flops_per_clip, text_flops_per_pair
+from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
+from umt_fast.engine.trainer import Recipe, Setup, TrainResult, run
+from umt_fast.interop import build_teacher
 from umt_fast.losses.vl import hard_negative_noise, mask_tokens, mlm_noise
+from umt_fast.masking import mask_and_targets
+from umt_fast.models import build_student
+from umt_fast.models.student import drop_path_scales, keep_probabilities
+from umt_fast.models.text import build_text_encoder, load_tokenizer, tokenize_captions
 from umt_fast.models.vl import (
     HEAD_NORM_EPS,
     VisionLanguageModel,
@@ -55,7 +52,7 @@ from umt_fast.models.vl import (
     is_stage2_state_dict,
     state_dict_to_reference,
 )
-from umt_fast.models.text import build_text_encoder, load_tokenizer, tokenize_captions
+from umt_fast.recipes.pretrain import compile_blocks
 from umt_kernels.rng import mix_seed
 
 log = logging.getLogger(__name__)
@@ -64,21 +61,13 @@ LOSS_NAMES = ("loss", "uta", "vtc", "vtm", "mlm")
 EXPORT_NAME = "umt_stage2.pth"
 
 
-@dataclass
-class TrainResult:
-    run_dir: str
-    last_checkpoint: str | None
-    steps_done: int
-    last_loss: float | None
-    export_path: str | None
-
-
 # ----------------------------------------------------------------------------------- building
 
 
 def build_model(cfg: VLPretrainConfig, teacher_dim: int, load_text: bool = True) -> VisionLanguageModel:
     """The stage-2 model of `cfg`: a fresh student of student.size, the text tower of text.weights."""
     student = build_student(cfg, teacher_dim, head_norm_eps=HEAD_NORM_EPS)
+    student.set_grad_checkpointing(num_blocks=cfg.train.checkpointed_blocks(student.arch.depth))
     dropout = cfg.text.dropout if cfg.text.dropout >= 0 else None
     text = build_text_encoder(cfg.text.weights, cfg.text.fusion_layers, student.arch.width, load=load_text,
                               dropout=dropout)  # fmt: skip
@@ -276,128 +265,91 @@ def export_reference(model: nn.Module, text_arch, path: str, info: DistInfo) -> 
     return path
 
 
+class VLPretrainRecipe(Recipe):
+    """Stage 2: UTA + VTC + VTM + MLM on interleaved video and image caption batches."""
+
+    unit = "pairs"
+    loss_names = LOSS_NAMES
+
+    def plan(self, info: DistInfo) -> None:
+        self.info = info
+        self.batch_plan = plan_batches(self.cfg, info.world_size)
+
+    def build(self, info: DistInfo, resume_path: str | None) -> Setup:
+        cfg, device = self.cfg, info.device
+        self.datasets = caption_datasets(cfg, info)
+        B, G = self.batch_plan.per_rank, self.batch_plan.global_batch
+        counts = [vl_data.MediaBatchSampler(len(d), B, info.rank, info.world_size).batches_per_epoch for d in self.datasets]
+        steps_per_epoch = sum(counts)
+        total_steps = cfg.optim.epochs * steps_per_epoch
+        schedule = WarmupCosineSchedule(cfg.optim.lr, cfg.optim.min_lr, total_steps,
+                                        cfg.optim.warmup_epochs * steps_per_epoch, cfg.optim.warmup_lr)  # fmt: skip
+        low_precision = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
+        teacher = build_teacher(cfg).to(device)
+        if low_precision is not None:
+            teacher = teacher.to(low_precision)
+        model = build_model(cfg, teacher.arch.output_dim)
+        if cfg.model.init and resume_path is None:
+            what = initialise(model, cfg.model.init)
+            log.info("initialised the %s from %s", what, cfg.model.init)
+        elif not cfg.model.init:
+            log.warning("model.init is empty: the vision tower starts from random weights (demos and tests only)")
+        model = model.to(device)
+        self.text_arch = text_arch = model.text_encoder.arch
+        self.tokenizer = load_tokenizer(cfg.text.weights)
+        if cfg.train.compile != "none":  # in place, names unchanged, before FSDP2 wraps the same blocks
+            compile_blocks([*teacher.transformer.resblocks, *shardable_blocks(model)], model, "blocks",
+                           cfg.train.compile_backend)  # fmt: skip
+        self.model = wrapped = wrap_model(model, shardable_blocks(model), cfg.dist.strategy, info, low_precision)
+        optimizer = build_optimizer(wrapped, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+        self.step_fn = VLStep(wrapped, teacher, optimizer, self.tokenizer, cfg, device, low_precision, rank=info.rank,
+                              world_size=info.world_size)  # fmt: skip
+        self.media_counts = {"video": 0, "image": 0}
+        student = model.student
+        num_visible = student.arch.num_tokens - int(round(cfg.mask.video_ratio * student.arch.num_tokens))
+        flops = G * (pretrain_flops_per_clip(teacher.arch, student.arch, teacher.arch.grid, num_visible)
+                     + text_flops_per_pair(text_arch, cfg.text.max_len))
+        describe = (f"preset {cfg.preset} | student {cfg.student.size} + text {text_arch.num_layers} layers "
+                    f"({text_arch.fusion_layers} fusion, width {text_arch.hidden}), "
+                    f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | "
+                    + ", ".join(f"{len(d)} {d.media} captions" for d in self.datasets)
+                    + f" | global batch {G} = {info.world_size} ranks x {B}, hard negatives in groups of "
+                    f"{self.batch_plan.vtm_group}")  # fmt: skip
+        return Setup(wrapped, optimizer, schedule, steps_per_epoch, total_steps, G, flops, describe)
+
+    def batches(self, start_step: int):
+        cfg, info = self.cfg, self.info
+        return vl_data.InterleavedStream(self.datasets, self.batch_plan.per_rank, cfg.train.seed, start_step,
+                                         rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
+                                         pin_memory=info.device.type == "cuda",
+                                         collate_fn=vl_data.CaptionCollate(self.tokenizer, cfg.text.max_len))  # fmt: skip
+
+    def step(self, media_batch: tuple[str, dict], step: int) -> torch.Tensor:
+        media, batch = media_batch
+        self.media_counts[media] += 1
+        return self.step_fn(media, batch, step)
+
+    def data_position(self, steps_done: int) -> int:
+        return steps_done  # the interleaved stream continues from the step number
+
+    def window_metrics(self, sums: list[float], window_steps: int, world_size: int) -> dict[str, float]:
+        record = super().window_metrics(sums, window_steps, world_size)
+        if not self.info.distributed or self.cfg.dist.strategy == "ddp":  # an FSDP2 shard holds no whole temp
+            record["temp"] = float(unwrap(self.model).temp.detach().clamp(0.001, 0.5))
+        record.update(video_steps=self.media_counts["video"], image_steps=self.media_counts["image"])
+        self.media_counts = {"video": 0, "image": 0}
+        return record
+
+    def finish(self, info: DistInfo) -> None:
+        self.export_path = export_reference(self.model, self.text_arch, os.path.join(self.cfg.run_dir, EXPORT_NAME), info)
+        if self.export_path:
+            log.info("wrote %s (the reference's stage-2 naming)", self.export_path)
+
+    def result(self, result: TrainResult) -> TrainResult:
+        result.export_path = getattr(self, "export_path", None)
+        return result
+
+
 def train(cfg: VLPretrainConfig) -> TrainResult:
     """Runs (or resumes) stage-2 pre-training as `cfg` says."""
-    info = init_distributed(cfg.train.device)
-    plan = plan_batches(cfg, info.world_size)
-    if info.is_main:
-        check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)  # refuse before touching anything
-    resume_path, logger = open_run_dir(cfg, info)
-    device = info.device
-    seed_everything(cfg.train.seed)
-    set_attention_backend(cfg.train.attention)
-
-    datasets = caption_datasets(cfg, info)
-    B, G = plan.per_rank, plan.global_batch
-    counts = [vl_data.MediaBatchSampler(len(d), B, info.rank, info.world_size).batches_per_epoch for d in datasets]
-    steps_per_epoch = sum(counts)
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
-    schedule = WarmupCosineSchedule(cfg.optim.lr, cfg.optim.min_lr, total_steps,
-                                    cfg.optim.warmup_epochs * steps_per_epoch, cfg.optim.warmup_lr)  # fmt: skip
-
-    low_precision = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
-    teacher = build_teacher(cfg).to(device)
-    if low_precision is not None:
-        teacher = teacher.to(low_precision)
-    model = build_model(cfg, teacher.arch.output_dim)
-    if cfg.model.init and resume_path is None:
-        what = initialise(model, cfg.model.init)
-        log.info("initialised the %s from %s", what, cfg.model.init)
-    elif not cfg.model.init:
-        log.warning("model.init is empty: the vision tower starts from random weights (demos and tests only)")
-    model = model.to(device)
-    text_arch = model.text_encoder.arch
-    tokenizer = load_tokenizer(cfg.text.weights)
-    if cfg.train.compile == "blocks":  # in place, names unchanged, before FSDP2 wraps the same blocks
-        for block in [*teacher.transformer.resblocks, *shardable_blocks(model)]:
-            block.compile(backend=cfg.train.compile_backend)
-    wrapped = wrap_model(model, shardable_blocks(model), cfg.dist.strategy, info, low_precision)
-    optimizer = build_optimizer(wrapped, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
-
-    start_step = 0
-    if resume_path is not None:
-        meta = ckpt.restore_checkpoint(resume_path, wrapped, optimizer)
-        start_step = meta["step"]
-        log.info("resumed from %s at step %d", resume_path, start_step)
-
-    metrics = None
-    if info.is_main:
-        rng = ckpt.rng_state()
-        metrics = build_metrics_sinks(cfg.run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb,
-                                      wandb_mode=cfg.log.wandb_mode, config=config_to_dict(cfg),
-                                      resume_step=start_step if resume_path is not None else None)  # fmt: skip
-        ckpt.restore_rng_state(rng)
-    log.info(
-        "preset %s | student %s + text %d layers (%d fusion, width %d), %.1fM params | %s | global batch %d = %d "
-        "ranks x %d, hard negatives in groups of %d | %d steps (%d per epoch) | %s, %s, compile %s",
-        cfg.preset, cfg.student.size, text_arch.num_layers, text_arch.fusion_layers, text_arch.hidden,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        ", ".join(f"{len(d)} {d.media} captions" for d in datasets), G, info.world_size, B, plan.vtm_group,
-        last_step, steps_per_epoch, device, cfg.train.precision if device.type == "cuda" else "fp32",
-        cfg.train.compile,
-    )  # fmt: skip
-
-    stream = vl_data.InterleavedStream(datasets, B, cfg.train.seed, start_step, rank=info.rank,
-                                       world_size=info.world_size, num_workers=cfg.data.num_workers,
-                                       pin_memory=device.type == "cuda",
-                                       collate_fn=vl_data.CaptionCollate(tokenizer, cfg.text.max_len))  # fmt: skip
-    step_fn = VLStep(wrapped, teacher, optimizer, tokenizer, cfg, device, low_precision, rank=info.rank,
-                     world_size=info.world_size)  # fmt: skip
-    progress = ProgressLine(last_step, logger) if info.is_main else None
-    last_checkpoint, last_loss, export_path = resume_path, None, None
-    loss_sum = torch.zeros(len(LOSS_NAMES), device=device)
-    window_steps, media_counts = 0, {"video": 0, "image": 0}
-    window_start = time.perf_counter()
-    wrapped.train()
-    stop = StopOnSignal(info.distributed).install()
-    try:
-        for step in range(start_step, last_step):
-            media, batch = next(stream)
-            lr = schedule.set_lr(optimizer, step)
-            loss_sum += step_fn(media, batch, step)
-            media_counts[media] += 1
-            window_steps += 1
-            done = step + 1
-            is_last = done == last_step
-            save_now = done % cfg.checkpoint.every_steps == 0 or is_last
-            stopping = False
-            if done % cfg.log.every_steps == 0 or save_now or stop.check_every_step:
-                flag = torch.full((1,), stop.flag, device=device)
-                totals = all_reduce_sum(torch.cat([loss_sum, flag])).tolist()  # the one host sync per window
-                values = [v / (window_steps * info.world_size) for v in totals[:-1]]
-                stopping = totals[-1] > 0
-                save_now = save_now or stopping
-                last_loss = values[0]
-                check_finite_loss(last_loss, done - window_steps + 1, done, last_checkpoint)
-                elapsed = time.perf_counter() - window_start
-                pairs_per_s = window_steps * G / elapsed
-                if info.is_main:
-                    record = {"step": done, **dict(zip(LOSS_NAMES, values)), "lr": lr, "pairs/s": pairs_per_s,
-                              "temp": float(unwrap(wrapped).temp.detach().clamp(0.001, 0.5)) if not info.distributed
-                              or cfg.dist.strategy == "ddp" else None,
-                              "video_steps": media_counts["video"], "image_steps": media_counts["image"],
-                              "epoch": step // steps_per_epoch, "time": time.time()}  # fmt: skip
-                    metrics.write({k: v for k, v in record.items() if v is not None})
-                    progress.update(done, last_loss, lr, pairs_per_s)
-                loss_sum.zero_()
-                window_steps, media_counts = 0, {"video": 0, "image": 0}
-                window_start = time.perf_counter()
-            if save_now:
-                meta = {"data_position": done, "config": config_to_dict(cfg), "world_size": info.world_size}
-                last_checkpoint = ckpt.save_checkpoint(cfg.run_dir, done, wrapped, optimizer, meta,
-                                                       keep_last=cfg.checkpoint.keep_last, info=info)  # fmt: skip
-                log.info("saved checkpoint %s", last_checkpoint)
-            if stopping and not is_last:
-                raise stop_run(stop, done, last_checkpoint, metrics)
-        export_path = export_reference(wrapped, text_arch, os.path.join(cfg.run_dir, EXPORT_NAME), info)
-        if export_path:
-            log.info("wrote %s (the reference's stage-2 naming)", export_path)
-    finally:
-        stop.restore()
-        if progress is not None:
-            progress.close()
-        if metrics is not None:
-            metrics.close()
-        del stream
-    return TrainResult(cfg.run_dir, last_checkpoint, last_step, last_loss, export_path)
+    return run(VLPretrainRecipe(cfg))

@@ -30,9 +30,13 @@ PANELS: tuple[tuple[str, str], ...] = (
     ("loss", "loss (mean over the logging window)"),
     ("lr", "learning rate"),
     ("clips/s", "throughput (clips/s)"),
+    ("pairs/s", "throughput (pairs/s)"),
+    ("data_wait_ms", "data wait per step (ms)"),
     ("data_time", "data wait per step (s)"),
+    ("tflops", "model TFLOP/s per device"),
     ("data/skipped", "skipped samples (total)"),
     ("mfu", "MFU"),
+    ("peak_mem_gb", "peak memory (GB)"),
 )
 """(metrics key, panel title), in drawing order; a key that no record has gets no panel."""
 PANEL_W, PANEL_H, TITLE_H = 620, 290, 90
