@@ -16,6 +16,7 @@ setup(
         "numpy",
         "av>=12",
         "pyyaml",
+        "tyro>=0.9",  # the command line of every training command, from the config dataclasses
         "timm",
         "torchvision",
         "safetensors",  # weight export and Hugging Face / timm weight files
