@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from umt_fast.data.annotations import read_annotation_list
 from umt_fast.data.transforms import normalize_video
-from umt_fast.recipes.evaluation import _ViewsDataset, autocast_for, resolve_device
+from umt_fast.recipes.evaluation import ViewsDataset, autocast_for, resolve_device
 from umt_fast.models.classifier import VideoViT
 
 LIST_SUFFIXES = (".csv", ".txt", ".lst", ".list")
@@ -81,7 +81,7 @@ def extract_features(
     (path, reason) of the unreadable videos)."""
     arch = model.arch
     model.eval()
-    loader = DataLoader(_ViewsDataset(paths, arch.num_frames, arch.img_size, 1, 1), batch_size=None,
+    loader = DataLoader(ViewsDataset(paths, arch.num_frames, arch.img_size, 1, 1), batch_size=None,
                         num_workers=num_workers)  # fmt: skip
     done_paths, embeddings, token_features, failed = [], [], [], []
     pending: list[tuple[int, torch.Tensor]] = []

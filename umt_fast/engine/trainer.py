@@ -13,7 +13,7 @@ The trainer owns what every run does the same way; a `Recipe` supplies only what
     metrics sinks (jsonl, TensorBoard, W&B)
     for step in [start, last):
       batch = next(batches)  (timed)    <-    batches(start_step): per-step inputs from the exact data position
-      lr = schedule.set_lr(step)
+      lr = schedule.set_lr(optimizer, step)
       sums += step_fn(batch, step)      <-    step(batch, step) -> [M] device tensor, no host sync
       every log.every_steps: ONE all-reduce of (sums, bad-sample counts, stop flag) -> host
         -> loss terms, lr, throughput, TFLOP/s, MFU, data wait, peak memory -> metrics + progress line

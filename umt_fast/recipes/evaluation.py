@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from umt_fast.data.decoding import VideoDecodeError
 from umt_fast.data.labelled import multi_view_clip
 from umt_fast.data.transforms import normalize_video
+from umt_fast.engine.distributed import DistInfo, all_gather_objects, all_gather_stacked
 from umt_fast.models.classifier import VideoViT
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 WORST_CLASSES_SHOWN = 10
 
 
-class _ViewsDataset(Dataset):
+class ViewsDataset(Dataset):
     """Video i -> (i, uint8 views [V, T, S, S, 3] or None, error text or None)."""
 
     def __init__(self, paths: list[str], num_frames: int, img_size: int, num_clips: int, num_crops: int):
@@ -76,58 +77,71 @@ def predict_videos(
     precision: str = "bf16",
     num_workers: int = 0,
     on_video: Callable[[int, int], None] | None = None,
+    info: DistInfo = DistInfo(),
 ) -> Predictions:
     """Runs ``model`` on every view of every video and averages the softmax per video.
 
+    Under torchrun (``info``), rank r scores paths[r::world_size] and every rank returns the
+    Predictions of all paths, in input order. The ranks run in lock-step, the same number of
+    forward passes of the same shape each (FSDP2 all-gathers parameters in every forward): a rank
+    with fewer videos, or with unreadable ones, runs blank views whose scores are dropped.
+
     Args:
         model: a classifier (num_classes > 0); its arch fixes frames and input size.
-        batch_size: views per forward pass (views of several videos share a batch).
-        on_video: called as on_video(done, total) after each video (progress).
+        batch_size: views per forward pass (at least one video's views).
+        on_video: called as on_video(done, total) after each of this rank's videos (progress).
     """
     arch = model.arch
     if arch.num_classes == 0:
         raise ValueError("evaluation needs a classifier (a model with a head); this model has none")
     was_training = model.training
     model.eval()
-    views_per_video = num_clips * num_crops
+    W, views_per_video = info.world_size, num_clips * num_crops
+    mine = list(range(info.rank, len(paths), W))
+    per_rank = -(-len(paths) // W)
+    videos_per_pass = max(1, batch_size // views_per_video)
     loader = DataLoader(
-        _ViewsDataset(paths, arch.num_frames, arch.img_size, num_clips, num_crops), batch_size=None,
-        num_workers=num_workers, pin_memory=device.type == "cuda",
+        ViewsDataset([paths[i] for i in mine], arch.num_frames, arch.img_size, num_clips, num_crops),
+        batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
     )  # fmt: skip
-    probs_by_video: dict[int, torch.Tensor] = {}
+    items = iter(loader)
+    blank = torch.zeros(views_per_video, arch.num_frames, arch.img_size, arch.img_size, 3, dtype=torch.uint8)
+    probs = torch.zeros(per_rank, arch.num_classes, device=device)
+    readable = torch.zeros(per_rank, dtype=torch.bool)
     failed: list[tuple[str, str]] = []
-    pending: list[tuple[int, torch.Tensor]] = []  # (video, views) not yet run
-
-    def flush(force: bool) -> None:
-        while pending and (force or sum(v.shape[0] for _, v in pending) >= batch_size):
-            views = torch.cat([v for _, v in pending]).to(device, non_blocking=True)
-            owners = [i for i, v in pending for _ in range(v.shape[0])]
-            pending.clear()
-            scores = []
-            for chunk in views.split(batch_size):
-                with autocast_for(device, precision):
-                    logits = model(normalize_video(chunk))
-                scores.append(logits.float().softmax(-1))
-            scores = torch.cat(scores).cpu()
-            for i in dict.fromkeys(owners):
-                rows = [r for r, owner in enumerate(owners) if owner == i]
-                probs_by_video[i] = scores[rows].mean(0)
-
-    for done, (i, views, error) in enumerate(loader, start=1):
-        if views is None:
-            failed.append((paths[i], error))
-            log.warning("skipping unreadable video %s: %s", paths[i], error)
-        else:
-            assert views.shape[0] == views_per_video
-            pending.append((i, views))
-            flush(force=False)
-        if on_video is not None:
-            on_video(done, len(paths))
-    flush(force=True)
+    for start in range(0, per_rank, videos_per_pass):
+        chunk = []
+        for j in range(start, min(start + videos_per_pass, per_rank)):
+            views = None
+            if j < len(mine):
+                _, views, error = next(items)
+                if views is None:
+                    failed.append((paths[mine[j]], error))
+                    log.warning("skipping unreadable video %s: %s", paths[mine[j]], error)
+                else:
+                    readable[j] = True
+                if on_video is not None:
+                    on_video(j + 1, len(mine))
+            chunk.append(blank if views is None else views)
+        views = torch.cat(chunk).to(device, non_blocking=True)
+        scores = []
+        for part in views.split(batch_size):
+            with autocast_for(device, precision):
+                logits = model(normalize_video(part))
+            scores.append(logits.float().softmax(-1))
+        probs[start:start + len(chunk)] = torch.cat(scores).view(len(chunk), views_per_video, -1).mean(1)
     model.train(was_training)
-    order = sorted(probs_by_video)
-    probs = torch.stack([probs_by_video[i] for i in order]) if order else torch.empty(0, arch.num_classes)
-    return Predictions([paths[i] for i in order], probs, views_per_video, failed)
+    if info.distributed:
+        all_probs = all_gather_stacked(probs).cpu()  # [W, per_rank, K]
+        all_readable = all_gather_stacked(readable.to(device, torch.int32)).cpu()  # NCCL: no bool
+        failed = [f for part in all_gather_objects(failed) for f in part]
+    else:
+        all_probs, all_readable = probs.cpu()[None], readable[None]
+    found = sorted((r + j * W, r, j) for r in range(W) for j in range(per_rank) if all_readable[r, j])
+    stacked = torch.stack([all_probs[r, j] for _, r, j in found]) if found else torch.empty(0, arch.num_classes)
+    reasons = dict(failed)
+    return Predictions([paths[i] for i, _, _ in found], stacked, views_per_video,
+                       [(p, reasons[p]) for p in paths if p in reasons])  # fmt: skip
 
 
 def class_name(names: list[str] | None, label: int) -> str:

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from umt_fast.config import SAMPLE_CLIPS, STUDENT_SIZES
 from umt_fast.config.finetune import FinetuneConfig, scaled_lrs
@@ -26,8 +25,6 @@ from umt_fast.data.transforms import normalize_video
 from umt_fast.engine import checkpoint as ckpt
 from umt_fast.engine.distributed import (
     DistInfo,
-    all_gather_objects,
-    all_gather_stacked,
     barrier,
     exchange_with,
     unwrap,
@@ -38,7 +35,7 @@ from umt_fast.engine.optim import WarmupCosineSchedule
 from umt_fast.engine.trainer import Recipe, Setup, TrainResult, run
 from umt_fast.models.classifier import VideoViT, VideoViTArch, head_dropout_scales
 from umt_fast.models.student import drop_path_scales, keep_probabilities
-from umt_fast.recipes.evaluation import Predictions, _ViewsDataset, accuracy_report, autocast_for, format_report, predict_videos
+from umt_fast.recipes.evaluation import accuracy_report, format_report, predict_videos
 from umt_fast.recipes.pretrain import compile_blocks
 
 log = logging.getLogger(__name__)
@@ -318,65 +315,6 @@ def per_rank_batch(cfg: FinetuneConfig, world_size: int) -> int:
     return cfg.train.global_batch_size // world_size
 
 
-@torch.no_grad()
-def predict_videos_sharded(
-    model: nn.Module, paths: list[str], info: DistInfo, *, num_clips: int, num_crops: int, batch_size: int,
-    device: torch.device, precision: str, num_workers: int,
-) -> Predictions:  # fmt: skip
-    """`predict_videos` over ranks: rank r scores paths[r::world_size], and every rank returns the
-    Predictions of all paths (scores gathered, input order).
-
-    The ranks run in lock-step, the same number of forward passes of the same shape each (FSDP2
-    all-gathers parameters in every forward): a rank with fewer videos, or with unreadable ones,
-    runs blank views whose scores are dropped.
-    """
-    arch = model.arch
-    if arch.num_classes == 0:
-        raise ValueError("evaluation needs a classifier (a model with a head); this model has none")
-    was_training = model.training
-    model.eval()
-    W, views_per_video = info.world_size, num_clips * num_crops
-    mine = list(range(info.rank, len(paths), W))
-    per_rank = -(-len(paths) // W)
-    videos_per_pass = max(1, batch_size // views_per_video)
-    loader = DataLoader(
-        _ViewsDataset([paths[i] for i in mine], arch.num_frames, arch.img_size, num_clips, num_crops),
-        batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
-    )  # fmt: skip
-    items = iter(loader)
-    blank = torch.zeros(views_per_video, arch.num_frames, arch.img_size, arch.img_size, 3, dtype=torch.uint8)
-    probs = torch.zeros(per_rank, arch.num_classes, device=device)
-    readable = torch.zeros(per_rank, dtype=torch.bool)
-    failed: list[tuple[str, str]] = []
-    for start in range(0, per_rank, videos_per_pass):
-        chunk = []
-        for j in range(start, min(start + videos_per_pass, per_rank)):
-            views = None
-            if j < len(mine):
-                _, views, error = next(items)
-                if views is None:
-                    failed.append((paths[mine[j]], error))
-                    log.warning("skipping unreadable video %s: %s", paths[mine[j]], error)
-                else:
-                    readable[j] = True
-            chunk.append(blank if views is None else views)
-        views = torch.cat(chunk).to(device, non_blocking=True)
-        scores = []
-        for part in views.split(batch_size):
-            with autocast_for(device, precision):
-                logits = model(normalize_video(part))
-            scores.append(logits.float().softmax(-1))
-        probs[start:start + len(chunk)] = torch.cat(scores).view(len(chunk), views_per_video, -1).mean(1)
-    model.train(was_training)
-    all_probs = all_gather_stacked(probs).cpu()  # [W, per_rank, K]
-    all_readable = all_gather_stacked(readable.to(device, torch.int32)).cpu()  # NCCL: no bool
-    found = sorted((r + j * W, r, j) for r in range(W) for j in range(per_rank) if all_readable[r, j])
-    stacked = torch.stack([all_probs[r, j] for _, r, j in found]) if found else torch.empty(0, arch.num_classes)
-    all_failed = dict(f for part in all_gather_objects(failed) for f in part)
-    return Predictions([paths[i] for i, _, _ in found], stacked, views_per_video,
-                       [(p, all_failed[p]) for p in paths if p in all_failed])  # fmt: skip
-
-
 def run_evaluation(model: nn.Module, cfg: FinetuneConfig, records: list[VideoRecord], device: torch.device,
                    class_names: list[str] | None, info: DistInfo = DistInfo()) -> tuple[dict, list]:  # fmt: skip
     """Multi-view evaluation of ``records``; under torchrun sharded over the ranks (the report is
@@ -385,10 +323,7 @@ def run_evaluation(model: nn.Module, cfg: FinetuneConfig, records: list[VideoRec
     options = dict(num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops, batch_size=cfg.eval.batch_size,
                    device=device, precision=cfg.train.precision, num_workers=cfg.data.num_workers)  # fmt: skip
     model = unwrap(model)  # DDP: the module itself; FSDP2: the sharded model, run in lock-step
-    if info.distributed:
-        preds = predict_videos_sharded(model, paths, info, **options)
-    else:
-        preds = predict_videos(model, paths, **options)
+    preds = predict_videos(model, paths, info=info, **options)
     label_of = {r.path: r.label for r in records}
     labels = torch.tensor([label_of[p] for p in preds.paths], dtype=torch.long)
     report = accuracy_report(preds.probs, labels, class_names)
