@@ -230,3 +230,44 @@ def test_help_lists_every_option():
     for option in ("--preset", "--run_dir", "--resume", "--train.max_steps", "--checkpoint.every_steps",
                    "--log.every_steps", "--data.train_list", "--data.root", "--teacher.weights", "--mask.policy"):
         assert option in out
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    """Checkpoints and exports are readable as the umask allows (not mkstemp's 0600)."""
+    from umt_fast import export
+
+    old = os.umask(0o027)
+    try:
+        ckpt.atomic_torch_save({"x": 1}, str(tmp_path / "meta.pt"))
+        export._atomic_write(str(tmp_path / "weights.bin"), lambda p: open(p, "wb").close())
+    finally:
+        os.umask(old)
+    for name in ("meta.pt", "weights.bin"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o640, name
+
+
+def test_a_finished_run_says_which_option_trains_it_further(tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert main(["--run-dir", run_dir, "--train.max_steps", "2"] + SMALL) == 0
+    assert main(["--run-dir", run_dir, "--train.max_steps", "2"] + SMALL) == 0
+    log_text = open(os.path.join(run_dir, "log.txt")).read()
+    assert "resumed from step 2" in log_text
+    assert "nothing to train: the run is at step 2 and train.max_steps=2 ends it at step 2: raise --train.max_steps" \
+        in log_text
+    assert main(["--run-dir", run_dir, "--train.max_steps", "3"] + SMALL) == 0  # raising it trains on
+    assert sorted(_losses_by_step(run_dir)) == [1, 2, 3]
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path, capsys):
+    from umt_fast.engine.launch import RunDirLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = RunDirLock(str(run_dir))  # another run, holding the directory
+    try:
+        assert main(["--run-dir", str(run_dir), "--train.max_steps", "1"] + SMALL) == 2
+    finally:
+        first.release()
+    err = capsys.readouterr().err
+    assert f"run directory {run_dir} is in use by pid {os.getpid()} on host" in err
+    assert not (run_dir / "checkpoints").exists()

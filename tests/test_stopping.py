@@ -1,4 +1,4 @@
-"""Stopping on SIGTERM / SIGUSR1: a checkpoint after the current step, then an exact resume."""
+"""Stopping on SIGTERM / SIGUSR1 / Ctrl-C: a checkpoint after the current step, then an exact resume."""
 import os
 import signal
 import subprocess
@@ -105,3 +105,25 @@ def test_stage2_stops_on_sigterm_after_saving(tmp_path, monkeypatch):
         vl_train.train(cfg)
     assert stopped.value.step == 2 and stopped.value.exit_code == 128 + signal.SIGTERM
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]
+
+
+def test_ctrl_c_saves_and_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C finishes the step in flight, saves it and exits 130 with the resume line;
+    a second one raises KeyboardInterrupt at once."""
+    from umt_fast.recipes import pretrain as stage1
+
+    monkeypatch.setattr(stage1.PretrainStep, "__call__", _signal_at(3, signal.SIGINT)(stage1.PretrainStep.__call__))
+    run_dir = str(tmp_path / "run")
+    args = ["--run-dir", run_dir, "--data.img_size", "64", "--teacher.input_resolution", "64",
+            "--train.max_steps", "8", "--checkpoint.every_steps", "100"]  # fmt: skip
+    assert main(args) == 130
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [4]  # steps 0..3 done: 4 saved
+    err = capsys.readouterr().err
+    assert "Ctrl-C: stopping after this step" in err and "stopped by SIGINT after step 4" in err
+    assert f"--resume auto --run-dir {run_dir}" in err
+
+    with StopOnSignal(distributed=False) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)

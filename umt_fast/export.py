@@ -24,20 +24,17 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Any
 
 import torch
 
-from umt_fast.engine.checkpoint import read_run_checkpoint, resolve_checkpoint, sidecar_path  # noqa: F401 (also here)
+from umt_fast.engine.checkpoint import read_run_checkpoint, resolve_checkpoint, sidecar_path, temp_file_beside  # noqa: F401 (also here)
 
 FORMATS = ("safetensors", "pth")
 
 
 def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = temp_file_beside(path)
     os.close(fd)
     try:
         write(tmp)

@@ -384,11 +384,11 @@ class PositionSampler(Sampler[int]):
 
 def init_worker(worker_id: int) -> None:
     """A decoding worker's setup: one intra-op thread (parallelism comes from the workers, more
-    threads would oversubscribe the cores), and SIGTERM / SIGUSR1 ignored: a scheduler that
-    signals the whole process group asks the training process to stop after a checkpoint
-    (umt_fast.engine.stopping), which then shuts its workers down itself."""
+    threads would oversubscribe the cores), and SIGTERM / SIGUSR1 / SIGINT ignored: a scheduler
+    that signals the whole process group, or a Ctrl-C in the terminal, asks the training process
+    to stop after a checkpoint (umt_fast.engine.stopping), which then shuts its workers down."""
     torch.set_num_threads(1)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -59,11 +59,22 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def temp_file_beside(path: str, suffix: str = "") -> tuple[int, str]:
+    """(fd, name) of a new temporary file in ``path``'s directory, created with the permissions
+    of the umask as any other file (mkstemp's own are 0600: teammates could not read it)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def atomic_torch_save(obj: Any, path: str) -> None:
     """torch.save to a temp file in the target directory, fsync, then rename over ``path``."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    fd, tmp = temp_file_beside(path, suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

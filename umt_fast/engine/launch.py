@@ -49,13 +49,43 @@ def run_training_command(
         print(f"{stopped}\nresume with --resume auto --run-dir {cfg.run_dir}", file=sys.stderr)
         return stopped.exit_code
     except KeyboardInterrupt:
-        print("\ninterrupted; resume with --resume auto --run-dir " + cfg.run_dir, file=sys.stderr)
+        print("\ninterrupted at once: the steps since the last checkpoint are lost; resume with --resume auto "
+              f"--run-dir {cfg.run_dir}", file=sys.stderr)  # fmt: skip
         return 130
     finally:
         destroy_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print("\n".join(summary(result)))
     return 0
+
+
+class RunDirLock:
+    """An exclusive flock on ``<run_dir>/.lock``, held while a run trains there: a second run on
+    the same directory is refused with the first one's pid and host (the lock goes with the
+    process, so a killed run leaves nothing to clean up)."""
+
+    def __init__(self, run_dir: str):
+        import fcntl
+        import socket
+
+        self.path = os.path.join(run_dir, ".lock")
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise ValueError(f"run directory {run_dir} is in use by {holder}; wait for that run to end, or "
+                             "pass another --run-dir") from None  # fmt: skip
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing drops the flock
 
 
 def open_run_dir(cfg: Any, info: Any) -> tuple[str | None, Any]:

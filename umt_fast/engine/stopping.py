@@ -1,4 +1,5 @@
-"""Stopping a training run cleanly on SIGTERM or SIGUSR1 (preemption, a job's time limit).
+"""Stopping a training run cleanly on SIGTERM or SIGUSR1 (preemption, a job's time limit) or on
+Ctrl-C (SIGINT).
 
 Schedulers ask a job to end before they kill it: SLURM sends SIGTERM (or the signal named by
 ``--signal``, often SIGUSR1) some time before the hard kill, Kubernetes sends SIGTERM and waits
@@ -10,7 +11,8 @@ exits with 128 + the signal number, and ``--resume auto`` continues exactly.
 When the flag is read: in a single process after every step (free: it is a Python bool). Under
 torchrun the ranks must agree on the step to stop after (the checkpoint is collective), so the
 flag travels in the all-reduce that every logging point already does, and the run stops at the
-next logging point (``--log.every_steps``). A second signal ends the process at once.
+next logging point (``--log.every_steps``). A second signal ends the process at once (a second
+Ctrl-C as KeyboardInterrupt, which the commands report with exit code 130).
 
 The data loaders' worker processes ignore these signals (`umt_fast.data.dataset.init_worker`):
 a scheduler that signals the whole process group must not kill them before the checkpoint.
@@ -19,16 +21,17 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class TrainingStopped(Exception):
     """A run stopped on a signal, after saving its checkpoint.
 
     Attributes:
-        signal_name: "SIGTERM" or "SIGUSR1".
+        signal_name: "SIGTERM", "SIGUSR1" or "SIGINT".
         step: the last optimizer step done (and saved).
         checkpoint: the checkpoint written at that step.
         exit_code: 128 + the signal number, the shell's convention for a process ended by it.
@@ -43,7 +46,7 @@ class TrainingStopped(Exception):
 
 
 class StopOnSignal:
-    """Context manager (or ``install()`` ... ``restore()``): while open, SIGTERM and SIGUSR1 set
+    """Context manager (or ``install()`` ... ``restore()``): while open, SIGTERM, SIGUSR1 and SIGINT set
     :attr:`received` instead of ending the process (handlers are installed only from the main
     thread; elsewhere it never fires).
 
@@ -77,9 +80,14 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame) -> None:
         if self.received is not None:  # asked twice: stop now, the default way
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         self.received = signum
+        if signum == signal.SIGINT:
+            sys.stderr.write("\nCtrl-C: stopping after this step, once its checkpoint is saved "
+                             "(Ctrl-C again stops at once, losing the steps since the last checkpoint)\n")
 
     @property
     def requested(self) -> bool:

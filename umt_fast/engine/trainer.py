@@ -29,6 +29,7 @@ the run directory's logs, metrics and figures; every rank takes part in checkpoi
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ from umt_fast.config.cli import config_to_dict
 from umt_fast.engine import checkpoint as ckpt
 from umt_fast.engine.distributed import DistInfo, all_reduce_sum, init_distributed
 from umt_fast.engine.flops import peak_tflops
-from umt_fast.engine.launch import open_run_dir
+from umt_fast.engine.launch import RunDirLock, open_run_dir
 from umt_fast.engine.metrics import ProgressLine, build_metrics_sinks, check_sink_packages
 from umt_fast.engine.optim import WarmupCosineSchedule
 from umt_fast.engine.stopping import StopOnSignal, stop_run
@@ -89,6 +90,15 @@ def differing_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
 def require_cuda_for_graphs(cfg, device: torch.device) -> None:
     if cfg.train.cuda_graphs and device.type != "cuda":
         raise ValueError(f"train.cuda_graphs=True needs a CUDA device, but training runs on {device}")
+
+
+def why_it_ends(last_step: int, total_steps: int, steps_per_epoch: int, cfg) -> str:
+    """Which option fixes a run's last step, and how to go further."""
+    if cfg.train.max_steps and cfg.train.max_steps <= total_steps:
+        return (f"train.max_steps={cfg.train.max_steps} ends it at step {last_step}: raise --train.max_steps "
+                f"(the schedule of optim.epochs={cfg.optim.epochs} runs to step {total_steps})")
+    return (f"its schedule ends at step {total_steps} (optim.epochs={cfg.optim.epochs} x {steps_per_epoch} steps "
+            f"per epoch): raise --optim.epochs to train longer (train.max_steps cannot go past the schedule)")
 
 
 def last_step_of(total_steps: int, max_steps: int) -> int:
@@ -227,8 +237,20 @@ def run(recipe: Recipe) -> TrainResult:
     info = init_distributed(cfg.train.device)
     recipe.plan(info)
     require_cuda_for_graphs(cfg, info.device)
+    lock = None
     if info.is_main:
         check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)  # refuse before touching anything
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        lock = RunDirLock(cfg.run_dir)
+    try:
+        return _train(recipe, info)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(recipe: Recipe, info: DistInfo) -> TrainResult:
+    cfg = recipe.cfg
     resume_path, logger = open_run_dir(cfg, info)
     device = info.device
     seed_everything(cfg.train.seed)
@@ -249,7 +271,10 @@ def run(recipe: Recipe) -> TrainResult:
             budget.load_state_dict(meta["bad_samples"])
         recipe.load_state(meta, info)
         start_step = meta["step"]
-        log.info("resumed from %s at step %d (data position %d)", resume_path, start_step, meta["data_position"])
+        log.info("resumed from step %d (%s, data position %d)", start_step, resume_path, meta["data_position"])
+        if start_step >= last_step:
+            log.warning("nothing to train: the run is at step %d and %s", start_step,
+                        why_it_ends(last_step, setup.total_steps, setup.steps_per_epoch, cfg))  # fmt: skip
 
     metrics = None
     if info.is_main:
