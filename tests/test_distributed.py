@@ -1,9 +1,6 @@
 """Multi-process training on CPU with gloo: the same global batch gives the same losses on one
 rank or two (DDP and FSDP2), with or without gradient accumulation, drop path included, and a
 checkpoint saved at one world size resumes at another."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ import torch.nn as nn
 from tests.markers import needs_fsdp_on_cpu
 from umt_fast.engine import checkpoint as ckpt
 from umt_fast.engine.distributed import DistInfo, check_fsdp_supported, wrap_model
-from tests.launch import REPO, run_command
+from tests.launch import run_command
 
 # Drop path on: its draws, like the masks, must not depend on the number of ranks.
 ARGS = ["--data.img_size", "64", "--teacher.input_resolution", "64", "--log.every_steps", "1",
@@ -53,13 +50,17 @@ def test_fsdp_checkpoint_resumes_in_a_single_process(tmp_path, single_rank_losse
         assert resumed[step] == pytest.approx(single_rank_losses[step], abs=1e-4)
 
 
-def test_global_batch_must_split_over_ranks(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(30500 + os.getpid() % 1000), "-m", "umt_fast.pretrain",
-           "--run-dir", str(tmp_path / "run")] + ARGS + ["--train.global_batch_size", "3"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode != 0 and "train.global_batch_size=3" in proc.stderr
+def test_global_batch_must_split_over_ranks():
+    """The recipe plans the split before anything is built (the trainer calls plan first)."""
+    from umt_fast.config import build_config
+    from umt_fast.recipes.pretrain import PretrainRecipe
+
+    recipe = PretrainRecipe(build_config(ARGS + ["--train.global_batch_size", "3"]))
+    with pytest.raises(ValueError, match=r"train.global_batch_size=3 must be divisible by the number of ranks \(2\)"):
+        recipe.plan(DistInfo(rank=0, world_size=2, device=torch.device("cpu")))
+    recipe = PretrainRecipe(build_config(ARGS + ["--train.global_batch_size", "4", "--train.micro_batch_size", "3"]))
+    with pytest.raises(ValueError, match=r"train.micro_batch_size=3 must divide the per-rank batch"):
+        recipe.plan(DistInfo(rank=0, world_size=2, device=torch.device("cpu")))
 
 
 def test_fsdp_on_cpu_is_refused_where_gloo_sums_gradients(monkeypatch):

@@ -3,6 +3,7 @@ during pre-training, on the real sample clips and the demo's tiny models."""
 import glob
 import json
 import os
+import time
 import random
 
 import numpy as np
@@ -344,7 +345,9 @@ def test_wandb_sink_writes_an_offline_run(tmp_path, monkeypatch):
     offline = glob.glob(str(wandb_dir / "wandb" / f"offline-run-*-{run_id}"))
     assert len(offline) == 1, os.listdir(wandb_dir / "wandb")
     log_file = os.path.join(offline[0], f"run-{run_id}.wandb")
-    assert os.path.getsize(log_file) > 0
+    deadline = time.time() + 60  # wandb's service may still be flushing the file after finish() returns
+    while b"loss" not in open(log_file, "rb").read() and time.time() < deadline:
+        time.sleep(0.2)
     assert b"loss" in open(log_file, "rb").read()
     assert glob.glob(os.path.join(offline[0], "files", "media", "images", "mask_figure_*.png"))
 

@@ -35,7 +35,7 @@ from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.engine.trainer import NonFiniteLossError, Recipe, Setup, TrainResult, run  # noqa: F401 (NonFiniteLossError: for callers)
 from umt_fast.interop import build_teacher
 from umt_fast.losses import alignment_loss
-from umt_fast.masking import mask_and_targets
+from umt_fast.masking import mask_and_targets, visible_tokens_per_clip
 from umt_fast.models import build_student
 from umt_fast.models.student import drop_path_scales, keep_probabilities
 from umt_fast.models.teacher import CLIPVisionTeacher
@@ -258,7 +258,8 @@ class PretrainRecipe(Recipe):
 
                 self.figures = MaskFigureReporter(cfg, [r.path for r in self.records], teacher, student, device,
                                                   self.low_precision)  # fmt: skip
-        num_visible = student.arch.num_tokens - int(round(cfg.mask.ratio * student.arch.num_tokens))
+        num_visible = visible_tokens_per_clip(cfg.mask.policy, student.arch.num_frames, student.arch.patches_per_frame,
+                                              cfg.mask.ratio)  # fmt: skip
         flops = G * pretrain_flops_per_clip(teacher.arch, student.arch, teacher.arch.grid, num_visible)
         describe = (f"preset {cfg.preset} | student {cfg.student.size} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
                     f"params) | teacher {cfg.teacher.arch} | {len(self.records)} clips | global batch {G} = "

@@ -40,7 +40,7 @@ from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.engine.trainer import Recipe, Setup, TrainResult, run
 from umt_fast.interop import build_teacher
 from umt_fast.losses.vl import hard_negative_noise, mask_tokens, mlm_noise
-from umt_fast.masking import mask_and_targets
+from umt_fast.masking import mask_and_targets, visible_tokens_per_clip
 from umt_fast.models import build_student
 from umt_fast.models.student import drop_path_scales, keep_probabilities
 from umt_fast.models.text import build_text_encoder, load_tokenizer, tokenize_captions
@@ -306,9 +306,14 @@ class VLPretrainRecipe(Recipe):
                               world_size=info.world_size)  # fmt: skip
         self.media_counts = {"video": 0, "image": 0}
         student = model.student
-        num_visible = student.arch.num_tokens - int(round(cfg.mask.video_ratio * student.arch.num_tokens))
-        flops = G * (pretrain_flops_per_clip(teacher.arch, student.arch, teacher.arch.grid, num_visible)
-                     + text_flops_per_pair(text_arch, cfg.text.max_len))
+        P = student.arch.patches_per_frame
+        pair_flops = {}  # per media type: the vision side as in stage 1 (an image is one frame), + the text tower
+        for media, T, ratio in (("video", student.arch.num_frames, cfg.mask.video_ratio), ("image", 1, cfg.mask.image_ratio)):
+            visible = visible_tokens_per_clip(cfg.mask.policy, T, P, ratio)
+            pair_flops[media] = (pretrain_flops_per_clip(teacher.arch, student.arch, teacher.arch.grid, visible, T)
+                                 + text_flops_per_pair(text_arch, cfg.text.max_len))  # fmt: skip
+        # the steps of an epoch are video or image steps: the mean over them
+        flops = G * sum(n * pair_flops[d.media] for n, d in zip(counts, self.datasets)) / steps_per_epoch
         describe = (f"preset {cfg.preset} | student {cfg.student.size} + text {text_arch.num_layers} layers "
                     f"({text_arch.fusion_layers} fusion, width {text_arch.hidden}), "
                     f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | "
