@@ -223,6 +223,10 @@ def test_presets_and_config_errors(capsys):
     assert e.value.code == 2 and "--eval.num_crops" in capsys.readouterr().err
     assert finetune.main(["--eval.num_clips", "0"]) == 2
     assert "eval.num_clips=0 is not allowed" in capsys.readouterr().err
+    # a training list of the user's own is not evaluated on the demo's sample clips
+    assert build_config([]).data.val_list == "sample_clips"
+    assert build_config(["--data.train_list", "mine.csv"]).data.val_list == ""
+    assert build_config(["--data.train_list", "mine.csv", "--data.val_list", "val.csv"]).data.val_list == "val.csv"
     # the older spelling of the global batch, on the command line and in a run's config.yaml
     assert build_config(["--train.batch_size", "6"]).train.global_batch_size == 6
 

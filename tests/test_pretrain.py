@@ -271,3 +271,11 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"run directory {run_dir} is in use by pid {os.getpid()} on host" in err
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_global_batch_larger_than_the_list_warns(tmp_path):
+    listing = tmp_path / "two.csv"
+    listing.write_text("".join(f"{clip},0\n" for clip in sample_clip_paths()[:2]))
+    run_dir = str(tmp_path / "run")
+    assert main(["--run-dir", run_dir, "--data.train_list", str(listing), "--train.max_steps", "1"] + SMALL) == 0
+    assert "a step takes 4 clips, more than the training data holds (2)" in open(os.path.join(run_dir, "log.txt")).read()

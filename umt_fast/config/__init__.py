@@ -33,6 +33,7 @@ from umt_fast.config.cli import (  # noqa: F401  (re-exported: the config API of
     ConfigSchema,
     RunConfig,
     Section,
+    check_path_fields,
     check_types,
     config_to_dict,
     fail,
@@ -276,16 +277,8 @@ def check_paths(cfg: PretrainConfig) -> None:
     """Raise FileNotFoundError for a teacher.weights / data.train_list / data.root / resume path that
     does not exist. Separate from `validate` so that configs can be built and checked on a machine
     that does not hold the data; launchers call it before any work."""
-    checks = []
-    if cfg.teacher.weights not in ("", RANDOM_TEACHER):
-        checks.append(("teacher.weights", cfg.teacher.weights, os.path.isfile))
-    if cfg.data.train_list not in ("", SAMPLE_CLIPS):
-        checks.append(("data.train_list", cfg.data.train_list, os.path.isfile))
-    if cfg.data.root != "":
-        checks.append(("data.root", cfg.data.root, os.path.isdir))
-    if cfg.resume not in ("auto", "none"):
-        checks.append(("resume", cfg.resume, os.path.isdir))
-    require_paths(checks)
+    check_path_fields(cfg, {"teacher.weights": (os.path.isfile, (RANDOM_TEACHER,)),
+                            "data.train_list": (os.path.isfile, (SAMPLE_CLIPS,)), "data.root": (os.path.isdir, ())})
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,6 +70,19 @@ def require_paths(checks: typing.Iterable[tuple[str, str, Callable[[str], bool]]
             raise FileNotFoundError(f"{name}={path!r}: no such {kind}")
 
 
+def check_path_fields(cfg: Any, fields: dict[str, tuple[Callable[[str], bool], tuple[str, ...]]]) -> None:
+    """FileNotFoundError for the first path field that does not exist: ``fields`` maps a dotted
+    field to (os.path.isfile / isdir / exists, the values that are not paths); '' is never a path,
+    and ``resume`` (auto / none / a checkpoint directory) is always checked."""
+    checks = []
+    for dotted, (exists, not_paths) in {**fields, "resume": (os.path.isdir, ("auto", "none"))}.items():
+        section, _, name = dotted.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value not in ("", *not_paths):
+            checks.append((dotted, value, exists))
+    require_paths(checks)
+
+
 def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -321,6 +334,8 @@ class ConfigSchema:
         shorthands: (flag, dotted field) options, e.g. ("--init", "model.init").
         aliases: old dotted name -> the field it now sets, on the command line and in files.
         default_preset: used when neither --preset nor the YAML names one.
+        resolve: called as resolve(cfg, preset) once the command line is applied, before the
+            checks: derives what depends on what the user set (e.g. drops a preset's list).
     """
 
     root: type
@@ -332,6 +347,7 @@ class ConfigSchema:
     shorthands: tuple[tuple[str, str], ...] = ()
     aliases: dict[str, str] = field(default_factory=dict)
     default_preset: str = "demo"
+    resolve: Callable[[Any, Any], None] | None = None
 
     @property
     def sections(self) -> dict[str, type]:
@@ -456,6 +472,8 @@ class ConfigSchema:
         self.apply_dict(cfg, {k: v for k, v in file_dict.items() if k != "preset"}, where)
         cfg = self._tyro_parse(cfg, rest, prog)
         cfg.preset = preset
+        if self.resolve is not None:
+            self.resolve(cfg, self.get_preset(preset))
         self.check(cfg)
         return cfg
 

@@ -29,9 +29,9 @@ from umt_fast.config.cli import (  # noqa: F401  (config_to_dict and save_config
     ConfigSchema,
     RunConfig,
     Section,
+    check_path_fields,
     config_to_dict,
     require,
-    require_paths,
     save_config,
 )
 from umt_fast.config.sections import (
@@ -282,24 +282,12 @@ def _check(cfg: FinetuneConfig) -> None:
 
 
 def check_paths(cfg: FinetuneConfig) -> None:
-    """FileNotFoundError for a list, root, class-name, init, label-map or resume path that does not
-    exist; ValueError for a head label map that is not a JSON list of K710 rows, one per class."""
-    checks = []
-    for name in ("train_list", "val_list"):
-        value = getattr(cfg.data, name)
-        if value not in ("", SAMPLE_CLIPS):
-            checks.append((f"data.{name}", value, os.path.isfile))
-    if cfg.data.class_names:
-        checks.append(("data.class_names", cfg.data.class_names, os.path.isfile))
-    if cfg.data.root:
-        checks.append(("data.root", cfg.data.root, os.path.isdir))
-    if cfg.model.init:
-        checks.append(("model.init", cfg.model.init, os.path.exists))
-    if cfg.model.head_label_map:
-        checks.append(("model.head_label_map", cfg.model.head_label_map, os.path.isfile))
-    if cfg.resume not in ("auto", "none"):
-        checks.append(("resume", cfg.resume, os.path.isdir))
-    require_paths(checks)
+    """FileNotFoundError for a list, root, class-name, init, label-map or resume path that does not exist."""
+    check_path_fields(cfg, {
+        "data.train_list": (os.path.isfile, (SAMPLE_CLIPS,)), "data.val_list": (os.path.isfile, (SAMPLE_CLIPS,)),
+        "data.class_names": (os.path.isfile, ()), "data.root": (os.path.isdir, ()),
+        "model.init": (os.path.exists, ()), "model.head_label_map": (os.path.isfile, ()),
+    })  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,6 +357,12 @@ PRESET_HELP = {
 # Command line and files (the shared machinery of umt_fast.config.cli)
 # --------------------------------------------------------------------------------------------
 
+def _drop_the_presets_val_list(cfg: FinetuneConfig, preset: FinetuneConfig) -> None:
+    """A training list of the user's own is not evaluated on the preset's validation list."""
+    if cfg.data.train_list != preset.data.train_list and cfg.data.val_list == preset.data.val_list:
+        cfg.data.val_list = ""
+
+
 SCHEMA = ConfigSchema(
     root=FinetuneConfig,
     presets=PRESETS,
@@ -378,6 +372,7 @@ SCHEMA = ConfigSchema(
     preset_help=PRESET_HELP,
     shorthands=(("--init", "model.init"),),
     aliases={"train.batch_size": "train.global_batch_size"},
+    resolve=_drop_the_presets_val_list,
 )
 SECTIONS = SCHEMA.sections
 FinetuneLogConfig = LogConfig

@@ -26,10 +26,10 @@ from umt_fast.config.cli import (  # noqa: F401  (config_to_dict and save_config
     ConfigSchema,
     RunConfig,
     Section,
+    check_path_fields,
     config_to_dict,
     fail,
     require,
-    require_paths,
     save_config,
 )
 from umt_fast.config.sections import (
@@ -258,22 +258,11 @@ def _check(cfg: VLPretrainConfig) -> None:
 
 def check_paths(cfg: VLPretrainConfig) -> None:
     """FileNotFoundError for a path option that does not exist."""
-    checks = []
-    if cfg.teacher.weights not in ("", RANDOM_TEACHER):
-        checks.append(("teacher.weights", cfg.teacher.weights, os.path.isfile))
-    if cfg.text.weights not in ("", BUNDLED_TEXT):
-        checks.append(("text.weights", cfg.text.weights, os.path.isdir))
-    for name in ("video_list", "image_list"):
-        value = getattr(cfg.data, name)
-        if value not in ("", DEMO_DATA):
-            checks.append((f"data.{name}", value, os.path.isfile))
-    if cfg.data.root:
-        checks.append(("data.root", cfg.data.root, os.path.isdir))
-    if cfg.model.init:
-        checks.append(("model.init", cfg.model.init, os.path.exists))
-    if cfg.resume not in ("auto", "none"):
-        checks.append(("resume", cfg.resume, os.path.isdir))
-    require_paths(checks)
+    check_path_fields(cfg, {
+        "teacher.weights": (os.path.isfile, (RANDOM_TEACHER,)), "text.weights": (os.path.isdir, (BUNDLED_TEXT,)),
+        "data.video_list": (os.path.isfile, (DEMO_DATA,)), "data.image_list": (os.path.isfile, (DEMO_DATA,)),
+        "data.root": (os.path.isdir, ()), "model.init": (os.path.exists, ()),
+    })  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -121,6 +121,8 @@ class Setup:
     """Model FLOPs of one optimizer step over all ranks (engine.flops); None: not reported."""
     describe: str = ""
     """The one-line summary logged before the first step."""
+    num_items: int | None = None
+    """Clips (or pairs) in the training data, when the recipe knows them."""
 
 
 @dataclass
@@ -257,6 +259,9 @@ def _train(recipe: Recipe, info: DistInfo) -> TrainResult:
     set_attention_backend(cfg.train.attention)
     setup = recipe.build(info, resume_path)
     model, optimizer, schedule = setup.model, setup.optimizer, setup.schedule
+    if setup.num_items is not None and setup.items_per_step > setup.num_items:
+        log.warning("a step takes %d %s, more than the training data holds (%d): every step repeats some of them; "
+                    "lower --train.global_batch_size", setup.items_per_step, recipe.unit, setup.num_items)  # fmt: skip
     last_step = last_step_of(setup.total_steps, cfg.train.max_steps)
     precision = cfg.train.precision if device.type == "cuda" else "fp32"
     budget = recipe.budget

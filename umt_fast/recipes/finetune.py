@@ -373,7 +373,8 @@ class FinetuneRecipe(Recipe):
                     f"params) | {len(self.train_records)} train / {len(self.val_records)} val videos | {B} videos x "
                     f"{cfg.data.repeated_aug} clips per step = {info.world_size} ranks x {self.per_rank} videos")  # fmt: skip
         flops = self.clips_per_step * classifier_flops_per_clip(arch)
-        return Setup(model, optimizer, schedule, steps_per_epoch, total_steps, self.clips_per_step, flops, describe)
+        return Setup(model, optimizer, schedule, steps_per_epoch, total_steps, self.clips_per_step, flops, describe,
+                     len(self.train_records) * cfg.data.repeated_aug)  # fmt: skip
 
     def load_state(self, meta: dict, info: DistInfo) -> None:
         if info.is_main and "rng" in meta:

@@ -264,7 +264,7 @@ class PretrainRecipe(Recipe):
         describe = (f"preset {cfg.preset} | student {cfg.student.size} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
                     f"params) | teacher {cfg.teacher.arch} | {len(self.records)} clips | global batch {G} = "
                     f"{info.world_size} ranks x {plan.micro} x {plan.accumulation} micro-batches")  # fmt: skip
-        return Setup(model, optimizer, schedule, steps_per_epoch, total_steps, G, flops, describe)
+        return Setup(model, optimizer, schedule, steps_per_epoch, total_steps, G, flops, describe, len(self.records))
 
     def load_state(self, meta: dict, info: DistInfo) -> None:
         if self.scaler is not None and "grad_scaler" in meta:
