@@ -375,3 +375,25 @@ def test_head_label_map_option_starts_kinetics_600_from_a_k710_file(tmp_path):
         check_paths(build_config(args[:-1] + [str(tmp_path / "nothing.json")]))
     with pytest.raises(ValueError, match=r"model.head_label_map='x.json' is not allowed: needs model.init"):
         build_config(["--data.train_list", train_list, "--model.head_label_map", "x.json"])
+
+
+def test_extract_and_evaluate_check_their_output_before_the_work(tmp_path, capsys):
+    """An output that cannot be written is refused before any video is decoded (a path under a
+    file: unwritable even for root); --tokens with .npy writes both arrays and says so."""
+    sd = ref.random_student_state_dict(width=64, depth=2, heads=1, K=1, teacher_dim=16, seed=3)
+    torch.save({"model": sd}, tmp_path / "stage1.pth")
+    (tmp_path / "a_file").write_text("")
+    common = ["--checkpoint", str(tmp_path / "stage1.pth"), "--num-frames", "2", "--img-size", "32",
+              "--num-workers", "0", "--videos", *sample_clip_paths()[:2]]  # fmt: skip
+    assert extract.main(common + ["--out", str(tmp_path / "a_file" / "f.npy")]) == 2
+    captured = capsys.readouterr()
+    assert "--out" in captured.err and "cannot write there" in captured.err and "extracted" not in captured.err
+    out = tmp_path / "tok.npy"
+    assert extract.main(common + ["--out", str(out), "--tokens"]) == 0
+    printed = capsys.readouterr().out
+    assert np.load(out).shape == (2, 2 * 4, 64) and np.load(tmp_path / "tok_embeddings.npy").shape == (2, 64)
+    assert "tokens [2, 8, 64]" in printed and "tok_embeddings.npy: embeddings [2, 64]" in printed
+    assert set(json.loads((tmp_path / "tok.json").read_text())["arrays"]) == {"tok.npy", "tok_embeddings.npy"}
+    assert evaluate.main(["--checkpoint", str(tmp_path / "stage1.pth"), "--list", "x.csv",
+                          "--out", str(tmp_path / "a_file" / "r.json")]) == 2  # fmt: skip
+    assert "cannot write there" in capsys.readouterr().err

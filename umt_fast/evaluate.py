@@ -27,6 +27,7 @@ import time
 import torch
 
 from umt_fast.data.annotations import read_annotation_list
+from umt_fast.engine.checkpoint import atomic_write, check_writable
 from umt_fast.data.labelled import read_class_names
 from umt_fast.models.classifier import VideoViT
 from umt_fast.recipes.evaluation import (  # noqa: F401 (the library's names, importable from the command too)
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_clips < 1:
             raise ValueError(f"--num-clips={args.num_clips} must be >= 1")
+        if args.out:
+            check_writable(args.out, "--out")  # before any decoding
         device = resolve_device(args.device)
         model, known = load_classifier(args.checkpoint, args.num_frames, args.img_size, args.patch_size)
         if model.arch.num_classes == 0:
@@ -117,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     for path, reason in preds.failed:
         print(f"unreadable video skipped: {path}: {reason}", file=sys.stderr)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        atomic_write(args.out, lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(report, indent=2)))
         print(f"wrote {args.out}")
     return 0
 

@@ -28,21 +28,12 @@ from typing import Any
 
 import torch
 
-from umt_fast.engine.checkpoint import read_run_checkpoint, resolve_checkpoint, sidecar_path, temp_file_beside  # noqa: F401 (also here)
+from umt_fast.engine.checkpoint import atomic_write, read_run_checkpoint, resolve_checkpoint, sidecar_path  # noqa: F401 (also here)
 
 FORMATS = ("safetensors", "pth")
 
 
-def _atomic_write(path: str, write) -> None:
-    fd, tmp = temp_file_beside(path)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+_atomic_write = atomic_write  # the older private name
 
 
 def save_state_dict(
@@ -59,14 +50,14 @@ def save_state_dict(
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
-        _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata={"umt_fast": meta}))
+        atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata={"umt_fast": meta}))
     else:
 
         def write_pickle(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 torch.save(tensors, f)
 
-        _atomic_write(out, write_pickle)
+        atomic_write(out, write_pickle)
     if description is None:
         return out, None
     json_path = sidecar_path(out)
@@ -75,7 +66,7 @@ def save_state_dict(
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(description, indent=2, default=str) + "\n")
 
-    _atomic_write(json_path, write_json)
+    atomic_write(json_path, write_json)
     return out, json_path
 
 

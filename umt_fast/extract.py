@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from umt_fast.data.annotations import read_annotation_list
 from umt_fast.data.transforms import normalize_video
+from umt_fast.engine.checkpoint import atomic_write, check_writable
 from umt_fast.recipes.evaluation import ViewsDataset, autocast_for, resolve_device
 from umt_fast.models.classifier import VideoViT
 
@@ -118,23 +119,29 @@ def write_features(out: str, paths: list[str], embeddings: torch.Tensor, tokens:
                    failed: list[tuple[str, str]], settings: dict) -> str:  # fmt: skip
     """Writes the features (format from the suffix of ``out``) and the JSON beside; returns its path."""
     description = {"paths": paths, "unreadable": [{"path": p, "reason": r} for p, r in failed], **settings}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if out.endswith(".npy"):
-        np.save(out, (tokens if tokens is not None else embeddings).numpy())
-        description["array"] = "tokens [N, T*P, D]" if tokens is not None else "embeddings [N, D]"
+    if out.endswith(".npy"):  # one array a file: the tokens go to OUT, the embeddings beside it
+        arrays = {out: embeddings} if tokens is None else {out: tokens, embeddings_beside(out): embeddings}
+        description["arrays"] = {os.path.basename(p): ("tokens [N, T*P, D]" if a is tokens else "embeddings [N, D]")
+                                 for p, a in arrays.items()}  # fmt: skip
+        for path, array in arrays.items():
+            atomic_write(path, lambda tmp, a=array: np.save(open(tmp, "wb"), a.numpy()))
     elif out.endswith(".safetensors"):
         from safetensors.torch import save_file
 
         tensors = {"embeddings": embeddings.contiguous()}
         if tokens is not None:
             tensors["tokens"] = tokens.contiguous()
-        save_file(tensors, out, metadata={"umt_fast": json.dumps(description)})
+        atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata={"umt_fast": json.dumps(description)}))
     else:
         raise ValueError(f"--out {out}: the suffix must be .safetensors or .npy")
     json_path = os.path.splitext(out)[0] + ".json"
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(description, f, indent=2)
+    atomic_write(json_path, lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(description, indent=2)))
     return json_path
+
+
+def embeddings_beside(out: str) -> str:
+    """Where ``--tokens --out X.npy`` puts the embeddings: X_embeddings.npy."""
+    return os.path.splitext(out)[0] + "_embeddings.npy"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.out.endswith((".safetensors", ".npy")):
             raise ValueError(f"--out {args.out}: the suffix must be .safetensors or .npy")
+        check_writable(args.out, "--out")  # before any decoding
         device = resolve_device(args.device)
         model = load_feature_model(args.checkpoint, args.num_frames, args.img_size, args.patch_size).to(device)
         paths = video_paths(args.videos, args.root)
@@ -178,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                 "patch_size": arch.patch_size, "dim": arch.width,
                 "embedding": "mean of final-normed tokens" if arch.num_classes == 0 else "fc_norm(mean of tokens)"}  # fmt: skip
     json_path = write_features(args.out, done, embeddings, tokens, failed, settings)
-    print(f"wrote {args.out}: {len(done)} videos, embeddings {list(embeddings.shape)}"
-          + (f", tokens {list(tokens.shape)}" if tokens is not None else "") + f"; {json_path}")  # fmt: skip
+    if tokens is not None and args.out.endswith(".npy"):
+        print(f"wrote {args.out}: tokens {list(tokens.shape)} and {embeddings_beside(args.out)}: embeddings "
+              f"{list(embeddings.shape)}, {len(done)} videos; {json_path}")  # fmt: skip
+    else:
+        print(f"wrote {args.out}: {len(done)} videos, embeddings {list(embeddings.shape)}"
+              + (f", tokens {list(tokens.shape)}" if tokens is not None else "") + f"; {json_path}")  # fmt: skip
     if failed:
         print(f"{len(failed)} unreadable video(s) skipped (listed in {json_path})", file=sys.stderr)
     return 0

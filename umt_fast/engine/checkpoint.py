@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -69,6 +69,30 @@ def temp_file_beside(path: str, suffix: str = "") -> tuple[int, str]:
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
     return fd, tmp
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a reader
+    never sees a half-written file, and a failed write leaves nothing behind."""
+    fd, tmp = temp_file_beside(path)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_writable(path: str, option: str) -> None:
+    """ValueError naming ``option`` when ``path`` cannot be written (checked before the work)."""
+    try:
+        fd, tmp = temp_file_beside(path)
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
