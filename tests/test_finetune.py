@@ -397,3 +397,34 @@ def test_extract_and_evaluate_check_their_output_before_the_work(tmp_path, capsy
     assert evaluate.main(["--checkpoint", str(tmp_path / "stage1.pth"), "--list", "x.csv",
                           "--out", str(tmp_path / "a_file" / "r.json")]) == 2  # fmt: skip
     assert "cannot write there" in capsys.readouterr().err
+
+
+def test_a_resume_continues_the_run_not_the_preset(tmp_path, capsys):
+    """Resuming with just --run-dir (what an interrupted run prints) keeps the run's own list and
+    classes; changed options are printed and kept in a history, config.yaml keeps the original;
+    a change of the model or data is refused unless --allow-config-changes."""
+    from umt_fast.config.cli import saved_run_config
+
+    train_list = _write_list(tmp_path / "train.csv")
+    run_dir = str(tmp_path / "run")
+    first = ["--run-dir", run_dir, "--data.train_list", train_list, "--optim.epochs", "12", "--train.max_steps", "2",
+             "--checkpoint.every_steps", "2"] + SMALL  # fmt: skip
+    assert finetune.main(first) == 0
+    original = open(os.path.join(run_dir, "config.yaml")).read()
+    capsys.readouterr()
+    assert finetune.main(["--run-dir", run_dir, "--train.max_steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and "with the config it trained with, changing train.max_steps: 2 -> 3" in err
+    assert "resumed from step 2" in open(os.path.join(run_dir, "log.txt")).read()
+    assert open(os.path.join(run_dir, "config.yaml")).read() == original
+    saved = saved_run_config(run_dir)
+    assert saved["data"]["train_list"] == train_list and saved["train"]["max_steps"] == 3
+    assert [r["step"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r][-1] == 3
+
+    assert finetune.main(["--run-dir", run_dir, "--train.max_steps", "4", "--model.num_classes", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "would change its model or data: model.num_classes: 0 -> 7" in err and "--allow-config-changes" in err
+    assert finetune.main(["--run-dir", run_dir, "--train.max_steps", "4", "--data.val_list", train_list]) == 2
+    assert finetune.main(["--run-dir", run_dir, "--train.max_steps", "4", "--data.val_list", train_list,
+                          "--allow-config-changes"]) == 0  # fmt: skip
+    assert saved_run_config(run_dir)["data"]["val_list"] == train_list

@@ -64,8 +64,14 @@ def _load_train():
     return train
 
 
+FIXED_ON_RESUME = ("model.", "data.train_list", "data.val_list", "data.root", "data.class_names", "data.num_frames",
+                  "data.img_size")
+"""The fields of the model and the data: a resume that would change them is refused (unless
+--allow-config-changes)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_training_command(argv, build_config, check_config, _load_train, _summary)
+    return run_training_command(argv, build_config, check_config, _load_train, _summary, FIXED_ON_RESUME)
 
 
 def __getattr__(name: str):

@@ -37,8 +37,13 @@ def _load_train():
     return train
 
 
+FIXED_ON_RESUME = ("student.", "teacher.", "data.train_list", "data.root", "data.num_frames", "data.img_size")
+"""The fields of the model and the data: a resume that would change them is refused (unless
+--allow-config-changes)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_training_command(argv, build_config, check_paths, _load_train, _summary)
+    return run_training_command(argv, build_config, check_paths, _load_train, _summary, FIXED_ON_RESUME)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,14 @@ def _load_train():
     return train
 
 
+FIXED_ON_RESUME = ("model.", "student.", "teacher.", "text.", "data.video_list", "data.image_list", "data.root",
+                  "data.num_frames", "data.img_size")
+"""The fields of the model and the data: a resume that would change them is refused (unless
+--allow-config-changes)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_training_command(argv, build_config, check_paths, _load_train, _summary)
+    return run_training_command(argv, build_config, check_paths, _load_train, _summary, FIXED_ON_RESUME)
 
 
 if __name__ == "__main__":

@@ -379,10 +379,10 @@ def help_text() -> str:
     return SCHEMA.help_text()
 
 
-def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.pretrain") -> PretrainConfig:
+def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.pretrain", base: dict | None = None) -> PretrainConfig:
     """Parse argv (sys.argv[1:] if None) into a validated PretrainConfig.
 
     preset (--preset, else the YAML's `preset`, else 'demo') < --config YAML < --section.field
     options. Raises ValueError for an unknown preset or any bad value; exits with code 2 for an
     unknown option or a value that does not parse."""
-    return SCHEMA.build(argv, prog)
+    return SCHEMA.build(argv, prog, base)

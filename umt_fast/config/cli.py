@@ -26,6 +26,7 @@ import json
 import math
 import os
 import sys
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,6 +296,48 @@ def save_config(cfg: Any, run_dir: str | os.PathLike) -> Path:
     return yaml_path
 
 
+HISTORY_FILE = "config_history.jsonl"
+"""In a run directory: one line per resume that changed the config ({"time", "step", "set"})."""
+
+
+def differing_fields(saved: dict, current: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{"section.field": (old, new)}`` for every config value that differs (resume and run dir aside)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in [*saved, *(k for k in current if k not in saved)]:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(differing_fields(a, b, f"{prefix}{key}."))
+        elif a != b and key not in ("resume", "run_dir"):
+            out[f"{prefix}{key}"] = (a, b)
+    return out
+
+
+def saved_run_config(run_dir: str) -> dict[str, Any] | None:
+    """The config a run directory's run last trained with: its config.yaml (written when the run
+    started) with the changes of every resume (config_history.jsonl) applied; None without one."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    d = load_config_dict(path)
+    history = os.path.join(run_dir, HISTORY_FILE)
+    if os.path.isfile(history):
+        for line in open(history, encoding="utf-8"):
+            try:
+                changes = json.loads(line)["set"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line
+            for dotted, value in changes.items():
+                section, _, name = dotted.rpartition(".")
+                (d.setdefault(section, {}) if section else d)[name] = value
+    return d
+
+
+def append_config_history(run_dir: str, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    with open(os.path.join(run_dir, HISTORY_FILE), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "step": step,
+                            "set": {k: new for k, (_, new) in changes.items()}}) + "\n")  # fmt: skip
+
+
 def load_config_dict(path: str | os.PathLike) -> dict[str, Any]:
     """Read a config file (.json as JSON, anything else as YAML) into a nested dict.
 
@@ -424,7 +467,10 @@ class ConfigSchema:
             f"{self.description}\n\n"
             f"  --preset NAME  starting values, one of (default {self.default_preset!r}):\n{presets}\n"
             "  --config FILE  a YAML (or .json) file with nested sections, e.g. a run's config.yaml\n"
-            f"{shorthands}{aliases}\n"
+            f"{shorthands}{aliases}"
+            "  --allow-config-changes  resume a run even where the options change its model or data\n\n"
+            "A run directory with a checkpoint resumes with the config it trained with (its config.yaml and "
+            "the changes of earlier resumes, config_history.jsonl); the options given change it, and are printed.\n"
             "Values apply in this order: the preset, then --config FILE, then --section.field options. "
             "The defaults shown are the chosen preset's. Every bad value is reported before any work starts."
         )
@@ -446,11 +492,12 @@ class ConfigSchema:
             self._tyro_parse(self.get_preset(preset or self.default_preset), ["--help"], None)
         return out.getvalue()
 
-    def build(self, argv: list[str] | None = None, prog: str | None = None) -> Any:
+    def build(self, argv: list[str] | None = None, prog: str | None = None, base: dict | None = None) -> Any:
         """argv (sys.argv[1:] if None) -> a validated config.
 
         preset (--preset, else the YAML's `preset`, else the default) < --config YAML <
-        --section.field options. ValueError for an unknown preset or any bad value; exit code 2
+        --section.field options. ``base`` (a resumed run's saved config, `saved_run_config`)
+        takes the preset's place. ValueError for an unknown preset or any bad value; exit code 2
         for an unknown option or a value that does not parse."""
         pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
         pre.add_argument("--preset")
@@ -467,12 +514,16 @@ class ConfigSchema:
         if known.config is not None:
             file_dict = load_config_dict(known.config)
             where = f" in config file {known.config!r}"
-        preset = known.preset or file_dict.get("preset") or self.default_preset
-        cfg = self.get_preset(preset)
+        if base is not None:
+            cfg = self.from_dict(base, check=False)
+            preset = cfg.preset
+        else:
+            preset = known.preset or file_dict.get("preset") or self.default_preset
+            cfg = self.get_preset(preset)
         self.apply_dict(cfg, {k: v for k, v in file_dict.items() if k != "preset"}, where)
         cfg = self._tyro_parse(cfg, rest, prog)
         cfg.preset = preset
-        if self.resolve is not None:
+        if self.resolve is not None and base is None:
             self.resolve(cfg, self.get_preset(preset))
         self.check(cfg)
         return cfg

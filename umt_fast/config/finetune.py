@@ -405,9 +405,9 @@ def help_text() -> str:
     return SCHEMA.help_text()
 
 
-def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.finetune") -> FinetuneConfig:
+def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.finetune", base: dict | None = None) -> FinetuneConfig:
     """argv -> a validated FinetuneConfig: preset < --config FILE < --section.field options."""
-    return SCHEMA.build(argv, prog)
+    return SCHEMA.build(argv, prog, base)
 
 
 __all__ = [

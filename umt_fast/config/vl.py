@@ -347,9 +347,9 @@ def help_text() -> str:
     return SCHEMA.help_text()
 
 
-def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.pretrain_vl") -> VLPretrainConfig:
+def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.pretrain_vl", base: dict | None = None) -> VLPretrainConfig:
     """argv -> a validated VLPretrainConfig: preset < --config FILE < --section.field options."""
-    return SCHEMA.build(argv, prog)
+    return SCHEMA.build(argv, prog, base)
 
 
 __all__ = [

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from umt_fast.config.cli import config_to_dict
+from umt_fast.config.cli import append_config_history, config_to_dict, differing_fields
 from umt_fast.engine import checkpoint as ckpt
 from umt_fast.engine.distributed import DistInfo, all_reduce_sum, init_distributed
 from umt_fast.engine.flops import peak_tflops
@@ -73,18 +73,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def differing_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """``section.field: old -> new`` for every config value that differs (resume and run dir aside)."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differing_fields(a, b, f"{prefix}{key}.")
-        elif a != b and key not in ("resume", "run_dir"):
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
 
 
 def require_cuda_for_graphs(cfg, device: torch.device) -> None:
@@ -271,7 +259,10 @@ def _train(recipe: Recipe, info: DistInfo) -> TrainResult:
         meta = ckpt.restore_checkpoint(resume_path, model, optimizer)
         changed = differing_fields(meta.get("config", {}), config_to_dict(cfg))
         if changed:
-            log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changed))
+            log.warning("resuming with a config that differs from the checkpoint's: %s",
+                        "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))  # fmt: skip
+            if info.is_main:
+                append_config_history(cfg.run_dir, meta["step"], changed)
         if budget is not None and info.is_main:  # the counts are global totals; other ranks count from zero
             budget.load_state_dict(meta["bad_samples"])
         recipe.load_state(meta, info)
