@@ -279,3 +279,24 @@ def test_a_global_batch_larger_than_the_list_warns(tmp_path):
     run_dir = str(tmp_path / "run")
     assert main(["--run-dir", run_dir, "--data.train_list", str(listing), "--train.max_steps", "1"] + SMALL) == 0
     assert "a step takes 4 clips, more than the training data holds (2)" in open(os.path.join(run_dir, "log.txt")).read()
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path):
+    """A truncated shard (a partial, disk-full write) or an unreadable meta.pt: --resume auto warns,
+    naming it, and continues from the newest intact checkpoint, exactly."""
+    run_dir = str(tmp_path / "run")
+    args = ["--run-dir", run_dir, "--train.max_steps", "3", "--checkpoint.every_steps", "1"] + SMALL
+    assert main(args) == 0
+    straight = _losses_by_step(run_dir)
+    newest = ckpt.checkpoint_path(run_dir, 3)
+    shard = next(f for f in os.listdir(newest) if f.endswith(".distcp"))
+    with open(os.path.join(newest, shard), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(newest, shard)) // 2)
+    with open(os.path.join(ckpt.checkpoint_path(run_dir, 2), "meta.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    assert main(args) == 0
+    log_text = open(os.path.join(run_dir, "log.txt")).read()
+    assert f"skipping damaged checkpoint {newest}: {shard} is truncated" in log_text
+    assert f"skipping damaged checkpoint {ckpt.checkpoint_path(run_dir, 2)}: unreadable metadata" in log_text
+    assert "resumed from step 1" in log_text
+    assert _losses_by_step(run_dir) == straight

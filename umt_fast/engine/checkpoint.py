@@ -227,12 +227,44 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return {**meta, "student": full["model"], "optimizer": full["optim"]}
 
 
+def checkpoint_damage(path: str) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (None when it is intact): its
+    metadata does not load, or a shard file is missing or shorter than the data it indexes
+    (a truncated or partial, disk-full write). Reads no tensor data."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        load_torch_file(os.path.join(path, META), "checkpoint metadata")
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as exc:  # any unreadable file: the reason is what the user needs
+        return f"unreadable metadata ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) < size:
+            return f"{name} is truncated ({os.path.getsize(file)} of {size} bytes)"
+    return None
+
+
 def find_resume_checkpoint(run_dir: str, resume: str) -> str | None:
-    """Which checkpoint ``--resume`` asks for: ``auto`` = newest in the run dir (or none),
-    ``none`` = start fresh (refused if the run dir already holds checkpoints), else a path."""
+    """Which checkpoint ``--resume`` asks for: ``auto`` = the newest intact one in the run dir (a
+    damaged newer one is skipped with a warning naming it; or none), ``none`` = start fresh
+    (refused if the run dir already holds checkpoints), else a path."""
     existing = list_checkpoints(run_dir)
     if resume == "auto":
-        return existing[-1][1] if existing else None
+        for _, path in reversed(existing):
+            damage = checkpoint_damage(path)
+            if damage is None:
+                return path
+            log.warning("skipping damaged checkpoint %s: %s", path, damage)
+        if existing:
+            raise ValueError(f"every checkpoint in {checkpoint_dir(run_dir)} is damaged (see the warnings above); "
+                             "--resume none in a new --run-dir starts afresh")  # fmt: skip
+        return None
     if resume == "none":
         if existing:
             raise ValueError(
