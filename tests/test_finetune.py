@@ -428,3 +428,27 @@ def test_a_resume_continues_the_run_not_the_preset(tmp_path, capsys):
     assert finetune.main(["--run-dir", run_dir, "--train.max_steps", "4", "--data.val_list", train_list,
                           "--allow-config-changes"]) == 0  # fmt: skip
     assert saved_run_config(run_dir)["data"]["val_list"] == train_list
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{clip},cat", "has no label"), ("{clip},0.0", "has no label"), ("{clip},0 extra", "has no label"),
+    ("{clip},-1", "label -1 is out of range: labels must be in [0, 3) for 3 classes"),
+    ("{clip},3", "label 3 is out of range: labels must be in [0, 3) for 3 classes")])  # fmt: skip
+def test_every_label_is_checked_before_any_work(tmp_path, capsys, line, message):
+    """In the training list, the validation list and evaluate --list: an integer in [0, classes),
+    or one line naming the file and the line; nothing is created."""
+    clip = sample_clip_paths()[0]
+    good = _write_list(tmp_path / "train.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"{clip},0\n{clip},1\n{clip},2\n" + line.format(clip=clip) + "\n")
+    run_dir = tmp_path / "run"
+    for lists in (["--data.train_list", str(bad), "--model.num_classes", "3"],
+                  ["--data.train_list", good, "--data.val_list", str(bad)]):  # fmt: skip
+        assert finetune.main(["--run-dir", str(run_dir)] + lists) == 2
+        assert f"{bad}:4: " in capsys.readouterr().err and not run_dir.exists()
+    exported = tmp_path / "cls.pth"  # a 3-class classifier for evaluate
+    classifier = VideoViT(VideoViTArch(width=64, depth=2, heads=1, num_frames=2, img_size=32, num_classes=3))
+    torch.save({"model": classifier.state_dict()}, exported)
+    assert evaluate.main(["--checkpoint", str(exported), "--list", str(bad), "--num-frames", "2", "--img-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:4: " in err and message.split(":")[0] in err

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from umt_fast.data.annotations import read_annotation_list
+from umt_fast.data.annotations import read_labelled_list
 from umt_fast.engine.checkpoint import atomic_write, check_writable
 from umt_fast.data.labelled import read_class_names
 from umt_fast.models.classifier import VideoViT
@@ -89,13 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{len(names)} class names, but the classifier has {model.arch.num_classes} classes")
         if args.video:
             return _predict_one(model, args, device, names)
-        records = read_annotation_list(args.list, root=args.root)
+        records = read_labelled_list(args.list, args.root, model.arch.num_classes, "--list")
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    unlabelled = [r.path for r in records if r.label is None]
-    if unlabelled:
-        print(f"error: {args.list}: {len(unlabelled)} line(s) without a label, e.g. {unlabelled[0]}", file=sys.stderr)
         return 2
     start = time.perf_counter()
 

@@ -39,8 +39,12 @@ from umt_fast.engine.launch import location_lines, run_training_command
 
 
 def check_config(cfg: FinetuneConfig) -> None:
-    """The config's paths, then the head label map's rows (against a K710 head), before anything is built."""
+    """The config's paths, every label of the lists, then the head label map's rows (against a
+    K710 head), before anything is built."""
     check_paths(cfg)
+    from umt_fast.recipes.finetune import labelled_lists
+
+    labelled_lists(cfg, sample_list=None)  # the bundled clips' list is written with the run
     if cfg.model.head_label_map:
         from umt_fast.interop import K710_CLASSES, read_head_label_map
 

@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 
-__all__ = ["VideoRecord", "read_annotation_list"]
+__all__ = ["VideoRecord", "read_annotation_list", "read_labelled_list"]
 
 _INT_RE = re.compile(r"[+-]?\d+")
 _HEADERS = ("path,label", "pathlabel")
@@ -34,12 +34,16 @@ class VideoRecord:
         label: the class label; None when the entry has none (always for JSON lists).
         captions: the entry's captions (JSON lists), else empty.
         media: "video", or "image" for a JSON entry given by "image".
+        line: the entry's 1-based line in a text list (0 when unknown).
+        text: the line as written (for messages).
     """
 
     path: str
     label: int | None
     captions: tuple[str, ...] = ()
     media: str = "video"
+    line: int = 0
+    text: str = ""
 
 
 def _split_line(line: str) -> tuple[str, int | None]:
@@ -135,8 +139,25 @@ def read_annotation_list(list_path: str, root: str = "") -> list[VideoRecord]:
         path, label = _split_line(line)
         if not path:
             raise ValueError(f"{list_path}:{line_no}: empty video path in line {raw!r}")
-        records.append(VideoRecord(path=_join(root, path), label=label))
+        records.append(VideoRecord(path=_join(root, path), label=label, line=line_no, text=line))
 
     if not records:
         raise ValueError(f"{list_path}: annotation list has no video entries")
+    return records
+
+
+def read_labelled_list(list_path: str, root: str = "", num_classes: int | None = None,
+                       what: str = "annotation list") -> list[VideoRecord]:  # fmt: skip
+    """`read_annotation_list` for a list whose every line needs a label: an integer in
+    [0, num_classes) (num_classes None: any label >= 0). ValueError naming the file and the line
+    of the first line without one, or with one out of range."""
+    records = read_annotation_list(list_path, root)
+    for r in records:
+        if r.label is None:
+            raise ValueError(f"{list_path}:{r.line}: {r.text!r} has no label: {what} lines are 'path,label' (or "
+                             "'path label') with an integer label")  # fmt: skip
+        if r.label < 0 or (num_classes is not None and r.label >= num_classes):
+            allowed = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+            raise ValueError(f"{list_path}:{r.line}: label {r.label} is out of range: labels must be in {allowed}"
+                             + (f" for {num_classes} classes" if num_classes is not None else ""))  # fmt: skip
     return records

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from umt_fast.config import SAMPLE_CLIPS, STUDENT_SIZES
 from umt_fast.config.finetune import FinetuneConfig, scaled_lrs
-from umt_fast.data import BadSampleBudget, read_annotation_list, write_sample_clip_list
+from umt_fast.data import BadSampleBudget, write_sample_clip_list
+from umt_fast.data.annotations import read_labelled_list
 from umt_fast.data.annotations import VideoRecord
 from umt_fast.data.labelled import FinetuneClipDataset, build_finetune_loader, read_class_names
 from umt_fast.data.transforms import normalize_video
@@ -278,10 +279,19 @@ class FinetuneStep:
 # --------------------------------------------------------------------------------------------
 
 
-def _records(list_value: str, root: str, run_dir: str) -> list[VideoRecord]:
-    if list_value == SAMPLE_CLIPS:  # written by `_write_sample_list`
-        return read_annotation_list(os.path.join(run_dir, "sample_clips.csv"))
-    return read_annotation_list(list_value, root=root)
+def labelled_lists(cfg: FinetuneConfig, sample_list: str | None) -> tuple[list[VideoRecord], list[VideoRecord], int]:
+    """(training records, validation records, number of classes), every label checked: an
+    integer in [0, model.num_classes), or (num_classes 0) the classes the training list has.
+    ``sample_list``: the file the 'sample_clips' lists stand for (None: not checked yet)."""
+
+    def read(value: str, num_classes: int | None, what: str) -> list[VideoRecord]:
+        if value == SAMPLE_CLIPS:
+            return read_labelled_list(sample_list, "", num_classes, what) if sample_list else []
+        return read_labelled_list(value, cfg.data.root, num_classes, what) if value else []
+
+    train = read(cfg.data.train_list, cfg.model.num_classes or None, "data.train_list")
+    num_classes = cfg.model.num_classes or (1 + max((r.label for r in train), default=-1))
+    return train, read(cfg.data.val_list, num_classes if train else None, "data.val_list"), num_classes
 
 
 def _write_sample_list(cfg: FinetuneConfig, info: DistInfo) -> None:
@@ -290,19 +300,6 @@ def _write_sample_list(cfg: FinetuneConfig, info: DistInfo) -> None:
         if info.is_main:
             write_sample_clip_list(os.path.join(cfg.run_dir, "sample_clips.csv"))
         barrier()
-
-
-def _num_classes(cfg: FinetuneConfig, records: list[VideoRecord]) -> int:
-    labels = [r.label for r in records if r.label is not None]
-    largest = max(labels) if labels else -1
-    if cfg.model.num_classes == 0:
-        return largest + 1
-    if largest >= cfg.model.num_classes:
-        raise ValueError(
-            f"data.train_list has label {largest}, but model.num_classes={cfg.model.num_classes}; labels must be in "
-            f"[0, num_classes)"
-        )
-    return cfg.model.num_classes
 
 
 def per_rank_batch(cfg: FinetuneConfig, world_size: int) -> int:
@@ -344,9 +341,8 @@ class FinetuneRecipe(Recipe):
     def build(self, info: DistInfo, resume_path: str | None) -> Setup:
         cfg, device = self.cfg, info.device
         _write_sample_list(cfg, info)
-        self.train_records = _records(cfg.data.train_list, cfg.data.root, cfg.run_dir)
-        self.val_records = _records(cfg.data.val_list, cfg.data.root, cfg.run_dir) if cfg.data.val_list else []
-        self.num_classes = num_classes = _num_classes(cfg, self.train_records)
+        self.train_records, self.val_records, num_classes = labelled_lists(cfg, os.path.join(cfg.run_dir, "sample_clips.csv"))
+        self.num_classes = num_classes
         self.class_names = read_class_names(cfg.data.class_names) if cfg.data.class_names else None
         if self.class_names is not None and len(self.class_names) != num_classes:
             raise ValueError(f"data.class_names has {len(self.class_names)} names, but there are {num_classes} classes")
