@@ -222,6 +222,9 @@ def test_teacher_weights_of_the_wrong_arch_are_refused(tmp_path, capsys):
     torch.save(sd, path)
     assert main(["--run-dir", str(tmp_path / "run"), "--teacher.weights", str(path)] + SMALL) == 2
     assert "--teacher.arch" in capsys.readouterr().err
+    # a run that fails before its first step leaves only its log, which says why
+    assert os.listdir(tmp_path / "run") == ["log.txt"]
+    assert "the run failed before its first step" in (tmp_path / "run" / "log.txt").read_text()
 
 
 def test_help_lists_every_option():

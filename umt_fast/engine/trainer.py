@@ -227,16 +227,35 @@ def run(recipe: Recipe) -> TrainResult:
     info = init_distributed(cfg.train.device)
     recipe.plan(info)
     require_cuda_for_graphs(cfg, info.device)
-    lock = None
+    lock, created = None, False
     if info.is_main:
         check_sink_packages(cfg.log.tensorboard, cfg.log.wandb)  # refuse before touching anything
+        created = not os.path.exists(cfg.run_dir)
         os.makedirs(cfg.run_dir, exist_ok=True)
         lock = RunDirLock(cfg.run_dir)
+    recipe.steps_run = 0
     try:
         return _train(recipe, info)
+    except BaseException as exc:
+        if created and recipe.steps_run == 0:  # failed before its first step: keep only the log
+            if isinstance(exc, Exception):
+                log.error("the run failed before its first step: %s", exc)
+            _remove_all_but_the_log(cfg.run_dir)
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _remove_all_but_the_log(run_dir: str) -> None:
+    import shutil
+
+    for name in os.listdir(run_dir):
+        if name != "log.txt":
+            path = os.path.join(run_dir, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+    if not os.listdir(run_dir):
+        os.rmdir(run_dir)
 
 
 def _train(recipe: Recipe, info: DistInfo) -> TrainResult:
@@ -302,6 +321,7 @@ def _train(recipe: Recipe, info: DistInfo) -> TrainResult:
             data_wait += time.perf_counter() - fetch_start
             lr = schedule.set_lr(optimizer, step)
             sums += recipe.step(batch, step)
+            recipe.steps_run += 1
             window_steps += 1
             done = step + 1
             is_last = done == last_step
