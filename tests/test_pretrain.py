@@ -262,18 +262,24 @@ def test_a_finished_run_says_which_option_trains_it_further(tmp_path):
 
 
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path, capsys):
-    from umt_fast.engine.launch import RunDirLock
-
+    """A second process trains in the run directory (held at its first step): this one is refused,
+    naming that process, and writes nothing there."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    first = RunDirLock(str(run_dir))  # another run, holding the directory
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from umt_fast.engine.launch import RunDirLock\n"
+         f"lock = RunDirLock({str(run_dir)!r}); print('held', flush=True); time.sleep(120)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
+        assert holder.stdout.readline().strip() == "held"
         assert main(["--run-dir", str(run_dir), "--train.max_steps", "1"] + SMALL) == 2
     finally:
-        first.release()
+        holder.kill()
+        holder.wait()
     err = capsys.readouterr().err
-    assert f"run directory {run_dir} is in use by pid {os.getpid()} on host" in err
-    assert not (run_dir / "checkpoints").exists()
+    assert f"run directory {run_dir} is in use by pid {holder.pid} on host" in err
+    assert sorted(os.listdir(run_dir)) == [".lock"]
 
 
 def test_a_global_batch_larger_than_the_list_warns(tmp_path):

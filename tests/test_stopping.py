@@ -127,3 +127,33 @@ def test_ctrl_c_saves_and_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch, c
         assert stop.received == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def _limit_file_size(limit_bytes):
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_a_full_disk_stops_with_one_line_and_loses_nothing_saved(tmp_path):
+    """A checkpoint that does not fit (a file-size limit standing in for a full disk): one line
+    naming the file, exit code 1, the checkpoint saved before intact, and an exact resume."""
+    common = ["--data.img_size", "64", "--teacher.input_resolution", "64", "--log.every_steps", "1",
+              "--checkpoint.every_steps", "2", "--data.num_workers", "0"]  # fmt: skip
+    args = common + ["--train.max_steps", "4"]
+    straight, full = str(tmp_path / "straight"), str(tmp_path / "full")
+    assert main(["--run-dir", straight] + args) == 0
+    assert main(["--run-dir", full] + common + ["--train.max_steps", "2"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "umt_fast.pretrain", "--run-dir", full] + args, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(2**20))  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "File too large" in error[0] and full in error[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [s for s, _ in ckpt.list_checkpoints(full)] == [2] and ckpt.checkpoint_damage(ckpt.checkpoint_path(full, 2)) is None
+    assert not [n for n in os.listdir(os.path.join(full, "checkpoints")) if n.startswith(".tmp")]
+    assert main(["--run-dir", full] + args) == 0
+    assert _losses_by_step(full) == _losses_by_step(straight)

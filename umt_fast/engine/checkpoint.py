@@ -14,6 +14,7 @@ ranks have written), so a run killed at any moment leaves only finished checkpoi
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -57,6 +58,44 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
         if (m := _NAME.match(name)) and os.path.isfile(os.path.join(directory, name, META))
     ]
     return sorted(found)
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+"""A full disk, a quota or file-size limit, a read-only or forbidden location."""
+_SHORT_WRITE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+"""How torch.save's zip writer reports a write the disk cut short (it keeps no errno)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (full disk, quota, file-size limit, read-only)."""
+
+
+def storage_error(exc: BaseException) -> OSError | None:
+    """The OSError of a full or unwritable location behind ``exc`` (through exception chains and
+    torch.distributed.checkpoint's per-rank failures), or None."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CheckpointWriteError) or (isinstance(e, OSError) and e.errno in STORAGE_ERRNOS):
+            return e
+        pending += [e.__cause__, e.__context__]
+        pending += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    return None
+
+
+def _as_write_error(exc: BaseException, path: str) -> CheckpointWriteError | None:
+    """``exc`` as a CheckpointWriteError naming ``path`` when the storage caused it, else None."""
+    found = storage_error(exc)
+    if found is not None:
+        return CheckpointWriteError(found.errno, found.strerror or str(found), path)
+    text = " ".join(str(e) for e in (exc, *(f[0] for f in getattr(exc, "failures", {}).values())))
+    if any(marker in text for marker in _SHORT_WRITE):
+        return CheckpointWriteError(errno.EIO, "a write was cut short (a full disk, or a quota or file-size limit)", path)
+    return None
 
 
 def temp_file_beside(path: str, suffix: str = "") -> tuple[int, str]:
@@ -159,11 +198,21 @@ def save_checkpoint(
         os.makedirs(tmp)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    with _single_process_ok():
-        dcp.save({"model": model_state, "optim": _scalar_hyperparameters(optim_state)}, checkpoint_id=tmp)
-    barrier()
+    try:
+        with _single_process_ok():
+            dcp.save({"model": model_state, "optim": _scalar_hyperparameters(optim_state)}, checkpoint_id=tmp)
+        barrier()
+        if info.is_main:
+            atomic_torch_save({**meta, "step": step}, os.path.join(tmp, META))
+    except BaseException as exc:
+        if info.is_main:  # a disk-full write: give the space back; the finished checkpoints stay as they are
+            shutil.rmtree(tmp, ignore_errors=True)
+        # (torch.distributed.checkpoint's CheckpointException is a BaseException)
+        write_error = None if isinstance(exc, (KeyboardInterrupt, SystemExit)) else _as_write_error(exc, final)
+        if write_error is not None:
+            raise write_error from exc
+        raise
     if info.is_main:
-        atomic_torch_save({**meta, "step": step}, os.path.join(tmp, META))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(checkpoint_dir(run_dir))

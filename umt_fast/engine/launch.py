@@ -31,7 +31,7 @@ def run_training_command(
     ``--allow-config-changes`` is given.
 
     A bad config or input (ValueError / FileNotFoundError) prints ``error: ...`` and returns 2
-    before any work; Ctrl-C returns 130 with the resume command; a run stopped by SIGTERM or
+    before any work; a full disk or an unwritable location, one line naming the path, and 1; Ctrl-C returns 130 with the resume command; a run stopped by SIGTERM or
     SIGUSR1 (umt_fast.engine.stopping) returns 128 + the signal number, its checkpoint saved. The process group is torn
     down whatever happens, and rank 0 prints ``summary(result)``. ``load_train`` imports the
     training function, so that torch loads only once the config is valid.
@@ -59,6 +59,17 @@ def run_training_command(
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from umt_fast.engine.checkpoint import storage_error
+
+        full = storage_error(exc)
+        if full is None:
+            raise
+        where = f" {full.filename}" if full.filename else ""
+        print(f"error: cannot write{where}: {full.strerror or full}. The checkpoints saved before are intact; free "
+              f"space (or pick a writable --run-dir) and resume with --resume auto --run-dir {cfg.run_dir}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     except TrainingStopped as stopped:
         print(f"{stopped}\nresume with --resume auto --run-dir {cfg.run_dir}", file=sys.stderr)
         return stopped.exit_code
