@@ -2,6 +2,7 @@
 retrieval on it), exact resume, and config errors before any work."""
 import json
 
+import numpy as np
 import pytest
 
 from umt_fast.config.vl import build_config
@@ -94,3 +95,18 @@ def test_compiled_blocks_give_the_eager_losses(demo_run, tmp_path):
     assert {r["video_steps"] > 0 for r in records} == {True, False}  # both media ran
     for r in records:
         assert r["loss"] == pytest.approx(straight[r["step"]], rel=1e-4, abs=1e-5)
+
+
+def test_a_stage2_run_where_another_stage_is_expected(demo_run, tmp_path, capsys):
+    """extract reads a stage-2 run's vision tower; the mask figure and a stage-2 --init name the
+    stage of the run they were given and what they expect."""
+    from umt_fast import extract, visualize
+    from umt_fast.data import sample_clip_paths
+
+    clip = sample_clip_paths()[0]
+    out = tmp_path / "f.npy"
+    assert extract.main(["--checkpoint", str(demo_run), "--videos", clip, "--out", str(out), "--num-workers", "0"]) == 0
+    assert np.load(out).shape == (1, 192)  # the tiny student's width
+    assert visualize.main(["mask", clip, "--checkpoint", str(demo_run), "--out", str(tmp_path / "m.png")]) == 2
+    assert "is a stage-2 (vision-language) run; the mask figure's student row compares a stage-1 student" in \
+        capsys.readouterr().err

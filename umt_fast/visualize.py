@@ -150,8 +150,17 @@ def mask_command(args: argparse.Namespace) -> list[str]:
     if args.checkpoint is not None:
         if not os.path.exists(args.checkpoint):
             raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such checkpoint")
+        args.checkpoint = ckpt.resolve_checkpoint(args.checkpoint)  # a run directory: its newest checkpoint
         # <run_dir>/checkpoints/step_N -> <run_dir>/config.yaml
         run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))), "config.yaml")
+        if os.path.isfile(run_config):
+            from umt_fast.config.cli import load_config_dict
+
+            stage = ckpt.run_stage(load_config_dict(run_config))
+            if stage != "stage1":
+                raise ValueError(f"--checkpoint {args.checkpoint} is {ckpt.STAGE_NAMES[stage]}; the mask figure's student "
+                                 "row compares a stage-1 student with its teacher: pass a pre-training checkpoint, or "
+                                 "leave --checkpoint out for the teacher's attention and the masks alone")  # fmt: skip
         if not any(a.split("=")[0] in ("--preset", "--config") for a in argv) and os.path.isfile(run_config):
             argv += ["--config", run_config]
     if not any(a.split("=")[0] in ("--data.train_list", "--data.train-list") for a in argv):

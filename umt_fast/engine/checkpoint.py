@@ -346,9 +346,10 @@ def resolve_checkpoint(path: str) -> str:
 def read_run_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict in the reference's naming, description) of a run checkpoint or run dir.
 
-    The description has ``kind`` (``student`` for pre-training runs, ``classifier`` for
-    fine-tuning runs), ``naming``, ``num_frames``, ``img_size``, ``patch_size``, the run's
-    ``config``, ``source`` and ``step``.
+    The description has ``kind`` (``student`` for pre-training runs, their vision tower for
+    stage-2 runs, ``classifier`` for fine-tuning runs), ``stage`` (``stage1``, ``stage2`` or
+    ``finetune``), ``naming``, ``num_frames``, ``img_size``, ``patch_size``, the run's ``config``,
+    ``source`` and ``step``.
     """
     path = resolve_checkpoint(path)
     state = load_checkpoint(path)
@@ -357,6 +358,10 @@ def read_run_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, A
     config = state.get("config") or {}
     kind = state.get("kind", "student")
     data = config.get("data", {})
+    stage = run_stage(config)
+    weights = state["student"]
+    if stage == "stage2":  # the vision-language model: its student is the stage-1 student
+        weights = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
     if kind == "student":
         naming, patch_size = STUDENT_NAMING, config.get("student", {}).get("patch_size")
     else:
@@ -364,6 +369,7 @@ def read_run_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, A
     description = {
         "format": "umt_fast export",
         "kind": kind,
+        "stage": stage,
         "naming": naming,
         "num_frames": data.get("num_frames"),
         "img_size": data.get("img_size"),
@@ -374,7 +380,20 @@ def read_run_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, A
     }
     if "class_names" in state:
         description["class_names"] = state["class_names"]
-    return _strip_wrapping_prefixes(state["student"]), description
+    return _strip_wrapping_prefixes(weights), description
+
+
+STAGE_NAMES = {"stage1": "a stage-1 pre-training run", "stage2": "a stage-2 (vision-language) run",
+               "finetune": "a fine-tuning run"}  # fmt: skip
+
+
+def run_stage(config: dict[str, Any]) -> str:
+    """Which command made a run, from its config's sections: stage1, stage2 or finetune."""
+    if "text" in config:
+        return "stage2"
+    if "eval" in config or "aug" in config:
+        return "finetune"
+    return "stage1"
 
 
 def sidecar_path(out: str) -> str:

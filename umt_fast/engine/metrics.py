@@ -260,7 +260,9 @@ def setup_logging(run_dir: str | None) -> logging.Logger:
         handler.close()
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    console.addFilter(lambda record: not getattr(record, "progress", False))
+    # progress lines have their own console output; "file_only" records (e.g. the error a command
+    # prints itself) go to log.txt alone
+    console.addFilter(lambda record: not (getattr(record, "progress", False) or getattr(record, "file_only", False)))
     logger.addHandler(console)
     if run_dir is not None:
         file_handler = logging.FileHandler(os.path.join(run_dir, "log.txt"), encoding="utf-8")

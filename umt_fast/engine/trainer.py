@@ -239,7 +239,7 @@ def run(recipe: Recipe) -> TrainResult:
     except BaseException as exc:
         if created and recipe.steps_run == 0:  # failed before its first step: keep only the log
             if isinstance(exc, Exception):
-                log.error("the run failed before its first step: %s", exc)
+                log.error("the run failed before its first step: %s", exc, extra={"file_only": True})
             _remove_all_but_the_log(cfg.run_dir)
         raise
     finally:

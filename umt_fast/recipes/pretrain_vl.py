@@ -118,8 +118,13 @@ def read_init_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A file (reference stage-1 / stage-2, or our export) or a run checkpoint directory."""
     from umt_fast.interop import read_state_dict
 
-    if os.path.isdir(path):
-        return ckpt.load_checkpoint(path)["student"]
+    if os.path.isdir(path):  # a run directory or one of its checkpoints
+        state = ckpt.load_checkpoint(ckpt.resolve_checkpoint(path))
+        stage = ckpt.run_stage(state.get("config") or {})
+        if stage == "finetune":
+            raise ValueError(f"model.init={path!r} is {ckpt.STAGE_NAMES[stage]}; stage 2 starts from a stage-1 run "
+                             "or file (or a stage-2 one)")  # fmt: skip
+        return state["student"]
     return read_state_dict(path, "init checkpoint")
 
 
