@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["VideoRecord", "read_annotation_list", "read_labelled_list"]
 
@@ -42,8 +42,8 @@ class VideoRecord:
     label: int | None
     captions: tuple[str, ...] = ()
     media: str = "video"
-    line: int = 0
-    text: str = ""
+    line: int = field(default=0, compare=False)
+    text: str = field(default="", compare=False)
 
 
 def _split_line(line: str) -> tuple[str, int | None]:
