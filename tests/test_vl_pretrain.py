@@ -3,6 +3,7 @@ retrieval on it), exact resume, and config errors before any work."""
 import json
 
 import numpy as np
+import yaml
 import pytest
 
 from umt_fast.config.vl import build_config
@@ -110,3 +111,21 @@ def test_a_stage2_run_where_another_stage_is_expected(demo_run, tmp_path, capsys
     assert visualize.main(["mask", clip, "--checkpoint", str(demo_run), "--out", str(tmp_path / "m.png")]) == 2
     assert "is a stage-2 (vision-language) run; the mask figure's student row compares a stage-1 student" in \
         capsys.readouterr().err
+
+
+def test_retrieval_reads_the_runs_input_size_and_skips_unreadable_videos(demo_run, tmp_path, capsys):
+    entries = json.loads((demo_run / "demo_data" / "demo_videos.json").read_text())
+    entries.append({"video": str(tmp_path / "missing.mp4"), "caption": "a video that is not there"})
+    listing = tmp_path / "test.json"
+    listing.write_text(json.dumps(entries))
+    out = tmp_path / "r.json"
+    argv = ["--checkpoint", str(demo_run), "--text-weights", "minilm", "--test-list", str(listing), "--k", "2",
+            "--out", str(out)]  # fmt: skip
+    assert retrieval.main(argv) == 0
+    report = json.loads(out.read_text())
+    saved = yaml.safe_load((demo_run / "config.yaml").read_text())["data"]
+    assert (report["num_frames"], report["img_size"]) == (saved["num_frames"], saved["img_size"])  # not 4 x 224
+    assert [u["path"] for u in report["unreadable"]] == [str(tmp_path / "missing.mp4")]
+    err = capsys.readouterr().err
+    assert "unreadable video skipped" in err and f"read {len(entries)}/{len(entries)}" in err
+    assert report["vtc"]["t2v_r10"] == 100.0  # over the readable videos

@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import sys
+import time
 
 import numpy as np
 import torch
@@ -141,7 +142,7 @@ def load_stage2_model(weights: str, text_weights: str, num_frames: int, img_size
     from umt_fast.models.text import TextArch, build_text_encoder, load_tokenizer
 
     if os.path.isdir(weights):
-        sd = ckpt.load_checkpoint(weights)["student"]
+        sd = ckpt.load_checkpoint(ckpt.resolve_checkpoint(weights))["student"]
         n_low = _count(sd, r"text_encoder\.bert\.encoder\.layer\.(\d+)\.")
         n_fusion = _count(sd, r"text_encoder\.fusion\.(\d+)\.")
         if not n_fusion:
@@ -249,12 +250,32 @@ def _autocast(device, dtype):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def evaluate(model, tokenizer, entries: list[dict], *, num_frames: int, img_size: int, device, k: int = 128,
-             max_len: int = 32, batch_size: int = 8, autocast_dtype=None) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Zero-shot retrieval over `entries` (read_caption_json's output): {"vtc": metrics, "vtm": metrics}."""
+def load_entries(entries: list[dict], num_frames: int, img_size: int, progress=None):
+    """(the readable entries, their uint8 media, [(path, reason)] of the unreadable ones)."""
     from umt_fast.data.captions import load_media
+    from umt_fast.data.decoding import VideoDecodeError
 
-    videos = [load_media(e["path"], e["media"], num_frames, img_size, rng=None) for e in entries]
+    kept, videos, failed = [], [], []
+    for i, e in enumerate(entries, start=1):
+        try:
+            videos.append(load_media(e["path"], e["media"], num_frames, img_size, rng=None))
+            kept.append(e)
+        except (VideoDecodeError, OSError) as exc:
+            failed.append((e["path"], getattr(exc, "reason", None) or str(exc)))
+            print(f"unreadable {e['media']} skipped: {e['path']}: {failed[-1][1]}", file=sys.stderr, flush=True)
+        if progress is not None:
+            progress(i, len(entries))
+    return kept, videos, failed
+
+
+def evaluate(model, tokenizer, entries: list[dict], *, num_frames: int, img_size: int, device, k: int = 128,
+             max_len: int = 32, batch_size: int = 8, autocast_dtype=None, videos=None) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Zero-shot retrieval over `entries` (read_caption_json's output): {"vtc": metrics, "vtm": metrics}.
+    ``videos``: the entries' media, already loaded (`load_entries`); else loaded here."""
+    if videos is None:
+        entries, videos, failed = load_entries(entries, num_frames, img_size)
+        if failed:
+            raise ValueError(f"{len(failed)} unreadable media, e.g. {failed[0][0]}: {failed[0][1]}")
     if len({v.shape[0] for v in videos}) != 1:
         raise ValueError("a retrieval list must hold one media type (all videos or all images)")
     captions = [c for e in entries for c in e["captions"]]
@@ -272,18 +293,22 @@ def evaluate(model, tokenizer, entries: list[dict], *, num_frames: int, img_size
 
 def make_parser(prog: str = "python -m umt_fast.evaluate retrieval") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Zero-shot video-text retrieval (VTC, then VTM re-ranking).")
-    p.add_argument("--weights", required=True, help="stage-2 weights: a reference-format file (e.g. <run_dir>/umt_stage2.pth) "
-                   "or a stage-2 run checkpoint directory")
+    p.add_argument("--checkpoint", "--weights", dest="weights", required=True,
+                   help="stage-2 weights: a reference-format file (e.g. <run_dir>/umt_stage2.pth), a stage-2 run "
+                   "directory or one of its checkpoints (--weights is the older spelling)")
     p.add_argument("--text-weights", required=True, help="the local BERT folder used in training ('minilm' = the bundled MiniLM)")
     p.add_argument("--test-list", required=True, help="JSON list of {\"video\": path, \"caption\": str or [str]} (MSRVTT style)")
     p.add_argument("--root", default="", help="directory relative media paths are resolved against")
-    p.add_argument("--num-frames", type=int, default=4, help="frames per video (middle of each segment); default 4")
-    p.add_argument("--img-size", type=int, default=224, help="input side in pixels; default 224")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames per video (middle of each segment); default: the run's (a run, or umt_stage2.pth "
+                   "beside its config.yaml), else 4")
+    p.add_argument("--img-size", type=int, default=None, help="input side in pixels; default: the run's, else 224")
     p.add_argument("--k", type=int, default=128, help="candidates re-ranked by VTM per query; default 128")
     p.add_argument("--max-len", type=int, default=32, help="caption tokens; default 32")
     p.add_argument("--batch-size", type=int, default=8, help="videos per forward; default 8")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--output", default="", help="write the metrics as JSON here")
+    p.add_argument("--out", "--output", dest="output", default="",
+                   help="write the metrics as JSON here (--output is the older spelling)")
     return p
 
 
@@ -291,25 +316,60 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
     args = make_parser(prog).parse_args(argv)
     from umt_fast.data.captions import read_caption_json
 
+    from umt_fast.engine.checkpoint import atomic_write, check_writable
+
     try:
         if args.k < 1:
             raise ValueError(f"--k={args.k} must be >= 1")
+        if args.output:
+            check_writable(args.output, "--out")
+        run_frames, run_size = run_input_size(args.weights)
+        num_frames, img_size = args.num_frames or run_frames or 4, args.img_size or run_size or 224
         entries = read_caption_json(args.test_list, args.root)
-        model, tokenizer = load_stage2_model(args.weights, args.text_weights, args.num_frames, args.img_size)
+        model, tokenizer = load_stage2_model(args.weights, args.text_weights, num_frames, img_size)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if done % 50 == 0 or done == total:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            print(f"read {done}/{total} | {rate:.1f}/s | ETA {(total - done) / rate:.0f} s", file=sys.stderr, flush=True)
+
+    entries, videos, failed = load_entries(entries, num_frames, img_size, progress)
+    if not entries:
+        print(f"error: {args.test_list}: none of its {len(failed)} media could be read", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    results = evaluate(model, tokenizer, entries, num_frames=args.num_frames, img_size=args.img_size, device=device,
-                       k=args.k, max_len=args.max_len, batch_size=args.batch_size, autocast_dtype=dtype)  # fmt: skip
+    results = evaluate(model, tokenizer, entries, num_frames=num_frames, img_size=img_size, device=device, k=args.k,
+                       max_len=args.max_len, batch_size=args.batch_size, autocast_dtype=dtype, videos=videos)  # fmt: skip
     print(format_table(results))
+    if failed:
+        print(f"{len(failed)} unreadable media skipped (their captions too): the metrics are over the other "
+              f"{len(entries)}", file=sys.stderr)  # fmt: skip
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump({"weights": args.weights, "test_list": args.test_list, "k": args.k, **results}, f, indent=2)
+        report = {"weights": args.weights, "test_list": args.test_list, "k": args.k, "num_frames": num_frames,
+                  "img_size": img_size, **results, "unreadable": [{"path": p, "reason": r} for p, r in failed]}  # fmt: skip
+        atomic_write(args.output, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=2)))
         print(f"wrote {args.output}")
     return 0
+
+
+def run_input_size(weights: str) -> tuple[int | None, int | None]:
+    """(frames, size) the run behind ``weights`` trained at: a run directory or checkpoint's
+    config, or the config.yaml beside an exported umt_stage2.pth; (None, None) when unknown."""
+    from umt_fast.config.cli import load_config_dict
+
+    path = os.path.abspath(weights)
+    candidates = [os.path.join(path, "config.yaml"), os.path.join(os.path.dirname(os.path.dirname(path)), "config.yaml")] \
+        if os.path.isdir(path) else [os.path.join(os.path.dirname(path), "config.yaml")]  # fmt: skip
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            data = load_config_dict(candidate).get("data") or {}
+            return data.get("num_frames"), data.get("img_size")
+    return None, None
 
 
 if __name__ == "__main__":
