@@ -227,6 +227,25 @@ def test_run_report_keeps_the_later_record_of_a_repeated_step(tmp_path):
     _assert_not_blank(pixels)
 
 
+def test_run_report_of_a_finetuning_and_a_stage2_run(tmp_path):
+    """Fine-tuning logs its evaluation at the step of a training record: both kept, no step counted
+    as repeated; top-1 and the stage-2 terms get panels."""
+    lines = []
+    for s in range(1, 5):
+        lines.append({"step": s, "loss": 2.0 - 0.1 * s, "train/top1": 10.0 * s, "lr": 1e-3, "clips/s": 8.0,
+                      "uta": 0.5, "vtc": 1.0, "vtm": 0.7, "mlm": 3.0, "time": 100.0 + s})  # fmt: skip
+        if s % 2 == 0:
+            lines.append({"step": s, "eval/top1": 20.0 * s, "eval/top5": 100.0, "time": 100.5 + s})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    metrics = load_run_metrics(str(tmp_path))
+    assert metrics.steps.tolist() == [1, 2, 3, 4] and metrics.num_superseded == 0
+    assert metrics.values["loss"].tolist() == pytest.approx([1.9, 1.8, 1.7, 1.6])
+    assert np.isnan(metrics.values["eval/top1"][0]) and metrics.values["eval/top1"][3] == 80.0
+    for key in ("train/top1", "eval/top1", "uta", "vtc", "vtm", "mlm"):
+        assert key in metrics.values, key
+    assert render_rgb(draw_run_report(metrics)).shape[:2][::-1] == run_figure_size(9)
+
+
 def test_run_cli_writes_png_and_html(tmp_path, capsys):
     _write_resumed_run(tmp_path / "metrics.jsonl")
     assert main(["run", str(tmp_path), "--html"]) == 0

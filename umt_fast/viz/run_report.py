@@ -3,8 +3,9 @@ skipped samples and (when logged) MFU, against the step, with wall time on a sec
 every resume marked.
 
 Reading rules:
-- a step logged more than once (a resumed run repeats the steps after its checkpoint): the
-  later record wins;
+- records of the same step are merged (fine-tuning logs its evaluation beside the training
+  record of that step); a step whose training record comes twice (a resumed run repeats the
+  steps after its checkpoint) keeps the later one's values;
 - ``{"event": "resume", "step": N}`` records become vertical lines at step N;
 - lines that do not parse (a torn last line after a crash) are skipped and counted;
 - a missing file raises FileNotFoundError, an empty one (or one without a metrics record)
@@ -28,6 +29,12 @@ from umt_fast.viz.render import new_figure
 METRICS_FILE = "metrics.jsonl"
 PANELS: tuple[tuple[str, str], ...] = (
     ("loss", "loss (mean over the logging window)"),
+    ("uta", "UTA (stage 2)"),
+    ("vtc", "VTC (stage 2)"),
+    ("vtm", "VTM (stage 2)"),
+    ("mlm", "MLM (stage 2)"),
+    ("train/top1", "train top-1 (%)"),
+    ("eval/top1", "eval top-1 (%)"),
     ("lr", "learning rate"),
     ("clips/s", "throughput (clips/s)"),
     ("pairs/s", "throughput (pairs/s)"),
@@ -54,7 +61,7 @@ class RunMetrics:
         wall_s: float64 [S], seconds since the first kept record's ``time`` (non-decreasing);
             None when the records carry no time.
         resume_steps: the step of every resume event, in file order.
-        num_superseded: records replaced by a later record of the same step.
+        num_superseded: training records replaced by a later one of the same step (repeated steps).
         num_unparsable: non-blank lines that were not a JSON object (e.g. a torn last line).
     """
 
@@ -101,8 +108,11 @@ def load_run_metrics(run_dir_or_file: str) -> RunMetrics:
         if record.get("event") == "resume":
             resume_steps.append(step)
         elif "event" not in record:
-            num_superseded += step in by_step
-            by_step[step] = record
+            earlier = by_step.setdefault(step, {})
+            if "loss" in record and "loss" in earlier:  # the step again, after a resume
+                num_superseded += 1
+                earlier = by_step[step] = {k: v for k, v in earlier.items() if k.startswith("eval/")}
+            earlier.update(record)
     if not by_step:
         raise ValueError(
             f"{path} holds no metrics record ({len(records)} records without a step's metrics, "
