@@ -456,3 +456,18 @@ def test_a_figure_that_fails_to_draw_only_warns(tmp_path, monkeypatch):
     log_text = (run_dir / "log.txt").read_text()
     assert "could not draw the mask figure at step 1: RuntimeError: no ink" in log_text
     assert "step 2/2" in log_text
+
+
+def test_progress_eta_comes_from_the_steps_measured_after_the_first_window(monkeypatch):
+    """A slow first window (warm-up, workers starting) does not inflate the ETA after it."""
+    import io
+    import logging
+
+    from umt_fast.engine import metrics as metrics_module
+
+    clock = iter([0.0, 100.0, 102.0, 104.0])  # built at 0; window 1 ends at 100 s, then 2 s a step
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: next(clock))
+    line = metrics_module.ProgressLine(11, logging.getLogger("test.progress"), stream=io.StringIO(), start_step=1)
+    assert line.update(2, 1.0, 1e-3, 1.0).endswith("ETA 15:00")  # 9 steps x 100 s: the only measure yet
+    assert line.update(3, 1.0, 1e-3, 1.0).endswith("ETA 00:16")  # 8 x 2 s
+    assert line.update(4, 1.0, 1e-3, 1.0).endswith("ETA 00:14")

@@ -286,22 +286,27 @@ class ProgressLine:
     the ETA: rewritten in place on a terminal, one line per update otherwise (and always one
     line per update in ``log.txt``)."""
 
-    def __init__(self, total_steps: int, logger: logging.Logger, stream: TextIO = sys.stderr, unit: str = "clips"):
-        self.total_steps = total_steps
+    def __init__(self, total_steps: int, logger: logging.Logger, stream: TextIO = sys.stderr, unit: str = "clips",
+                 start_step: int = 0):  # fmt: skip
+        self.total_steps, self.start_step = total_steps, start_step
         self.unit = unit
         self.logger = logger
         self.stream = stream
         self.interactive = stream.isatty()
         self._start = time.perf_counter()
-        self._start_step: int | None = None
+        self._first: tuple[int, float] | None = None
 
     def update(self, step: int, loss: float, lr: float, clips_per_s: float, extras: str = "") -> str:
-        """``step`` is the number of optimizer steps done so far."""
-        if self._start_step is None:
-            self._start_step = step - 1
-        done = step - self._start_step
-        rate = done / max(time.perf_counter() - self._start, 1e-9)
-        eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
+        """``step`` is the number of optimizer steps done so far. The ETA comes from the steps
+        measured since the first update (the first window's warm-up, worker start and compiles
+        left out); at the first update, from that window."""
+        now = time.perf_counter()
+        if self._first is None or step <= self._first[0]:
+            self._first = (step, now)
+            seconds_per_step = (now - self._start) / max(step - self.start_step, 1)
+        else:
+            seconds_per_step = (now - self._first[1]) / (step - self._first[0])
+        eta = (self.total_steps - step) * seconds_per_step
         width = len(str(self.total_steps))
         line = (
             f"step {step:>{width}}/{self.total_steps} | loss {loss:.4f} | lr {lr:.3e} | "

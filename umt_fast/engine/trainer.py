@@ -305,7 +305,7 @@ def _train(recipe: Recipe, info: DistInfo) -> TrainResult:
              setup.steps_per_epoch, device, precision, cfg.train.attention, cfg.train.compile,
              ", CUDA graphs" if cfg.train.cuda_graphs else "")  # fmt: skip
 
-    progress = ProgressLine(last_step, logger, unit=recipe.unit) if info.is_main else None
+    progress = ProgressLine(last_step, logger, unit=recipe.unit, start_step=start_step) if info.is_main else None
     last_checkpoint, last_metrics = resume_path, {}
     sums = torch.zeros(len(recipe.loss_names), device=device)
     window_steps, data_wait, windows, warned = 0, 0.0, 0, False
