@@ -107,20 +107,25 @@ def test_stage2_stops_on_sigterm_after_saving(tmp_path, monkeypatch):
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]
 
 
-def test_ctrl_c_saves_and_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch, capsys):
-    """The first Ctrl-C finishes the step in flight, saves it and exits 130 with the resume line;
-    a second one raises KeyboardInterrupt at once."""
-    from umt_fast.recipes import pretrain as stage1
-
-    monkeypatch.setattr(stage1.PretrainStep, "__call__", _signal_at(3, signal.SIGINT)(stage1.PretrainStep.__call__))
+def test_ctrl_c_saves_and_a_second_ctrl_c_stops_at_once(tmp_path):
+    """Ctrl-C in a terminal: SIGINT to the command and its decoding workers. The first one finishes
+    the step in flight, saves it and exits 130 with the resume line; a second one stops at once."""
     run_dir = str(tmp_path / "run")
-    args = ["--run-dir", run_dir, "--data.img_size", "64", "--teacher.input_resolution", "64",
-            "--train.max_steps", "8", "--checkpoint.every_steps", "100"]  # fmt: skip
-    assert main(args) == 130
-    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [4]  # steps 0..3 done: 4 saved
-    err = capsys.readouterr().err
-    assert "Ctrl-C: stopping after this step" in err and "stopped by SIGINT after step 4" in err
-    assert f"--resume auto --run-dir {run_dir}" in err
+    args = ["--run-dir", run_dir, "--data.img_size", "64", "--teacher.input_resolution", "64", "--log.every_steps", "1",
+            "--train.max_steps", "40", "--checkpoint.every_steps", "1000", "--data.num_workers", "2"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "umt_fast.pretrain"] + args, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not (os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and len(_losses_by_step(run_dir)) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its second step"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    saved = [s for s, _ in ckpt.list_checkpoints(run_dir)]
+    assert len(saved) == 1 and 2 <= saved[0] < 40, saved
+    assert "Ctrl-C: stopping after this step" in err and f"stopped by SIGINT after step {saved[0]}" in err
+    assert f"--resume auto --run-dir {run_dir}" in err and "Traceback" not in err
 
     with StopOnSignal(distributed=False) as stop:
         os.kill(os.getpid(), signal.SIGINT)

@@ -205,8 +205,7 @@ class DistConfig(Section):
 
     strategy: DistStrategy = "ddp"
     """ddp (replicated model, gradients all-reduced) or fsdp (FSDP2 fully_shard per block, bf16
-    parameters in compute with fp32 reduction on the GPU). Pre-training's frozen teacher is always
-    replicated.
+    parameters in compute with fp32 reduction on the GPU).
     """
 
 

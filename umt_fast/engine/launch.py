@@ -59,6 +59,9 @@ def run_training_command(
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        print(f"{stopped}\nresume with --resume auto --run-dir {cfg.run_dir}", file=sys.stderr)
+        return stopped.exit_code
     except Exception as exc:
         from umt_fast.engine.checkpoint import storage_error
 
@@ -70,9 +73,6 @@ def run_training_command(
               f"space (or pick a writable --run-dir) and resume with --resume auto --run-dir {cfg.run_dir}",
               file=sys.stderr)  # fmt: skip
         return 1
-    except TrainingStopped as stopped:
-        print(f"{stopped}\nresume with --resume auto --run-dir {cfg.run_dir}", file=sys.stderr)
-        return stopped.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted at once: the steps since the last checkpoint are lost; resume with --resume auto "
               f"--run-dir {cfg.run_dir}", file=sys.stderr)  # fmt: skip
