@@ -479,3 +479,22 @@ def test_config_from_dict_rejects_unknown_keys_and_bad_types():
     d["teacher"]["weights"] = None
     with pytest.raises(ValueError, match="teacher.weights"):
         config_from_dict(d)
+
+
+def test_help_shows_the_chosen_presets_values(capsys):
+    with pytest.raises(SystemExit):
+        build_config(["--preset", "umt_l16_k710", "--help"])
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "--student.size {tiny,base,large} Student size" in out
+    assert "(default: large)" in out and "(default: vit_l14)" in out and "(default: 196)" in out
+
+
+def test_no_help_mentions_what_its_command_lacks(capsys):
+    from umt_fast import visualize
+    from umt_fast.config import finetune
+
+    assert "teacher" not in finetune.help_text().lower()
+    with pytest.raises(SystemExit):
+        visualize.main(["mask", "--help"])
+    out = capsys.readouterr().out
+    assert "--run-dir" not in out and "--resume" not in out and "--preset" in out
