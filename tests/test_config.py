@@ -282,6 +282,7 @@ BAD = [
     (["--optim.betas", "0.9,1.0"], "optim.betas", "1.0"),
     (["--optim.warmup_epochs", "41"], "optim.warmup_epochs", "41"),
     (["--student.drop_path", "1.0"], "student.drop_path", "1.0"),
+    (["--teacher.arch", "vit_b32"], "teacher.arch", "vit_b32"),
     (["--data.max_bad_fraction", "1.5"], "data.max_bad_fraction", "1.5"),
     (["--log.every_steps", "0"], "log.every_steps", "0"),
     (["--log.mask_figure_every_steps", "-1"], "log.mask_figure_every_steps", "-1"),
@@ -312,7 +313,6 @@ UNPARSABLE = [
     (["--train.global_batch_size", "four"], "--train.global_batch_size", "four"),
     (["--train.device", "tpu"], "--train.device", "tpu"),
     (["--train.precision", "fp8"], "--train.precision", "fp8"),
-    (["--teacher.arch", "vit_b32"], "--teacher.arch", "vit_b32"),
     (["--log.wandb_mode", "offlne"], "--log.wandb_mode", "offlne"),
     (["--log.tensorboard", "sometimes"], "--log.tensorboard", "sometimes"),
 ]

@@ -103,7 +103,15 @@ def mask_and_targets(
     Returns:
         (visible_idx_BN [B, N_vis] int64 ascending, targets_LBNC [L, B, N_vis, Ct] L2-normalised).
     """
-    B, T, P = teacher_out.cls_attn.shape
+    if teacher_out.cls_attn is None:  # a teacher with neither a CLS token nor an attention-pool probe
+        if policy == "attention":
+            raise ValueError("--mask.policy attention needs the teacher's CLS (or attention-pool) attention, and this "
+                             "teacher has neither; use --mask.policy tube or random")  # fmt: skip
+        B, TP = teacher_out.streams.shape[:2]
+        T = teacher_out.num_frames
+        P = TP // T
+    else:
+        B, T, P = teacher_out.cls_attn.shape
     if policy == "attention":
         L, W = teacher_out.streams.shape[2:]
         idx_GK, rows_GKX = umt_kernels.select_and_gather(
@@ -114,6 +122,6 @@ def mask_and_targets(
         return visible_idx_BN, teacher_out.project_rows(rows_GKX.view(B, -1, L, W))
     visible_idx_BN = sample_visible_tokens(
         policy, batch_size=B, num_frames=T, patches_per_frame=P, ratio=ratio, seed=seed, offset=offset,
-        device=teacher_out.cls_attn.device, first_clip=first_clip,
+        device=teacher_out.streams.device, first_clip=first_clip,
     )  # fmt: skip
     return visible_idx_BN, teacher_out.targets(visible_idx_BN)

@@ -220,8 +220,9 @@ def _check(cfg: PretrainConfig) -> None:
         cfg.data.img_size,
         f"must be a multiple of student.patch_size={patch}",
     )
-    s_grid, t_grid = student_grid(cfg), teacher_grid(cfg)
-    t_patch = TEACHER_ARCHS[cfg.teacher.arch]["patch_size"]
+    s_grid = student_grid(cfg)
+    t_grid = teacher_grid(cfg) if not cfg.teacher.is_timm else s_grid  # a timm teacher's: checked when built
+    t_patch = TEACHER_ARCHS[cfg.teacher.arch]["patch_size"] if not cfg.teacher.is_timm else 0
     if t_grid != s_grid:
         # UMT pairs teacher token (t, p) with student token (t, p): the grids must match.
         fail(
@@ -231,7 +232,7 @@ def _check(cfg: PretrainConfig) -> None:
             f"{cfg.teacher.arch!r}) must equal the student grid (data.img_size / student.patch_size = "
             f"{cfg.data.img_size} / {patch} = {s_grid}); use teacher.input_resolution={s_grid * t_patch}",
         )
-    t_layers = TEACHER_ARCHS[cfg.teacher.arch]["layers"]
+    t_layers = TEACHER_ARCHS[cfg.teacher.arch]["layers"] if not cfg.teacher.is_timm else cfg.student.return_layers
     require(
         cfg.student.return_layers <= t_layers,
         "student.return_layers",

@@ -20,11 +20,12 @@ TEACHER_ARCHS: dict[str, dict[str, int]] = {
     "vit_l14": dict(width=1024, layers=24, heads=16, patch_size=14, output_dim=768),
 }
 MLP_RATIO = 4
+TIMM_PREFIX = "timm:"
+"""`teacher.arch` prefix naming a timm model."""
 RANDOM_TEACHER = "none"
 """`teacher.weights` value meaning: a randomly initialised teacher."""
 
 StudentSize = Literal["tiny", "base", "large"]
-TeacherArch = Literal["tiny", "vit_b16", "vit_l14"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["bf16", "fp16", "fp32"]
 AttentionBackend = Literal["auto", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn_4", "math"]
@@ -71,8 +72,11 @@ class TeacherConfig(Section):
 
     SECTION = "teacher"
 
-    arch: TeacherArch = "vit_b16"
-    """Teacher architecture: tiny (tests/demo), vit_b16 (CLIP ViT-B/16), vit_l14 (CLIP ViT-L/14)."""
+    arch: str = "vit_b16"
+    """Teacher architecture: tiny (tests/demo), vit_b16 (CLIP ViT-B/16), vit_l14 (CLIP ViT-L/14), or
+    timm:MODEL_NAME, a timm ViT (CLIP, SigLIP/SigLIP2, DINOv2 with or without registers) whose grid,
+    layers and width come from the model itself.
+    """
     weights: str = ""
     """Path to an OpenAI CLIP visual state dict; 'none' = random init (demo/tests only); '' = not set
     (an error).
@@ -82,8 +86,17 @@ class TeacherConfig(Section):
     student's.
     """
 
+    @property
+    def is_timm(self) -> bool:
+        return self.arch.startswith(TIMM_PREFIX)
+
     def validate(self) -> None:
         super().validate()
+        if self.is_timm:  # its patch size is the model's: checked when it is built
+            require(len(self.arch) > len(TIMM_PREFIX), "teacher.arch", self.arch, "needs a model name: timm:MODEL_NAME")
+            require(self.input_resolution > 0, "teacher.input_resolution", self.input_resolution, "must be > 0")
+            return
+        require_choice("teacher.arch", self.arch, [*TEACHER_ARCHS, f"{TIMM_PREFIX}MODEL_NAME"])
         patch = TEACHER_ARCHS[self.arch]["patch_size"]
         require(self.input_resolution > 0 and self.input_resolution % patch == 0, "teacher.input_resolution",
                 self.input_resolution, f"must be a positive multiple of the patch size of teacher.arch={self.arch!r} "

@@ -239,8 +239,8 @@ def _check(cfg: VLPretrainConfig) -> None:
     patch = cfg.student.patch_size
     require(cfg.data.img_size % patch == 0, "data.img_size", cfg.data.img_size, f"must be a multiple of student.patch_size={patch}")
     s_grid = cfg.data.img_size // patch
-    t_patch = TEACHER_ARCHS[cfg.teacher.arch]["patch_size"]
-    if cfg.teacher.input_resolution // t_patch != s_grid:
+    t_patch = TEACHER_ARCHS[cfg.teacher.arch]["patch_size"] if not cfg.teacher.is_timm else 0
+    if t_patch and cfg.teacher.input_resolution // t_patch != s_grid:  # a timm teacher's: checked when built
         fail("teacher.input_resolution", cfg.teacher.input_resolution,
               f"the teacher grid must equal the student grid ({s_grid}); use {s_grid * t_patch}")  # fmt: skip
     for name, ratio in (("mask.video_ratio", cfg.mask.video_ratio), ("mask.image_ratio", cfg.mask.image_ratio)):

@@ -696,17 +696,48 @@ def teacher_arch_from_state_dict(state_dict: StateDict, input_resolution: int, r
     )
 
 
+def load_timm_teacher(path_or_state_dict, arch: str, input_resolution: int = 224, return_layers: int = 6,
+                      strict: bool = True, **timm_kwargs):  # fmt: skip
+    """A timm ViT (``arch`` = ``timm:MODEL_NAME``) as a frozen teacher, from weights in timm's naming
+    (.pth, .bin, .safetensors) or an original release that the model's own timm
+    ``checkpoint_filter_fn`` converts (OpenCLIP, DINOv2; big_vision ``.npz`` through timm's
+    loader); ``path_or_state_dict=None`` keeps the random init (tests). The position embedding is
+    resized to the grid of ``input_resolution``; ``timm_kwargs`` go to timm.create_model."""
+    import importlib
+
+    from umt_fast.models.timm_teacher import TIMM_PREFIX, TimmVisionTeacher, create_timm_vit
+
+    model = create_timm_vit(arch, input_resolution, **timm_kwargs)
+    if isinstance(path_or_state_dict, (str, os.PathLike)) and os.fspath(path_or_state_dict).endswith(".npz"):
+        model.load_pretrained(os.fspath(path_or_state_dict))
+    elif path_or_state_dict is not None:
+        sd = _strip_wrapping_prefixes(read_state_dict(path_or_state_dict, f"{arch} teacher weights"))
+        module = importlib.import_module(type(model).__module__)
+        if hasattr(module, "checkpoint_filter_fn"):
+            sd = module.checkpoint_filter_fn(sd, model)
+        load_state_dict_checked(model, sd, f"{arch} teacher weights", strict=strict)
+    return TimmVisionTeacher(model, arch[len(TIMM_PREFIX):], input_resolution, return_layers)
+
+
 def load_teacher(
     path_or_state_dict,
     input_resolution: int = 224,
     return_layers: int = 6,
     strict: bool = True,
-) -> CLIPVisionTeacher:
-    """Loads CLIP visual weights (any format `clip_visual_state_dict` reads) as a frozen teacher.
+    arch: str | None = None,
+    **timm_kwargs,
+):
+    """Loads CLIP visual weights (any format `clip_visual_state_dict` reads) as a frozen teacher;
+    with ``arch="timm:MODEL_NAME"``, any supported timm ViT (`load_timm_teacher`; ``timm_kwargs``
+    go to timm.create_model).
 
     The position embedding is resized bicubically when the file's grid differs from
     ``input_resolution / patch`` (e.g. ViT-L/14 trained at 224 px, used at 196 px).
     """
+    if arch is not None and arch.startswith("timm:"):
+        return load_timm_teacher(path_or_state_dict, arch, input_resolution, return_layers, strict, **timm_kwargs)
+    if timm_kwargs:
+        raise TypeError(f"load_teacher got {sorted(timm_kwargs)}: timm options need arch='timm:MODEL_NAME'")
     state_dict = clip_visual_state_dict(path_or_state_dict)
     arch = teacher_arch_from_state_dict(state_dict, input_resolution, return_layers)
     state_dict["positional_embedding"] = resize_clip_pos_embed(state_dict["positional_embedding"], arch.grid)
@@ -716,8 +747,10 @@ def load_teacher(
 
 
 def build_teacher(cfg: PretrainConfig) -> CLIPVisionTeacher:
-    """The frozen CLIP teacher: from ``teacher.weights``, or random for ``none`` (with a warning)."""
+    """The frozen teacher: from ``teacher.weights``, or random for ``none`` (with a warning)."""
     K = cfg.student.return_layers
+    if cfg.teacher.is_timm:
+        return _build_timm_teacher(cfg)
     if cfg.teacher.weights == RANDOM_TEACHER:
         log.warning(
             "THE TEACHER IS RANDOM (--teacher.weights none): its attention and targets carry no "
@@ -735,4 +768,27 @@ def build_teacher(cfg: PretrainConfig) -> CLIPVisionTeacher:
             f"--teacher.weights {cfg.teacher.weights} holds a CLIP ViT with (width, layers, patch, output) = "
             f"{found}, but teacher.arch={cfg.teacher.arch!r} is {wanted}; pick the matching --teacher.arch"
         )
+    return teacher
+
+
+def _build_timm_teacher(cfg: PretrainConfig):
+    """``teacher.arch=timm:NAME``: the model, its grid checked against the student's."""
+    if cfg.teacher.weights == RANDOM_TEACHER:
+        log.warning("THE TEACHER IS RANDOM (--teacher.weights none): fine for a smoke test, useless for pre-training.")
+    weights = None if cfg.teacher.weights == RANDOM_TEACHER else cfg.teacher.weights
+    try:
+        teacher = load_timm_teacher(weights, cfg.teacher.arch, cfg.teacher.input_resolution, cfg.student.return_layers)
+    except AssertionError as exc:  # timm's own shape checks (e.g. a resolution that is not a multiple of the patch)
+        raise ValueError(f"teacher.arch={cfg.teacher.arch!r} at teacher.input_resolution="
+                         f"{cfg.teacher.input_resolution}: {exc}") from exc  # fmt: skip
+    s_grid, patch = cfg.data.img_size // cfg.student.patch_size, teacher.arch.patch_size
+    if cfg.teacher.input_resolution % patch or teacher.arch.grid != s_grid:
+        raise ValueError(
+            f"teacher.input_resolution={cfg.teacher.input_resolution}: the grid of teacher.arch={cfg.teacher.arch!r} "
+            f"(patch {patch}) must equal the student grid (data.img_size / student.patch_size = {cfg.data.img_size} / "
+            f"{cfg.student.patch_size} = {s_grid}); use teacher.input_resolution={s_grid * patch}"
+        )
+    if not teacher.has_cls_attn and cfg.mask.policy == "attention":
+        raise ValueError(f"mask.policy='attention' needs the teacher's CLS or attention-pool attention, and "
+                         f"teacher.arch={cfg.teacher.arch!r} has neither; use --mask.policy tube or random")  # fmt: skip
     return teacher

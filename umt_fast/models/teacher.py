@@ -148,15 +148,19 @@ class TeacherOutput:
 
     Attributes:
         cls_attn: [B, T, P] float32, the last block's heads-averaged CLS-to-patch attention
-            (softmax over all 1 + P keys, then the P patch columns; rows are not renormalised).
-        streams: [B, T*P, L, W] the residual stream after each of the last L blocks, CLS
-            removed, tokens in t * P + p order, layers in ascending depth. Token-major, so
-            that one row gather serves all L layers.
+            (softmax over all prefix + P keys, then the P patch columns; rows are not
+            renormalised); None for a teacher with neither a CLS token nor an attention pool.
+        streams: [B, T*P, L, W] the residual stream after each of the last L blocks, prefix
+            tokens removed, tokens in t * P + p order, layers in ascending depth. Token-major,
+            so that one row gather serves all L layers.
+        num_frames: T.
     """
 
-    cls_attn: torch.Tensor
+    cls_attn: torch.Tensor | None
     streams: torch.Tensor
-    _teacher: "CLIPVisionTeacher"
+    _teacher: nn.Module
+    """The teacher: its ``project(rows [..., W]) -> [..., Ct]`` makes the targets."""
+    num_frames: int = 0
 
     def targets(self, visible_idx_BN: torch.Tensor) -> torch.Tensor:
         """[B, N] int64 -> [L, B, N, Ct] L2-normalised targets, computed on those rows only."""
@@ -229,7 +233,7 @@ class CLIPVisionTeacher(nn.Module):
                 taps.append(x[:, 1:])
         P = x.shape[1] - 1
         streams = torch.stack(taps, dim=2).view(B, T * P, len(taps), -1)
-        return TeacherOutput(cls_attn=cls_attn[:, 1:].reshape(B, T, P), streams=streams, _teacher=self)
+        return TeacherOutput(cls_attn=cls_attn[:, 1:].reshape(B, T, P), streams=streams, _teacher=self, num_frames=T)
 
 
 def resize_clip_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:

@@ -1,0 +1,158 @@
+"""Any timm ViT as the frozen image teacher, with the interface of the CLIP teacher.
+
+timm implements the architecture; this module only runs it per frame and reads out what UMT
+needs (`TeacherOutput`):
+
+- ``cls_attn`` [B, T, P] from the LAST block, as the reference defines it for CLIP: the CLS
+  query's softmax over all keys (CLS, registers and patches), averaged over heads, the P patch
+  columns kept, not renormalised (`umt_kernels.cls_attention`, never a full attention matrix).
+  A model without a CLS token but with an attention-pool head (SigLIP) uses the pool's probe
+  query over the patch tokens after the final norm. A model with neither has no ``cls_attn``.
+- ``targets(idx)`` [K, B, N, Ct]: each of the last K blocks' output at the given patch tokens,
+  then the model's final norm, then its token projection where the family has one (CLIP's
+  ``head``, timm's name for CLIP's ``proj``), then L2 normalisation; on those rows only.
+- Pixels: CLIP-family teachers get the student's ImageNet-normalised clip as the reference feeds
+  CLIP; every other family gets it re-normalised to the mean and std of its timm pretrained_cfg.
+
+Supported so far: timm's ``VisionTransformer`` class (OpenAI / OpenCLIP CLIP, SigLIP and SigLIP2,
+DINOv2 with and without registers, and the other plain ViTs). RoPE families (EVA02, PE-core,
+DINOv3) and InternViT are refused with a clear error.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import umt_kernels
+from umt_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from umt_fast.models.teacher import TeacherArch, TeacherOutput
+
+TIMM_PREFIX = "timm:"
+
+
+def is_timm_arch(arch: str) -> bool:
+    return arch.startswith(TIMM_PREFIX)
+
+
+def create_timm_vit(arch: str, input_resolution: int, **timm_kwargs) -> nn.Module:
+    """``timm:MODEL_NAME`` as a randomly initialised timm model at ``input_resolution`` (nothing is
+    downloaded; ``timm_kwargs`` go to timm.create_model, e.g. a smaller depth); ValueError for an
+    unknown name or an unsupported family."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    name = arch[len(TIMM_PREFIX):]
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:5]
+        raise ValueError(f"teacher.arch={arch!r}: timm has no model {name!r}" + (f" (e.g. {', '.join(close)})" if close else ""))
+    model = timm.create_model(name, pretrained=False, img_size=input_resolution, **timm_kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"teacher.arch={arch!r} is a timm {type(model).__name__}; timm teachers are VisionTransformer "
+                         "models so far (CLIP, SigLIP/SigLIP2, DINOv2); RoPE families (EVA02, PE, DINOv3) and "
+                         "InternViT are not supported yet")  # fmt: skip
+    return model
+
+
+class TimmVisionTeacher(nn.Module):
+    """A timm VisionTransformer run per frame as a frozen video teacher (eval mode, no gradients).
+
+    Args:
+        model: the timm model (weights loaded), built at ``input_resolution``.
+        name: its timm name (without ``timm:``), which decides the family's pixels and projection.
+        input_resolution: the side its frames are resized to.
+        return_layers: K, how many of its last blocks give targets.
+    """
+
+    def __init__(self, model: nn.Module, name: str, input_resolution: int, return_layers: int):
+        super().__init__()
+        self.model, self.name = model, name
+        patch = model.patch_embed.patch_size[0]
+        self.clip_family = "_clip_" in name
+        # CLIP's head is its token projection (the reference's proj); other families' heads are
+        # classifiers or Identity and are not used.
+        self.proj = model.head if self.clip_family and isinstance(model.head, nn.Linear) else None
+        width = model.embed_dim
+        self.arch = TeacherArch(
+            width=width, layers=len(model.blocks), heads=model.blocks[-1].attn.num_heads, patch_size=patch,
+            output_dim=self.proj.out_features if self.proj is not None else width,
+            input_resolution=input_resolution, return_layers=return_layers,
+        )  # fmt: skip
+        if not 1 <= return_layers <= self.arch.layers:
+            raise ValueError(f"teacher return_layers={return_layers} must be in [1, {self.arch.layers}]")
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if not self.clip_family:
+            cfg = model.pretrained_cfg
+            mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+        # x_model = (x_imagenet * std_in + mean_in - mean) / std, per channel: one scale and shift
+        scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
+        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
+        self.register_buffer("pixel_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_shift", shift.view(1, 3, 1, 1), persistent=False)
+        self.has_cls_attn = model.cls_token is not None or getattr(model, "attn_pool", None) is not None
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "TimmVisionTeacher":
+        return super().train(False)  # frozen: always in eval mode
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        """final norm -> token projection (CLIP) -> L2 on any [..., W] rows -> [..., Ct]."""
+        x = self.model.norm(rows)
+        if self.proj is not None:
+            x = self.proj(x)
+        return F.normalize(x, dim=-1)
+
+    def _cls_row_attention(self, block: nn.Module, x_NSW: torch.Tensor) -> torch.Tensor:
+        """[N, S] the CLS query's heads-averaged softmax over all S keys of ``block``."""
+        attn = block.attn
+        N, S, _ = x_NSW.shape
+        qkv = attn.qkv(block.norm1(x_NSW)).reshape(N, S, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        return umt_kernels.cls_attention(q[:, :, 0], k, scale=attn.scale)
+
+    def _probe_attention(self, x_NSW: torch.Tensor) -> torch.Tensor:
+        """[N, P] the attention pool's probe query over the patch tokens (after the final norm)."""
+        pool = self.model.attn_pool
+        x = self.model.norm(x_NSW)
+        if pool.pos_embed is not None:
+            x = x + pool.pos_embed.unsqueeze(0).to(x.dtype)
+        N, S, C = x.shape
+        k = pool.kv(x).reshape(N, S, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4)[0]
+        q = pool.q(pool.latent[:, :1]).reshape(1, 1, pool.num_heads, pool.head_dim).transpose(1, 2)
+        q, k = pool.q_norm(q), pool.k_norm(k)
+        return umt_kernels.cls_attention(q[:, :, 0].expand(N, -1, -1).contiguous(), k, scale=pool.scale)
+
+    @torch.no_grad()
+    def forward(self, video_BCTHW: torch.Tensor) -> TeacherOutput:
+        """
+        Args:
+            video_BCTHW: [B, 3, T, H, W] the student's (ImageNet-normalised) clip; resized
+                bicubically to the teacher's resolution here when H or W differ from it.
+        """
+        B, C, T, H, W = video_BCTHW.shape
+        R = self.arch.input_resolution
+        if (H, W) != (R, R):
+            video_BCTHW = F.interpolate(
+                video_BCTHW.reshape(B, C * T, H, W), size=(R, R), mode="bicubic", align_corners=False
+            ).view(B, C, T, R, R)
+        dtype = self.model.patch_embed.proj.weight.dtype
+        frames = video_BCTHW.transpose(1, 2).reshape(B * T, C, R, R)
+        frames = (frames * self.pixel_scale + self.pixel_shift).to(dtype)
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(frames))))
+        prefix = m.num_prefix_tokens
+        first_tap = len(m.blocks) - self.arch.return_layers
+        taps, cls_attn = [], None
+        for i, block in enumerate(m.blocks):
+            if i == len(m.blocks) - 1 and m.cls_token is not None:
+                cls_attn = self._cls_row_attention(block, x)[:, prefix:]
+            x = block(x)
+            if i >= first_tap:
+                taps.append(x[:, prefix:])
+        if cls_attn is None and getattr(m, "attn_pool", None) is not None:
+            cls_attn = self._probe_attention(x[:, prefix:])
+        P = x.shape[1] - prefix
+        streams = torch.stack(taps, dim=2).view(B, T * P, len(taps), -1)
+        cls_attn = None if cls_attn is None else cls_attn.float().reshape(B, T, P)
+        return TeacherOutput(cls_attn=cls_attn, streams=streams, _teacher=self, num_frames=T)
