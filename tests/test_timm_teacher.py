@@ -118,11 +118,48 @@ def test_weights_in_timm_naming_load(tmp_path):
     torch.testing.assert_close(a.streams, b.streams, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name, resolution", [
+    ("eva02_base_patch16_clip_224", 32),      # EVA-CLIP: rotary embedding, CLS, the CLIP projection
+    ("vit_pe_core_base_patch16_224", 32),     # PE-core: rotary embedding, CLS and an attention pool
+    ("vit_base_patch16_dinov3", 32),          # DINOv3: rotary embedding, CLS + 4 registers
+])  # fmt: skip
+def test_rope_families_match_timms_explicit_softmax(name, resolution):
+    """The CLS row read from what timm hands to SDPA equals the attention matrix timm's own manual
+    path computes (softmax, then attn_drop: hooked there), rotary embedding and all."""
+    import copy
+
+    teacher = _teacher(name, resolution)
+    reference = copy.deepcopy(teacher.model)
+    last = reference.blocks[-1].attn
+    last.fused_attn = False
+    seen = {}
+    last.attn_drop.register_forward_hook(lambda module, args, out: seen.__setitem__("attn", args[0]))
+    video = _clip(size=resolution)
+    out = teacher(video)
+    model = teacher.model
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if "_clip_" in name else (model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
+    frames = _frames(video, mean, std)
+    with torch.no_grad():
+        reference.forward_features(frames)
+        taps = model.forward_intermediates(frames, indices=K, norm=False, output_fmt="NLC", intermediates_only=True)
+    prefix, P = model.num_prefix_tokens, (resolution // 16) ** 2
+    expected = seen["attn"].mean(1)[:, 0, prefix:].reshape(2, 2, P)
+    torch.testing.assert_close(out.cls_attn.double(), expected, atol=1e-6, rtol=1e-5)
+    idx = torch.tensor([[0, 5], [1, P + 2]])
+    targets = out.targets(idx)
+    for layer, tap in enumerate(taps):
+        rows = model.norm(tap.reshape(2, 2 * P, -1)[torch.arange(2)[:, None], idx])
+        if "_clip_" in name:
+            rows = model.head(rows)
+        # (timm keeps the rotary tables in float32: agreement to float32 rounding)
+        torch.testing.assert_close(targets[layer], F.normalize(rows, dim=-1), atol=1e-6, rtol=1e-5)
+
+
 def test_unknown_and_unsupported_models_are_refused():
     with pytest.raises(ValueError, match="timm has no model 'vit_nonexistent_patch16'"):
         interop.load_teacher(None, arch="timm:vit_nonexistent_patch16")
-    with pytest.raises(ValueError, match="RoPE families"):
-        interop.load_teacher(None, input_resolution=28, arch="timm:eva02_tiny_patch14_224.mim_in22k")
+    with pytest.raises(ValueError, match="is a timm ResNet; timm teachers are ViTs"):
+        interop.load_teacher(None, input_resolution=32, arch="timm:resnet18")
 
 
 def test_pretraining_with_a_timm_teacher(tmp_path, capsys):

@@ -74,8 +74,8 @@ class TeacherConfig(Section):
 
     arch: str = "vit_b16"
     """Teacher architecture: tiny (tests/demo), vit_b16 (CLIP ViT-B/16), vit_l14 (CLIP ViT-L/14), or
-    timm:MODEL_NAME, a timm ViT (CLIP, SigLIP/SigLIP2, DINOv2 with or without registers) whose grid,
-    layers and width come from the model itself.
+    timm:MODEL_NAME, a timm ViT (CLIP, SigLIP/SigLIP2, DINOv2 with or without registers, DINOv3,
+    EVA02/EVA-CLIP, PE-core, InternViT) whose grid, layers and width come from the model itself.
     """
     weights: str = ""
     """Path to an OpenAI CLIP visual state dict; 'none' = random init (demo/tests only); '' = not set

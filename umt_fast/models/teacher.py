@@ -200,6 +200,11 @@ class CLIPVisionTeacher(nn.Module):
     def train(self, mode: bool = True) -> "CLIPVisionTeacher":
         return super().train(False)  # frozen: always in eval mode
 
+    @property
+    def compilable_blocks(self) -> list[nn.Module]:
+        """The blocks `--train.compile blocks` compiles one by one."""
+        return list(self.transformer.resblocks)
+
     def project(self, rows: torch.Tensor) -> torch.Tensor:
         """ln_post -> proj -> L2 on any [..., W] rows -> [..., Ct]."""
         x = self.ln_post(rows) @ self.proj.to(rows.dtype)

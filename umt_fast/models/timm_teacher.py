@@ -14,9 +14,10 @@ needs (`TeacherOutput`):
 - Pixels: CLIP-family teachers get the student's ImageNet-normalised clip as the reference feeds
   CLIP; every other family gets it re-normalised to the mean and std of its timm pretrained_cfg.
 
-Supported so far: timm's ``VisionTransformer`` class (OpenAI / OpenCLIP CLIP, SigLIP and SigLIP2,
-DINOv2 with and without registers, and the other plain ViTs). RoPE families (EVA02, PE-core,
-DINOv3) and InternViT are refused with a clear error.
+Supported: timm's ``VisionTransformer`` class (OpenAI / OpenCLIP CLIP, SigLIP and SigLIP2, DINOv2
+with and without registers, InternViT, the other plain ViTs) and its ``Eva`` class (EVA02 /
+EVA-CLIP, PE-core, DINOv3), whose rotary embedding timm applies itself: the CLS row is read from
+the query and keys timm hands to scaled_dot_product_attention in the last block.
 """
 from __future__ import annotations
 
@@ -27,6 +28,18 @@ import torch.nn.functional as F
 import umt_kernels
 from umt_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from umt_fast.models.teacher import TeacherArch, TeacherOutput
+
+
+class _LastAttention(torch.overrides.TorchFunctionMode):
+    """Records the query, keys and scale of the scaled_dot_product_attention calls made inside it
+    (timm's attention after its q/k norms and rotary embedding), and runs them unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.q, self.k = args[0], args[1]
+            self.scale = kwargs.get("scale") or args[0].shape[-1] ** -0.5
+        return func(*args, **kwargs)
 
 TIMM_PREFIX = "timm:"
 
@@ -40,17 +53,20 @@ def create_timm_vit(arch: str, input_resolution: int, **timm_kwargs) -> nn.Modul
     downloaded; ``timm_kwargs`` go to timm.create_model, e.g. a smaller depth); ValueError for an
     unknown name or an unsupported family."""
     import timm
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
 
     name = arch[len(TIMM_PREFIX):]
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:5]
         raise ValueError(f"teacher.arch={arch!r}: timm has no model {name!r}" + (f" (e.g. {', '.join(close)})" if close else ""))
-    model = timm.create_model(name, pretrained=False, img_size=input_resolution, **timm_kwargs)
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"teacher.arch={arch!r} is a timm {type(model).__name__}; timm teachers are VisionTransformer "
-                         "models so far (CLIP, SigLIP/SigLIP2, DINOv2); RoPE families (EVA02, PE, DINOv3) and "
-                         "InternViT are not supported yet")  # fmt: skip
+    try:
+        model = timm.create_model(name, pretrained=False, img_size=input_resolution, **timm_kwargs)
+    except TypeError:  # not a ViT: no img_size
+        model = timm.create_model(name, pretrained=False, **timm_kwargs)
+    if not isinstance(model, (VisionTransformer, Eva)):
+        raise ValueError(f"teacher.arch={arch!r} is a timm {type(model).__name__}; timm teachers are ViTs of timm's "
+                         "VisionTransformer (CLIP, SigLIP, DINOv2, InternViT) or Eva (EVA02, PE-core, DINOv3) classes")  # fmt: skip
     return model
 
 
@@ -90,11 +106,20 @@ class TimmVisionTeacher(nn.Module):
         self.register_buffer("pixel_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_shift", shift.view(1, 3, 1, 1), persistent=False)
         self.has_cls_attn = model.cls_token is not None or getattr(model, "attn_pool", None) is not None
+        self.rope = hasattr(model, "rope") or hasattr(model, "rope_mixed")  # timm's Eva class
+        if hasattr(model.blocks[-1].attn, "fused_attn"):
+            model.blocks[-1].attn.fused_attn = True  # the SDPA path, whose q and k are read for the CLS row
         self.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True) -> "TimmVisionTeacher":
         return super().train(False)  # frozen: always in eval mode
+
+    @property
+    def compilable_blocks(self) -> list[nn.Module]:
+        """The blocks `--train.compile blocks` compiles one by one: all but the last, which runs eagerly
+        so that its attention's query and keys can be read."""
+        return list(self.model.blocks[:-1])
 
     def project(self, rows: torch.Tensor) -> torch.Tensor:
         """final norm -> token projection (CLIP) -> L2 on any [..., W] rows -> [..., Ct]."""
@@ -102,14 +127,6 @@ class TimmVisionTeacher(nn.Module):
         if self.proj is not None:
             x = self.proj(x)
         return F.normalize(x, dim=-1)
-
-    def _cls_row_attention(self, block: nn.Module, x_NSW: torch.Tensor) -> torch.Tensor:
-        """[N, S] the CLS query's heads-averaged softmax over all S keys of ``block``."""
-        attn = block.attn
-        N, S, _ = x_NSW.shape
-        qkv = attn.qkv(block.norm1(x_NSW)).reshape(N, S, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-        return umt_kernels.cls_attention(q[:, :, 0], k, scale=attn.scale)
 
     def _probe_attention(self, x_NSW: torch.Tensor) -> torch.Tensor:
         """[N, P] the attention pool's probe query over the patch tokens (after the final norm)."""
@@ -140,14 +157,23 @@ class TimmVisionTeacher(nn.Module):
         frames = video_BCTHW.transpose(1, 2).reshape(B * T, C, R, R)
         frames = (frames * self.pixel_scale + self.pixel_shift).to(dtype)
         m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(frames))))
+        rope = None
+        if self.rope:  # Eva: the rotary embedding comes with the position embedding
+            x, rope = m._pos_embed(m.patch_embed(frames))
+            x = m.norm_pre(x)
+        else:
+            x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(frames))))
         prefix = m.num_prefix_tokens
         first_tap = len(m.blocks) - self.arch.return_layers
         taps, cls_attn = [], None
         for i, block in enumerate(m.blocks):
+            kwargs = {} if rope is None else {"rope": rope[i] if getattr(m, "rope_mixed", False) else rope}
             if i == len(m.blocks) - 1 and m.cls_token is not None:
-                cls_attn = self._cls_row_attention(block, x)[:, prefix:]
-            x = block(x)
+                with _LastAttention() as last:
+                    x = block(x, **kwargs)
+                cls_attn = umt_kernels.cls_attention(last.q[:, :, 0], last.k, scale=last.scale)[:, prefix:]
+            else:
+                x = block(x, **kwargs)
             if i >= first_tap:
                 taps.append(x[:, prefix:])
         if cls_attn is None and getattr(m, "attn_pool", None) is not None:

@@ -198,7 +198,7 @@ def _compile(student, teacher, mode: str, backend: str) -> None:
     """Stage 1: the teacher per block whenever compiling; the student per block or whole."""
     if mode == "none":
         return
-    compile_blocks(list(teacher.transformer.resblocks), teacher, "blocks", backend)
+    compile_blocks(teacher.compilable_blocks, teacher, "blocks", backend)
     compile_blocks(list(student.encoder.blocks), student, mode, backend)
 
 

@@ -303,7 +303,7 @@ class VLPretrainRecipe(Recipe):
         self.text_arch = text_arch = model.text_encoder.arch
         self.tokenizer = load_tokenizer(cfg.text.weights)
         if cfg.train.compile != "none":  # in place, names unchanged, before FSDP2 wraps the same blocks
-            compile_blocks([*teacher.transformer.resblocks, *shardable_blocks(model)], model, "blocks",
+            compile_blocks([*teacher.compilable_blocks, *shardable_blocks(model)], model, "blocks",
                            cfg.train.compile_backend)  # fmt: skip
         self.model = wrapped = wrap_model(model, shardable_blocks(model), cfg.dist.strategy, info, low_precision)
         optimizer = build_optimizer(wrapped, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
