@@ -45,6 +45,7 @@ def _explicit_cls_row(block, x):
 @pytest.mark.parametrize("name, resolution, prefix", [
     ("vit_base_patch16_clip_224.openai", 32, 1),          # CLS token, head = the token projection
     ("vit_small_patch14_reg4_dinov2.lvd142m", 28, 5),     # CLS + 4 registers, no projection
+    ("vit_intern300m_patch14_448", 28, 1),                 # InternViT
 ])  # fmt: skip
 def test_cls_attention_and_targets_match_timm(name, resolution, prefix):
     teacher = _teacher(name, resolution)
@@ -78,8 +79,9 @@ def test_cls_attention_and_targets_match_timm(name, resolution, prefix):
     assert teacher.arch.output_dim == (model.head.out_features if "clip" in name else 64)
 
 
-def test_siglip_uses_its_attention_pool_probe_and_its_own_pixels():
-    teacher = _teacher("vit_base_patch16_siglip_224", 32)
+@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_base_patch16_siglip_224.v2_webli"])
+def test_siglip_uses_its_attention_pool_probe_and_its_own_pixels(name):
+    teacher = _teacher(name, 32)
     model = teacher.model
     video = _clip()
     out = teacher(video)
