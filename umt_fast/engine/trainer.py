@@ -233,11 +233,11 @@ def run(recipe: Recipe) -> TrainResult:
         created = not os.path.exists(cfg.run_dir)
         os.makedirs(cfg.run_dir, exist_ok=True)
         lock = RunDirLock(cfg.run_dir)
-    recipe.steps_run = 0
+    steps_run = [0]  # how many steps this process ran, which the cleanup below needs
     try:
-        return _train(recipe, info)
+        return _train(recipe, info, steps_run)
     except BaseException as exc:
-        if created and recipe.steps_run == 0:  # failed before its first step: keep only the log
+        if created and steps_run[0] == 0:  # failed before its first step: keep only the log
             if isinstance(exc, Exception):
                 log.error("the run failed before its first step: %s", exc, extra={"file_only": True})
             _remove_all_but_the_log(cfg.run_dir)
@@ -258,7 +258,7 @@ def _remove_all_but_the_log(run_dir: str) -> None:
         os.rmdir(run_dir)
 
 
-def _train(recipe: Recipe, info: DistInfo) -> TrainResult:
+def _train(recipe: Recipe, info: DistInfo, steps_run: list[int]) -> TrainResult:
     cfg = recipe.cfg
     resume_path, logger = open_run_dir(cfg, info)
     device = info.device
@@ -321,7 +321,7 @@ def _train(recipe: Recipe, info: DistInfo) -> TrainResult:
             data_wait += time.perf_counter() - fetch_start
             lr = schedule.set_lr(optimizer, step)
             sums += recipe.step(batch, step)
-            recipe.steps_run += 1
+            steps_run[0] += 1
             window_steps += 1
             done = step + 1
             is_last = done == last_step
