@@ -5,11 +5,11 @@ The trainer owns what every run does the same way; a `Recipe` supplies only what
     trainer                                   recipe
     -------                                   ------
     init_distributed, recipe.plan       <-    plan(info): the batch split, refused before anything is built
-    run dir, config.yaml, log.txt, seeds
+    run dir + its lock (one run at a time), config.yaml (a fresh run), log.txt, seeds
     attention backend                         build(info, resume_path) -> Setup: the model (wrapped),
                                         <-      optimizer, schedule, steps per epoch, FLOPs per step
     resume: restore model + optimizer,  <-    load_state(meta): the recipe's own state
-      the bad-sample counts, the config diff
+      the bad-sample counts, the config diff -> config_history.jsonl
     metrics sinks (jsonl, TensorBoard, W&B)
     for step in [start, last):
       batch = next(batches)  (timed)    <-    batches(start_step): per-step inputs from the exact data position
@@ -21,7 +21,8 @@ The trainer owns what every run does the same way; a `Recipe` supplies only what
       after_step(done, ...)             <-    figures, evaluation (kept out of the throughput)
       checkpoint every checkpoint.every_steps, at the end and on a stop signal
     finish(info)                        <-    e.g. the stage-2 export
-    teardown (signal handlers, progress line, sinks, loaders) whatever happens
+    teardown (signal handlers, progress line, sinks, loaders, the lock) whatever happens; a new run
+      that fails before its first step leaves only its log.txt
 
 Works the same in one process (CPU or GPU) and under torchrun (DDP or FSDP2): rank 0 writes
 the run directory's logs, metrics and figures; every rank takes part in checkpoints.
