@@ -457,3 +457,40 @@ def decode_frames(path: str, frame_indices: Sequence[int], keyframes: Sequence[i
             frames = _decode_wanted(container, stream, path, wanted, seek=False, reformatter=reformatter)
     assert frames is not None and len(frames) == len(wanted)
     return torch.from_numpy(np.stack([frames[i] for i in indices]))
+
+
+def scan_video(path: str) -> dict:
+    """Everything `python -m umt_fast.prepare scan` records about one video; never raises.
+
+    Returns a JSON-able dict: ``path``, ``ok`` and, when not ok, ``reason``; when readable also
+    ``frames`` (packets counted by demuxing), ``fps``, ``duration_s``, ``constant_frame_rate``
+    (every pts step the same), ``width``, ``height``, ``codec``, ``keyframe_interval``
+    (mean frames between keyframes), ``bitrate_kbps`` and ``size_bytes``. Decodability is
+    checked by decoding the first, middle and last frames.
+    """
+    record: dict = {"path": path, "ok": False}
+    try:
+        info = probe_video(path)
+        with _open_video(path) as (container, stream):
+            fps = float(_frame_rate(stream, path))
+            pts = sorted(p.pts for p in container.demux(stream) if p.size > 0 and p.pts is not None)
+            steps = {b - a for a, b in zip(pts, pts[1:])}
+            duration = info.num_frames / fps
+            if stream.duration and stream.time_base:
+                duration = float(stream.duration * stream.time_base)
+        last = info.num_frames - 1
+        decode_frames(path, sorted({0, last // 2, last}), keyframes=info.keyframes)
+        size = os.path.getsize(path)
+        gaps = [b - a for a, b in zip(info.keyframes, info.keyframes[1:])]
+        record.update(
+            ok=True, frames=info.num_frames, fps=round(fps, 3), duration_s=round(duration, 3),
+            constant_frame_rate=len(steps) <= 1 or max(steps) - min(steps) <= 1, width=info.width,
+            height=info.height, codec=info.codec,
+            keyframe_interval=round(sum(gaps) / len(gaps), 1) if gaps else float(info.num_frames),
+            bitrate_kbps=round(size * 8 / max(duration, 1e-9) / 1000, 1), size_bytes=size,
+        )  # fmt: skip
+    except VideoDecodeError as e:
+        record["reason"] = e.reason
+    except Exception as e:  # a scan reports every file and stops on none
+        record["reason"] = f"{type(e).__name__}: {e}"
+    return record
