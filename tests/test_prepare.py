@@ -54,3 +54,46 @@ def test_scan_reports_every_video_and_writes_a_cleaned_list(tmp_path, capsys):
 def test_scan_of_a_missing_list_is_one_line(tmp_path, capsys):
     assert prepare.main(["scan", str(tmp_path / "nope.csv")]) == 2
     assert "nope.csv" in capsys.readouterr().err
+
+
+def test_shard_writes_webdataset_tars_with_indexes_and_a_manifest_and_resumes(tmp_path, capsys):
+    import hashlib
+    import tarfile
+
+    clips = sample_clip_paths()
+    listing = tmp_path / "clean.csv"
+    listing.write_text("".join(f"{c},{i}\n" for i, c in enumerate(clips)) + f"{tmp_path / 'gone.mp4'},9\n")
+    out = tmp_path / "shards"
+    args = ["shard", str(listing), "--out", str(out), "--shard-size", str(1_500_000)]
+    assert prepare.main(args + ["--num-workers", "2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["clips"] == 4 and manifest["layout"] == "webdataset" and len(manifest["shards"]) >= 2
+    assert [m["path"] for s in manifest["shards"] for m in s["missing"]] == [str(tmp_path / "gone.mp4")]
+    seen = []
+    for shard in manifest["shards"]:
+        tar_path = out / shard["name"]
+        assert hashlib.sha256(tar_path.read_bytes()).hexdigest() == shard["sha256"]
+        data = tar_path.read_bytes()
+        assert data[257:265] == b"ustar  \x00"  # a GNU-format header
+        with tarfile.open(tar_path) as tar:
+            names = tar.getnames()
+        index = json.loads((out / shard["name"].replace(".tar", ".idx.json")).read_text())
+        assert sorted(index) == sorted(names)
+        for name, (offset, size) in index.items():  # one ranged read per member
+            member = data[offset:offset + size]
+            key = name.split(".")[0]
+            if name.endswith(".json"):
+                meta = json.loads(member)
+                assert meta["index"] == int(key) and meta["label"] == int(key) and meta["path"] == clips[int(key)]
+            else:
+                assert member == open(clips[int(key)], "rb").read()
+                seen.append(int(key))
+    assert sorted(seen) == [0, 1, 2, 3]
+
+    # a rerun skips the intact shards and rewrites a damaged one
+    damaged = out / manifest["shards"][0]["name"]
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    capsys.readouterr()
+    assert prepare.main(args + ["--num-workers", "1"]) == 0
+    assert f"{len(manifest['shards']) - 1} already written, 1 to write" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text()) == manifest
