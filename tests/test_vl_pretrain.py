@@ -3,6 +3,7 @@ retrieval on it), exact resume, and config errors before any work."""
 import json
 
 import numpy as np
+import torch
 import yaml
 import pytest
 
@@ -129,3 +130,42 @@ def test_retrieval_reads_the_runs_input_size_and_skips_unreadable_videos(demo_ru
     err = capsys.readouterr().err
     assert "unreadable video skipped" in err and f"read {len(entries)}/{len(entries)}" in err
     assert report["vtc"]["t2v_r10"] == 100.0  # over the readable videos
+
+
+def test_zeroshot_classification_of_the_demo_model(demo_run, tmp_path, capsys):
+    """evaluate zeroshot: the report equals top-1 / top-5 computed by hand from the model's own
+    embeddings (class = the normalised mean of its prompts' embeddings, score = the mean over
+    frames of the cosine)."""
+    import torch.nn.functional as F
+
+    from umt_fast.data import sample_clip_paths
+    from umt_fast.data.captions import load_media
+    from umt_fast.data.transforms import normalize_video
+    from umt_fast.evaluate import main as evaluate_main
+    from umt_fast.models.text import tokenize_captions
+    from umt_fast.recipes.retrieval import load_stage2_model
+
+    clips = sample_clip_paths()
+    listing = tmp_path / "test.csv"
+    listing.write_text("".join(f"{c},{i % 3}\n" for i, c in enumerate(clips)))
+    (tmp_path / "classes.txt").write_text("a rabbit\nbikes\na phone call\n")
+    templates = tmp_path / "templates.txt"
+    templates.write_text("{}\na video of {}.\n")
+    out = tmp_path / "zs.json"
+    assert evaluate_main(["zeroshot", "--checkpoint", str(demo_run), "--text-weights", "minilm", "--list", str(listing),
+                          "--class-names", str(tmp_path / "classes.txt"), "--templates", str(templates),
+                          "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    saved = yaml.safe_load((demo_run / "config.yaml").read_text())["data"]
+    model, tokenizer = load_stage2_model(str(demo_run), "minilm", saved["num_frames"], saved["img_size"])
+    with torch.no_grad():
+        prompts = [t.format(n) for n in ("a rabbit", "bikes", "a phone call") for t in ("{}", "a video of {}.")]
+        ids, mask = tokenize_captions(tokenizer, prompts, 32)
+        text = F.normalize(model.encode_text(ids, mask)[1].view(3, 2, -1).mean(1), dim=-1)
+        videos = torch.stack([load_media(c, "video", saved["num_frames"], saved["img_size"], rng=None) for c in clips])
+        frames = model.encode_vision_test(normalize_video(videos))[1]  # [V, T, E] unit vectors
+        scores = torch.einsum("ce,vte->vct", text, frames).mean(-1)
+    labels = torch.tensor([i % 3 for i in range(len(clips))])
+    assert report["top1"] == pytest.approx(100.0 * (scores.argmax(1) == labels).float().mean().item())
+    assert report["top5"] == 100.0 and report["videos"] == 4  # 3 classes: every label is in the top 5
+    assert "zero-shot top-1" in capsys.readouterr().out
