@@ -194,7 +194,7 @@ class Recipe:
 
 
 def _window_record(recipe: Recipe, setup: Setup, info: DistInfo, sums: list[float], window_steps: int,
-                   elapsed: float, data_wait: float, precision: str) -> dict[str, Any]:  # fmt: skip
+                   elapsed: float, data_wait: float, peak: float | None) -> dict[str, Any]:  # fmt: skip
     record = recipe.window_metrics(sums, window_steps, info.world_size)
     step_s = elapsed / window_steps
     record[f"{recipe.unit}/s"] = setup.items_per_step / step_s
@@ -202,7 +202,6 @@ def _window_record(recipe: Recipe, setup: Setup, info: DistInfo, sums: list[floa
     if setup.flops_per_step:
         tflops = setup.flops_per_step / info.world_size / step_s / 1e12  # per device
         record["tflops"] = tflops
-        peak = peak_tflops(info.device, precision)
         if peak:
             record["mfu"] = tflops / peak
     if info.device.type == "cuda":
@@ -254,7 +253,10 @@ def _remove_all_but_the_log(run_dir: str) -> None:
     for name in os.listdir(run_dir):
         if name != "log.txt":
             path = os.path.join(run_dir, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
     if not os.listdir(run_dir):
         os.rmdir(run_dir)
 
@@ -272,6 +274,7 @@ def _train(recipe: Recipe, info: DistInfo, steps_run: list[int]) -> TrainResult:
                     "lower --train.global_batch_size", setup.items_per_step, recipe.unit, setup.num_items)  # fmt: skip
     last_step = last_step_of(setup.total_steps, cfg.train.max_steps)
     precision = cfg.train.precision if device.type == "cuda" else "fp32"
+    peak = peak_tflops(device, precision)  # the card's, for MFU; None on a CPU or an unknown card
     budget = recipe.budget
 
     start_step = 0
@@ -339,7 +342,7 @@ def _train(recipe: Recipe, info: DistInfo, steps_run: list[int]) -> TrainResult:
                     num_skipped, num_seen = int(totals[len(sums)]), int(totals[len(sums) + 1])
                 elapsed = time.perf_counter() - window_start
                 record = _window_record(recipe, setup, info, totals[:len(sums)], window_steps, elapsed, data_wait,
-                                        precision)  # fmt: skip
+                                        peak)  # fmt: skip
                 check_finite_loss(record["loss"], done - window_steps + 1, done, last_checkpoint)
                 windows += 1
                 if windows > 1 and not warned and data_wait > DATA_WAIT_WARNING * elapsed:

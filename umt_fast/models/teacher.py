@@ -174,6 +174,17 @@ class TeacherOutput:
         return self._teacher.project(rows_BNLW.permute(2, 0, 1, 3))
 
 
+def frames_at(video_BCTHW: torch.Tensor, resolution: int) -> torch.Tensor:
+    """[B, 3, T, H, W] -> [B*T, 3, R, R] frames, resized bicubically when H or W differ from R."""
+    B, C, T, H, W = video_BCTHW.shape
+    R = resolution
+    if (H, W) != (R, R):
+        video_BCTHW = F.interpolate(
+            video_BCTHW.reshape(B, C * T, H, W), size=(R, R), mode="bicubic", align_corners=False
+        ).view(B, C, T, R, R)
+    return video_BCTHW.transpose(1, 2).reshape(B * T, C, R, R)
+
+
 class CLIPVisionTeacher(nn.Module):
     """OpenAI CLIP visual tower as a per-frame video teacher (frozen, eval mode)."""
 
@@ -217,13 +228,8 @@ class CLIPVisionTeacher(nn.Module):
             video_BCTHW: [B, 3, T, H, W] the student's (ImageNet-normalised) clip; resized
                 bicubically to the teacher's resolution here when H or W differ from it.
         """
-        B, C, T, H, W = video_BCTHW.shape
-        R = self.arch.input_resolution
-        if (H, W) != (R, R):
-            video_BCTHW = F.interpolate(
-                video_BCTHW.reshape(B, C * T, H, W), size=(R, R), mode="bicubic", align_corners=False
-            ).view(B, C, T, R, R)
-        frames = video_BCTHW.transpose(1, 2).reshape(B * T, C, R, R).to(self.conv1.weight.dtype)
+        B, C, T = video_BCTHW.shape[:3]
+        frames = frames_at(video_BCTHW, self.arch.input_resolution).to(self.conv1.weight.dtype)
         x = self.conv1(frames).flatten(2).transpose(1, 2)  # [B*T, P, W]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)

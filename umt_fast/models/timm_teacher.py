@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import umt_kernels
 from umt_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from umt_fast.models.teacher import TeacherArch, TeacherOutput
+from umt_fast.models.teacher import TeacherArch, TeacherOutput, frames_at
 
 
 class _LastAttention(torch.overrides.TorchFunctionMode):
@@ -147,15 +147,9 @@ class TimmVisionTeacher(nn.Module):
             video_BCTHW: [B, 3, T, H, W] the student's (ImageNet-normalised) clip; resized
                 bicubically to the teacher's resolution here when H or W differ from it.
         """
-        B, C, T, H, W = video_BCTHW.shape
-        R = self.arch.input_resolution
-        if (H, W) != (R, R):
-            video_BCTHW = F.interpolate(
-                video_BCTHW.reshape(B, C * T, H, W), size=(R, R), mode="bicubic", align_corners=False
-            ).view(B, C, T, R, R)
+        B, C, T = video_BCTHW.shape[:3]
         dtype = self.model.patch_embed.proj.weight.dtype
-        frames = video_BCTHW.transpose(1, 2).reshape(B * T, C, R, R)
-        frames = (frames * self.pixel_scale + self.pixel_shift).to(dtype)
+        frames = (frames_at(video_BCTHW, self.arch.input_resolution) * self.pixel_scale + self.pixel_shift).to(dtype)
         m = self.model
         rope = None
         if self.rope:  # Eva: the rotary embedding comes with the position embedding
