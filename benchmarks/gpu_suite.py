@@ -38,7 +38,7 @@ from umt_fast.engine.flops import pretrain_flops_per_clip
 GPU_TESTS = (  # the tests whose GPU branches only run here: kernels compiled, attention backends, host syncs,
     # CUDA-graph capture (step and whole run)
     "tests/test_kernels_triton.py", "tests/test_attention.py", "tests/test_step.py", "tests/test_models.py",
-    "tests/test_pretrain.py::test_cuda_graph_run_resumes_and_tracks_the_eager_run",
+    "tests/test_pretrain.py::test_cuda_graph_run_resumes_and_tracks_the_eager_run", "tests/test_fp8_teacher.py",
 )
 A100_BF16_TFLOPS = 312.0  # dense peak, for the wall-clock projection of the published schedule
 K710_CLIPS, STAGE1_EPOCHS, PUBLISHED_HOURS = 658_000, 200, 104
@@ -100,6 +100,44 @@ def teacher_block_rows() -> list[dict]:
             rows.append({"op": "teacher block, UMT-L batch 64", "impl": impl, "ms": ms,
                          "TFLOP/s": flops / (ms * 1e-3) / 1e12})
         rows[0]["x reference way"] = literal / ours
+    return rows
+
+
+def fp8_teacher_rows(batch: int = 32) -> list[dict]:
+    """The UMT-L teacher (CLIP-L/14 at 196 px, 8 frames) forward with its targets, bf16 against
+    --teacher.precision fp8 (torch._scaled_mm, per-row x per-channel scales) in the same run,
+    with the fp8 path's agreement: targets' mean cosine to bf16 (>= 0.999) and the attention
+    masks' overlap (>= 90%). Target: >= 1.6x on an H100/H200."""
+    import copy
+
+    from umt_fast.masking import mask_and_targets
+    from umt_fast.models.fp8 import quantize_teacher_fp8
+    from umt_fast.models.teacher import CLIPVisionTeacher, TeacherArch
+
+    torch.manual_seed(0)
+    arch = TeacherArch(width=1024, layers=24, heads=16, patch_size=14, output_dim=768, input_resolution=196)
+    bf16 = CLIPVisionTeacher(arch).cuda().to(torch.bfloat16)
+    fp8 = quantize_teacher_fp8(copy.deepcopy(bf16))
+    video = torch.randn(batch, 3, 8, 224, 224, device="cuda", dtype=torch.bfloat16)
+
+    def forward(teacher):
+        with torch.no_grad():
+            return mask_and_targets(teacher(video), "attention", ratio=0.8, seed=0, offset=0)
+
+    flops = batch * pretrain_flops_per_clip(arch, None, arch.grid, 0, num_frames=8, with_student=False)
+    rows = []
+    for impl, teacher in (("bf16", bf16), ("fp8", fp8)):
+        ms = _time_ms(lambda: forward(teacher), warmup=2, reps=10)
+        rows.append({"op": f"UMT-L teacher fwd + targets, batch {batch}", "impl": impl, "ms": ms,
+                     "TFLOP/s": flops / (ms * 1e-3) / 1e12})
+    (idx_a, t_a), (idx_b, t_b) = forward(bf16), forward(fp8)
+    same = (idx_a.unsqueeze(-1) == idx_b.unsqueeze(-2)).any(-1).float().mean().item()
+    rows[1].update({"x bf16": rows[0]["ms"] / rows[1]["ms"], "mask overlap %": 100 * same})
+    if same == 1.0:  # the same tokens: the targets compare row for row
+        rows[1]["target cos"] = (t_a.float() * t_b.float()).sum(-1).mean().item()
+    else:  # compare on the bf16 mask's tokens
+        t_b = fp8(video).targets(idx_a)
+        rows[1]["target cos"] = (t_a.float() * t_b.float()).sum(-1).mean().item()
     return rows
 
 
@@ -263,8 +301,25 @@ def step_rows(
                 teacher.to(torch.bfloat16)
             return ms, peak
 
+        def fp8_teacher_step(batch):
+            import copy
+
+            from umt_fast.models.fp8 import quantize_teacher_fp8
+
+            optimizer = build_optimizer(student, 1e-4, 0.05, (0.9, 0.95), 1e-8)
+            step = PretrainStep(student, quantize_teacher_fp8(copy.deepcopy(teacher)), optimizer,
+                                mask_policy="attention", mask_ratio=cfg.mask.ratio, seed=0, device=device,
+                                autocast_dtype=autocast)  # fmt: skip
+            video_u8 = torch.randint(0, 256, (batch, T, S, S, 3), dtype=torch.uint8, device=device)
+            counter = iter(range(10**9))
+            torch.cuda.reset_peak_memory_stats()
+            ms = _time(lambda: step(video_u8, next(counter)), device, warmup=2, reps=reps)
+            return ms, torch.cuda.max_memory_allocated() / 2**30
+
         results = {}
+        fp8_ok = on_gpu and torch.cuda.get_device_capability() >= (8, 9)
         paths = [("umt_fast", ours)] + ([("umt_fast + CUDA graphs", graphed)] if on_gpu else [])
+        paths += [("umt_fast + fp8 teacher", fp8_teacher_step)] if fp8_ok else []
         paths += [(f"umt_fast + compile {mode}", compiled(mode)) for mode in compile_modes]
         for name, fn in paths + [("reference-style", reference_style)]:
             try:
@@ -342,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         sections += [("copy_GBps", copy_bandwidth_gbps),
                      ("kernels", lambda: kernel_rows(report["copy_GBps"])),
                      ("teacher_block", teacher_block_rows)]
+        if torch.cuda.get_device_capability() >= (8, 9):
+            sections.append(("fp8_teacher", fp8_teacher_rows))
     compile_modes = tuple(m for m in args.compile_modes.split(",") if m)
     unknown = set(compile_modes) - {"blocks", "model"}
     if unknown:
@@ -378,10 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(kernels))
     elif kernels is not None:
         print(kernels)
-    block = report.get("teacher_block")
-    if block is not None:
-        print()
-        print(markdown_table(block) if isinstance(block, list) else block)
+    for key in ("teacher_block", "fp8_teacher"):
+        block = report.get(key)
+        if block is not None:
+            print()
+            print(markdown_table(block) if isinstance(block, list) else block)
     print()
     steps = report["steps"]
     if isinstance(steps, list):

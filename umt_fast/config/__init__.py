@@ -60,6 +60,7 @@ from umt_fast.config.sections import (  # noqa: F401
     OptimConfig,
     StudentConfig,
     TeacherConfig,
+    TeacherSpec,
     TrainConfig,
 )
 
@@ -90,10 +91,15 @@ class MaskConfig(Section):
     """Fraction of each frame's tokens hidden from the student, in (0, 1): visible per frame = P -
     int(P * ratio).
     """
+    teacher: int = 0
+    """Whose attention the attention policy samples from: 0 = the teacher section's teacher, i = the
+    i-th entry of teacher.extra.
+    """
 
     def validate(self) -> None:
         super().validate()
         require(0.0 < self.ratio < 1.0, "mask.ratio", self.ratio, "must be in (0, 1) (the fraction of tokens masked)")
+        require(self.teacher >= 0, "mask.teacher", self.teacher, "must be >= 0 (0 = the teacher section's teacher)")
 
 
 @dataclass
@@ -182,6 +188,29 @@ def teacher_grid(cfg: PretrainConfig) -> int:
     return cfg.teacher.input_resolution // TEACHER_ARCHS[cfg.teacher.arch]["patch_size"]
 
 
+def teacher_specs(cfg) -> list[TeacherSpec]:
+    """Every teacher of the run: the teacher section's, then teacher.extra's entries (each with
+    its own K, student.return_layers by default)."""
+    return cfg.teacher.specs(return_layers=cfg.student.return_layers)
+
+
+def check_teacher_fits(spec: TeacherSpec, student_grid: int, img_size: int, student_patch: int) -> None:
+    """A built-in teacher's grid equals the student's and it has K layers (a timm teacher's grid
+    and depth are the model's, checked when it is built); ValueError naming the field."""
+    if spec.is_timm:
+        return
+    t_patch, t_layers = TEACHER_ARCHS[spec.arch]["patch_size"], TEACHER_ARCHS[spec.arch]["layers"]
+    t_grid = spec.input_resolution // t_patch
+    # UMT pairs teacher token (t, p) with student token (t, p): the grids must match.
+    require(t_grid == student_grid, f"{spec.name}.input_resolution", spec.input_resolution,
+            f"the teacher grid ({spec.input_resolution} / {t_patch} = {t_grid} for {spec.name}.arch={spec.arch!r}) must "
+            f"equal the student grid (data.img_size / student.patch_size = {img_size} / {student_patch} = "
+            f"{student_grid}); use {spec.name}.input_resolution={student_grid * t_patch}")  # fmt: skip
+    field = "student.return_layers" if spec.name == "teacher" else f"{spec.name}.return_layers"
+    require(spec.return_layers <= t_layers, field, spec.return_layers,
+            f"must be <= the number of teacher layers ({t_layers} for {spec.name}.arch={spec.arch!r})")  # fmt: skip
+
+
 def num_visible_per_frame(cfg: PretrainConfig) -> int:
     """Tokens per frame the student sees: P - int(P * mask.ratio), P = grid * grid (ratio 0.8, 14x14 ->
     40).
@@ -221,24 +250,11 @@ def _check(cfg: PretrainConfig) -> None:
         f"must be a multiple of student.patch_size={patch}",
     )
     s_grid = student_grid(cfg)
-    t_grid = teacher_grid(cfg) if not cfg.teacher.is_timm else s_grid  # a timm teacher's: checked when built
-    t_patch = TEACHER_ARCHS[cfg.teacher.arch]["patch_size"] if not cfg.teacher.is_timm else 0
-    if t_grid != s_grid:
-        # UMT pairs teacher token (t, p) with student token (t, p): the grids must match.
-        fail(
-            "teacher.input_resolution",
-            cfg.teacher.input_resolution,
-            f"the teacher grid ({cfg.teacher.input_resolution} / {t_patch} = {t_grid} for teacher.arch="
-            f"{cfg.teacher.arch!r}) must equal the student grid (data.img_size / student.patch_size = "
-            f"{cfg.data.img_size} / {patch} = {s_grid}); use teacher.input_resolution={s_grid * t_patch}",
-        )
-    t_layers = TEACHER_ARCHS[cfg.teacher.arch]["layers"] if not cfg.teacher.is_timm else cfg.student.return_layers
-    require(
-        cfg.student.return_layers <= t_layers,
-        "student.return_layers",
-        cfg.student.return_layers,
-        f"must be <= the number of teacher layers ({t_layers} for teacher.arch={cfg.teacher.arch!r})",
-    )
+    specs = teacher_specs(cfg)
+    for spec in specs:
+        check_teacher_fits(spec, s_grid, cfg.data.img_size, patch)
+    require(cfg.mask.teacher < len(specs), "mask.teacher", cfg.mask.teacher,
+            f"names no teacher: the run has {len(specs)} (0 = the teacher section's, 1.. = teacher.extra's entries)")
     require(
         num_visible_per_frame(cfg) >= 1,
         "mask.ratio",
@@ -267,6 +283,8 @@ def _check(cfg: PretrainConfig) -> None:
             f"e.g. for teacher.arch={cfg.teacher.arch!r}) or --teacher.weights none for a randomly "
             "initialised teacher (demos and tests only)"
         )
+    for spec in teacher_specs(cfg)[1:]:
+        require(spec.weights != "", f"{spec.name}.weights", spec.weights, "must be a path, or none for a random teacher")
     if cfg.data.train_list == "":
         raise ValueError(
             "data.train_list is not set: pass --data.train_list FILE (CSV lines 'path,label') "
@@ -280,6 +298,8 @@ def check_paths(cfg: PretrainConfig) -> None:
     that does not hold the data; launchers call it before any work."""
     check_path_fields(cfg, {"teacher.weights": (os.path.isfile, (RANDOM_TEACHER,)),
                             "data.train_list": (os.path.isfile, (SAMPLE_CLIPS,)), "data.root": (os.path.isdir, ())})
+    require_paths((f"{spec.name}.weights", spec.weights, os.path.isfile) for spec in teacher_specs(cfg)[1:]
+                  if spec.weights != RANDOM_TEACHER)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -145,6 +145,14 @@ Pair = Annotated[
 """Two floats, written 0.9,0.95 on the command line (or [0.9, 0.95] in YAML)."""
 
 
+def entry_text(entry: Any) -> Any:
+    """One entry of a list-of-strings field as written in a config file: a mapping becomes its
+    one-line form 'key=value,key=value' (as on the command line); anything else is kept."""
+    if isinstance(entry, dict):
+        return ",".join(f"{k}={v}" for k, v in entry.items())
+    return entry
+
+
 def _base_type(typ: Any) -> Any:
     return typing.get_args(typ)[0] if typing.get_origin(typ) is Annotated else typ
 
@@ -172,6 +180,9 @@ def _type_error(name: str, value: Any, typ: Any) -> str | None:
     if typ == tuple[float, float]:
         ok = isinstance(value, tuple) and len(value) == 2 and all(is_real(x) for x in value)
         what = "a tuple of two finite floats"
+    if typ == tuple[str, ...]:
+        ok = isinstance(value, tuple) and all(isinstance(x, str) for x in value)
+        what = "a list of strings"
     return None if ok else f"must be {what}"
 
 
@@ -198,6 +209,8 @@ def convert(name: str, typ: Any, value: Any) -> Any:
                 value = float(value.strip())
             elif typ == tuple[float, float]:
                 value = parse_pair(value)
+            elif typ == tuple[str, ...]:
+                value = (value,)
             elif typing.get_origin(typ) is Literal and not isinstance(typing.get_args(typ)[0], str):
                 value = int(value.strip())
         elif typ is bool and is_int(value) and value in (0, 1):
@@ -206,6 +219,8 @@ def convert(name: str, typ: Any, value: Any) -> Any:
             value = float(value)
         elif typ == tuple[float, float] and isinstance(value, list):
             value = tuple(float(v) if is_int(v) else v for v in value)
+        elif typ == tuple[str, ...] and isinstance(value, (list, dict)):
+            value = tuple(entry_text(v) for v in (value if isinstance(value, list) else [value]))
     except ValueError as exc:
         fail(name, value, str(exc))
     problem = _type_error(name, value, typ)
@@ -300,13 +315,19 @@ HISTORY_FILE = "config_history.jsonl"
 """In a run directory: one line per resume that changed the config ({"time", "step", "set"})."""
 
 
-def differing_fields(saved: dict, current: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """``{"section.field": (old, new)}`` for every config value that differs (resume and run dir aside)."""
+def differing_fields(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None
+                     ) -> dict[str, tuple[Any, Any]]:  # fmt: skip
+    """``{"section.field": (old, new)}`` for every config value that differs (resume and run dir aside).
+
+    ``defaults`` (the root config's dict): what a key absent from ``saved`` stands for, so that a
+    field added since the run was saved is not a change unless it is set to something else."""
     out: dict[str, tuple[Any, Any]] = {}
+    defaults = defaults or {}
     for key in [*saved, *(k for k in current if k not in saved)]:
-        a, b = saved.get(key), current.get(key)
+        a, b = saved.get(key, defaults.get(key)), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out.update(differing_fields(a, b, f"{prefix}{key}."))
+            inner = defaults.get(key)
+            out.update(differing_fields(a, b, f"{prefix}{key}.", inner if isinstance(inner, dict) else None))
         elif a != b and key not in ("resume", "run_dir"):
             out[f"{prefix}{key}"] = (a, b)
     return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
-from umt_fast.config.cli import Bool, Pair, Section, require, require_choice
+from umt_fast.config.cli import Bool, Pair, Section, fail, require, require_choice
 
 # Architecture tables. MLP ratio is 4 everywhere (UMT_SPEC.md section 1).
 STUDENT_SIZES: dict[str, dict[str, int]] = {
@@ -33,6 +33,7 @@ AttentionBackend = Literal["auto", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient",
 CompileMode = Literal["none", "blocks", "model"]
 DistStrategy = Literal["ddp", "fsdp"]
 WandbMode = Literal["", "online", "offline", "disabled"]
+TeacherPrecision = Literal["auto", "fp8"]
 
 DEVICES = get_args(Device)
 PRECISIONS = get_args(Precision)
@@ -40,6 +41,9 @@ ATTENTION_BACKENDS = get_args(AttentionBackend)
 COMPILE_MODES = get_args(CompileMode)
 DIST_STRATEGIES = get_args(DistStrategy)
 WANDB_MODES = get_args(WandbMode)
+TEACHER_PRECISIONS = get_args(TeacherPrecision)
+EXTRA_TEACHER_KEYS = ("arch", "weights", "input_resolution", "loss_weight", "return_layers")
+"""The keys of one `teacher.extra` entry (``arch``, ``weights`` and ``input_resolution`` required)."""
 
 
 @dataclass
@@ -66,9 +70,45 @@ class StudentConfig(Section):
                 f"must be between 1 and the depth of a {self.size!r} student ({depth})")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One teacher of a run, resolved: the `teacher` section's (teacher 0) or an entry of
+    ``teacher.extra`` (teachers 1, 2, ...). ``name`` is what errors call it."""
+
+    arch: str
+    weights: str
+    input_resolution: int
+    loss_weight: float
+    return_layers: int
+    name: str = "teacher"
+
+    @property
+    def is_timm(self) -> bool:
+        return self.arch.startswith(TIMM_PREFIX)
+
+
+def parse_extra_teacher(text: str, where: str) -> dict[str, str]:
+    """'arch=NAME,weights=PATH,input_resolution=R[,loss_weight=W][,return_layers=K]' -> its
+    key -> value strings; ValueError naming ``where`` for a malformed entry or an unknown key."""
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not value.strip():
+            raise ValueError(f"{where}={text!r} is not allowed: each part must be KEY=VALUE, with KEY one of "
+                             f"{', '.join(EXTRA_TEACHER_KEYS)}; got {part!r}")  # fmt: skip
+        require_choice(f"{where} key", key, EXTRA_TEACHER_KEYS)
+        out[key] = value.strip()
+    missing = [k for k in EXTRA_TEACHER_KEYS[:3] if k not in out]
+    require(not missing, where, text, f"needs {', '.join(missing)} (e.g. arch=timm:vit_small_patch14_dinov2,"
+            "weights=dinov2_s.safetensors,input_resolution=196,loss_weight=0.5)")  # fmt: skip
+    return out
+
+
 @dataclass
 class TeacherConfig(Section):
-    """The teacher: a frozen OpenAI CLIP image ViT, run on every frame."""
+    """The teacher: a frozen image ViT (OpenAI CLIP by default), run on every frame; more teachers
+    may be distilled at once (teacher.extra)."""
 
     SECTION = "teacher"
 
@@ -78,12 +118,24 @@ class TeacherConfig(Section):
     EVA02/EVA-CLIP, PE-core, InternViT) whose grid, layers and width come from the model itself.
     """
     weights: str = ""
-    """Path to an OpenAI CLIP visual state dict; 'none' = random init (demo/tests only); '' = not set
-    (an error).
+    """Path to the teacher's weights (OpenAI CLIP visual state dict; for timm:NAME, timm's naming or an
+    original release); 'none' = random init (demo/tests only); '' = not set (an error).
     """
     input_resolution: int = 224
     """Side in pixels of the frames the teacher sees (clips are resized to it); its grid must equal the
     student's.
+    """
+    loss_weight: float = 1.0
+    """Weight of this teacher's alignment term; with several teachers the loss is the weighted sum."""
+    extra: tuple[str, ...] = ()
+    """More teachers, distilled at once (teachers 1, 2, ...): each
+    'arch=NAME,weights=PATH,input_resolution=R[,loss_weight=W][,return_layers=K]' (W 1, K
+    student.return_layers by default); the student gets K heads of its own per teacher. In a config
+    file: a list of such strings or of mappings.
+    """
+    precision: TeacherPrecision = "auto"
+    """auto: the teachers run in train.precision (bf16 on a GPU); fp8: their block linears run in FP8
+    (e4m3, per-channel weight and per-row activation scales) on Hopper or Ada GPUs.
     """
 
     @property
@@ -92,19 +144,47 @@ class TeacherConfig(Section):
 
     def validate(self) -> None:
         super().validate()
-        if self.is_timm:  # its patch size is the model's: checked when it is built
-            require(len(self.arch) > len(TIMM_PREFIX), "teacher.arch", self.arch, "needs a model name: timm:MODEL_NAME")
-            require(self.input_resolution > 0, "teacher.input_resolution", self.input_resolution, "must be > 0")
-            return
-        require_choice("teacher.arch", self.arch, [*TEACHER_ARCHS, f"{TIMM_PREFIX}MODEL_NAME"])
-        patch = TEACHER_ARCHS[self.arch]["patch_size"]
-        require(self.input_resolution > 0 and self.input_resolution % patch == 0, "teacher.input_resolution",
-                self.input_resolution, f"must be a positive multiple of the patch size of teacher.arch={self.arch!r} "
-                f"({patch})")  # fmt: skip
+        require(self.loss_weight > 0, "teacher.loss_weight", self.loss_weight, "must be > 0")
+        for spec in self.specs(return_layers=1):
+            _check_teacher_arch(spec)
+
+    def specs(self, return_layers: int) -> list[TeacherSpec]:
+        """Every teacher of the run, this section's first; ``return_layers``: the student's K, the
+        default of every teacher. ValueError naming the entry for a bad extra teacher."""
+        specs = [TeacherSpec(self.arch, self.weights, self.input_resolution, self.loss_weight, return_layers)]
+        for i, text in enumerate(self.extra):
+            where = f"teacher.extra[{i}]"
+            d = parse_extra_teacher(text, where)
+            numbers = {}
+            for key, kind in (("input_resolution", int), ("loss_weight", float), ("return_layers", int)):
+                if key in d:
+                    try:
+                        numbers[key] = kind(d[key])
+                    except ValueError:
+                        fail(f"{where}.{key}", d[key], f"must be {'an int' if kind is int else 'a number'}")
+            spec = TeacherSpec(d["arch"], d["weights"], numbers["input_resolution"], numbers.get("loss_weight", 1.0),
+                               numbers.get("return_layers", return_layers), where)  # fmt: skip
+            require(spec.loss_weight > 0, f"{where}.loss_weight", spec.loss_weight, "must be > 0")
+            require(spec.return_layers >= 1, f"{where}.return_layers", spec.return_layers, "must be >= 1")
+            specs.append(spec)
+        return specs
 
     def grid(self) -> int:
         """Patches per side of one teacher frame."""
         return self.input_resolution // TEACHER_ARCHS[self.arch]["patch_size"]
+
+
+def _check_teacher_arch(spec: TeacherSpec) -> None:
+    """One teacher's own rules: a known arch (or timm:NAME) and a resolution its patch divides."""
+    if spec.is_timm:  # its patch size is the model's: checked when it is built
+        require(len(spec.arch) > len(TIMM_PREFIX), f"{spec.name}.arch", spec.arch, "needs a model name: timm:MODEL_NAME")
+        require(spec.input_resolution > 0, f"{spec.name}.input_resolution", spec.input_resolution, "must be > 0")
+        return
+    require_choice(f"{spec.name}.arch", spec.arch, [*TEACHER_ARCHS, f"{TIMM_PREFIX}MODEL_NAME"])
+    patch = TEACHER_ARCHS[spec.arch]["patch_size"]
+    require(spec.input_resolution > 0 and spec.input_resolution % patch == 0, f"{spec.name}.input_resolution",
+            spec.input_resolution, f"must be a positive multiple of the patch size of {spec.name}.arch={spec.arch!r} "
+            f"({patch})")  # fmt: skip
 
 
 @dataclass

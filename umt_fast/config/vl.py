@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from umt_fast.config import MaskPolicy
+from umt_fast.config import MaskPolicy, check_teacher_fits
 from umt_fast.config.cli import (  # noqa: F401  (config_to_dict and save_config: this module's API too)
     Bool,
     ConfigSchema,
@@ -28,13 +28,11 @@ from umt_fast.config.cli import (  # noqa: F401  (config_to_dict and save_config
     Section,
     check_path_fields,
     config_to_dict,
-    fail,
     require,
     save_config,
 )
 from umt_fast.config.sections import (
     RANDOM_TEACHER,
-    TEACHER_ARCHS,
     CheckpointConfig,
     CompileMode,
     DistConfig,
@@ -239,10 +237,9 @@ def _check(cfg: VLPretrainConfig) -> None:
     patch = cfg.student.patch_size
     require(cfg.data.img_size % patch == 0, "data.img_size", cfg.data.img_size, f"must be a multiple of student.patch_size={patch}")
     s_grid = cfg.data.img_size // patch
-    t_patch = TEACHER_ARCHS[cfg.teacher.arch]["patch_size"] if not cfg.teacher.is_timm else 0
-    if t_patch and cfg.teacher.input_resolution // t_patch != s_grid:  # a timm teacher's: checked when built
-        fail("teacher.input_resolution", cfg.teacher.input_resolution,
-              f"the teacher grid must equal the student grid ({s_grid}); use {s_grid * t_patch}")  # fmt: skip
+    require(not cfg.teacher.extra, "teacher.extra", cfg.teacher.extra,
+            "stage 2 distils from one teacher; several teachers are a stage-1 option")  # fmt: skip
+    check_teacher_fits(cfg.teacher.specs(return_layers=cfg.student.return_layers)[0], s_grid, cfg.data.img_size, patch)
     for name, ratio in (("mask.video_ratio", cfg.mask.video_ratio), ("mask.image_ratio", cfg.mask.image_ratio)):
         P = s_grid * s_grid
         require(P - int(P * ratio) >= 1, name, ratio, f"must leave a visible token of the {P} per frame")

@@ -34,12 +34,15 @@ def transformer_forward_flops(tokens: int, seq: int, width: int, depth: int, mlp
 
 
 def pretrain_flops_per_clip(teacher_arch, student_arch, teacher_grid: int, num_visible: int,
-                            num_frames: int | None = None) -> float:  # fmt: skip
+                            num_frames: int | None = None, with_student: bool = True) -> float:  # fmt: skip
     """Stage 1, one clip: the frozen teacher's forward on every frame (CLS included) + the
     student's forward and backward (3x) on the visible tokens. UMT-L: ~1.0 + ~0.6 TFLOP.
-    ``num_frames``: the clip's frames (default: the student's; stage 2's images have one)."""
+    ``num_frames``: the clip's frames (default: the student's; stage 2's images have one).
+    ``with_student=False``: the teacher's part alone (a further teacher of the same student)."""
     T, P = num_frames or student_arch.num_frames, teacher_grid**2
     teacher = transformer_forward_flops(T * (P + 1), P + 1, teacher_arch.width, teacher_arch.layers)
+    if not with_student:
+        return teacher
     student = 3 * transformer_forward_flops(num_visible, num_visible, student_arch.width, student_arch.depth,
                                             student_arch.mlp_ratio)  # fmt: skip
     return teacher + student

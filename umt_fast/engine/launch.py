@@ -132,7 +132,7 @@ def resumed_config(cfg: Any, argv: list[str], build_config: Callable[..., Any], 
     if cfg.preset != resumed.preset and any(a.split("=")[0] == "--preset" for a in argv):
         print(f"warning: --preset {cfg.preset} ignored: {run_dir} resumes with its own config (from preset "
               f"{resumed.preset!r})", file=sys.stderr)  # fmt: skip
-    changes = differing_fields(saved, config_to_dict(resumed))
+    changes = differing_fields(saved, config_to_dict(resumed), defaults=config_to_dict(type(resumed)()))
     refused = [k for k in changes if k.startswith(fixed)]
     if refused and not allow_changes:
         listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)

@@ -280,7 +280,7 @@ def _train(recipe: Recipe, info: DistInfo, steps_run: list[int]) -> TrainResult:
     start_step = 0
     if resume_path is not None:
         meta = ckpt.restore_checkpoint(resume_path, model, optimizer)
-        changed = differing_fields(meta.get("config", {}), config_to_dict(cfg))
+        changed = differing_fields(meta.get("config", {}), config_to_dict(cfg), defaults=config_to_dict(type(cfg)()))
         if changed:
             log.warning("resuming with a config that differs from the checkpoint's: %s",
                         "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))  # fmt: skip

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from umt_fast.config import RANDOM_TEACHER, TEACHER_ARCHS, PretrainConfig
+from umt_fast.config import RANDOM_TEACHER, TEACHER_ARCHS, PretrainConfig, TeacherSpec
 from umt_fast.models.classifier import (
     PRETRAIN_FRAMES,
     VideoViT,
@@ -339,12 +339,17 @@ def student_arch_from_state_dict(
             "not a UMT stage-1 student state dict: no alignment heads (clip_decoder.{k}.*); a fine-tuned or "
             "backbone-only file loads with load_video_vit"
         )
+    extra_heads = tuple(
+        (_count_indexed(state_dict, rf"extra_decoders\.{j}\.(\d+)\."), state_dict[f"extra_decoders.{j}.0.head.weight"].shape[0])
+        for j in range(_count_indexed(state_dict, r"extra_decoders\.(\d+)\."))
+    )  # the heads of further teachers (a run with teacher.extra)
     return StudentArch(
         width=width,
         depth=depth,
         heads=width // 64,
         teacher_dim=state_dict["clip_decoder.0.head.weight"].shape[0],
         return_layers=return_layers,
+        extra_heads=extra_heads,
         num_frames=num_frames,
         img_size=img_size,
         patch_size=patch_size,
@@ -353,7 +358,7 @@ def student_arch_from_state_dict(
     )
 
 
-_HEAD_PARTS = ("clip_decoder.", "fc_norm.", "head.")
+_HEAD_PARTS = ("clip_decoder.", "extra_decoders.", "fc_norm.", "head.")
 
 
 def student_state_dict(path_or_state_dict, what: str = "student checkpoint") -> dict[str, torch.Tensor]:
@@ -414,7 +419,7 @@ def _video_vit_state_dict(sd: dict[str, torch.Tensor], model: VideoViT) -> dict[
     and drops the parts the dense ViT has no use for (alignment heads, stage 2's pool norm, and
     the encoder's final norm when the model has none)."""
     arch = model.arch
-    dropped = [k for k in sd if k.startswith(("clip_decoder.", "pool_norm."))]
+    dropped = [k for k in sd if k.startswith(("clip_decoder.", "extra_decoders.", "pool_norm."))]
     if not arch.final_norm:
         dropped += [k for k in sd if k.startswith("norm.")]
     if dropped:
@@ -747,48 +752,59 @@ def load_teacher(
 
 
 def build_teacher(cfg: PretrainConfig) -> CLIPVisionTeacher:
-    """The frozen teacher: from ``teacher.weights``, or random for ``none`` (with a warning)."""
-    K = cfg.student.return_layers
-    if cfg.teacher.is_timm:
-        return _build_timm_teacher(cfg)
-    if cfg.teacher.weights == RANDOM_TEACHER:
+    """The frozen teacher of the teacher section: from ``teacher.weights``, or random for ``none``
+    (with a warning)."""
+    return build_teachers(cfg)[0]
+
+
+def build_teachers(cfg: PretrainConfig) -> list:
+    """Every frozen teacher of the run (`umt_fast.config.teacher_specs`: the teacher section's,
+    then teacher.extra's), each with its own K; FP8 block linears for ``teacher.precision=fp8``."""
+    specs = cfg.teacher.specs(return_layers=cfg.student.return_layers)
+    teachers = [_build_one_teacher(spec, cfg) for spec in specs]
+    mask_teacher = teachers[getattr(cfg.mask, "teacher", 0)]
+    if cfg.mask.policy == "attention" and not getattr(mask_teacher, "has_cls_attn", True):
+        spec = specs[getattr(cfg.mask, "teacher", 0)]
+        raise ValueError(f"mask.policy='attention' needs the teacher's CLS or attention-pool attention, and "
+                         f"{spec.name}.arch={spec.arch!r} has neither; use --mask.policy tube or random")  # fmt: skip
+    return teachers
+
+
+def _build_one_teacher(spec: TeacherSpec, cfg: PretrainConfig):
+    if spec.weights == RANDOM_TEACHER:
         log.warning(
-            "THE TEACHER IS RANDOM (--teacher.weights none): its attention and targets carry no "
-            "semantic information. Fine for a demo or a smoke test, useless for real pre-training. "
-            "Pass an OpenAI CLIP visual state dict with --teacher.weights PATH."
-        )
-        spec = TEACHER_ARCHS[cfg.teacher.arch]
-        return CLIPVisionTeacher(TeacherArch(**spec, input_resolution=cfg.teacher.input_resolution, return_layers=K))
-    teacher = load_teacher(cfg.teacher.weights, input_resolution=cfg.teacher.input_resolution, return_layers=K)
-    spec = TEACHER_ARCHS[cfg.teacher.arch]
+            "THE TEACHER IS RANDOM (%s.weights none): its attention and targets carry no semantic information. "
+            "Fine for a demo or a smoke test, useless for real pre-training.", spec.name,
+        )  # fmt: skip
+    if spec.is_timm:
+        return _build_timm_teacher(spec, cfg)
+    arch = TEACHER_ARCHS[spec.arch]
+    if spec.weights == RANDOM_TEACHER:
+        return CLIPVisionTeacher(TeacherArch(**arch, input_resolution=spec.input_resolution, return_layers=spec.return_layers))
+    teacher = load_teacher(spec.weights, input_resolution=spec.input_resolution, return_layers=spec.return_layers)
     found = (teacher.arch.width, teacher.arch.layers, teacher.arch.patch_size, teacher.arch.output_dim)
-    wanted = (spec["width"], spec["layers"], spec["patch_size"], spec["output_dim"])
+    wanted = (arch["width"], arch["layers"], arch["patch_size"], arch["output_dim"])
     if found != wanted:
         raise ValueError(
-            f"--teacher.weights {cfg.teacher.weights} holds a CLIP ViT with (width, layers, patch, output) = "
-            f"{found}, but teacher.arch={cfg.teacher.arch!r} is {wanted}; pick the matching --teacher.arch"
+            f"--{spec.name}.weights {spec.weights} holds a CLIP ViT with (width, layers, patch, output) = "
+            f"{found}, but {spec.name}.arch={spec.arch!r} is {wanted}; pick the matching --{spec.name}.arch"
         )
     return teacher
 
 
-def _build_timm_teacher(cfg: PretrainConfig):
-    """``teacher.arch=timm:NAME``: the model, its grid checked against the student's."""
-    if cfg.teacher.weights == RANDOM_TEACHER:
-        log.warning("THE TEACHER IS RANDOM (--teacher.weights none): fine for a smoke test, useless for pre-training.")
-    weights = None if cfg.teacher.weights == RANDOM_TEACHER else cfg.teacher.weights
+def _build_timm_teacher(spec: TeacherSpec, cfg: PretrainConfig):
+    """A ``timm:NAME`` teacher, its grid checked against the student's."""
+    weights = None if spec.weights == RANDOM_TEACHER else spec.weights
     try:
-        teacher = load_timm_teacher(weights, cfg.teacher.arch, cfg.teacher.input_resolution, cfg.student.return_layers)
+        teacher = load_timm_teacher(weights, spec.arch, spec.input_resolution, spec.return_layers)
     except AssertionError as exc:  # timm's own shape checks (e.g. a resolution that is not a multiple of the patch)
-        raise ValueError(f"teacher.arch={cfg.teacher.arch!r} at teacher.input_resolution="
-                         f"{cfg.teacher.input_resolution}: {exc}") from exc  # fmt: skip
+        raise ValueError(f"{spec.name}.arch={spec.arch!r} at {spec.name}.input_resolution="
+                         f"{spec.input_resolution}: {exc}") from exc  # fmt: skip
     s_grid, patch = cfg.data.img_size // cfg.student.patch_size, teacher.arch.patch_size
-    if cfg.teacher.input_resolution % patch or teacher.arch.grid != s_grid:
+    if spec.input_resolution % patch or teacher.arch.grid != s_grid:
         raise ValueError(
-            f"teacher.input_resolution={cfg.teacher.input_resolution}: the grid of teacher.arch={cfg.teacher.arch!r} "
+            f"{spec.name}.input_resolution={spec.input_resolution}: the grid of {spec.name}.arch={spec.arch!r} "
             f"(patch {patch}) must equal the student grid (data.img_size / student.patch_size = {cfg.data.img_size} / "
-            f"{cfg.student.patch_size} = {s_grid}); use teacher.input_resolution={s_grid * patch}"
+            f"{cfg.student.patch_size} = {s_grid}); use {spec.name}.input_resolution={s_grid * patch}"
         )
-    if not teacher.has_cls_attn and cfg.mask.policy == "attention":
-        raise ValueError(f"mask.policy='attention' needs the teacher's CLS or attention-pool attention, and "
-                         f"teacher.arch={cfg.teacher.arch!r} has neither; use --mask.policy tube or random")  # fmt: skip
     return teacher

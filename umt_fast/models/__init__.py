@@ -15,7 +15,10 @@ __all__ = [
 ]
 
 
-def build_student(cfg: PretrainConfig, teacher_dim: int, head_norm_eps: float = LN_EPS) -> SparseVideoStudent:
+def build_student(cfg: PretrainConfig, teacher_dim: int, head_norm_eps: float = LN_EPS,
+                  extra_heads: tuple[tuple[int, int], ...] = ()) -> SparseVideoStudent:  # fmt: skip
+    """The student of ``cfg``: K = student.return_layers heads of width ``teacher_dim``, and
+    ``extra_heads`` (K, Ct) per further teacher."""
     size = STUDENT_SIZES[cfg.student.size]
     arch = StudentArch(
         width=size["width"],
@@ -29,5 +32,6 @@ def build_student(cfg: PretrainConfig, teacher_dim: int, head_norm_eps: float = 
         mlp_ratio=MLP_RATIO,
         drop_path=cfg.student.drop_path,
         head_norm_eps=head_norm_eps,
+        extra_heads=tuple(extra_heads),
     )
     return SparseVideoStudent(arch)

@@ -56,6 +56,13 @@ class StudentArch:
     head_norm_eps: float = LN_EPS
     """LayerNorm eps of the alignment heads: 1e-6 in stage 1, torch's default 1e-5 in the
     reference's stage-2 model (its ``Linear_Decoder`` there uses a plain ``nn.LayerNorm``)."""
+    extra_heads: tuple[tuple[int, int], ...] = ()
+    """(K, Ct) of every further teacher: K heads onto the last K blocks, of width Ct."""
+
+    @property
+    def tapped_layers(self) -> int:
+        """How many of the last blocks some teacher's heads read: the largest K."""
+        return max([self.return_layers, *(k for k, _ in self.extra_heads)])
 
     @property
     def patches_per_frame(self) -> int:
@@ -198,14 +205,15 @@ class Encoder(nn.Module):
     def forward(
         self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Returns the final-normed outputs of the last L blocks, [L, B, N, D], ascending depth.
+        """Returns the final-normed outputs of the last L = arch.tapped_layers blocks, [L, B, N, D],
+        ascending depth.
 
         ``drop_scales_LB2``: [depth, B, 2] drop-path factors (:func:`drop_path_scales`), used in
         training mode; None draws drop path from torch's generator.
         """
         x = self.patch_embed(video_BCTHW, visible_idx_BN)
         x = x + self.pos_embed.to(x.dtype)[visible_idx_BN]
-        first_tap = self.arch.depth - self.arch.return_layers
+        first_tap = self.arch.depth - self.arch.tapped_layers
         taps = []
         for i, block in enumerate(self.blocks):
             scales = drop_scales_LB2[i] if drop_scales_LB2 is not None and self.training and block.drop_prob > 0 else None
@@ -233,40 +241,54 @@ class AlignmentHead(nn.Module):
 
 
 class SparseVideoStudent(nn.Module):
-    """UMT stage-1 student: encoder on visible tokens + one alignment head per aligned layer."""
+    """UMT stage-1 student: encoder on visible tokens + one alignment head per aligned layer
+    (``clip_decoder``, the reference's naming), and as many per further teacher
+    (``extra_decoders.{j}``)."""
 
     def __init__(self, arch: StudentArch):
         super().__init__()
-        if arch.return_layers > arch.depth:
-            raise ValueError(f"return_layers={arch.return_layers} exceeds depth={arch.depth}")
+        if arch.tapped_layers > arch.depth:
+            raise ValueError(f"return_layers={arch.tapped_layers} exceeds depth={arch.depth}")
         self.arch = arch
         self.encoder = Encoder(arch)
-        self.clip_decoder = nn.ModuleList(AlignmentHead(arch.width, arch.teacher_dim, arch.head_norm_eps) for _ in range(arch.return_layers))
+        self.clip_decoder = self._heads(arch.return_layers, arch.teacher_dim)
+        if arch.extra_heads:
+            self.extra_decoders = nn.ModuleList(self._heads(k, dim) for k, dim in arch.extra_heads)
         self.register_buffer("clip_pos_embed", sincos_table(arch.num_tokens, arch.width), persistent=False)
         self.apply(_init_weights)
 
+    def _heads(self, count: int, dim: int) -> nn.ModuleList:
+        return nn.ModuleList(AlignmentHead(self.arch.width, dim, self.arch.head_norm_eps) for _ in range(count))
+
     def forward(
-        self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None,
+        *, all_teachers: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:  # fmt: skip
         """
         Args:
             video_BCTHW: [B, 3, T, H, W] normalised pixels.
             visible_idx_BN: [B, N] int64 sorted token indices t * P + p (same N for all clips).
             drop_scales_LB2: [depth, B, 2] drop-path factors from :func:`drop_path_scales`
                 (training mode only); None draws drop path from torch's generator.
+            all_teachers: return every teacher's heads' outputs, not only the first teacher's.
 
         Returns:
-            [L, B, N, Ct] unit vectors; index 0 is the shallowest aligned block.
+            [K, B, N, Ct] unit vectors, index 0 the shallowest aligned block; with
+            ``all_teachers``, a list of them, one per teacher (K and Ct its own).
         """
         taps_LBND = self.forward_features(video_BCTHW, visible_idx_BN, drop_scales_LB2)
         taps_LBND = taps_LBND + self.clip_pos_embed.to(taps_LBND.dtype)[visible_idx_BN]
-        return torch.stack([head(taps_LBND[i]) for i, head in enumerate(self.clip_decoder)])
+        groups = [self.clip_decoder, *(self.extra_decoders if self.arch.extra_heads else [])]
+        L = taps_LBND.shape[0]
+        # A teacher's K heads read the last K tapped blocks.
+        outs = [torch.stack([head(taps_LBND[L - len(heads) + i]) for i, head in enumerate(heads)]) for heads in groups]
+        return outs if all_teachers else outs[0]
 
     def forward_features(
         self, video_BCTHW: torch.Tensor, visible_idx_BN: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The encoder alone: [L, B, N, W], the visible tokens after each of the last L = return_layers
-        blocks, final-normed, shallowest first; arguments as for `forward`."""
+        """The encoder alone: [L, B, N, W], the visible tokens after each of the last L =
+        arch.tapped_layers blocks, final-normed, shallowest first; arguments as for `forward`."""
         return self.encoder(video_BCTHW, visible_idx_BN, drop_scales_LB2)
 
     def set_grad_checkpointing(self, enable: bool = True, num_blocks: int | None = None) -> None:

@@ -69,10 +69,15 @@ class CLIPAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
+        self.in_proj: nn.Module | None = None
+        """Replaces in_proj_* when set: the FP8 teacher's quantised layer (umt_fast.models.fp8)."""
 
     def _qkv(self, x_BSW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, S, W = x_BSW.shape
-        qkv = F.linear(x_BSW, self.in_proj_weight, self.in_proj_bias)
+        if self.in_proj is not None:
+            qkv = self.in_proj(x_BSW)
+        else:
+            qkv = F.linear(x_BSW, self.in_proj_weight, self.in_proj_bias)
         return qkv.view(B, S, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x_BSW: torch.Tensor, return_cls_attn: bool = False):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from umt_fast.config import SAMPLE_CLIPS, PretrainConfig, peak_lr, scaled_min_lr, scaled_warmup_lr
+from umt_fast.config import SAMPLE_CLIPS, PretrainConfig, peak_lr, scaled_min_lr, scaled_warmup_lr, teacher_specs
 from umt_fast.data import BadSampleBudget, PretrainClipDataset, build_clip_loader, read_annotation_list, write_sample_clip_list
 from umt_fast.data.transforms import normalize_video
 from umt_fast.engine.cuda_graph import CUDAGraphStep
@@ -33,10 +33,11 @@ from umt_fast.engine.distributed import DistInfo, barrier, set_gradient_sync, un
 from umt_fast.engine.flops import pretrain_flops_per_clip
 from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.engine.trainer import NonFiniteLossError, Recipe, Setup, TrainResult, run  # noqa: F401 (NonFiniteLossError: for callers)
-from umt_fast.interop import build_teacher
+from umt_fast.interop import build_teachers
 from umt_fast.losses import alignment_loss
 from umt_fast.masking import mask_and_targets, visible_tokens_per_clip
 from umt_fast.models import build_student
+from umt_fast.models.fp8 import teachers_at_precision
 from umt_fast.models.student import drop_path_scales, keep_probabilities
 from umt_fast.models.teacher import CLIPVisionTeacher
 from umt_kernels.rng import mix_seed
@@ -51,7 +52,10 @@ class PretrainStep:
 
     Args:
         student: the student, possibly wrapped in DDP or sharded with FSDP2.
-        teacher: the frozen teacher (replicated).
+        teacher: the frozen teacher (replicated), teacher 0.
+        extra_teachers: further frozen teachers (1, 2, ...), each matched by its own student heads.
+        loss_weights: one per teacher; the loss is the weighted sum of the teachers' terms.
+        mask_teacher: the teacher whose attention the attention policy samples from.
         optimizer: over the student's parameters.
         mask_policy, mask_ratio: see umt_fast.masking.
         seed: the run seed (masks, drop path).
@@ -76,9 +80,20 @@ class PretrainStep:
         grad_scaler: torch.amp.GradScaler | None = None,
         rank: int = 0,
         first_clip: int = 0,
+        extra_teachers: tuple[nn.Module, ...] | list[nn.Module] = (),
+        loss_weights: tuple[float, ...] | list[float] | None = None,
+        mask_teacher: int = 0,
     ):
         self.student = student
         self.teacher = teacher
+        self.teachers = [teacher, *extra_teachers]
+        weights = [1.0] * len(self.teachers) if loss_weights is None else list(loss_weights)
+        if len(weights) != len(self.teachers):
+            raise ValueError(f"loss_weights has {len(weights)} entries for {len(self.teachers)} teachers")
+        self.loss_weights = torch.tensor(weights, dtype=torch.float32, device=device)
+        if not 0 <= mask_teacher < len(self.teachers):
+            raise ValueError(f"mask_teacher={mask_teacher} names no teacher (there are {len(self.teachers)})")
+        self.mask_teacher = mask_teacher
         self.optimizer = optimizer
         self.mask_policy = mask_policy
         self.mask_ratio = mask_ratio
@@ -95,31 +110,49 @@ class PretrainStep:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    @property
+    def multi_teacher(self) -> bool:
+        return len(self.teachers) > 1
+
     def micro_batch_loss(self, video_BTHWC: torch.Tensor, step: int | torch.Tensor, first_clip: int) -> torch.Tensor:
-        """Forward of one micro-batch: uint8 [m, T, H, W, 3] -> 0-dim fp32 loss (with graph).
+        """Forward of one micro-batch: uint8 [m, T, H, W, 3] -> 0-dim fp32 loss (with graph)."""
+        return self.micro_batch_losses(video_BTHWC, step, first_clip)[0]
+
+    def micro_batch_losses(self, video_BTHWC: torch.Tensor, step: int | torch.Tensor, first_clip: int) -> torch.Tensor:
+        """Forward of one micro-batch: uint8 [m, T, H, W, 3] -> [1 + n_teachers] fp32, the loss (with
+        graph) and each teacher's alignment term.
 
         ``step`` keys the masks: a Python int, or a 0-dim int64 tensor on the device (read
-        there, so that a captured CUDA graph draws new masks on every replay).
+        there, so that a captured CUDA graph draws new masks on every replay). The mask
+        teacher runs first and picks the visible tokens; every other teacher then runs and gives
+        its targets on those tokens, one at a time, so that one teacher's residual streams are
+        alive at once.
         """
         video = normalize_video(video_BTHWC.to(self.device, non_blocking=True))
+        targets: list[torch.Tensor | None] = [None] * len(self.teachers)
         with torch.no_grad(), self._autocast():
-            teacher_out = self.teacher(video)
-            visible_idx_BN, targets_LBNC = mask_and_targets(
+            teacher_out = self.teachers[self.mask_teacher](video)
+            visible_idx_BN, targets[self.mask_teacher] = mask_and_targets(
                 teacher_out, self.mask_policy, ratio=self.mask_ratio, seed=self.seed, offset=step, first_clip=first_clip
             )
-        del teacher_out  # frees the residual streams before the student's forward
+            del teacher_out  # frees the residual streams before the next forward
+            for i, teacher in enumerate(self.teachers):
+                if targets[i] is None:
+                    targets[i] = teacher(video).targets(visible_idx_BN)
         drop_scales = None
         if self.keep_prob is not None:
             drop_scales = drop_path_scales(self.keep_prob, video.shape[0], seed=self.seed, offset=step, first_clip=first_clip)
         with self._autocast():
-            student_LBNC = self.student(video, visible_idx_BN, drop_scales)
-        return alignment_loss(student_LBNC, targets_LBNC)
+            outputs = self.student(video, visible_idx_BN, drop_scales, all_teachers=True)
+        terms = torch.stack([alignment_loss(s, t) for s, t in zip(outputs, targets)])
+        return torch.cat([(self.loss_weights * terms).sum().view(1), terms.detach()])
 
     def __call__(self, micro_batches: list[torch.Tensor] | torch.Tensor, step: int) -> torch.Tensor:
         """One optimizer step over this rank's clips (one uint8 tensor, or a list of micro-batches).
 
         Returns:
-            0-dim fp32 on the device: this rank's mean loss over its micro-batches.
+            0-dim fp32 on the device: this rank's mean loss over its micro-batches; with several
+            teachers, [1 + n_teachers]: the loss, then each teacher's alignment term.
         """
         if isinstance(micro_batches, torch.Tensor):
             micro_batches = [micro_batches]
@@ -137,21 +170,22 @@ class PretrainStep:
         every micro-batch, step the optimizer. Capturable in a CUDA graph when ``step`` is a
         device tensor and there is no GradScaler (see umt_fast.engine.cuda_graph)."""
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros(1 + len(self.teachers), device=self.device)
         first_clip, count = self.first_clip, len(micro_batches)
         for i, video in enumerate(micro_batches):
             with set_gradient_sync(self.student, i == count - 1):
-                loss = self.micro_batch_loss(video, step, first_clip)
-                scaled = loss / count
+                losses = self.micro_batch_losses(video, step, first_clip)
+                scaled = losses[0] / count
                 (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
-            total += loss.detach()
+            total += losses.detach()
             first_clip += video.shape[0]
         if self.grad_scaler:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             self.optimizer.step()
-        return total / count
+        mean = total / count
+        return mean if self.multi_teacher else mean[0]
 
 
 # ----------------------------------------------------------------------------------- the recipe
@@ -199,7 +233,8 @@ def _compile(student, teacher, mode: str, backend: str) -> None:
     if mode == "none":
         return
     compile_blocks(teacher.compilable_blocks, teacher, "blocks", backend)
-    compile_blocks(list(student.encoder.blocks), student, mode, backend)
+    if student is not None:
+        compile_blocks(list(student.encoder.blocks), student, mode, backend)
 
 
 def train_list_path(path: str, run_dir: str, info: DistInfo) -> str:
@@ -230,12 +265,16 @@ class PretrainRecipe(Recipe):
                                         warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
                                         warmup_lr=scaled_warmup_lr(cfg))  # fmt: skip
         self.low_precision = AUTOCAST[cfg.train.precision] if device.type == "cuda" else None
-        teacher = build_teacher(cfg).to(device)
-        if self.low_precision is not None:
-            teacher = teacher.to(self.low_precision)  # frozen: bf16/fp16 weights, LayerNorm statistics in fp32
-        student = build_student(cfg, teacher_dim=teacher.arch.output_dim).to(device)
+        teachers = [t.to(device) for t in build_teachers(cfg)]
+        if self.low_precision is not None:  # frozen: bf16/fp16 weights, LayerNorm statistics in fp32
+            teachers = [t.to(self.low_precision) for t in teachers]
+        teachers = teachers_at_precision(teachers, cfg.teacher.precision, device)
+        teacher = teachers[0]
+        extra_heads = [(t.arch.return_layers, t.arch.output_dim) for t in teachers[1:]]
+        student = build_student(cfg, teacher_dim=teacher.arch.output_dim, extra_heads=extra_heads).to(device)
         student.set_grad_checkpointing(num_blocks=cfg.train.checkpointed_blocks(student.arch.depth))
-        _compile(student, teacher, cfg.train.compile, cfg.train.compile_backend)
+        for t in teachers:
+            _compile(student if t is teacher else None, t, cfg.train.compile, cfg.train.compile_backend)
         # DDP is built on a side stream for CUDA graphs, as PyTorch's capture of DDP asks.
         graph_capture = cfg.train.cuda_graphs and device.type == "cuda"
         with torch.cuda.stream(torch.cuda.Stream()) if graph_capture else contextlib.nullcontext():
@@ -247,7 +286,11 @@ class PretrainRecipe(Recipe):
         self.teacher, self.student, self.model = teacher, student, model
         step_fn = PretrainStep(model, teacher, optimizer, mask_policy=cfg.mask.policy, mask_ratio=cfg.mask.ratio,
                                seed=cfg.train.seed, device=device, autocast_dtype=self.low_precision,
-                               grad_scaler=self.scaler, rank=info.rank, first_clip=info.rank * plan.per_rank)  # fmt: skip
+                               grad_scaler=self.scaler, rank=info.rank, first_clip=info.rank * plan.per_rank,
+                               extra_teachers=teachers[1:], mask_teacher=cfg.mask.teacher,
+                               loss_weights=[spec.loss_weight for spec in teacher_specs(cfg)])  # fmt: skip
+        if len(teachers) > 1:
+            self.loss_names = ("loss", *(f"loss_teacher{i}" for i in range(len(teachers))))
         self.step_fn = CUDAGraphStep(step_fn) if cfg.train.cuda_graphs else step_fn
         self.figures = None
         if cfg.log.mask_figure_every_steps > 0 and info.is_main:
@@ -260,9 +303,11 @@ class PretrainRecipe(Recipe):
                                                   self.low_precision)  # fmt: skip
         num_visible = visible_tokens_per_clip(cfg.mask.policy, student.arch.num_frames, student.arch.patches_per_frame,
                                               cfg.mask.ratio)  # fmt: skip
-        flops = G * pretrain_flops_per_clip(teacher.arch, student.arch, teacher.arch.grid, num_visible)
+        flops = G * sum(pretrain_flops_per_clip(t.arch, student.arch, t.arch.grid, num_visible,
+                                                with_student=t is teacher)
+                        for t in teachers)  # fmt: skip
         describe = (f"preset {cfg.preset} | student {cfg.student.size} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
-                    f"params) | teacher {cfg.teacher.arch} | {len(self.records)} clips | global batch {G} = "
+                    f"params) | teacher {' + '.join(spec.arch for spec in teacher_specs(cfg))} | {len(self.records)} clips | global batch {G} = "
                     f"{info.world_size} ranks x {plan.micro} x {plan.accumulation} micro-batches")  # fmt: skip
         return Setup(model, optimizer, schedule, steps_per_epoch, total_steps, G, flops, describe, len(self.records))
 
@@ -291,7 +336,7 @@ class PretrainRecipe(Recipe):
             yield micro_batches
 
     def step(self, micro_batches: list[torch.Tensor], step: int) -> torch.Tensor:
-        return self.step_fn(micro_batches, step).view(1)
+        return self.step_fn(micro_batches, step).view(-1)
 
     def after_step(self, done: int, is_last: bool, metrics) -> None:
         if self.figures is not None and self.figures.due(done):

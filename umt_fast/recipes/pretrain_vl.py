@@ -39,6 +39,7 @@ from umt_fast.engine.flops import pretrain_flops_per_clip, text_flops_per_pair
 from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.engine.trainer import Recipe, Setup, TrainResult, run
 from umt_fast.interop import build_teacher
+from umt_fast.models.fp8 import teachers_at_precision
 from umt_fast.losses.vl import hard_negative_noise, mask_tokens, mlm_noise
 from umt_fast.masking import mask_and_targets, visible_tokens_per_clip
 from umt_fast.models import build_student
@@ -145,6 +146,10 @@ def initialise(model: VisionLanguageModel, path: str) -> str:
     student = student_state_dict(sd, "init checkpoint")  # any stage-1 naming -> encoder.*, clip_decoder.*
     if student.pop("encoder.pos_embed", None) is not None:
         log.info("model.init: ignoring the file's pos_embed (the fixed sin-cos table is rebuilt)")
+    extra = [k for k in student if k.startswith("extra_decoders.")]
+    if extra:
+        log.info("model.init: ignoring the heads of the stage-1 run's further teachers (extra_decoders.*)")
+        student = {k: v for k, v in student.items() if k not in extra}
     if "encoder.patch_embed.proj.weight" not in student:
         raise ValueError(f"model.init={path!r}: neither a UMT stage-1 nor a stage-2 checkpoint (first keys: {list(sd)[:4]})")
     load_state_dict_checked(model.student, student, path)
@@ -184,6 +189,7 @@ def caption_datasets(cfg: VLPretrainConfig, info: DistInfo) -> list[vl_data.Capt
 
 class VLStep:
     """Callable ``(media, batch, step) -> [5] device tensor (total, uta, vtc, vtm, mlm)``; no host sync.
+    The total weighs UTA (the teacher's term) by teacher.loss_weight.
 
     ``batch`` is this rank's share of the step's global batch of ``B * world_size`` pairs (rank r
     holds pairs [r*B, (r+1)*B)). The masks, drop path, MLM masking and hard-negative noise are
@@ -250,7 +256,8 @@ class VLStep:
         vl_batch = self.make_batch(media, batch, step)
         with self._autocast():
             losses = self.model(vl_batch)
-        total = losses["uta"] + losses["vtc"] + losses["vtm"] + losses["mlm"]
+        uta = losses["uta"] if self.cfg.teacher.loss_weight == 1.0 else self.cfg.teacher.loss_weight * losses["uta"]
+        total = uta + losses["vtc"] + losses["vtm"] + losses["mlm"]
         total.backward()
         self.optimizer.step()
         return torch.stack([total, losses["uta"], losses["vtc"], losses["vtm"], losses["mlm"]]).detach().float()
@@ -293,6 +300,7 @@ class VLPretrainRecipe(Recipe):
         teacher = build_teacher(cfg).to(device)
         if low_precision is not None:
             teacher = teacher.to(low_precision)
+        teacher = teachers_at_precision([teacher], cfg.teacher.precision, device)[0]
         model = build_model(cfg, teacher.arch.output_dim)
         if cfg.model.init and resume_path is None:
             what = initialise(model, cfg.model.init)
