@@ -182,8 +182,11 @@ def write_shard(task: tuple[str, list[tuple[int, str, int | None]]]) -> dict:
     os.replace(tmp + ".idx", os.path.splitext(tar_path)[0] + ".idx.json")
     os.replace(tmp, tar_path)
     indices = [i for i, _, _ in clips]
+    gone = {m["index"] for m in missing}
     return {"name": os.path.basename(tar_path), "sha256": _sha256(tar_path), "clips": len(clips) - len(missing),
-            "first_index": indices[0], "last_index": indices[-1], "missing": missing}  # fmt: skip
+            "first_index": indices[0], "last_index": indices[-1], "missing": missing,
+            "index_sha256": _sha256(os.path.splitext(tar_path)[0] + ".idx.json"),
+            "labels": [label for i, _, label in clips if i not in gone]}  # fmt: skip
 
 
 def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -216,6 +219,11 @@ def shard_command(args: argparse.Namespace) -> int:
         entry = previous.get(name)
         if entry and entry["first_index"] == indices[0] and entry["last_index"] == indices[-1] \
                 and os.path.isfile(path) and _sha256(path) == entry["sha256"]:  # fmt: skip
+            gone = {m["index"] for m in entry["missing"]}
+            index_path = os.path.splitext(path)[0] + ".idx.json"
+            entry.setdefault("labels", [entries[i].label for i in indices if i not in gone])
+            if "index_sha256" not in entry and os.path.isfile(index_path):  # a manifest from before these fields
+                entry["index_sha256"] = _sha256(index_path)
             done[name] = entry  # finished by an earlier run, and intact
             continue
         tasks.append((path, [(i, entries[i].path, entries[i].label) for i in indices]))

@@ -66,6 +66,8 @@ def require_paths(checks: typing.Iterable[tuple[str, str, Callable[[str], bool]]
     """FileNotFoundError naming the field for the first (field, path, os.path.isfile / isdir /
     exists) whose path does not exist."""
     for name, path, exists in checks:
+        if "://" in path:  # an fsspec URL: read (and reported) where it is used
+            continue
         if not exists(path):
             kind = "directory" if exists is os.path.isdir else "file"
             raise FileNotFoundError(f"{name}={path!r}: no such {kind}")

@@ -11,6 +11,10 @@ first entry; blank lines and lines starting with '#' are skipped.
 JSON lists (stage 2, a file ending in .json): a list of objects
     {"video": path, "caption": "a caption" | ["caption", ...]}
     {"image": path, "caption": ...}
+
+A shard set's ``manifest.json`` (``python -m umt_fast.prepare shard``) reads as the list it was
+made from (`umt_fast.data.shards`). Lists, manifests and videos may be fsspec URLs (``s3://``,
+``gs://``, ``http(s)://``, ``file://``).
 """
 from __future__ import annotations
 
@@ -112,14 +116,33 @@ def read_annotation_list(list_path: str, root: str = "") -> list[VideoRecord]:
             (named by file and 0-based entry index), a file that is not UTF-8 text, or a
             list without any entry.
     """
-    if not os.path.isfile(list_path):
+    from umt_fast.data.storage import is_url, read_all
+
+    if is_url(list_path):
+        from umt_fast.data.decoding import VideoDecodeError
+
+        try:
+            raw = read_all(list_path)
+        except VideoDecodeError as e:
+            raise FileNotFoundError(f"annotation list {list_path!r}: {e.reason}") from None
+    elif not os.path.isfile(list_path):
         raise FileNotFoundError(f"annotation list not found: {list_path!r}")
+    else:
+        with open(list_path, "rb") as f:
+            raw = f.read()
     try:
-        with open(list_path, encoding="utf-8-sig") as f:
-            text = f.read()
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{list_path}: annotation list is not UTF-8 text ({e})") from e
     if list_path.lower().endswith(".json"):
+        from umt_fast.data.shards import is_shard_manifest, read_shard_manifest
+
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            parsed = None
+        if is_shard_manifest(parsed):
+            return read_shard_manifest(list_path, parsed)
         records = _read_json_list(list_path, text, root)
         if not records:
             raise ValueError(f"{list_path}: annotation list has no entries")

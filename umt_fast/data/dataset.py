@@ -207,7 +207,7 @@ class PretrainClipDataset(Dataset):
         for s in skipped:
             reasons.setdefault(s.path, s.reason)
         examples = "\n".join(f"  {p}: {r}" for p, r in itertools.islice(reasons.items(), _NUM_EXAMPLES))
-        return RuntimeError(
+        return UnreadableDataError(
             f"sample position {position}: {len(skipped)} videos in a row could not be decoded "
             f"(the record and {self.max_substitutes} substitutes); most of the data looks "
             f"unreadable. Examples:\n{examples}"
@@ -225,8 +225,9 @@ class PretrainClipDataset(Dataset):
             VideoDecodeError: the video cannot be decoded (or not enough of it).
         """
         keyframes = plan.video.keyframes if plan.video is not None else None
+        data = plan.video.data if plan.video is not None else None
         try:
-            frames_THWC = decode_frames(plan.path, plan.frame_indices, keyframes)
+            frames_THWC = decode_frames(plan.path, plan.frame_indices, keyframes, data)
         except VideoDecodeError as e:
             true_count = e.num_decodable_frames
             if plan.video is None or not true_count or true_count >= plan.video.num_frames:
@@ -235,7 +236,7 @@ class PretrainClipDataset(Dataset):
                 self.plan_clip(plan.position, plan.attempt, replace(plan.video, num_frames=true_count)),
                 skipped=plan.skipped,
             )
-            frames_THWC = decode_frames(plan.path, plan.frame_indices, keyframes)
+            frames_THWC = decode_frames(plan.path, plan.frame_indices, keyframes, data)
         return crop_resize_flip(frames_THWC, plan.crop_box, self.img_size, plan.flip), plan
 
     def __getitem__(self, position: int) -> dict[str, Any]:
@@ -289,6 +290,11 @@ def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+class UnreadableDataError(RuntimeError):
+    """Too much of the data cannot be read: every substitute of a sample failed, or the bad videos
+    passed ``data.max_bad_fraction``. The message names examples and why."""
+
+
 class BadSampleBudget:
     """Stops training when too many videos turn out undecodable.
 
@@ -337,7 +343,7 @@ class BadSampleBudget:
         fraction = self.num_skipped / self.num_seen
         if fraction > self.max_bad_fraction:
             examples = "\n".join(f"  {path}" for path in self.examples)
-            raise RuntimeError(
+            raise UnreadableDataError(
                 f"{self.num_skipped} of {self.num_seen} videos read so far ({fraction:.1%}) could not be "
                 f"decoded, over the budget of {self.max_bad_fraction:.1%}. Check --data.train_list "
                 f"and --data.root. Examples:\n{examples}"

@@ -139,7 +139,9 @@ def count_frames(path: str) -> int:
     Raises:
         VideoDecodeError: unreadable file, no video stream, or no frames.
     """
-    with _open_video(path) as (container, stream):
+    from umt_fast.data.storage import needs_bytes, read_video_bytes
+
+    with _open_video(path, read_video_bytes(path) if needs_bytes(path) else None) as (container, stream):
         num_frames = _count_frames(container, stream)
     if num_frames < 1:
         raise VideoDecodeError(path, "video stream has no frames")
@@ -178,15 +180,20 @@ def probe_video(path: str, keep_bytes: bool = False) -> VideoInfo:
     Args:
         path: the video file.
         keep_bytes: read the whole file into memory first, probe from there and return the
-            bytes in `VideoInfo.data`.
+            bytes in `VideoInfo.data` (always, for a shard member or a URL: see
+            `umt_fast.data.storage`; one read serves the probe and the decode).
 
     Raises:
         VideoDecodeError: missing or empty file, not a media file, no video stream, a codec
             FFmpeg cannot decode, unknown frame size, no frames, or a file that ends or breaks
             in the middle of its packets (truncated).
     """
+    from umt_fast.data.storage import needs_bytes, read_video_bytes
+
     data = None
-    if keep_bytes:
+    if needs_bytes(path):
+        data = read_video_bytes(path)
+    elif keep_bytes:
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -415,7 +422,8 @@ def _decode_wanted(
     )
 
 
-def decode_frames(path: str, frame_indices: Sequence[int], keyframes: Sequence[int] | None = None) -> torch.Tensor:
+def decode_frames(path: str, frame_indices: Sequence[int], keyframes: Sequence[int] | None = None,
+                  data: bytes | None = None) -> torch.Tensor:  # fmt: skip
     """Decode the frames at `frame_indices` (0-based) of the first video stream of `path`.
 
     Decodes only what is needed: the wanted frames are split into runs at keyframes; for each
@@ -425,6 +433,8 @@ def decode_frames(path: str, frame_indices: Sequence[int], keyframes: Sequence[i
     Args:
         keyframes: the video's keyframe indices (`probe_video(path).keyframes`); found by
             demuxing the file when None.
+        data: the video's bytes (`probe_video(path).data`), decoded from memory; read here
+            when None and `path` is a shard member or a URL.
 
     Returns:
         uint8 [T, H, W, 3] RGB, T = len(frame_indices), in the order of `frame_indices`.
@@ -440,8 +450,13 @@ def decode_frames(path: str, frame_indices: Sequence[int], keyframes: Sequence[i
     wanted = sorted(set(indices))
     reformatter = VideoReformatter()
 
+    if data is None:
+        from umt_fast.data.storage import needs_bytes, read_video_bytes
+
+        if needs_bytes(path):
+            data = read_video_bytes(path)
     frames: dict[int, np.ndarray] | None = {}
-    with _open_video(path) as (container, stream):
+    with _open_video(path, data) as (container, stream):
         if keyframes is None:
             _, keyframes = _scan_packets(container, stream, path)
         for run in _seek_runs(wanted, sorted(keyframes)):
@@ -453,7 +468,7 @@ def decode_frames(path: str, frame_indices: Sequence[int], keyframes: Sequence[i
             frames.update(got)
     if frames is None:
         logger.debug("a seek in %s did not land before the frame wanted; decoding from the start", path)
-        with _open_video(path) as (container, stream):
+        with _open_video(path, data) as (container, stream):
             frames = _decode_wanted(container, stream, path, wanted, seek=False, reformatter=reformatter)
     assert frames is not None and len(frames) == len(wanted)
     return torch.from_numpy(np.stack([frames[i] for i in indices]))

@@ -52,6 +52,7 @@ def run_training_command(
         return 2
 
     from umt_fast.engine.distributed import destroy_distributed
+    from umt_fast.data.dataset import UnreadableDataError
     from umt_fast.engine.stopping import TrainingStopped
 
     try:
@@ -62,6 +63,12 @@ def run_training_command(
     except TrainingStopped as stopped:
         print(f"{stopped}\nresume with --resume auto --run-dir {cfg.run_dir}", file=sys.stderr)
         return stopped.exit_code
+    except UnreadableDataError as exc:
+        message = str(exc).split("UnreadableDataError: ")[-1]  # a loader worker's: its traceback left out
+        print(f"error: {message}\nThe checkpoints saved before are intact; fix or drop the unreadable data "
+              f"(python -m umt_fast.prepare scan finds it) and resume with --resume auto --run-dir {cfg.run_dir}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     except Exception as exc:
         from umt_fast.engine.checkpoint import storage_error
 
