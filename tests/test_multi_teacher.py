@@ -9,7 +9,6 @@ import yaml
 from tests.launch import run_command
 from umt_fast.config import PretrainConfig, build_config, teacher_specs
 from umt_fast.data.transforms import normalize_video
-from umt_fast.engine.metrics import read_metrics
 from umt_fast.interop import build_teachers, load_student
 from umt_fast.masking import sample_visible_tokens
 from umt_fast.models import build_student

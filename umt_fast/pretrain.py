@@ -37,7 +37,7 @@ def _load_train():
     return train
 
 
-FIXED_ON_RESUME = ("student.", "teacher.", "data.train_list", "data.root", "data.num_frames", "data.img_size")
+FIXED_ON_RESUME = ("student.", "teacher.", "data.train_list", "data.mix", "data.root", "data.num_frames", "data.img_size")
 """The fields of the model and the data: a resume that would change them is refused (unless
 --allow-config-changes)."""
 

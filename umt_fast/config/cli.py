@@ -155,6 +155,24 @@ def entry_text(entry: Any) -> Any:
     return entry
 
 
+def parse_entry(text: str, where: str, keys: tuple[str, ...], required: tuple[str, ...], example: str) -> dict[str, str]:
+    """One 'key=value,key=value' entry of a list field (teacher.extra, data.mix) -> its key ->
+    value strings; ValueError naming ``where`` for a malformed part, an unknown key or a
+    missing required one."""
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not value.strip():
+            raise ValueError(f"{where}={text!r} is not allowed: each part must be KEY=VALUE, with KEY one of "
+                             f"{', '.join(keys)}; got {part!r}")  # fmt: skip
+        require_choice(f"{where} key", key, keys)
+        out[key] = value.strip()
+    missing = [k for k in required if k not in out]
+    require(not missing, where, text, f"needs {', '.join(missing)} (e.g. {example})")
+    return out
+
+
 def _base_type(typ: Any) -> Any:
     return typing.get_args(typ)[0] if typing.get_origin(typ) is Annotated else typ
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
-from umt_fast.config.cli import Bool, Pair, Section, fail, require, require_choice
+from umt_fast.config.cli import Bool, Pair, Section, fail, parse_entry, require, require_choice
 
 # Architecture tables. MLP ratio is 4 everywhere (UMT_SPEC.md section 1).
 STUDENT_SIZES: dict[str, dict[str, int]] = {
@@ -90,19 +90,9 @@ class TeacherSpec:
 def parse_extra_teacher(text: str, where: str) -> dict[str, str]:
     """'arch=NAME,weights=PATH,input_resolution=R[,loss_weight=W][,return_layers=K]' -> its
     key -> value strings; ValueError naming ``where`` for a malformed entry or an unknown key."""
-    out: dict[str, str] = {}
-    for part in text.split(","):
-        key, eq, value = part.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or not value.strip():
-            raise ValueError(f"{where}={text!r} is not allowed: each part must be KEY=VALUE, with KEY one of "
-                             f"{', '.join(EXTRA_TEACHER_KEYS)}; got {part!r}")  # fmt: skip
-        require_choice(f"{where} key", key, EXTRA_TEACHER_KEYS)
-        out[key] = value.strip()
-    missing = [k for k in EXTRA_TEACHER_KEYS[:3] if k not in out]
-    require(not missing, where, text, f"needs {', '.join(missing)} (e.g. arch=timm:vit_small_patch14_dinov2,"
-            "weights=dinov2_s.safetensors,input_resolution=196,loss_weight=0.5)")  # fmt: skip
-    return out
+    return parse_entry(text, where, EXTRA_TEACHER_KEYS, EXTRA_TEACHER_KEYS[:3],
+                       "arch=timm:vit_small_patch14_dinov2,weights=dinov2_s.safetensors,input_resolution=196,"
+                       "loss_weight=0.5")  # fmt: skip
 
 
 @dataclass

@@ -92,6 +92,8 @@ class PretrainClipDataset(Dataset):
         seed: base seed of the epoch permutations and the augmentation.
         flip: random horizontal flip (probability 0.5).
         max_substitutes: how many substitute records to try for an undecodable one.
+        mix: which record each position reads when the records are several sources mixed by
+            weight (`umt_fast.data.mix.SourceMix`); None: epoch permutations of all records.
     """
 
     STREAM = "pretrain_clips"
@@ -104,6 +106,7 @@ class PretrainClipDataset(Dataset):
         seed: int,
         flip: bool = True,
         max_substitutes: int = 16,
+        mix=None,
     ):
         if not records:
             raise ValueError("records is empty")
@@ -126,6 +129,7 @@ class PretrainClipDataset(Dataset):
         self.flip = flip
         self.max_substitutes = max_substitutes
         self._permutations = EpochPermutations(len(self.records), seed, self.STREAM)
+        self.mix = mix
 
     def __len__(self) -> int:
         """Records per epoch; positions themselves are unbounded."""
@@ -136,6 +140,8 @@ class PretrainClipDataset(Dataset):
         (0 = the epoch's own record, k = its k-th substitute)."""
         if position < 0:
             raise ValueError(f"sample position must be >= 0, got {position}")
+        if self.mix is not None:
+            return self.mix.record_index(position, attempt)
         epoch, offset = divmod(position, len(self.records))
         return (int(self._permutations[epoch][offset]) + attempt) % len(self.records)
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from umt_fast.config import SAMPLE_CLIPS, PretrainConfig, peak_lr, scaled_min_lr, scaled_warmup_lr, teacher_specs
 from umt_fast.data import BadSampleBudget, PretrainClipDataset, build_clip_loader, read_annotation_list, write_sample_clip_list
+from umt_fast.data.mix import MixSource, read_mix
 from umt_fast.data.transforms import normalize_video
 from umt_fast.engine.cuda_graph import CUDAGraphStep
 from umt_fast.engine.distributed import DistInfo, barrier, set_gradient_sync, unwrap, wrap_student
@@ -257,7 +258,16 @@ class PretrainRecipe(Recipe):
 
     def build(self, info: DistInfo, resume_path: str | None) -> Setup:
         cfg, plan, device = self.cfg, self.batch_plan, info.device
-        self.records = read_annotation_list(train_list_path(cfg.data.train_list, cfg.run_dir, info), root=cfg.data.root)
+        self.mix = None
+        if cfg.data.mix:
+            sources = [MixSource(**{**d, "list": train_list_path(d["list"], cfg.run_dir, info)})
+                       for d in cfg.data.mix_sources()]  # fmt: skip
+            self.records, self.mix = read_mix(sources, cfg.train.seed)
+            log.info("data.mix: %s (data.train_list is not read)", ", ".join(
+                f"{s.list} ({n} clips, weight {s.weight:g})" for s, n in zip(sources, self.mix.sizes)))
+        else:
+            self.records = read_annotation_list(train_list_path(cfg.data.train_list, cfg.run_dir, info),
+                                                root=cfg.data.root)  # fmt: skip
         G = plan.global_batch
         steps_per_epoch = max(1, len(self.records) // G)
         total_steps = cfg.optim.epochs * steps_per_epoch
@@ -321,7 +331,7 @@ class PretrainRecipe(Recipe):
     def batches(self, start_step: int) -> Iterator[list[torch.Tensor]]:
         cfg, plan, info = self.cfg, self.batch_plan, self.info
         dataset = PretrainClipDataset(self.records, cfg.data.num_frames, cfg.data.img_size, seed=cfg.train.seed,
-                                      flip=cfg.data.flip)  # fmt: skip
+                                      flip=cfg.data.flip, mix=self.mix)  # fmt: skip
         loader = build_clip_loader(cfg.data.decoder, dataset, plan.micro, start_position=start_step * plan.global_batch,
                                    num_workers=cfg.data.num_workers, device=info.device,
                                    global_batch_size=plan.global_batch, rank=info.rank,
