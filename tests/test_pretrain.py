@@ -1,9 +1,7 @@
 """End-to-end stage-1 runs on the real sample clips: demo, resume after SIGKILL, failure modes."""
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from umt_fast.data import sample_clip_paths
 from umt_fast.pretrain import main
 from umt_fast.train import loop
 from umt_fast.engine.metrics import read_metrics
+from tests.launch import kill_at_checkpoint
 
 # The demo preset at a smaller resolution (4x4 grid, 4 visible tokens per frame), for speed.
 SMALL = ["--data.img_size", "64", "--teacher.input_resolution", "64", "--log.every_steps", "1"]
@@ -61,16 +60,7 @@ def test_kill_and_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path)
     assert main(["--run-dir", str(straight)] + args) == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "umt_fast.pretrain", "--run-dir", str(killed)] + args,
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while not os.path.exists(ckpt.checkpoint_path(str(killed), 3)):
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint("umt_fast.pretrain", killed, args, 3)
     steps_saved = [s for s, _ in ckpt.list_checkpoints(str(killed))]
     assert steps_saved and max(steps_saved) < 8, "the kill must land mid-run"
 

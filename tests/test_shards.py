@@ -6,20 +6,17 @@ object) is named and counted, never fatal, except a manifest none of whose shard
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.launch import REPO, run_command
+from tests.launch import REPO, kill_at_checkpoint, run_command
 from umt_fast import prepare
 from umt_fast.data import read_annotation_list
 from umt_fast.data.decoding import VideoDecodeError, probe_video
 from umt_fast.data.sample_clips import sample_clip_paths
-from umt_fast.engine import checkpoint as ckpt
 from umt_fast.engine.metrics import read_metrics
 
 SMALL = ["--data.img_size", "64", "--teacher.input_resolution", "64", "--data.num_workers", "0",
@@ -68,14 +65,7 @@ def test_shards_train_with_the_losses_of_their_list(shard_set, list_losses, tmp_
 def test_a_kill_mid_epoch_then_resume_auto_is_exact_on_shards(shard_set, list_losses, tmp_path):
     run_dir = tmp_path / "killed"  # 4 clips at batch 2: an epoch is 2 steps, and step 3 is inside the second
     args = SMALL + ["--data.train_list", str(shard_set[1]), "--train.max_steps", "5", "--checkpoint.every_steps", "3"]
-    proc = subprocess.Popen([sys.executable, "-m", "umt_fast.pretrain", "--run-dir", str(run_dir)] + args, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while not os.path.exists(ckpt.checkpoint_path(str(run_dir), 3)):
-        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint("umt_fast.pretrain", run_dir, args, 3)
     resumed = _losses(run_dir, 1, shard_set[1], "--train.max_steps", "5", "--resume", "auto")
     assert resumed.keys() == list_losses.keys()
     for step, loss in list_losses.items():

@@ -129,6 +129,14 @@ def _count_frames(container: av.container.InputContainer, stream: av.video.strea
     return sum(1 for packet in container.demux(stream) if packet.size > 0)
 
 
+def remote_bytes(path: str) -> bytes | None:
+    """The bytes of a shard member or a URL (`umt_fast.data.storage`); None for a local file,
+    which FFmpeg opens itself."""
+    from umt_fast.data.storage import needs_bytes, read_video_bytes  # storage imports this module
+
+    return read_video_bytes(path) if needs_bytes(path) else None
+
+
 def count_frames(path: str) -> int:
     """Number of frames of the first video stream of `path`.
 
@@ -139,9 +147,7 @@ def count_frames(path: str) -> int:
     Raises:
         VideoDecodeError: unreadable file, no video stream, or no frames.
     """
-    from umt_fast.data.storage import needs_bytes, read_video_bytes
-
-    with _open_video(path, read_video_bytes(path) if needs_bytes(path) else None) as (container, stream):
+    with _open_video(path, remote_bytes(path)) as (container, stream):
         num_frames = _count_frames(container, stream)
     if num_frames < 1:
         raise VideoDecodeError(path, "video stream has no frames")
@@ -188,12 +194,8 @@ def probe_video(path: str, keep_bytes: bool = False) -> VideoInfo:
             FFmpeg cannot decode, unknown frame size, no frames, or a file that ends or breaks
             in the middle of its packets (truncated).
     """
-    from umt_fast.data.storage import needs_bytes, read_video_bytes
-
-    data = None
-    if needs_bytes(path):
-        data = read_video_bytes(path)
-    elif keep_bytes:
+    data = remote_bytes(path)
+    if data is None and keep_bytes:
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -451,10 +453,7 @@ def decode_frames(path: str, frame_indices: Sequence[int], keyframes: Sequence[i
     reformatter = VideoReformatter()
 
     if data is None:
-        from umt_fast.data.storage import needs_bytes, read_video_bytes
-
-        if needs_bytes(path):
-            data = read_video_bytes(path)
+        data = remote_bytes(path)
     frames: dict[int, np.ndarray] | None = {}
     with _open_video(path, data) as (container, stream):
         if keyframes is None:

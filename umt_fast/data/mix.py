@@ -110,11 +110,8 @@ class SourceMix:
             sources = torch.repeat_interleave(torch.arange(len(self.counts)), torch.tensor(self.counts))
             g = torch.Generator().manual_seed(derive_seed(self.seed, self.STREAM, "block", block))
             sources = sources[torch.randperm(BLOCK, generator=g)]
-            ordinals = torch.empty(BLOCK, dtype=torch.int64)
-            seen = [0] * len(self.counts)
-            for i, s in enumerate(sources.tolist()):
-                ordinals[i] = seen[s]
-                seen[s] += 1
+            seen_BS = torch.nn.functional.one_hot(sources, len(self.counts)).cumsum(0)  # slots of each source so far
+            ordinals = seen_BS.gather(1, sources[:, None]).squeeze(1) - 1
             cached = self._blocks[block] = (sources, ordinals)
             if len(self._blocks) > 4:
                 self._blocks.popitem(last=False)

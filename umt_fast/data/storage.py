@@ -43,8 +43,13 @@ def unreadable_member_ref(shard: str, member: str, reason: str) -> str:
     return f"{shard}#{member}!{reason}"
 
 
+def _parse_ref(path: str) -> re.Match | None:
+    m = _REF.match(path)
+    return m if m is not None and m.group("shard").endswith(".tar") else None
+
+
 def is_member_ref(path: str) -> bool:
-    return _REF.match(path) is not None and path.split("#", 1)[0].endswith(".tar")
+    return _parse_ref(path) is not None
 
 
 def needs_bytes(path: str) -> bool:
@@ -126,8 +131,8 @@ def read_video_bytes(path: str) -> bytes:
 
 
 def _read_video_bytes(path: str) -> bytes:
-    m = _REF.match(path)
-    if m and m.group("shard").endswith(".tar"):
+    m = _parse_ref(path)
+    if m is not None:
         if m.group("reason") is not None:
             raise VideoDecodeError(f"{m.group('shard')}#{m.group('member')}", m.group("reason"))
         what = f"{m.group('shard')}#{m.group('member')}"

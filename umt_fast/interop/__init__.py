@@ -762,9 +762,9 @@ def build_teachers(cfg: PretrainConfig) -> list:
     then teacher.extra's), each with its own K; FP8 block linears for ``teacher.precision=fp8``."""
     specs = cfg.teacher.specs(return_layers=cfg.student.return_layers)
     teachers = [_build_one_teacher(spec, cfg) for spec in specs]
-    mask_teacher = teachers[getattr(cfg.mask, "teacher", 0)]
-    if cfg.mask.policy == "attention" and not getattr(mask_teacher, "has_cls_attn", True):
-        spec = specs[getattr(cfg.mask, "teacher", 0)]
+    m = getattr(cfg.mask, "teacher", 0)  # stage 2's mask section has no mask.teacher: its one teacher
+    if cfg.mask.policy == "attention" and not getattr(teachers[m], "has_cls_attn", True):
+        spec = specs[m]
         raise ValueError(f"mask.policy='attention' needs the teacher's CLS or attention-pool attention, and "
                          f"{spec.name}.arch={spec.arch!r} has neither; use --mask.policy tube or random")  # fmt: skip
     return teachers

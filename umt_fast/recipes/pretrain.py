@@ -229,13 +229,13 @@ def compile_blocks(modules: list[nn.Module], whole: nn.Module, mode: str, backen
         whole.compile(backend=backend)
 
 
-def _compile(student, teacher, mode: str, backend: str) -> None:
-    """Stage 1: the teacher per block whenever compiling; the student per block or whole."""
+def _compile(student, teacher, mode: str, backend: str, extra_teachers=()) -> None:
+    """Stage 1: every teacher per block whenever compiling; the student per block or whole."""
     if mode == "none":
         return
-    compile_blocks(teacher.compilable_blocks, teacher, "blocks", backend)
-    if student is not None:
-        compile_blocks(list(student.encoder.blocks), student, mode, backend)
+    for t in (teacher, *extra_teachers):
+        compile_blocks(t.compilable_blocks, t, "blocks", backend)
+    compile_blocks(list(student.encoder.blocks), student, mode, backend)
 
 
 def train_list_path(path: str, run_dir: str, info: DistInfo) -> str:
@@ -283,8 +283,7 @@ class PretrainRecipe(Recipe):
         extra_heads = [(t.arch.return_layers, t.arch.output_dim) for t in teachers[1:]]
         student = build_student(cfg, teacher_dim=teacher.arch.output_dim, extra_heads=extra_heads).to(device)
         student.set_grad_checkpointing(num_blocks=cfg.train.checkpointed_blocks(student.arch.depth))
-        for t in teachers:
-            _compile(student if t is teacher else None, t, cfg.train.compile, cfg.train.compile_backend)
+        _compile(student, teacher, cfg.train.compile, cfg.train.compile_backend, teachers[1:])
         # DDP is built on a side stream for CUDA graphs, as PyTorch's capture of DDP asks.
         graph_capture = cfg.train.cuda_graphs and device.type == "cuda"
         with torch.cuda.stream(torch.cuda.Stream()) if graph_capture else contextlib.nullcontext():

@@ -256,8 +256,7 @@ class VLStep:
         vl_batch = self.make_batch(media, batch, step)
         with self._autocast():
             losses = self.model(vl_batch)
-        uta = losses["uta"] if self.cfg.teacher.loss_weight == 1.0 else self.cfg.teacher.loss_weight * losses["uta"]
-        total = uta + losses["vtc"] + losses["vtm"] + losses["mlm"]
+        total = self.cfg.teacher.loss_weight * losses["uta"] + losses["vtc"] + losses["vtm"] + losses["mlm"]
         total.backward()
         self.optimizer.step()
         return torch.stack([total, losses["uta"], losses["vtc"], losses["vtm"], losses["mlm"]]).detach().float()
