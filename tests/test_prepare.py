@@ -97,3 +97,147 @@ def test_shard_writes_webdataset_tars_with_indexes_and_a_manifest_and_resumes(tm
     assert prepare.main(args + ["--num-workers", "1"]) == 0
     assert f"{len(manifest['shards']) - 1} already written, 1 to write" in capsys.readouterr().err
     assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def _vfr_index_video(path, times_ms, size=64):
+    """An "index" pattern video whose frame i is shown from times_ms[i] (variable frame rate)."""
+    from fractions import Fraction
+
+    from umt_fast.data.synthetic import _index_frame
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        for i, t in enumerate(times_ms):
+            frame = av.VideoFrame.from_ndarray(_index_frame(i, size, size), format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return str(path)
+
+
+def test_reencode_shows_at_each_constant_rate_tick_the_frame_on_screen(tmp_path):
+    from umt_fast.data.decoding import scan_video
+    from umt_fast.data.reencode import ReencodeOptions, reencode_video
+    from umt_fast.data.synthetic import frame_index_of
+
+    times = [0, 40, 80, 200, 240, 400, 440, 480, 520, 700]
+    source = _vfr_index_video(tmp_path / "vfr.mkv", times)
+    assert not scan_video(source)["constant_frame_rate"]
+    out = tmp_path / "cfr.mp4"
+    out.write_bytes(reencode_video(source, ReencodeOptions(fps=10, crf=10)))
+    with av.open(str(out)) as container:
+        shown = [frame_index_of(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    # tick k at 100k ms shows the last frame that started by then; the last frame lasts as long as the one before it
+    end = times[-1] + times[-1] - times[-2]
+    expected = [max(i for i, t in enumerate(times) if t <= 100 * k) for k in range(-(-end // 100))]
+    assert shown == expected == [0, 2, 3, 4, 5, 7, 8, 9, 9]
+    record = scan_video(str(out))
+    assert record["constant_frame_rate"] and record["fps"] == 10.0
+
+
+@pytest.mark.parametrize("codec,ext", [("h264", ".mp4"), ("hevc", ".mp4"), ("vp9", ".webm")])
+def test_reencode_sets_size_keyframes_length_and_codec(tmp_path, codec, ext):
+    from umt_fast.data.decoding import scan_video
+    from umt_fast.data.reencode import ReencodeOptions, reencode_video
+
+    source = sample_clip_paths()[1]  # 640 x 272, 25 fps, 10 s
+    options = ReencodeOptions(codec=codec, fps=12.5, short_side=64, keyframe_interval=0.4, max_seconds=2)
+    out = tmp_path / f"out{ext}"
+    out.write_bytes(reencode_video(source, options))
+    rate, packets, width, height, name = _truth(str(out))
+    assert (rate, packets, name) == (12.5, 25, codec)
+    assert (width, height) == (150, 64)  # 640 x 272 scaled by 64 / 272, rounded to even
+    with av.open(str(out)) as container:
+        packets = sorted((p.pts, p.is_keyframe) for p in container.demux(video=0) if p.size)  # display order
+    keyframes = [i for i, (_, is_keyframe) in enumerate(packets) if is_keyframe]
+    assert keyframes == list(range(0, 25, 5))  # every 0.4 s x 12.5 fps = 5 frames, no others
+    assert scan_video(str(out))["constant_frame_rate"] and options.extension == ext
+
+
+def test_shard_reencodes_and_a_killed_run_resumes_to_the_same_checksums(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from umt_fast.data import read_annotation_list
+    from umt_fast.data.decoding import scan_video
+
+    clips = sample_clip_paths()
+    listing = tmp_path / "list.csv"
+    (tmp_path / "notes.mp4").write_text("not a video")
+    listing.write_text("".join(f"{c},{i % 4}\n" for i, c in enumerate(clips * 2)) + f"{tmp_path / 'notes.mp4'},1\n")
+    options = ["--reencode", "--fps", "10", "--short-side", "48", "--max-seconds", "1.5", "--shard-size", "1",
+               "--num-workers", "1"]  # fmt: skip
+    straight = tmp_path / "straight"
+    assert prepare.main(["shard", str(listing), "--out", str(straight)] + options) == 0
+    manifest = json.loads((straight / "manifest.json").read_text())
+    assert manifest["options"]["reencode"] == {"codec": "h264", "fps": 10.0, "short_side": 48, "keyframe_interval": 1.0,
+                                               "max_seconds": 1.5, "crf": 23}  # fmt: skip
+    assert manifest["clips"] == 8 and [m["index"] for s in manifest["shards"] for m in s["missing"]] == [8]
+    assert "cannot re-encode" in manifest["shards"][8]["missing"][0]["reason"]
+    for record in read_annotation_list(str(straight / "manifest.json")):
+        member = tmp_path / "member.mp4"
+        from umt_fast.data.storage import read_video_bytes
+
+        member.write_bytes(read_video_bytes(record.path))
+        scan = scan_video(str(member))
+        assert (scan["fps"], scan["frames"], min(scan["width"], scan["height"]), scan["keyframe_interval"]) == (10.0, 15, 48, 10.0)
+
+    resumed = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "umt_fast.prepare", "shard", str(listing), "--out", str(resumed)] + options
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while len(list(resumed.glob("shard-*.tar"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "manifest.json").exists(), "the run finished before it was killed"
+    written = len(list(resumed.glob("shard-*.tar")))
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"{written} already written, {9 - written} to write" in result.stderr
+    again = json.loads((resumed / "manifest.json").read_text())
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    assert not (resumed / "progress.jsonl").exists()
+
+    # other options: nothing is reused
+    assert subprocess.run(cmd[:-len(options)] + options + ["--crf", "30"], capture_output=True, text=True).stderr.count(
+        "0 already written, 9 to write") == 1
+
+
+def test_reencode_options_need_reencode(tmp_path, capsys):
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"{sample_clip_paths()[0]},0\n")
+    assert prepare.main(["shard", str(listing), "--out", str(tmp_path / "s"), "--short-side", "320"]) == 2
+    assert "--short-side only apply with --reencode" in capsys.readouterr().err
+    assert prepare.main(["shard", str(listing), "--out", str(tmp_path / "s"), "--reencode", "--short-side", "321"]) == 2
+    assert "--short-side=321 must be even" in capsys.readouterr().err
+
+
+def test_scan_of_a_caption_list_checks_videos_and_images_and_writes_a_clean_json(tmp_path, capsys):
+    from umt_fast.data.captions import write_demo_caption_lists
+
+    video_list, image_list = write_demo_caption_lists(str(tmp_path / "lists"))
+    entries = json.loads(open(video_list).read()) + json.loads(open(image_list).read())
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    entries[1:1] = [{"video": str(tmp_path / "gone.mp4"), "caption": "a lost clip"},
+                    {"image": str(tmp_path / "broken.png"), "caption": ["a broken picture"]}]  # fmt: skip
+    listing = tmp_path / "pairs.json"
+    listing.write_text(json.dumps(entries))
+    out = tmp_path / "scan"
+    assert prepare.main(["scan", str(listing), "--out", str(out), "--num-workers", "1"]) == 0
+    records = [json.loads(line) for line in (out / "scan.jsonl").read_text().splitlines()]
+    assert [r["entry"] for r in records] == list(range(len(entries)))
+    assert [r["ok"] for r in records[:3]] == [True, False, False]
+    assert records[1]["reason"] == "file not found" and "cannot read image" in records[2]["reason"]
+    images = [r for r in records if r.get("media") == "image" and r["ok"]]
+    assert len(images) == len(entries) - 6 and all(r["width"] > 0 and r["height"] > 0 for r in images)
+    clean = json.loads((out / "clean.json").read_text())
+    assert clean == entries[:1] + entries[3:]  # the entries as written, without the two bad ones
+    assert f"of {len(entries) - len(images) - 1} videos and {len(images) + 1} images readable; 2 unreadable" in capsys.readouterr().out

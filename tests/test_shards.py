@@ -184,3 +184,35 @@ def test_finetuning_and_evaluation_read_a_manifest_as_their_list(shard_set):
     b = FinetuneClipDataset(plain, num_frames=4, img_size=32, seed=0)[3]
     assert a["label"] == b["label"] and (a["video"] == b["video"]).all()
     assert (multi_view_clip(sharded[1].path, 4, 32, 2, 3) == multi_view_clip(plain[1].path, 4, 32, 2, 3)).all()
+
+
+def test_stage2_trains_on_caption_shards_as_on_its_json_lists(tmp_path):
+    """Video and image caption lists made into shard sets: the same pairs, captions and losses."""
+    from umt_fast.data.captions import read_caption_json, write_demo_caption_lists
+    from umt_fast.pretrain_vl import main as pretrain_vl
+
+    video_list, image_list = write_demo_caption_lists(str(tmp_path / "lists"))
+    manifests = []
+    for name, listing in (("videos", video_list), ("images", image_list)):
+        assert prepare.main(["shard", listing, "--out", str(tmp_path / name), "--shard-size", "300000",
+                             "--num-workers", "1"]) == 0  # fmt: skip
+        manifests.append(str(tmp_path / name / "manifest.json"))
+        sharded, plain = read_caption_json(manifests[-1]), read_caption_json(listing)
+        assert [(e["media"], e["captions"]) for e in sharded] == [(e["media"], e["captions"]) for e in plain]
+    image = read_caption_json(manifests[1])[0]
+    assert image["media"] == "image" and "#" in image["path"]
+    losses = []
+    for videos, images in ((video_list, image_list), tuple(manifests)):
+        run_dir = tmp_path / f"run{len(losses)}"
+        assert pretrain_vl(["--run-dir", str(run_dir), "--data.video_list", videos, "--data.image_list", images,
+                            "--optim.epochs", "3", "--train.max_steps", "2"]) == 0  # fmt: skip
+        losses.append([(r["step"], r["loss"], r["vtc"], r["mlm"]) for r in read_metrics(str(run_dir / "metrics.jsonl"))
+                       if "loss" in r])  # fmt: skip
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
+def test_a_labelled_shard_set_is_not_a_caption_list(shard_set):
+    from umt_fast.data.captions import read_caption_json
+
+    with pytest.raises(ValueError, match="stage 2 needs one made from a JSON caption list"):
+        read_caption_json(str(shard_set[1]))

@@ -3,7 +3,7 @@
     # probe every video of a list in parallel: a report, a summary table and a cleaned list
     python -m umt_fast.prepare scan k710_train.csv --root /data/k710 --out k710_scan --num-workers 16
 
-    # the list's clips and labels as tar shards in the WebDataset layout, with indexes and a manifest
+    # the list's clips and labels (or captions) as tar shards in the WebDataset layout, with indexes and a manifest
     python -m umt_fast.prepare shard k710_scan/clean.csv --root /data/k710 --out k710_shards
 
 ``scan`` records for each video whether it decodes (and why not), its duration, frame rate,
@@ -13,13 +13,16 @@ the list's lines without the unreadable videos and those shorter than ``--min-fr
 prints a summary table. A bad file never stops it. Exit code 2 for a missing or malformed list.
 
 ``shard`` writes the clips, in list order, into GNU tar files of about ``--shard-size`` bytes in
-the WebDataset layout: member ``KEY.<ext>`` (the video's bytes, unchanged) and ``KEY.json``
-(``{"index", "path", "label"}``), KEY the clip's 9-digit position in the list. Beside each
-``shard-NNNNNN.tar`` an ``.idx.json`` gives every member's data offset and size (one ranged read
-fetches a clip), and ``manifest.json`` holds the clip count, the source list, the options and
-each shard's SHA-256, members and first and last clip. Shards are written in parallel, each to a
-temporary name renamed when complete; a rerun checks the finished shards against the manifest's
-checksums and skips them. A missing source file is left out and listed in the manifest.
+the WebDataset layout: member ``KEY.<ext>`` (the video's bytes, unchanged, or with ``--reencode``
+the video re-encoded by `umt_fast.data.reencode`) and ``KEY.json`` (``{"index", "path", "label"}``,
+and for a stage-2 JSON caption list ``"caption"`` and ``"media"``: its captions, ``video`` or
+``image``), KEY the clip's 9-digit position in the list. Beside each ``shard-NNNNNN.tar`` an
+``.idx.json`` gives every member's data offset and size (one ranged read fetches a clip), and
+``manifest.json`` holds the clip count, the source list, the options and each shard's SHA-256,
+members, labels or captions, and first and last clip. Shards are written in parallel, each to a
+temporary name renamed when complete and logged to ``progress.jsonl``; a rerun (after a kill,
+too) skips the finished shards whose bytes, clips and options are unchanged. A missing source
+file, or one that cannot be re-encoded, is left out and listed in the manifest with the reason.
 """
 from __future__ import annotations
 
@@ -35,21 +38,41 @@ import sys
 import tarfile
 import time
 
-from umt_fast.data.annotations import read_annotation_list
-from umt_fast.data.decoding import scan_video
+from umt_fast.data.annotations import VideoRecord, read_annotation_list
+from umt_fast.data.decoding import VideoDecodeError, scan_video
+from umt_fast.data.storage import read_all
+from umt_fast.data.reencode import CODECS, ReencodeOptions, reencode_video
 from umt_fast.engine.checkpoint import atomic_write, check_writable
 from umt_fast.engine.metrics import format_duration
 
 
-def _scan_one(task: tuple[int, str]) -> tuple[int, dict]:
-    index, path = task
-    return index, scan_video(path)
+def scan_image(path: str) -> dict:
+    """What ``scan`` records about an image of a caption list: ``ok`` (it decodes) or ``reason``,
+    and ``width``, ``height``, ``format``, ``size_bytes``; never raises."""
+    from PIL import Image
+
+    record: dict = {"path": path, "media": "image", "ok": False}
+    try:
+        with Image.open(path) as im:
+            im.load()
+            record.update(ok=True, width=im.width, height=im.height, format=im.format, size_bytes=os.path.getsize(path))
+    except FileNotFoundError:
+        record["reason"] = "file not found"
+    except Exception as e:  # a scan reports every file and stops on none
+        record["reason"] = f"cannot read image: {type(e).__name__}: {e}"
+    return record
 
 
-def scan_list(paths: list[str], num_workers: int, progress=None) -> list[dict]:
-    """`scan_video` of every path, in worker processes; the records in input order."""
+def _scan_one(task: tuple[int, str, str]) -> tuple[int, dict]:
+    index, path, media = task
+    return index, scan_image(path) if media == "image" else scan_video(path)
+
+
+def scan_list(paths: list[str], num_workers: int, progress=None, media: list[str] | None = None) -> list[dict]:
+    """`scan_video` (or `scan_image` where ``media`` says "image") of every path, in worker
+    processes; the records in input order."""
     records: list[dict | None] = [None] * len(paths)
-    tasks = list(enumerate(paths))
+    tasks = [(i, path, media[i] if media else "video") for i, path in enumerate(paths)]
     if num_workers <= 1:
         results = map(_scan_one, tasks)
         pool = None
@@ -71,10 +94,12 @@ def scan_list(paths: list[str], num_workers: int, progress=None) -> list[dict]:
 def summary_table(records: list[dict], min_frames: int) -> str:
     """The scan's summary: readable / unreadable / too short, the reasons, codecs, resolutions,
     frame rates and the spread of duration, keyframe interval and bitrate."""
-    ok = [r for r in records if r["ok"]]
+    images = [r for r in records if r.get("media") == "image"]
+    ok = [r for r in records if r["ok"] and r.get("media") != "image"]
     short = [r for r in ok if r["frames"] < min_frames]
-    lines = [f"{len(ok)} of {len(records)} videos readable; {len(records) - len(ok)} unreadable, {len(short)} shorter "
-             f"than {min_frames} frames"]  # fmt: skip
+    what = f"{len(records) - len(images)} videos" + (f" and {len(images)} images" if images else "")
+    lines = [f"{len(ok) + sum(r['ok'] for r in images)} of {what} readable; {sum(not r['ok'] for r in records)} "
+             f"unreadable, {len(short)} videos shorter than {min_frames} frames"]  # fmt: skip
     reasons = collections.Counter(r["reason"].split(" (")[0] for r in records if not r["ok"])
     for reason, n in reasons.most_common(5):
         lines.append(f"  unreadable: {n:>6} x {reason}")
@@ -114,19 +139,27 @@ def scan_command(args: argparse.Namespace) -> int:
             print(f"scanned {done}/{total} | {rate:.1f} videos/s | ETA {format_duration((total - done) / rate)}",
                   file=sys.stderr, flush=True)  # fmt: skip
 
-    records = scan_list([e.path for e in entries], args.num_workers, progress)
-    for entry, record in zip(entries, records):
-        record["line"] = entry.line
-    keep = [e.text for e, r in zip(entries, records) if r["ok"] and r["frames"] >= args.min_frames]
-    report, clean = os.path.join(out, "scan.jsonl"), os.path.join(out, "clean.csv")
+    records = scan_list([e.path for e in entries], args.num_workers, progress, [e.media for e in entries])
+    captions = args.list.lower().endswith(".json") and any(e.captions for e in entries)
+    for i, (entry, record) in enumerate(zip(entries, records)):
+        record["entry" if captions else "line"] = i if captions else entry.line
+    kept = [i for i, r in enumerate(records) if r["ok"] and (r.get("media") == "image" or r["frames"] >= args.min_frames)]
+    report = os.path.join(out, "scan.jsonl")
     atomic_write(report, lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in records)))
-    atomic_write(clean, lambda tmp: open(tmp, "w").write("".join(line + "\n" for line in keep)))
+    if captions:  # a caption list: its entries as written, in a JSON list
+        raw = json.loads(read_all(args.list).decode("utf-8-sig"))
+        clean = os.path.join(out, "clean.json")
+        atomic_write(clean, lambda tmp: open(tmp, "w").write(json.dumps([raw[i] for i in kept], indent=1)))
+    else:
+        clean = os.path.join(out, "clean.csv")
+        atomic_write(clean, lambda tmp: open(tmp, "w").write("".join(entries[i].text + "\n" for i in kept)))
     print(summary_table(records, args.min_frames))
-    print(f"wrote {report} and {clean} ({len(keep)} of {len(records)} lines)")
+    print(f"wrote {report} and {clean} ({len(kept)} of {len(records)} {'entries' if captions else 'lines'})")
     return 0
 
 
 SHARD_SIZE = 10**9
+REENCODE_FIELDS = ("codec", "fps", "short_side", "keyframe_interval", "max_seconds", "crf")
 MANIFEST = "manifest.json"
 
 
@@ -155,24 +188,55 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_shard(task: tuple[str, list[tuple[int, str, int | None]]]) -> dict:
-    """Writes one shard (``(tar path, [(clip index, video path, label)])``) to a temporary name,
-    renames it, writes its index; returns its manifest entry."""
-    tar_path, clips = task
+def clip_meta(index: int, entry: VideoRecord) -> dict:
+    """A clip's ``KEY.json``: its position in the list, source path, label, and for a caption list
+    its captions and media type."""
+    meta = {"index": index, "path": entry.path, "label": entry.label}
+    if entry.captions:
+        meta.update(caption=list(entry.captions), media=entry.media)
+    return meta
+
+
+def clips_sha256(clips: list[tuple[int, VideoRecord]], options: dict) -> str:
+    """What a shard is made from (its clips' ``KEY.json`` and the options): a finished shard is
+    reused only when this is unchanged."""
+    text = json.dumps([options] + [clip_meta(i, e) for i, e in clips], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _member_bytes(entry: VideoRecord, reencode: ReencodeOptions | None) -> tuple[bytes | None, str]:
+    """(the video member's bytes, its extension), or (None, why) for a clip left out."""
+    if not os.path.isfile(entry.path):
+        return None, "file not found"
+    if reencode is None or entry.media == "image":
+        with open(entry.path, "rb") as f:
+            return f.read(), os.path.splitext(entry.path)[1].lower() or ".mp4"
+    try:
+        return reencode_video(entry.path, reencode), reencode.extension
+    except VideoDecodeError as exc:
+        return None, f"cannot re-encode: {exc.reason}"
+
+
+def write_shard(task: tuple[str, list[tuple[int, VideoRecord]], dict]) -> dict:
+    """Writes one shard (``(tar path, [(clip index, list entry)], options)``) to a temporary name,
+    renames it, writes its index; returns its manifest entry. ``options["reencode"]``: a
+    `ReencodeOptions` dict, or None to store the videos' bytes unchanged."""
+    tar_path, clips, options = task
+    reencode = ReencodeOptions(**options["reencode"]) if options.get("reencode") else None
     tmp = tar_path + ".tmp"
-    missing = []
+    missing, written = [], []
     with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-        for index, path, label in clips:
-            if not os.path.isfile(path):
-                missing.append({"index": index, "path": path})
+        for index, entry in clips:
+            data, ext = _member_bytes(entry, reencode)
+            if data is None:
+                missing.append({"index": index, "path": entry.path, "reason": ext})
                 continue
             key = f"{index:09d}"
-            ext = os.path.splitext(path)[1].lower() or ".mp4"
-            tar.add(path, arcname=key + ext, recursive=False, filter=_plain_member)
-            meta = json.dumps({"index": index, "path": path, "label": label}).encode()
-            info = _plain_member(tarfile.TarInfo(key + ".json"))
-            info.size = len(meta)
-            tar.addfile(info, io.BytesIO(meta))
+            for name, payload in ((key + ext, data), (key + ".json", json.dumps(clip_meta(index, entry)).encode())):
+                info = _plain_member(tarfile.TarInfo(name))
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            written.append(entry)
     members = {}
     with tarfile.open(tmp, "r") as tar:
         for member in tar:
@@ -181,12 +245,13 @@ def write_shard(task: tuple[str, list[tuple[int, str, int | None]]]) -> dict:
         json.dump(members, f)
     os.replace(tmp + ".idx", os.path.splitext(tar_path)[0] + ".idx.json")
     os.replace(tmp, tar_path)
-    indices = [i for i, _, _ in clips]
-    gone = {m["index"] for m in missing}
-    return {"name": os.path.basename(tar_path), "sha256": _sha256(tar_path), "clips": len(clips) - len(missing),
-            "first_index": indices[0], "last_index": indices[-1], "missing": missing,
-            "index_sha256": _sha256(os.path.splitext(tar_path)[0] + ".idx.json"),
-            "labels": [label for i, _, label in clips if i not in gone]}  # fmt: skip
+    entry = {"name": os.path.basename(tar_path), "sha256": _sha256(tar_path), "clips": len(written),
+             "first_index": clips[0][0], "last_index": clips[-1][0], "missing": missing,
+             "index_sha256": _sha256(os.path.splitext(tar_path)[0] + ".idx.json"),
+             "source_sha256": clips_sha256(clips, options), "labels": [e.label for e in written]}  # fmt: skip
+    if any(e.captions for e in written):  # a caption list (stage 2): what read_shard_manifest gives back
+        entry.update(captions=[list(e.captions) for e in written], media=[e.media for e in written])
+    return entry
 
 
 def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -198,58 +263,88 @@ def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
+PROGRESS = "progress.jsonl"
+
+
+def _reencode_options(args: argparse.Namespace) -> ReencodeOptions | None:
+    given = [f"--{name.replace('_', '-')}" for name in REENCODE_FIELDS if getattr(args, name) is not None]
+    if not args.reencode:
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --reencode")
+        return None
+    return ReencodeOptions(**{name: getattr(args, name) for name in REENCODE_FIELDS if getattr(args, name) is not None})
+
+
+def _finished_shards(out: str) -> dict[str, dict]:
+    """The entries of shards an earlier run finished: its manifest's, then those it logged to
+    progress.jsonl as each shard completed (a run that was killed has no manifest yet)."""
+    found = {}
+    manifest_path = os.path.join(out, MANIFEST)
+    if os.path.isfile(manifest_path):
+        found = {s["name"]: s for s in json.load(open(manifest_path))["shards"]}
+    progress = os.path.join(out, PROGRESS)
+    if os.path.isfile(progress):
+        for line in open(progress, encoding="utf-8"):
+            try:
+                entry = json.loads(line)
+            except ValueError:  # the line a kill cut short
+                continue
+            found[entry["name"]] = entry
+    return found
+
+
 def shard_command(args: argparse.Namespace) -> int:
     try:
         entries = read_annotation_list(args.list, root=args.root)
         if args.shard_size < 1:
             raise ValueError(f"--shard-size={args.shard_size} must be >= 1")
+        reencode = _reencode_options(args)
         check_writable(os.path.join(args.out, MANIFEST), "--out")
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    options = {"shard_size": args.shard_size, "reencode": reencode.as_dict() if reencode else None}
     plan = plan_shards([e.path for e in entries], args.shard_size)
     manifest_path = os.path.join(args.out, MANIFEST)
-    previous = {}
-    if os.path.isfile(manifest_path):
-        previous = {s["name"]: s for s in json.load(open(manifest_path))["shards"]}
+    previous = _finished_shards(args.out)
     tasks, done = [], {}
     for n, indices in enumerate(plan):
         name = f"shard-{n:06d}.tar"
         path = os.path.join(args.out, name)
+        clips = [(i, entries[i]) for i in indices]
         entry = previous.get(name)
-        if entry and entry["first_index"] == indices[0] and entry["last_index"] == indices[-1] \
-                and os.path.isfile(path) and _sha256(path) == entry["sha256"]:  # fmt: skip
-            gone = {m["index"] for m in entry["missing"]}
-            index_path = os.path.splitext(path)[0] + ".idx.json"
-            entry.setdefault("labels", [entries[i].label for i in indices if i not in gone])
-            if "index_sha256" not in entry and os.path.isfile(index_path):  # a manifest from before these fields
-                entry["index_sha256"] = _sha256(index_path)
-            done[name] = entry  # finished by an earlier run, and intact
+        if entry and entry.get("source_sha256") == clips_sha256(clips, options) and os.path.isfile(path) \
+                and _sha256(path) == entry["sha256"]:  # fmt: skip
+            done[name] = entry  # finished by an earlier run from the same clips and options, and intact
             continue
-        tasks.append((path, [(i, entries[i].path, entries[i].label) for i in indices]))
+        tasks.append((path, clips, options))
     print(f"{len(plan)} shards of about {args.shard_size / 1e9:g} GB for {len(entries)} clips; {len(done)} already "
-          f"written, {len(tasks)} to write", file=sys.stderr)  # fmt: skip
+          f"written, {len(tasks)} to write" + (f"; re-encoding to {reencode.codec}" if reencode else ""),
+          file=sys.stderr)  # fmt: skip
     start = time.perf_counter()
     pool = multiprocessing.get_context("spawn").Pool(args.num_workers) if args.num_workers > 1 and len(tasks) > 1 else None
     results = pool.imap_unordered(write_shard, tasks) if pool is not None else map(write_shard, tasks)
     try:
-        for k, entry in enumerate(results, start=1):
-            done[entry["name"]] = entry
-            rate = k / max(time.perf_counter() - start, 1e-9)
-            print(f"sharded {k}/{len(tasks)} | {rate:.2f} shards/s | ETA {format_duration((len(tasks) - k) / rate)}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+        with open(os.path.join(args.out, PROGRESS), "a", encoding="utf-8") as progress:
+            for k, entry in enumerate(results, start=1):
+                done[entry["name"]] = entry
+                progress.write(json.dumps(entry) + "\n")
+                progress.flush()
+                rate = k / max(time.perf_counter() - start, 1e-9)
+                print(f"sharded {k}/{len(tasks)} | {rate:.2f} shards/s | ETA {format_duration((len(tasks) - k) / rate)}",
+                      file=sys.stderr, flush=True)  # fmt: skip
     finally:
         if pool is not None:
             pool.close()
             pool.join()
     shards = [done[f"shard-{n:06d}.tar"] for n in range(len(plan))]
     manifest = {"clips": sum(s["clips"] for s in shards), "source_list": os.path.abspath(args.list),
-                "root": args.root, "options": {"shard_size": args.shard_size}, "layout": "webdataset",
-                "shards": shards}  # fmt: skip
+                "root": args.root, "options": options, "layout": "webdataset", "shards": shards}  # fmt: skip
     atomic_write(manifest_path, lambda tmp: open(tmp, "w").write(json.dumps(manifest, indent=1)))
+    os.remove(os.path.join(args.out, PROGRESS))
     missing = [m for s in shards for m in s["missing"]]
     print(f"wrote {len(shards)} shards ({manifest['clips']} clips) and {manifest_path}"
-          + (f"; {len(missing)} missing file(s) left out, listed there" if missing else ""))  # fmt: skip
+          + (f"; {len(missing)} clip(s) left out (missing or not re-encodable), listed there" if missing else ""))  # fmt: skip
     return 0
 
 
@@ -269,6 +364,17 @@ def main(argv: list[str] | None = None) -> int:
     shard.add_argument("--root", default="", help="directory that relative paths are resolved against")
     shard.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="bytes per shard, about (default 1e9)")
     shard.add_argument("--num-workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: the CPUs)")
+    shard.add_argument("--reencode", action="store_true",
+                       help="re-encode every video (PyAV) with the options below instead of storing its bytes")
+    shard.add_argument("--codec", choices=tuple(CODECS), default=None,
+                       help="with --reencode: h264 (default) or hevc in MP4, or vp9 in WebM (DALI's CPU backend)")
+    shard.add_argument("--fps", type=float, default=None, help="with --reencode: constant frame rate (default: the source's)")
+    shard.add_argument("--short-side", type=int, default=None,
+                       help="with --reencode: pixels of the shorter side, aspect kept (e.g. 320; default: unchanged)")
+    shard.add_argument("--keyframe-interval", type=float, default=None,
+                       help="with --reencode: seconds between keyframes (default 1)")
+    shard.add_argument("--max-seconds", type=float, default=None, help="with --reencode: keep at most this much (default: all)")
+    shard.add_argument("--crf", type=int, default=None, help="with --reencode: constant rate factor (default 23)")
     args = parser.parse_args(argv)
     return scan_command(args) if args.command == "scan" else shard_command(args)
 

@@ -19,6 +19,7 @@ would.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from umt_fast.data.annotations import read_annotation_list
 from umt_fast.data.dataset import init_worker
-from umt_fast.data.decoding import VideoDecodeError, count_frames, decode_frames
+from umt_fast.data.decoding import VideoDecodeError, count_frames, decode_frames, remote_bytes
 from umt_fast.data.order import EpochPermutations, sample_rng
 from umt_fast.data.transforms import crop_resize_flip, random_resized_crop_box, tsn_frame_indices
 from umt_kernels.rng import derive_seed
@@ -108,7 +109,11 @@ def read_caption_json(path: str, root: str = "") -> list[dict[str, Any]]:
     if not path.lower().endswith(".json"):
         raise ValueError(f"{path}: a caption list must be a .json file (a list of {{\"video\" or \"image\": path, "
                          "\"caption\": str or [str]}})")  # fmt: skip
-    return [{"media": r.media, "path": r.path, "captions": list(r.captions)} for r in read_annotation_list(path, root)]
+    records = read_annotation_list(path, root)
+    if not any(r.captions for r in records):  # only a shard manifest of a text list can come back without captions
+        raise ValueError(f"{path}: a shard set of a list without captions (prepare shard of a 'path,label' list); "
+                         "stage 2 needs one made from a JSON caption list")  # fmt: skip
+    return [{"media": r.media, "path": r.path, "captions": list(r.captions)} for r in records]
 
 
 def caption_records(entries: list[dict[str, Any]], media: str) -> list[CaptionRecord]:
@@ -126,7 +131,8 @@ def load_image(path: str) -> torch.Tensor:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        data = remote_bytes(path)  # a shard member or a URL: read into memory
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             array = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
             w, h = im.size
     except (OSError, ValueError) as e:

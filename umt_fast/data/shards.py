@@ -61,10 +61,12 @@ def read_shard_manifest(manifest_url: str, manifest: dict, workers: int = 16) ->
         skipped = {m["index"] for m in entry.get("missing", [])}
         indices = [i for i in range(entry["first_index"], entry["last_index"] + 1) if i not in skipped]
         labels = entry.get("labels") or [None] * len(indices)
+        captions = entry.get("captions") or [()] * len(indices)
+        media = entry.get("media") or ["video"] * len(indices)
         by_key = {name.split(".", 1)[0]: name for name in (members or {}) if not name.endswith(".json")}
         if reason:
             bad_shards.append(f"{entry['name']}: {reason}")
-        for index, label in zip(indices, labels):
+        for index, label, caps, kind in zip(indices, labels, captions, media):
             key = f"{index:09d}"
             if reason:
                 path = unreadable_member_ref(tar, key, reason)
@@ -76,7 +78,7 @@ def read_shard_manifest(manifest_url: str, manifest: dict, workers: int = 16) ->
                 if offset + nbytes > size:
                     path = unreadable_member_ref(tar, by_key[key], f"truncated shard: the member needs bytes "
                                                  f"{offset}..{offset + nbytes}, the shard has {size}")  # fmt: skip
-            records.append(VideoRecord(path=path, label=label, line=index + 1))
+            records.append(VideoRecord(path=path, label=label, captions=tuple(caps), media=kind, line=index + 1))
     if bad_shards:
         log.warning("%s: %d of %d shards cannot be read; their clips count as unreadable videos: %s", manifest_url,
                     len(bad_shards), len(shards), "; ".join(bad_shards[:3]))  # fmt: skip
