@@ -318,6 +318,35 @@ def reference_itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
     }
 
 
+def reference_mc_answers(vision_proj, text_proj, temp, pooled_image_feat, pooled_text_feat, itm_logits,
+                         num_options_per_q):
+    """multi_modality/tasks/retrieval_mc.py ``main_with_ensemble`` (one clip per video, the default
+    "concat" frame ensemble): ``get_sim_for_each_question``'s softmax over each question's options of
+    the mean over frames of the projected, normalised cosine divided by ``temp``, mixed with the ITM
+    head's match probability as ``0.7 * itm + 0.3 * sim``; the answer is ``.max(1)[1]`` per question.
+
+    Args:
+        vision_proj, text_proj: the model's projections (callables).
+        temp: the model's temperature, as stored.
+        pooled_image_feat: [b, t, c] pooled per-frame vision features (before vision_proj).
+        pooled_text_feat: [b * n, c] the options' CLS features (before text_proj), question-major.
+        itm_logits: [b * n, 2] the ITM head's logits of (question's video, option), same order.
+
+    Returns:
+        (ensemble scores [b, n], predicted option [b])."""
+    pooled_text_feat = pooled_text_feat.reshape(-1, num_options_per_q, pooled_text_feat.shape[-1])  # (b n) c -> b n c
+    image_feat = F.normalize(vision_proj(pooled_image_feat), dim=-1)
+    text_feat = F.normalize(text_proj(pooled_text_feat), dim=-1)
+    sim = torch.matmul(image_feat, text_feat.transpose(1, 2))  # [b, t, n]
+    sim = sim.mean(1) / temp  # [b,n]
+    sim = F.softmax(sim, dim=1)  # [b, n]
+    sim = sim.flatten()  # [b*n,]
+    score = F.softmax(itm_logits, dim=1)[:, 1]  # [bs*5]
+    score = score * 0.7 + sim * 0.3
+    pred_ans = score.view(-1, num_options_per_q).max(1)[1]
+    return score.view(-1, num_options_per_q), pred_ans
+
+
 # ---- fine-tuning ViT (single_modality/models/modeling_finetune.py) ----
 
 

@@ -52,11 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         from umt_fast.recipes.zeroshot import main as zeroshot_main
 
         return zeroshot_main(argv[1:])
+    if argv and argv[0] == "mc":  # multiple-choice video-text retrieval (MSRVTT-MC)
+        from umt_fast.recipes.retrieval_mc import main as mc_main
+
+        return mc_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m umt_fast.evaluate",
         description="Multi-view top-1/top-5 of a video classifier on an annotation list, or the top-5 labels of one "
         "video. `python -m umt_fast.evaluate retrieval --help`: zero-shot video-text retrieval; `... zeroshot --help`: "
-        "zero-shot classification.",
+        "zero-shot classification; `... mc --help`: multiple-choice video-text retrieval (MSRVTT-MC).",
     )
     parser.add_argument("--checkpoint", required=True, help="a fine-tuning run dir or checkpoint, an export, or a reference fine-tuned file")
     what = parser.add_mutually_exclusive_group(required=True)

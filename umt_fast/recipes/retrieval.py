@@ -224,13 +224,7 @@ def vtm_rerank(model, sim_TV, text_x, text_mask, vision_tokens, k: int, batch_si
     nt, nv = sim_TV.shape
 
     def score(pairs_t, pairs_v):
-        out = []
-        for i in range(0, len(pairs_t), batch_size):
-            t, v = pairs_t[i:i + batch_size], pairs_v[i:i + batch_size]
-            with _autocast(device, autocast_dtype):
-                logits = model.match_logits(text_x[t], text_mask[t], vision_tokens[v])
-            out.append(logits[:, 1].float())
-        return torch.cat(out)
+        return vtm_pair_logits(model, text_x, text_mask, vision_tokens, pairs_t, pairs_v, batch_size, autocast_dtype)[:, 1]
 
     k_v, k_t = min(k, nv), min(k, nt)
     t2v = torch.full((nt, nv), NOT_RERANKED, device=device)
@@ -242,6 +236,21 @@ def vtm_rerank(model, sim_TV, text_x, text_mask, vision_tokens, k: int, batch_si
     cols = torch.arange(nv, device=device).repeat(k_t)
     v2t[top_t.flatten(), cols] = score(top_t.flatten(), cols)
     return t2v, v2t
+
+
+@torch.no_grad()
+def vtm_pair_logits(model, text_x, text_mask, vision_tokens, text_idx, video_idx, batch_size: int = 64,
+                    autocast_dtype=None) -> torch.Tensor:  # fmt: skip
+    """The VTM head's two logits [P, 2] float32 (index 1 = match) for the (text, video) pairs
+    ``(text_idx[p], video_idx[p])``: the fused text cross-attends to all of the video's tokens;
+    ``batch_size`` pairs per forward."""
+    out = []
+    for i in range(0, len(text_idx), batch_size):
+        t, v = text_idx[i:i + batch_size], video_idx[i:i + batch_size]
+        with _autocast(vision_tokens.device, autocast_dtype):
+            logits = model.match_logits(text_x[t], text_mask[t], vision_tokens[v])
+        out.append(logits.float())
+    return torch.cat(out)
 
 
 def _autocast(device, dtype):
@@ -291,19 +300,27 @@ def evaluate(model, tokenizer, entries: list[dict], *, num_frames: int, img_size
 # ----------------------------------------------------------------------------------- command line
 
 
-def make_parser(prog: str = "python -m umt_fast.evaluate retrieval") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Zero-shot video-text retrieval (VTC, then VTM re-ranking).")
+RETRIEVAL_LIST_HELP = "JSON list of {\"video\": path, \"caption\": str or [str]} (MSRVTT style)"
+
+
+def make_parser(prog: str = "python -m umt_fast.evaluate retrieval", *,
+                description: str = "Zero-shot video-text retrieval (VTC, then VTM re-ranking).",
+                test_list_help: str = RETRIEVAL_LIST_HELP, rerank: bool = True) -> argparse.ArgumentParser:  # fmt: skip
+    """The options of an evaluation of a stage-2 model on a JSON test list (`prepare_inputs`
+    reads them); ``rerank`` adds ``--k``."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--checkpoint", "--weights", dest="weights", required=True,
                    help="stage-2 weights: a reference-format file (e.g. <run_dir>/umt_stage2.pth), a stage-2 run "
                    "directory or one of its checkpoints (--weights is the older spelling)")
     p.add_argument("--text-weights", required=True, help="the local BERT folder used in training ('minilm' = the bundled MiniLM)")
-    p.add_argument("--test-list", required=True, help="JSON list of {\"video\": path, \"caption\": str or [str]} (MSRVTT style)")
+    p.add_argument("--test-list", required=True, help=test_list_help)
     p.add_argument("--root", default="", help="directory relative media paths are resolved against")
     p.add_argument("--num-frames", type=int, default=None,
                    help="frames per video (middle of each segment); default: the run's (a run, or umt_stage2.pth "
                    "beside its config.yaml), else 4")
     p.add_argument("--img-size", type=int, default=None, help="input side in pixels; default: the run's, else 224")
-    p.add_argument("--k", type=int, default=128, help="candidates re-ranked by VTM per query; default 128")
+    if rerank:
+        p.add_argument("--k", type=int, default=128, help="candidates re-ranked by VTM per query; default 128")
     p.add_argument("--max-len", type=int, default=32, help="caption tokens; default 32")
     p.add_argument("--batch-size", type=int, default=8, help="videos per forward; default 8")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -312,24 +329,39 @@ def make_parser(prog: str = "python -m umt_fast.evaluate retrieval") -> argparse
     return p
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate retrieval") -> int:
-    args = make_parser(prog).parse_args(argv)
-    from umt_fast.data.captions import read_caption_json
+@dataclasses.dataclass
+class Stage2Inputs:
+    """A stage-2 model and a test list's decoded media, ready to score (`prepare_inputs`)."""
 
-    from umt_fast.engine.checkpoint import atomic_write, check_writable
+    model: torch.nn.Module  # in eval mode, on `device`
+    tokenizer: object
+    entries: list[dict]  # the readable entries, in list order
+    videos: list[torch.Tensor]  # their uint8 [T, S, S, 3] media
+    failed: list[tuple[str, str]]  # (path, reason) of the unreadable ones
+    num_frames: int
+    img_size: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # bf16 on a GPU, else None
 
-    try:
-        if args.k < 1:
-            raise ValueError(f"--k={args.k} must be >= 1")
-        if args.output:
-            check_writable(args.output, "--out")
-        run_frames, run_size = run_input_size(args.weights)
-        num_frames, img_size = args.num_frames or run_frames or 4, args.img_size or run_size or 224
-        entries = read_caption_json(args.test_list, args.root)
-        model, tokenizer = load_stage2_model(args.weights, args.text_weights, num_frames, img_size)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def prepare_inputs(args: argparse.Namespace, read_list) -> Stage2Inputs:
+    """What `make_parser`'s options ask for: checks ``--out`` is writable, takes the input size
+    from the options, else the run's, else 4 x 224, reads the list (``read_list(path, root)`` ->
+    entries as `read_caption_json` gives them), loads the model, then decodes every entry's media
+    with a progress line, skipping (and naming) the unreadable ones.
+
+    Raises:
+        ValueError, FileNotFoundError: a bad option, list or weights file (before any decoding),
+            or a list none of whose media could be read.
+    """
+    from umt_fast.engine.checkpoint import check_writable
+
+    if args.output:
+        check_writable(args.output, "--out")
+    run_frames, run_size = run_input_size(args.weights)
+    num_frames, img_size = args.num_frames or run_frames or 4, args.img_size or run_size or 224
+    entries = read_list(args.test_list, args.root)
+    model, tokenizer = load_stage2_model(args.weights, args.text_weights, num_frames, img_size)
     start = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
@@ -339,21 +371,42 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
 
     entries, videos, failed = load_entries(entries, num_frames, img_size, progress)
     if not entries:
-        print(f"error: {args.test_list}: none of its {len(failed)} media could be read", file=sys.stderr)
-        return 2
+        raise ValueError(f"{args.test_list}: none of its {len(failed)} media could be read")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    results = evaluate(model, tokenizer, entries, num_frames=num_frames, img_size=img_size, device=device, k=args.k,
-                       max_len=args.max_len, batch_size=args.batch_size, autocast_dtype=dtype, videos=videos)  # fmt: skip
+    return Stage2Inputs(model.to(device).eval(), tokenizer, entries, videos, failed, num_frames, img_size, device, dtype)
+
+
+def write_report(path: str, report: dict) -> None:
+    """``report`` as indented JSON at ``path`` (written atomically), then a line saying so."""
+    from umt_fast.engine.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=2)))
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate retrieval") -> int:
+    args = make_parser(prog).parse_args(argv)
+    from umt_fast.data.captions import read_caption_json
+
+    try:
+        if args.k < 1:
+            raise ValueError(f"--k={args.k} must be >= 1")
+        run = prepare_inputs(args, read_caption_json)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    results = evaluate(run.model, run.tokenizer, run.entries, num_frames=run.num_frames, img_size=run.img_size,
+                       device=run.device, k=args.k, max_len=args.max_len, batch_size=args.batch_size,
+                       autocast_dtype=run.autocast_dtype, videos=run.videos)  # fmt: skip
     print(format_table(results))
-    if failed:
-        print(f"{len(failed)} unreadable media skipped (their captions too): the metrics are over the other "
-              f"{len(entries)}", file=sys.stderr)  # fmt: skip
+    if run.failed:
+        print(f"{len(run.failed)} unreadable media skipped (their captions too): the metrics are over the other "
+              f"{len(run.entries)}", file=sys.stderr)  # fmt: skip
     if args.output:
-        report = {"weights": args.weights, "test_list": args.test_list, "k": args.k, "num_frames": num_frames,
-                  "img_size": img_size, **results, "unreadable": [{"path": p, "reason": r} for p, r in failed]}  # fmt: skip
-        atomic_write(args.output, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=2)))
-        print(f"wrote {args.output}")
+        write_report(args.output, {"weights": args.weights, "test_list": args.test_list, "k": args.k,
+                                   "num_frames": run.num_frames, "img_size": run.img_size, **results,
+                                   "unreadable": [{"path": p, "reason": r} for p, r in run.failed]})  # fmt: skip
     return 0
 
 
