@@ -233,3 +233,53 @@ def test_dali_clips_per_gpu(benchmark, kinetics_like, gop):
             path="dali_gpu", gop=gop, gpu=torch.cuda.get_device_name(), clips_per_s=4 * batch / benchmark.stats.stats.mean,
             wall_s=time.perf_counter() - start, **_describe(kinetics_like[gop]),
         )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def raw_and_reencoded(tmp_path_factory) -> dict[str, list[VideoRecord]]:
+    """Raw-download-like videos (10 s, 30 fps, 1280x720, H.264 with x264's 250-frame keyframe
+    interval) and the same videos through ``prepare shard --reencode --short-side 320`` (1 s GOP)."""
+    from umt_fast.data.reencode import ReencodeOptions, reencode_video
+
+    root = tmp_path_factory.mktemp("raw")
+    raw = [
+        VideoRecord(write_synthetic_video(str(root / f"raw_{i}.mp4"), num_frames=300, width=1280, height=720, fps=30,
+                                          codec="libx264", pattern="motion", seed=i,
+                                          options={"preset": "veryfast", "crf": "23"}), i)  # fmt: skip
+        for i in range(VIDEOS_PER_GOP)
+    ]
+    reencoded = []
+    for record in raw:
+        path = record.path.replace("raw_", "reencoded_")
+        with open(path, "wb") as f:
+            f.write(reencode_video(record.path, ReencodeOptions(short_side=320, keyframe_interval=1.0)))
+        reencoded.append(VideoRecord(path, record.label))
+    return {"raw": raw, "reencoded": reencoded}
+
+
+@pytest.mark.parametrize("version", ["raw", "reencoded"])
+def test_pyav_raw_against_reencoded_clips_per_core(benchmark, raw_and_reencoded, one_core, version):
+    """The PyAV path on raw 720p clips (250-frame GOPs), and on the same clips re-encoded at a
+    320 px short side with 1 s GOPs: what ``prepare shard --reencode`` buys per core."""
+    records = raw_and_reencoded[version]
+    ds = PretrainClipDataset(records, NUM_FRAMES, IMG_SIZE, seed=0)
+    positions = iter(range(10**9))
+    cpu_s = []
+
+    def run():
+        start = time.thread_time()
+        for _ in range(CLIPS_PER_ROUND):
+            ds[next(positions)]
+        cpu_s.append(time.thread_time() - start)
+
+    assert ds[next(positions)]["video"].shape == (NUM_FRAMES, IMG_SIZE, IMG_SIZE, 3)
+    run()  # warm-up
+    cpu_s.clear()
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    if benchmark.stats:
+        info = decoding.probe_video(records[0].path)
+        benchmark.extra_info.update(
+            path="pyav_plan", version=version, cores=1, clips_per_s=CLIPS_PER_ROUND / benchmark.stats.stats.mean,
+            clips_per_cpu_s=CLIPS_PER_ROUND * len(cpu_s) / sum(cpu_s), size=f"{info.width}x{info.height}",
+            keyframe_interval=round(info.num_frames / max(1, len(info.keyframes)), 1), **_describe(records),
+        )  # fmt: skip

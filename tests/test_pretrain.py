@@ -299,3 +299,22 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path):
     assert f"skipping damaged checkpoint {ckpt.checkpoint_path(run_dir, 2)}: unreadable metadata" in log_text
     assert "resumed from step 1" in log_text
     assert _losses_by_step(run_dir) == straight
+
+
+def test_the_console_log_follows_stderr_after_the_stream_it_started_on_closes(tmp_path, monkeypatch):
+    """A run's console handler outlives the stream it was made on (a test's capture, a closed
+    redirect): a later run's messages reach the stderr of the moment, and nothing raises."""
+    import io
+    import logging
+
+    from umt_fast.engine.metrics import setup_logging
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging(str(tmp_path))
+    logging.getLogger("umt_fast.test").warning("during the first run")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("umt_fast.test").warning("after it")
+    assert "WARNING: after it" in second.getvalue()
+    assert "during the first run" in (tmp_path / "log.txt").read_text()

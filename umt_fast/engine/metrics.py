@@ -248,6 +248,22 @@ def build_metrics_sinks(
     return MetricsSinks(sinks)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A console handler writing to whatever ``sys.stderr`` is at each record (a redirect, or a
+    capture that ended since the handler was made), never to a stream closed since."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(run_dir: str | None) -> logging.Logger:
     """Logs ``umt_fast.*`` to ``<run_dir>/log.txt`` (everything) and the console (warnings and info).
 
@@ -258,7 +274,7 @@ def setup_logging(run_dir: str | None) -> logging.Logger:
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    console = logging.StreamHandler(sys.stderr)
+    console = _StderrHandler()
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     # progress lines have their own console output; "file_only" records (e.g. the error a command
     # prints itself) go to log.txt alone
