@@ -2,7 +2,7 @@
 
 Layers, each importing only the ones below it (checked by import-linter, `.importlinter`):
 
-    commands   pretrain, pretrain_vl, finetune, evaluate, extract, export, visualize, prepare
+    commands   pretrain, pretrain_vl, finetune, probe, evaluate, extract, export, visualize, prepare
     recipes    the three training recipes, multi-view evaluation, retrieval
     viz        figures
     engine     the trainer, distributed wrapping, checkpoints, metrics, optimizer, stops

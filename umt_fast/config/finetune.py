@@ -12,18 +12,26 @@ Presets (UMT_SPEC.md section 3 and the reference's published fine-tuning scripts
   scripts do) from the K710-fine-tuned model: 5 epochs, 1 warm-up, lr 2e-5 (B) / 1e-5 (L);
 * ``umt_b16_ssv2`` / ``umt_l16_ssv2``: Something-Something v2, no flip: B from the stage-1
   model (30 epochs, 5 warm-up, lr 2e-4), L from the K710-fine-tuned model (14 epochs,
-  4 warm-up, lr 4e-4, 12 checkpointed blocks).
+  4 warm-up, lr 4e-4, 12 checkpointed blocks);
+* ``probe_demo``: an attentive probe of a frozen tiny model on the bundled sample clips;
+* ``probe_b16_k400`` / ``probe_l16_k400``: an attentive probe of a frozen stage-1 / stage-2
+  encoder on Kinetics-400, with V-JEPA's frozen-evaluation recipe (20 epochs, lr 1e-3, weight
+  decay 0.01, batch 256, no warm-up).
+
+``python -m umt_fast.probe`` is this command with ``model.probe`` attentive by default
+(`PROBE_SCHEMA`).
 
 lr values are per 256 clips, and a step holds ``train.global_batch_size x data.repeated_aug`` clips,
 which is how the reference scales them (``lr x batch x num_sample / 256``).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from umt_fast.config import SAMPLE_CLIPS
+from umt_fast.config import SAMPLE_CLIPS, STUDENT_SIZES
 from umt_fast.config.cli import (  # noqa: F401  (config_to_dict and save_config: this module's API too)
     Bool,
     ConfigSchema,
@@ -49,7 +57,8 @@ FINETUNE_PRECISIONS = ("bf16", "fp32")
 
 @dataclass
 class ModelConfig(Section):
-    """The classifier: the dense video ViT, mean pooling, fc_norm, dropout and a Linear head."""
+    """The classifier: the dense video ViT, mean pooling, fc_norm, dropout and a Linear head; or
+    a frozen backbone under a probe head (model.probe)."""
 
     SECTION = "model"
 
@@ -77,10 +86,31 @@ class ModelConfig(Section):
     """Stochastic depth of the last block, linear from 0 (B 0.1, L 0.2); in [0, 1)."""
     head_dropout: float = 0.0
     """Dropout before the head (the reference's fc_drop_rate, 0 in its recipes); in [0, 1)."""
+    probe: Literal["none", "linear", "attentive"] = "none"
+    """none: fine-tune the whole classifier. linear / attentive: a frozen-feature probe: the backbone
+    from model.init (patch embedding, blocks, final norm) is frozen, left out of the optimizer and
+    runs without drop path (model.drop_path, optim.layer_decay and train.activation_checkpointing do
+    not apply); only the head trains: linear = mean of the tokens -> Linear; attentive = learned
+    queries cross-attending to the tokens, then an MLP (V-JEPA's attentive probe) -> Linear. The
+    init file's fc_norm and head are not used.
+    """
+    probe_queries: int = 1
+    """Learned queries of the attentive probe (their outputs are averaged before the head); >= 1."""
+    probe_heads: int = 0
+    """Attention heads of the attentive probe (0 = the backbone's: tiny 3, base 12, large 16); must
+    divide the width.
+    """
 
     def validate(self) -> None:
         super().validate()
         require(self.patch_size >= 1, "model.patch_size", self.patch_size, "must be >= 1")
+        require(self.probe_queries >= 1, "model.probe_queries", self.probe_queries, "must be >= 1")
+        width = STUDENT_SIZES[self.size]["width"]
+        require(self.probe_heads >= 0 and (self.probe_heads == 0 or width % self.probe_heads == 0), "model.probe_heads",
+                self.probe_heads, f"must be 0 (the backbone's) or divide the width of a {self.size!r} model ({width})")  # fmt: skip
+        if self.probe != "none":
+            require(not self.head_label_map, "model.head_label_map", self.head_label_map,
+                    f"does not apply to a probe (model.probe={self.probe}), whose head starts fresh")  # fmt: skip
         require(self.num_classes >= 0, "model.num_classes", self.num_classes, "must be >= 0 (0 = from the labels)")
         require(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
         require(0.0 <= self.head_dropout < 1.0, "model.head_dropout", self.head_dropout, "must be in [0, 1)")
@@ -337,12 +367,52 @@ def _recipe(size: str, dataset: str) -> FinetuneConfig:
     return cfg
 
 
+def _probe_demo() -> FinetuneConfig:
+    """Attentive probe of a frozen tiny model (random, or --init) on the bundled sample clips, label =
+    which clip; ~1 minute on a 2-core CPU."""
+    cfg = _demo()
+    cfg.preset = "probe_demo"
+    cfg.model.probe = "attentive"
+    # Only the head trains: 8 clips per step, lr 0.064 per 256 -> 2e-3 peak (a few times 1e-2 makes the
+    # pooler's loss climb).
+    cfg.optim = FinetuneOptimConfig(lr=0.064, min_lr=6.4e-4, warmup_lr=0.0, weight_decay=0.01, epochs=30,
+                                    warmup_epochs=3, layer_decay=1.0)  # fmt: skip
+    return cfg
+
+
+def _probe_recipe(size: str) -> FinetuneConfig:
+    """Attentive probe of a frozen stage-1 / stage-2 encoder on Kinetics-400, with the numbers of
+    V-JEPA's frozen evaluation (facebookresearch/jepa, configs/evals/vitl16_k400_16x8x3.yaml and
+    evals/video_classification_frozen/eval.py; V-JEPA 2's configs/eval/vitl/k400.yaml keeps the epochs,
+    batch and weight decay): 20 epochs, batch 256 (4 per GPU x 64), AdamW lr 1e-3 from the first step
+    (no warm-up) with a cosine to 0, weight decay 0.01 (V-JEPA's falls by a cosine to ~0; here it stays),
+    a depth-1 pooler with one query and the encoder's heads, plain cross-entropy (no label smoothing,
+    no mixup), RandomResizedCrop 0.08-1, RandAugment and random erasing 0.25, no flip, 8 temporal x 3
+    spatial views. UMT's input (8 frames at 224 px) replaces V-JEPA's 16; V-JEPA's gradient clipping at
+    1.0 has no counterpart here.
+    """
+    base = size == "base"
+    cfg = FinetuneConfig(preset=f"probe_{'b' if base else 'l'}16_k400")
+    cfg.model = ModelConfig(size=size, num_classes=400, drop_path=0.0, probe="attentive", probe_queries=1, probe_heads=0)
+    cfg.data = LabelledDataConfig(num_frames=8, img_size=224, repeated_aug=1)
+    cfg.aug = AugmentConfig(min_scale=0.08, flip=False, rand_augment_ops=4, rand_augment_magnitude=7, random_erasing=0.25,
+                            mixup=0.0, cutmix=0.0, label_smoothing=0.0)  # fmt: skip
+    cfg.optim = FinetuneOptimConfig(lr=1e-3, min_lr=0.0, warmup_lr=0.0, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8,
+                                    epochs=20, warmup_epochs=0, layer_decay=1.0)  # fmt: skip
+    cfg.train = FinetuneTrainConfig(global_batch_size=256)
+    cfg.eval = EvalConfig(every_steps=0, num_clips=8, num_crops=3)
+    return cfg
+
+
 PRESETS: dict[str, Callable[[], FinetuneConfig]] = {
     "demo": _demo,
     "umt_b16_k400": lambda: _recipe("base", "k400"),
     "umt_l16_k400": lambda: _recipe("large", "k400"),
     "umt_b16_ssv2": lambda: _recipe("base", "ssv2"),
     "umt_l16_ssv2": lambda: _recipe("large", "ssv2"),
+    "probe_demo": _probe_demo,
+    "probe_b16_k400": lambda: _probe_recipe("base"),
+    "probe_l16_k400": lambda: _probe_recipe("large"),
 }
 PRESET_HELP = {
     "demo": _demo.__doc__,
@@ -350,6 +420,10 @@ PRESET_HELP = {
     "umt_l16_k400": "UMT-L/16 on Kinetics-400 (init: the K710-fine-tuned L model), 8x224, 4x3 views",
     "umt_b16_ssv2": "UMT-B/16 on Something-Something v2 (init: the stage-1 B model), no flip, 2x3 views",
     "umt_l16_ssv2": "UMT-L/16 on Something-Something v2 (init: the K710-fine-tuned L model), no flip, 2x3 views",
+    "probe_demo": _probe_demo.__doc__,
+    "probe_b16_k400": "attentive probe of a frozen UMT-B/16 (init: the stage-1 or stage-2 B model) on Kinetics-400, "
+                      "V-JEPA's recipe: 20 epochs, lr 1e-3, wd 0.01, batch 256; 8x224, 8x3 views",
+    "probe_l16_k400": "the same for a frozen UMT-L/16",
 }
 
 
@@ -376,6 +450,42 @@ SCHEMA = ConfigSchema(
 )
 SECTIONS = SCHEMA.sections
 FinetuneLogConfig = LogConfig
+
+
+def _as_probe(preset: Callable[[], FinetuneConfig]) -> Callable[[], FinetuneConfig]:
+    """A preset with model.probe attentive where it has none (the probe command's default)."""
+
+    def probe_preset() -> FinetuneConfig:
+        cfg = preset()
+        if cfg.model.probe == "none":
+            cfg.model.probe, cfg.model.drop_path = "attentive", 0.0
+        return cfg
+
+    probe_preset.__doc__ = preset.__doc__
+    return probe_preset
+
+
+PROBE_SCHEMA = dataclasses.replace(
+    SCHEMA,
+    presets={name: _as_probe(fn) for name, fn in PRESETS.items()},
+    description="Train a probe (attentive by default, or --model.probe linear) on a frozen UMT video encoder, "
+    "and evaluate it with the fine-tuning recipe's multi-view evaluation.",
+    prog="python -m umt_fast.probe",
+    default_preset="probe_demo",
+)
+"""``python -m umt_fast.probe``: the fine-tuning command's options and presets, with model.probe
+attentive by default (every preset without a probe gets the attentive one) and ``probe_demo`` as
+the default preset."""
+
+
+def build_probe_config(argv: list[str] | None = None, base: dict | None = None) -> FinetuneConfig:
+    """argv -> a validated FinetuneConfig for the probe command (`PROBE_SCHEMA`)."""
+    return PROBE_SCHEMA.build(argv, None, base)
+
+
+def probe_help_text() -> str:
+    """What ``python -m umt_fast.probe --help`` prints."""
+    return PROBE_SCHEMA.help_text()
 
 
 def validate(cfg: FinetuneConfig) -> None:
@@ -412,7 +522,7 @@ def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.
 
 __all__ = [
     "AugmentConfig", "EvalConfig", "FinetuneConfig", "FinetuneLogConfig", "FinetuneOptimConfig",
-    "FinetuneTrainConfig", "LabelledDataConfig", "ModelConfig", "PRESETS", "SECTIONS", "build_config",
-    "check_paths", "clips_per_step", "config_from_dict", "config_to_dict", "get_preset", "help_text", "save_config",
-    "scaled_lrs", "validate",
+    "FinetuneTrainConfig", "LabelledDataConfig", "ModelConfig", "PRESETS", "PROBE_SCHEMA", "SECTIONS", "build_config",
+    "build_probe_config", "check_paths", "clips_per_step", "config_from_dict", "config_to_dict", "get_preset",
+    "help_text", "probe_help_text", "save_config", "scaled_lrs", "validate",
 ]  # fmt: skip

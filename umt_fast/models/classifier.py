@@ -14,6 +14,13 @@ Two heads on top of the same backbone (UMT_SPEC.md section 3):
 * encoder (``num_classes == 0``, ``final_norm=True``): the stage-1 encoder's final ``norm``
   on every token; ``pooled`` is the mean of those tokens.
 
+and two frozen-feature probes (``probe``), whose backbone (patch embedding, blocks, ``norm``)
+is frozen (``requires_grad`` False, no drop path) and whose head alone trains:
+
+* ``linear``: mean pool of the backbone's tokens -> dropout -> Linear (``head.*``);
+* ``attentive``: `AttentivePooler` (``probe.*``: learned queries cross-attending to the tokens,
+  then an MLP, as V-JEPA's attentive probe) -> the mean over its queries -> dropout -> Linear.
+
 Shape legend: B clips, T frames, H = W = img_size, p patch, P = (H/p)^2 patches per frame,
 N = T*P tokens, D width, K classes.
 """
@@ -27,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from umt_fast.models.student import HEAD_DROPOUT_SEED_OFFSET, LN_EPS, Block, sincos_table
+from umt_fast.models.attention import multi_head_attention
+from umt_fast.models.student import HEAD_DROPOUT_SEED_OFFSET, LN_EPS, Block, Mlp, sincos_table
 from umt_kernels.rng import uniform_noise
 
 PRETRAIN_FRAMES = 8
@@ -119,6 +127,13 @@ class VideoViTArch:
     """Stochastic depth of the last block, linear from 0 over the blocks."""
     head_dropout: float = 0.0
     """Dropout before the classification head (the reference's ``fc_drop_rate``)."""
+    probe: str = "none"
+    """``none`` (the classifier above), or a frozen backbone under a ``linear`` or ``attentive``
+    probe head (see the module's docstring); a probe needs ``num_classes > 0`` and no drop path."""
+    probe_queries: int = 1
+    """Learned queries of the attentive probe."""
+    probe_heads: int = 0
+    """Attention heads of the attentive probe (0 = the backbone's ``heads``)."""
 
     @property
     def grid(self) -> int:
@@ -130,6 +145,55 @@ class VideoViTArch:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+PROBES = ("none", "linear", "attentive")
+"""The heads a `VideoViT` can have on its backbone: the fine-tuned classifier or a frozen probe."""
+
+BACKBONE_PREFIXES = ("patch_embed.", "pos_embed", "blocks.", "norm.")
+"""The parameter and buffer names of the backbone; a probe freezes all of it."""
+
+
+class AttentivePooler(nn.Module):
+    """Learned queries that read a clip's tokens by cross-attention (V-JEPA's attentive probe,
+    depth 1: one cross-attention block, no self-attention blocks).
+
+    ``q = query + attn(q_proj(query), kv_proj(LN(tokens)))``, multi-head, without an output
+    projection; then ``q = q + MLP(LN(q))``. Parameters: ``query`` [1, Q, D], ``norm1`` (the
+    tokens' LayerNorm), ``q`` (Linear D -> D), ``kv`` (Linear D -> 2D, keys then values),
+    ``norm2`` and ``mlp`` (``fc1``, ``fc2``). Init: trunc-normal(.02) queries and weights, zero
+    biases, ``mlp.fc2`` scaled by 1 / sqrt(2) (V-JEPA's).
+    """
+
+    def __init__(self, width: int, heads: int, num_queries: int = 1, mlp_ratio: float = 4.0):
+        super().__init__()
+        if heads < 1 or width % heads:
+            raise ValueError(f"the attentive probe's width {width} does not divide into {heads} heads")
+        if num_queries < 1:
+            raise ValueError(f"the attentive probe needs at least one query, got {num_queries}")
+        self.heads = heads
+        self.query = nn.Parameter(torch.zeros(1, num_queries, width))
+        self.norm1 = nn.LayerNorm(width, eps=LN_EPS)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.query, std=0.02)
+        with torch.no_grad():
+            self.mlp.fc2.weight.div_(2**0.5)
+
+    def forward(self, tokens_BND: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] tokens -> [B, Q, D], one row per query."""
+        B, N, D = tokens_BND.shape
+        H = self.heads
+        query_BQD = self.query.to(tokens_BND.dtype).expand(B, -1, -1)
+        Q = query_BQD.shape[1]
+        q_BHQd = self.q(query_BQD).view(B, Q, H, D // H).transpose(1, 2)
+        k_BHNd, v_BHNd = self.kv(self.norm1(tokens_BND)).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
+        read_BQD = multi_head_attention(q_BHQd, k_BHNd, v_BHNd).transpose(1, 2).reshape(B, Q, D)
+        out_BQD = query_BQD + read_BQD
+        return out_BQD + self.mlp(self.norm2(out_BQD))
 
 
 class VideoViT(nn.Module):
@@ -145,6 +209,10 @@ class VideoViT(nn.Module):
         super().__init__()
         if arch.img_size % arch.patch_size:
             raise ValueError(f"img_size {arch.img_size} is not a multiple of patch_size {arch.patch_size}")
+        if arch.probe not in PROBES:
+            raise ValueError(f"probe {arch.probe!r} is not one of {', '.join(PROBES)}")
+        if arch.probe != "none" and (arch.num_classes < 1 or arch.drop_path > 0):
+            raise ValueError("a probe needs a head (num_classes > 0) and a backbone without drop path (it is frozen)")
         self.arch = arch
         self.patch_embed = nn.Module()
         p = arch.patch_size
@@ -154,15 +222,21 @@ class VideoViT(nn.Module):
         self.blocks = nn.ModuleList(Block(arch.width, arch.heads, arch.mlp_ratio, r) for r in drop_rates)
         self.norm = nn.LayerNorm(arch.width, eps=LN_EPS) if arch.final_norm else nn.Identity()
         if arch.num_classes > 0:
-            self.fc_norm = nn.LayerNorm(arch.width, eps=LN_EPS)
+            if arch.probe == "none":
+                self.fc_norm = nn.LayerNorm(arch.width, eps=LN_EPS)
             self.head_dropout = nn.Dropout(arch.head_dropout)
             self.head = nn.Linear(arch.width, arch.num_classes)
         self.checkpoint_blocks = 0
         self.apply(_init_weights)
+        if arch.probe == "attentive":  # after the apply: the pooler's own init
+            self.probe = AttentivePooler(arch.width, arch.probe_heads or arch.heads, arch.probe_queries, arch.mlp_ratio)
         if arch.num_classes > 0:
             with torch.no_grad():
                 self.head.weight.mul_(HEAD_INIT_SCALE)
                 self.head.bias.mul_(HEAD_INIT_SCALE)
+        if arch.probe != "none":
+            for param in self.backbone_parameters():
+                param.requires_grad_(False)
 
     # -- timm-style surface ------------------------------------------------------------------
 
@@ -170,6 +244,10 @@ class VideoViT(nn.Module):
         """Recompute the first ``num_blocks`` blocks (all when None) in the backward pass
         instead of keeping their activations (torch.utils.checkpoint, one call per block)."""
         self.checkpoint_blocks = (self.arch.depth if num_blocks is None else num_blocks) if enable else 0
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the patch embedding, the blocks and the final norm (a probe's frozen part)."""
+        return [p for name, p in self.named_parameters() if name.startswith(BACKBONE_PREFIXES)]
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names AdamW must not decay (besides every 1-D parameter and bias)."""
@@ -220,13 +298,20 @@ class VideoViT(nn.Module):
     ) -> torch.Tensor:
         """[B, N, D] -> logits [B, K]; with ``pre_logits`` (or no head) the pooled [B, D].
 
+        Pooling: the mean of the tokens, through ``fc_norm`` for the classifier; a linear probe's
+        plain mean; an attentive probe's pooler, its queries averaged.
+
         ``head_scales_BD``: [B, D] dropout factors before the head (:func:`head_dropout_scales`),
         used in training mode; None draws the dropout from torch's generator.
         """
-        pooled_BD = tokens_BND.mean(dim=1)
+        if self.arch.probe == "attentive":
+            pooled_BD = self.probe(tokens_BND).mean(dim=1)
+        else:
+            pooled_BD = tokens_BND.mean(dim=1)
         if self.arch.num_classes == 0:
             return pooled_BD
-        pooled_BD = self.fc_norm(pooled_BD)
+        if self.arch.probe == "none":
+            pooled_BD = self.fc_norm(pooled_BD)
         if pre_logits:
             return pooled_BD
         if head_scales_BD is not None and self.training:
@@ -243,9 +328,10 @@ class VideoViT(nn.Module):
     def embed(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(clip embedding [B, D], per-token features [B, N, D]).
 
-        The embedding is the mean of the tokens, through ``fc_norm`` for a classifier
-        (the head's input); the tokens are the final-normed ones for an encoder and the
-        last block's output for a classifier (whose ``norm`` is an identity).
+        The embedding is the head's input: the mean of the tokens, through ``fc_norm`` for a
+        classifier, a probe's pooled features; the tokens are the final-normed ones for an
+        encoder (and a probe of one) and the last block's output for a classifier (whose
+        ``norm`` is an identity).
         """
         tokens_BND = self.forward_features(video_BCTHW)
         return self.forward_head(tokens_BND, pre_logits=True), tokens_BND

@@ -209,29 +209,62 @@ def format_report(report: dict[str, Any], failed: list[tuple[str, str]] = ()) ->
 
 
 def load_classifier(path: str, num_frames: int | None, img_size: int | None, patch_size: int | None) -> tuple[VideoViT, dict]:
-    """A classifier from a fine-tuning run (dir or checkpoint), an export of ours or a reference
-    file; (model, what we know about it: num_frames, img_size, patch_size, class_names)."""
+    """A classifier from a fine-tuning or probe run (dir or checkpoint), an export of ours or a
+    reference file; (model, what we know about it: num_frames, img_size, patch_size, class_names)."""
     from umt_fast import interop
     from umt_fast.engine.checkpoint import read_run_checkpoint, sidecar_path
 
     known: dict[str, Any] = {}
+    description: dict[str, Any] = {}
     if os.path.isdir(path):
         state_dict, description = read_run_checkpoint(path)
-        known = {k: description.get(k) for k in ("num_frames", "img_size", "patch_size", "class_names")}
         source: Any = state_dict
     else:
         sidecar = sidecar_path(path)
         if os.path.isfile(sidecar):
             with open(sidecar, encoding="utf-8") as f:
                 description = json.load(f)
-            known = {k: description.get(k) for k in ("num_frames", "img_size", "patch_size", "class_names")}
         source = path
+    known = {k: description.get(k) for k in ("num_frames", "img_size", "patch_size", "class_names")}
     num_frames = num_frames or known.get("num_frames") or 8
     img_size = img_size or known.get("img_size") or 224
     patch_size = patch_size or known.get("patch_size") or 16
-    model = interop.load_video_vit(source, num_frames=num_frames, img_size=img_size, patch_size=patch_size)
+    sd = interop.canonical_video_state_dict(interop.read_state_dict(source, "video model checkpoint"))
+    probe = probe_of(sd, (description.get("config") or {}).get("model") or {}, path)
+    if probe is None:
+        model = interop.load_video_vit(sd, num_frames=num_frames, img_size=img_size, patch_size=patch_size)
+    else:  # a frozen backbone under a probe head: the run's config says which
+        arch = interop.video_vit_arch_from_state_dict(sd, num_frames, img_size, patch_size, final_norm="norm.weight" in sd,
+                                                      **probe)  # fmt: skip
+        model = VideoViT(arch)
+        interop.init_video_vit(model, sd)  # strict: every key of the run's model, pos_embed fitted to the clip
+        model.eval()
     return model, {"num_frames": num_frames, "img_size": img_size, "patch_size": patch_size,
                    "class_names": known.get("class_names")}  # fmt: skip
+
+
+def probe_of(sd: dict[str, Any], model_config: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The probe fields of `VideoViTArch` for a probe run's weights (None for a classifier or an
+    encoder), from the run's ``model`` config section (its config, or the export's description).
+
+    Without a description a linear probe is known by its head without ``fc_norm``; an attentive
+    one (``probe.*``) is refused, since nothing says its number of heads."""
+    probe = model_config.get("probe", "none")
+    if probe == "none":
+        if any(k.startswith("probe.") for k in sd):
+            raise ValueError(
+                f"{path} holds an attentive probe (probe.* weights) but no description of it: evaluate its run "
+                "directory, or an export with the JSON that umt_fast.export writes beside it"
+            )
+        if "head.weight" not in sd or "fc_norm.weight" in sd:
+            return None
+        probe = "linear"
+    fields: dict[str, Any] = {"probe": probe}
+    if probe == "attentive":
+        if "probe.query" not in sd:
+            raise ValueError(f"{path} is described as an attentive probe, but holds no probe.* weights")
+        fields.update(probe_queries=sd["probe.query"].shape[1], probe_heads=int(model_config.get("probe_heads", 0)))
+    return fields
 
 
 def resolve_device(name: str) -> torch.device:

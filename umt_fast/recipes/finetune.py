@@ -31,7 +31,7 @@ from umt_fast.engine.distributed import (
     unwrap,
     wrap_model,
 )
-from umt_fast.engine.flops import classifier_flops_per_clip
+from umt_fast.engine.flops import classifier_flops_per_clip, transformer_forward_flops
 from umt_fast.engine.optim import WarmupCosineSchedule
 from umt_fast.engine.trainer import Recipe, Setup, TrainResult, run
 from umt_fast.models.classifier import VideoViT, VideoViTArch, head_dropout_scales
@@ -48,29 +48,72 @@ log = logging.getLogger(__name__)
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int) -> VideoViT:
-    """The classifier of ``cfg``, initialised from ``model.init`` when set."""
+    """The classifier of ``cfg``, initialised from ``model.init`` when set.
+
+    With ``model.probe`` linear or attentive: the backbone is frozen (`VideoViT` with a probe),
+    built without drop path, and keeps the init file's final norm when it has one (stage-1 and
+    stage-2 encoders); the file's ``fc_norm`` and head are not used, the probe head starts fresh.
+    The backbone loads through the same `interop.init_video_vit` as fine-tuning's.
+    """
     size = STUDENT_SIZES[cfg.model.size]
+    probe = cfg.model.probe
+    source = cfg.model.init
+    if source and os.path.isdir(source):  # a run directory or checkpoint of ours
+        from umt_fast.engine.checkpoint import read_run_checkpoint
+
+        source, _ = read_run_checkpoint(source)
+    final_norm = False
+    if probe != "none":
+        if source:
+            source = probe_backbone_state_dict(source)
+        final_norm = "norm.weight" in source if source else True  # no init: a fresh encoder's final norm
     arch = VideoViTArch(
         width=size["width"], depth=size["depth"], heads=size["heads"], num_frames=cfg.data.num_frames,
         img_size=cfg.data.img_size, patch_size=cfg.model.patch_size, num_classes=num_classes,
-        drop_path=cfg.model.drop_path, head_dropout=cfg.model.head_dropout,
+        drop_path=0.0 if probe != "none" else cfg.model.drop_path, head_dropout=cfg.model.head_dropout,
+        final_norm=final_norm, probe=probe, probe_queries=cfg.model.probe_queries, probe_heads=cfg.model.probe_heads,
     )  # fmt: skip
     model = VideoViT(arch)
     if cfg.model.init:
         from umt_fast import interop
 
-        source = cfg.model.init
         if cfg.model.head_label_map:  # against the class count, which may come from the labels
             interop.read_head_label_map(cfg.model.head_label_map, num_classes, name="model.head_label_map")
-        if os.path.isdir(source):  # a run directory or checkpoint of ours
-            from umt_fast.engine.checkpoint import read_run_checkpoint
-
-            source, _ = read_run_checkpoint(source)
+        if probe == "attentive":  # the fresh pooler, as the fresh head, is part of what loads
+            source = {**source, **{k: v for k, v in model.state_dict().items() if k.startswith("probe.")}}
         interop.init_video_vit(model, source, strict=cfg.model.init_strict,
                                head_label_map=cfg.model.head_label_map or None)
         log.info("initialised from %s", cfg.model.init)
-    model.set_grad_checkpointing(num_blocks=cfg.train.checkpointed_blocks(arch.depth))
+    if probe == "none":
+        model.set_grad_checkpointing(num_blocks=cfg.train.checkpointed_blocks(arch.depth))
     return model
+
+
+PROBE_HEAD_PREFIXES = ("fc_norm.", "head.", "probe.")
+"""What a probe does not take from its init file: the head side of a fine-tuned or probe checkpoint."""
+
+
+def probe_backbone_state_dict(source) -> dict[str, torch.Tensor]:
+    """The init file's (or state dict's) keys in the canonical naming, without its head side
+    (`PROBE_HEAD_PREFIXES`), for a probe's frozen backbone."""
+    from umt_fast import interop
+
+    sd = interop.canonical_video_state_dict(interop.read_state_dict(source, "init checkpoint"))
+    unused = sorted({k.split(".", 1)[0] for k in sd if k.startswith(PROBE_HEAD_PREFIXES)})
+    if unused:
+        log.info("probe: the init checkpoint's %s not used (the probe's head starts fresh)", ", ".join(unused))
+    return {k: v for k, v in sd.items() if not k.startswith(PROBE_HEAD_PREFIXES)}
+
+
+def probe_flops_per_clip(arch: VideoViTArch) -> float:
+    """A probe's training FLOPs for one clip: the frozen backbone's forward (no backward) plus the
+    head's forward and backward (the attentive pooler's projections, attention and MLP)."""
+    N, D = arch.num_tokens, arch.width
+    head = 2 * D * arch.num_classes
+    if arch.probe == "attentive":
+        Q = arch.probe_queries
+        head += 2 * N * D * 2 * D + 2 * Q * D * D + 4 * Q * N * D + 4 * arch.mlp_ratio * Q * D * D
+    return transformer_forward_flops(N, N, D, arch.depth, arch.mlp_ratio) + 3 * head
 
 
 def layer_decay_param_groups(model: VideoViT, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -94,9 +137,12 @@ def layer_decay_param_groups(model: VideoViT, weight_decay: float, layer_decay: 
 
 def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.AdamW:
     """AdamW over `layer_decay_param_groups`, with the fused kernel (CUDA and CPU: one launch,
-    and no read-back of the step counter)."""
+    and no read-back of the step counter). A probe's frozen backbone is not in it: its groups
+    hold the head's parameters only, all at ``lr_scale`` 1."""
     inner = getattr(model, "module", model)
     groups = layer_decay_param_groups(inner, cfg.optim.weight_decay, cfg.optim.layer_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
 
 
@@ -352,10 +398,16 @@ class FinetuneRecipe(Recipe):
         peak, final, start_lr = scaled_lrs(cfg)
         schedule = WarmupCosineSchedule(peak_lr=peak, min_lr=final, total_steps=total_steps,
                                         warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch, warmup_lr=start_lr)  # fmt: skip
-        if not cfg.model.init and cfg.preset != "demo":
-            log.warning("no --model.init: fine-tuning starts from random weights, not from a pre-trained model")
+        probe = cfg.model.probe
+        if not cfg.model.init and cfg.preset not in ("demo", "probe_demo"):
+            log.warning("no --model.init: %s", "the probe reads a frozen random backbone, not a pre-trained one"
+                        if probe != "none" else "fine-tuning starts from random weights, not from a pre-trained model")
+        if probe != "none" and (cfg.model.drop_path > 0 or cfg.optim.layer_decay < 1 or cfg.train.activation_checkpointing != "off"):
+            log.info("model.probe=%s: the frozen backbone runs without drop path, layer decay or activation "
+                     "checkpointing (model.drop_path, optim.layer_decay, train.activation_checkpointing do not apply)", probe)
         model = build_model(cfg, num_classes).to(device)
         arch, num_params = model.arch, sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         compile_blocks(list(model.blocks), model, cfg.train.compile, cfg.train.compile_backend)
         low_precision = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
         # DDP, or FSDP2 per block then the root (parameters kept in fp32; compute in bf16 on the GPU).
@@ -365,10 +417,13 @@ class FinetuneRecipe(Recipe):
         self.step_fn = FinetuneStep(model, optimizer, cfg, num_classes, device, rank=info.rank, world_size=info.world_size)
         self.clips_per_step = B * cfg.data.repeated_aug  # over all ranks
         self.report = None
-        describe = (f"preset {cfg.preset} | {cfg.model.size} classifier, {num_classes} classes ({num_params / 1e6:.1f}M "
+        what = (f"{cfg.model.size} classifier" if probe == "none" else
+                f"{probe} probe of a frozen {cfg.model.size} backbone ({trainable / 1e6:.2f}M trainable)")  # fmt: skip
+        describe = (f"preset {cfg.preset} | {what}, {num_classes} classes ({num_params / 1e6:.1f}M "
                     f"params) | {len(self.train_records)} train / {len(self.val_records)} val videos | {B} videos x "
                     f"{cfg.data.repeated_aug} clips per step = {info.world_size} ranks x {self.per_rank} videos")  # fmt: skip
-        flops = self.clips_per_step * classifier_flops_per_clip(arch)
+        per_clip = classifier_flops_per_clip(arch) if probe == "none" else probe_flops_per_clip(arch)
+        flops = self.clips_per_step * per_clip
         return Setup(model, optimizer, schedule, steps_per_epoch, total_steps, self.clips_per_step, flops, describe,
                      len(self.train_records) * cfg.data.repeated_aug)  # fmt: skip
 
