@@ -92,3 +92,63 @@ def test_training_on_a_mix(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"data.mix\[0\].list='nope.csv': no such file"):
         check_paths(build_config(["--data.mix", "list=nope.csv,weight=1"]))
+
+
+def _labelled_copies(tmp_path):
+    """The sample clips as two labelled lists, K710-style: labels 0..3, and a K600-like copy whose
+    label map sends its labels 0..3 to 4..7."""
+    from umt_fast.data.sample_clips import sample_clip_paths
+
+    clips = sample_clip_paths()
+    first, second, label_map = tmp_path / "k400.csv", tmp_path / "k600.csv", tmp_path / "k600_to_k710.txt"
+    first.write_text("".join(f"{c},{i}\n" for i, c in enumerate(clips)))
+    second.write_text("".join(f"{c} {i}\n" for i, c in enumerate(clips)))
+    label_map.write_text("".join(f"{i} {i + 4}\n" for i in range(4)))
+    return str(first), str(second), str(label_map)
+
+
+def test_finetuning_reads_a_mix_with_label_maps_in_proportion_to_the_weights(tmp_path):
+    from umt_fast.config.finetune import build_config as finetune_config
+    from umt_fast.data.labelled import FinetuneClipDataset
+    from umt_fast.recipes.finetune import labelled_lists
+
+    first, second, label_map = _labelled_copies(tmp_path)
+    cfg = finetune_config(["--model.num_classes", "0", "--data.mix", f"list={first},weight=3",
+                           f"list={second},weight=1,label_map={label_map}"])  # fmt: skip
+    train, _, num_classes, mix = labelled_lists(cfg, None)
+    assert num_classes == 8 and [r.label for r in train] == [0, 1, 2, 3, 4, 5, 6, 7]
+    dataset = FinetuneClipDataset(train, 2, 32, seed=cfg.train.seed, mix=mix)
+    labels = [train[dataset.record_index(p)].label for p in range(2 * BLOCK)]
+    assert sum(label >= 4 for label in labels) == 2 * BLOCK // 4  # a quarter of every block: weight 1 of 4
+    assert all((label >= 4) == (mix.source_of(p) == 1) for p, label in enumerate(labels))
+    assert train[dataset.record_index(5, attempt=2)].label // 4 == train[dataset.record_index(5)].label // 4
+
+
+def test_a_mix_label_out_of_range_names_its_list_and_line(tmp_path):
+    from umt_fast.config.finetune import build_config as finetune_config
+    from umt_fast.recipes.finetune import labelled_lists
+
+    first, second, label_map = _labelled_copies(tmp_path)
+    cfg = finetune_config(["--model.num_classes", "6", "--data.mix", f"list={first},weight=1",
+                           f"list={second},weight=1,label_map={label_map}"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"k600.csv:3: label 6 \(after data.mix\[1\]'s label map\) is out of range"):
+        labelled_lists(cfg, None)
+    (tmp_path / "short_map.txt").write_text("0 4\n1 5\n")
+    cfg = finetune_config(["--data.mix", f"list={second},weight=1,label_map={tmp_path / 'short_map.txt'}"])
+    with pytest.raises(ValueError, match=r"k600.csv:3: label 2 is not in the label map"):
+        labelled_lists(cfg, None)
+
+
+def test_finetuning_on_a_mix_end_to_end(tmp_path):
+    from umt_fast import finetune
+    from umt_fast.engine.metrics import read_metrics
+
+    first, second, label_map = _labelled_copies(tmp_path)
+    run_dir = tmp_path / "run"
+    args = ["--run-dir", str(run_dir), "--train.max_steps", "2", "--log.every_steps", "1", "--data.img_size", "32",
+            "--data.num_frames", "2", "--model.num_classes", "0", "--data.val_list", "",
+            "--data.mix", f"list={first},weight=1", f"list={second},weight=1,label_map={label_map}"]  # fmt: skip
+    assert finetune.main(args) == 0
+    assert "data.mix: " in (run_dir / "log.txt").read_text()
+    assert [r["step"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if "loss" in r] == [1, 2]
+    assert finetune.main(args[:2] + ["--data.mix", f"list={tmp_path / 'nope.csv'},weight=1"]) == 2

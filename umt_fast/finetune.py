@@ -68,7 +68,7 @@ def _load_train():
     return train
 
 
-FIXED_ON_RESUME = ("model.", "data.train_list", "data.val_list", "data.root", "data.class_names", "data.num_frames",
+FIXED_ON_RESUME = ("model.", "data.train_list", "data.mix", "data.val_list", "data.root", "data.class_names", "data.num_frames",
                   "data.img_size")
 """The fields of the model and the data: a resume that would change them is refused (unless
 --allow-config-changes)."""

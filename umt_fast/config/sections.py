@@ -6,7 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
-from umt_fast.config.cli import Bool, Pair, Section, fail, parse_entry, require, require_choice
+import math
+import os
+
+from umt_fast.config.cli import Bool, Pair, Section, fail, parse_entry, require, require_choice, require_paths
 
 # Architecture tables. MLP ratio is 4 everywhere (UMT_SPEC.md section 1).
 STUDENT_SIZES: dict[str, dict[str, int]] = {
@@ -340,3 +343,36 @@ def refuse_unsupported(train: TrainConfig, command: str, *, precisions=PRECISION
     if not cuda_graphs:
         require(not train.cuda_graphs, "train.cuda_graphs", train.cuda_graphs,
                 f"is not available for {command}: its step draws on the host")  # fmt: skip
+
+
+MIX_KEYS = ("list", "weight", "root", "label_offset", "label_map")
+"""The keys of one `data.mix` entry (``list`` and ``weight`` required)."""
+
+
+def mix_sources(entries: tuple[str, ...], field: str = "data.mix") -> list[dict]:
+    """A data.mix field's entries as {list, weight, root, label_offset, label_map}; ValueError
+    naming the entry."""
+    sources = []
+    for i, text in enumerate(entries):
+        where = f"{field}[{i}]"
+        d = parse_entry(text, where, MIX_KEYS, ("list", "weight"), "list=k400.csv,weight=2,root=/data/k400")
+        try:
+            weight = float(d["weight"])
+            offset = int(d.get("label_offset", 0))
+        except ValueError:
+            fail(where, text, "weight must be a number and label_offset an integer")
+        require(weight > 0 and math.isfinite(weight), f"{where}.weight", weight, "must be a finite number > 0")
+        require(not ("label_offset" in d and "label_map" in d), where, text,
+                "takes label_offset or label_map (whose new labels may include any offset), not both")  # fmt: skip
+        sources.append({"list": d["list"], "weight": weight, "root": d.get("root", ""), "label_offset": offset,
+                        "label_map": d.get("label_map", "")})  # fmt: skip
+    return sources
+
+
+def check_mix_paths(entries: tuple[str, ...], builtin_list: str, field: str = "data.mix") -> None:
+    """FileNotFoundError naming the entry's key for a local list, label map or root that does not
+    exist (URLs and the built-in list name are not checked)."""
+    for i, source in enumerate(mix_sources(entries, field)):
+        require_paths([(f"{field}[{i}].{key}", source[key], exists) for key, exists in
+                       (("list", os.path.isfile), ("label_map", os.path.isfile), ("root", os.path.isdir))
+                       if source[key] and source[key] != builtin_list and "://" not in source[key]])  # fmt: skip

@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["VideoRecord", "read_annotation_list", "read_labelled_list"]
+__all__ = ["VideoRecord", "check_labels", "read_annotation_list", "read_labelled_list"]
 
 _INT_RE = re.compile(r"[+-]?\d+")
 _HEADERS = ("path,label", "pathlabel")
@@ -175,12 +175,20 @@ def read_labelled_list(list_path: str, root: str = "", num_classes: int | None =
     [0, num_classes) (num_classes None: any label >= 0). ValueError naming the file and the line
     of the first line without one, or with one out of range."""
     records = read_annotation_list(list_path, root)
+    check_labels(records, list_path, num_classes, what)
+    return records
+
+
+def check_labels(records: list[VideoRecord], list_path: str, num_classes: int | None, what: str = "annotation list",
+                 relabelled: str = "") -> None:  # fmt: skip
+    """ValueError naming ``list_path`` and the line of the first record without a label or with
+    one outside [0, num_classes) (num_classes None: any label >= 0); ``relabelled`` says how a
+    mix changed the labels."""
     for r in records:
         if r.label is None:
             raise ValueError(f"{list_path}:{r.line}: {r.text!r} has no label: {what} lines are 'path,label' (or "
                              "'path label') with an integer label")  # fmt: skip
         if r.label < 0 or (num_classes is not None and r.label >= num_classes):
             allowed = f"[0, {num_classes})" if num_classes is not None else ">= 0"
-            raise ValueError(f"{list_path}:{r.line}: label {r.label} is out of range: labels must be in {allowed}"
-                             + (f" for {num_classes} classes" if num_classes is not None else ""))  # fmt: skip
-    return records
+            raise ValueError(f"{list_path}:{r.line}: label {r.label}{relabelled} is out of range: labels must be in "
+                             f"{allowed}" + (f" for {num_classes} classes" if num_classes is not None else ""))  # fmt: skip

@@ -63,6 +63,8 @@ class FinetuneClipDataset(Dataset):
         repeated_aug: augmented clips per decoded video.
         min_scale, flip, rand_augment_ops, rand_augment_magnitude: see `AugmentConfig`.
         max_substitutes: substitute records tried for an undecodable one.
+        mix: which record each position reads when the records are several sources mixed by
+            weight (`umt_fast.data.mix.SourceMix`); None: epoch permutations of all records.
     """
 
     STREAM = "labelled_clips"
@@ -70,7 +72,7 @@ class FinetuneClipDataset(Dataset):
     def __init__(
         self, records: list[VideoRecord], num_frames: int, img_size: int, seed: int, repeated_aug: int = 1,
         min_scale: float = 0.08, flip: bool = True, rand_augment_ops: int = 0, rand_augment_magnitude: int = 7,
-        max_substitutes: int = 16,
+        max_substitutes: int = 16, mix=None,
     ):
         if not records:
             raise ValueError("records is empty")
@@ -85,16 +87,20 @@ class FinetuneClipDataset(Dataset):
                            num_magnitude_bins=RAND_AUGMENT_LEVELS, interpolation=InterpolationMode.BILINEAR)
             if rand_augment_ops > 0 else None
         )  # fmt: skip
-        self.max_substitutes = max_substitutes
+        self.max_substitutes, self.mix = max_substitutes, mix
         self._permutations = EpochPermutations(len(self.records), seed, self.STREAM)
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def record_index(self, position: int) -> int:
+    def record_index(self, position: int, attempt: int = 0) -> int:
+        """The record read at ``position`` by ``attempt`` (k > 0: its k-th substitute, from the
+        same source of a mix)."""
+        if self.mix is not None:
+            return self.mix.record_index(position, attempt)
         epoch, offset = divmod(position, len(self.records))
-        return int(self._permutations[epoch][offset])
+        return (int(self._permutations[epoch][offset]) + attempt) % len(self.records)
 
     def augment(self, frames_THWC: torch.Tensor, rng: random.Random) -> torch.Tensor:
         """One augmented clip of decoded frames: uint8 [T, H, W, 3] -> uint8 [T, S, S, 3]."""
@@ -115,11 +121,9 @@ class FinetuneClipDataset(Dataset):
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         """{"video": uint8 [R, T, S, S, 3], "label": int, "position": int, "skipped": [paths]}."""
-        n = len(self.records)
-        index = self.record_index(position)
         skipped: list[str] = []
         for attempt in range(self.max_substitutes + 1):
-            record = self.records[(index + attempt) % n]
+            record = self.records[self.record_index(position, attempt)]
             rng = sample_rng(self.seed, self.STREAM, position, attempt)
             try:
                 indices = tsn_frame_indices(count_frames(record.path), self.num_frames, rng)

@@ -16,7 +16,6 @@ rank and worker and after a resume:
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -139,12 +138,3 @@ def read_mix(sources: list[MixSource], seed: int) -> tuple[list[VideoRecord], So
         records += part
         sizes.append(len(part))
     return records, SourceMix(sizes, [s.weight for s in sources], seed)
-
-
-def check_mix_paths(sources: list[MixSource], field: str = "data.mix") -> None:
-    for i, source in enumerate(sources):
-        for key, path in (("list", source.list), ("label_map", source.label_map)):
-            if path and "://" not in path and not os.path.isfile(path):
-                raise FileNotFoundError(f"{field}[{i}].{key}={path!r}: no such file")
-        if source.root and not os.path.isdir(source.root):
-            raise FileNotFoundError(f"{field}[{i}].root={source.root!r}: no such directory")

@@ -17,11 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from umt_fast.config import SAMPLE_CLIPS, STUDENT_SIZES
-from umt_fast.config.finetune import FinetuneConfig, scaled_lrs
+from umt_fast.config.finetune import FinetuneConfig, mix_sources, scaled_lrs
 from umt_fast.data import BadSampleBudget, write_sample_clip_list
-from umt_fast.data.annotations import read_labelled_list
+from umt_fast.data.annotations import check_labels, read_labelled_list
 from umt_fast.data.annotations import VideoRecord
 from umt_fast.data.labelled import FinetuneClipDataset, build_finetune_loader, read_class_names
+from umt_fast.data.mix import MixSource, SourceMix, read_mix
 from umt_fast.data.transforms import normalize_video
 from umt_fast.engine import checkpoint as ckpt
 from umt_fast.engine.distributed import (
@@ -325,19 +326,34 @@ class FinetuneStep:
 # --------------------------------------------------------------------------------------------
 
 
-def labelled_lists(cfg: FinetuneConfig, sample_list: str | None) -> tuple[list[VideoRecord], list[VideoRecord], int]:
-    """(training records, validation records, number of classes), every label checked: an
-    integer in [0, model.num_classes), or (num_classes 0) the classes the training list has.
-    ``sample_list``: the file the 'sample_clips' lists stand for (None: not checked yet)."""
+def labelled_lists(cfg: FinetuneConfig, sample_list: str | None
+                   ) -> tuple[list[VideoRecord], list[VideoRecord], int, SourceMix | None]:  # fmt: skip
+    """(training records, validation records, number of classes, the mix of data.mix or None),
+    every label checked: an integer in [0, model.num_classes), or (num_classes 0) the classes the
+    training records have, after a mix's label offsets and maps. ``sample_list``: the file the
+    'sample_clips' lists stand for (None: not checked yet)."""
 
     def read(value: str, num_classes: int | None, what: str) -> list[VideoRecord]:
         if value == SAMPLE_CLIPS:
             return read_labelled_list(sample_list, "", num_classes, what) if sample_list else []
         return read_labelled_list(value, cfg.data.root, num_classes, what) if value else []
 
-    train = read(cfg.data.train_list, cfg.model.num_classes or None, "data.train_list")
+    mix = None
+    if cfg.data.mix:
+        sources = [MixSource(**{**d, "list": sample_list if d["list"] == SAMPLE_CLIPS else d["list"]})
+                   for d in mix_sources(cfg.data.mix)]  # fmt: skip
+        if any(source.list is None for source in sources):  # the bundled clips' list is not written yet
+            train = []
+        else:
+            train, mix = read_mix(sources, cfg.train.seed)
+            for i, (source, start, size) in enumerate(zip(sources, mix.offsets, mix.sizes)):
+                how = f" (after data.mix[{i}]'s {'label map' if source.label_map else 'label offset'})" \
+                    if source.label_map or source.label_offset else ""  # fmt: skip
+                check_labels(train[start:start + size], source.list, cfg.model.num_classes or None, f"data.mix[{i}]", how)
+    else:
+        train = read(cfg.data.train_list, cfg.model.num_classes or None, "data.train_list")
     num_classes = cfg.model.num_classes or (1 + max((r.label for r in train), default=-1))
-    return train, read(cfg.data.val_list, num_classes if train else None, "data.val_list"), num_classes
+    return train, read(cfg.data.val_list, num_classes if train else None, "data.val_list"), num_classes, mix
 
 
 def _write_sample_list(cfg: FinetuneConfig, info: DistInfo) -> None:
@@ -387,7 +403,11 @@ class FinetuneRecipe(Recipe):
     def build(self, info: DistInfo, resume_path: str | None) -> Setup:
         cfg, device = self.cfg, info.device
         _write_sample_list(cfg, info)
-        self.train_records, self.val_records, num_classes = labelled_lists(cfg, os.path.join(cfg.run_dir, "sample_clips.csv"))
+        self.train_records, self.val_records, num_classes, self.mix = labelled_lists(
+            cfg, os.path.join(cfg.run_dir, "sample_clips.csv"))
+        if self.mix is not None:
+            log.info("data.mix: %s (data.train_list is not read)", ", ".join(
+                f"{d['list']} ({n} clips, weight {d['weight']:g})" for d, n in zip(mix_sources(cfg.data.mix), self.mix.sizes)))
         self.num_classes = num_classes
         self.class_names = read_class_names(cfg.data.class_names) if cfg.data.class_names else None
         if self.class_names is not None and len(self.class_names) != num_classes:
@@ -437,6 +457,7 @@ class FinetuneRecipe(Recipe):
             self.train_records, cfg.data.num_frames, cfg.data.img_size, seed=cfg.train.seed,
             repeated_aug=cfg.data.repeated_aug, min_scale=cfg.aug.min_scale, flip=cfg.aug.flip,
             rand_augment_ops=cfg.aug.rand_augment_ops, rand_augment_magnitude=cfg.aug.rand_augment_magnitude,
+            mix=self.mix,
         )  # fmt: skip
         loader = build_finetune_loader(dataset, self.per_rank, start_position=start_step * B,
                                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda",
