@@ -444,3 +444,294 @@ def finetuned_state_dict(stage1_sd: dict, num_classes: int, seed: int = 0) -> di
         "head.weight": 0.2 * torch.randn(num_classes, width, generator=g), "head.bias": 0.2 * torch.randn(num_classes, generator=g),
     })
     return sd
+
+
+# ---- video question answering (multi_modality/models/umt_qa.py, tasks/vqa.py, tasks/vqa_utils.py) ----
+
+
+def random_bert_state_dict(prefix, layers, hidden, heads, intermediate, vocab, max_positions, cross_layers=(),
+                           encoder_width=None, lm_head=False, seed=0):
+    """Random weights in the reference's xbert naming under ``prefix`` (e.g. ``text_encoder.`` for a
+    BertModel, ``text_decoder.bert.`` for the BertModel of a BertLMHeadModel): ``embeddings.*``,
+    ``encoder.layer.{i}.{attention,crossattention,intermediate,output}.*`` (crossattention on the
+    layers in ``cross_layers``, its key / value from ``encoder_width``). ``lm_head``: also
+    ``cls.predictions.*`` beside the BertModel (the prefix without its last ``bert.``), the decoder
+    weight tied (the same tensor as the word embeddings)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=0.05):
+        return torch.randn(*shape, generator=g) * s
+
+    def ln(p, n):
+        return {p + ".weight": 1 + r(n), p + ".bias": r(n)}
+
+    def lin(p, o, i):
+        return {p + ".weight": r(o, i, s=0.2), p + ".bias": r(o)}
+
+    def attention(p, kv):
+        return {**lin(p + ".self.query", hidden, hidden), **lin(p + ".self.key", hidden, kv),
+                **lin(p + ".self.value", hidden, kv), **lin(p + ".output.dense", hidden, hidden),
+                **ln(p + ".output.LayerNorm", hidden)}
+
+    sd = {prefix + "embeddings.word_embeddings.weight": r(vocab, hidden, s=0.5),
+          prefix + "embeddings.position_embeddings.weight": r(max_positions, hidden, s=0.5),
+          prefix + "embeddings.token_type_embeddings.weight": r(2, hidden, s=0.5),
+          **ln(prefix + "embeddings.LayerNorm", hidden)}
+    for i in range(layers):
+        p = f"{prefix}encoder.layer.{i}"
+        sd.update(attention(p + ".attention", hidden))
+        if i in cross_layers:
+            sd.update(attention(p + ".crossattention", encoder_width or hidden))
+        sd.update({**lin(p + ".intermediate.dense", intermediate, hidden), **lin(p + ".output.dense", hidden, intermediate),
+                   **ln(p + ".output.LayerNorm", hidden)})
+    if lm_head:
+        head = prefix[:-len("bert.")] + "cls.predictions."
+        sd.update({**lin(head + "transform.dense", hidden, hidden), **ln(head + "transform.LayerNorm", hidden),
+                   head + "bias": r(vocab), head + "decoder.weight": sd[prefix + "embeddings.word_embeddings.weight"]})
+    return sd
+
+
+def _xbert_attention(x, kv, sd, p, heads, additive_mask, eps=1e-12):
+    """xbert ``BertAttention``: scores / sqrt(d) + the additive mask (0 or -10000), softmax,
+    context, then dense -> LayerNorm(. + x)."""
+    B, S, H = x.shape
+    d = H // heads
+
+    def split(t):
+        return t.view(t.shape[0], t.shape[1], heads, d).permute(0, 2, 1, 3)
+
+    q = split(F.linear(x, sd[p + ".self.query.weight"], sd[p + ".self.query.bias"]))
+    k = split(F.linear(kv, sd[p + ".self.key.weight"], sd[p + ".self.key.bias"]))
+    v = split(F.linear(kv, sd[p + ".self.value.weight"], sd[p + ".self.value.bias"]))
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d) + additive_mask
+    context = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).reshape(B, S, H)
+    h = F.linear(context, sd[p + ".output.dense.weight"], sd[p + ".output.dense.bias"])
+    return F.layer_norm(h + x, (H,), sd[p + ".output.LayerNorm.weight"], sd[p + ".output.LayerNorm.bias"], eps)
+
+
+def reference_xbert(sd, prefix, input_ids, attention_mask, heads, is_decoder=False, encoder_hidden_states=None,
+                    encoder_attention_mask=None, eps=1e-12):
+    """xbert ``BertModel.forward`` (mode "multi_modal": every layer; a layer with crossattention
+    weights cross-attends): embeddings (word + position + token type 0, LayerNorm), the extended
+    masks ``(1 - m) * -10000`` (a decoder's: causal AND padding), post-norm layers with exact GELU.
+    ``attention_mask`` None = all ones. Returns the last hidden state [B, S, H]."""
+    dtype = sd[prefix + "embeddings.word_embeddings.weight"].dtype
+    B, S = input_ids.shape
+    x = (sd[prefix + "embeddings.word_embeddings.weight"][input_ids]
+         + sd[prefix + "embeddings.position_embeddings.weight"][:S][None]
+         + sd[prefix + "embeddings.token_type_embeddings.weight"][0])
+    x = F.layer_norm(x, (x.shape[-1],), sd[prefix + "embeddings.LayerNorm.weight"], sd[prefix + "embeddings.LayerNorm.bias"], eps)
+    if attention_mask is None:
+        attention_mask = torch.ones(B, S)
+    m = attention_mask.to(dtype)
+    if is_decoder:
+        seq = torch.arange(S)
+        causal = (seq[None, None, :].repeat(B, S, 1) <= seq[None, :, None]).to(dtype)
+        ext = causal[:, None, :, :] * m[:, None, None, :]
+    else:
+        ext = m[:, None, None, :]
+    ext = (1.0 - ext) * -10000.0
+    enc_ext = None
+    if encoder_hidden_states is not None:
+        em = torch.ones(encoder_hidden_states.shape[:2]) if encoder_attention_mask is None else encoder_attention_mask
+        enc_ext = (1.0 - em.to(dtype)[:, None, None, :]) * -10000.0
+    layers = len({int(mm.group(1)) for k in sd if (mm := re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.", k))})
+    for i in range(layers):
+        p = f"{prefix}encoder.layer.{i}"
+        x = _xbert_attention(x, x, sd, p + ".attention", heads, ext, eps)
+        if p + ".crossattention.self.query.weight" in sd:
+            x = _xbert_attention(x, encoder_hidden_states, sd, p + ".crossattention", heads, enc_ext, eps)
+        h = F.gelu(F.linear(x, sd[p + ".intermediate.dense.weight"], sd[p + ".intermediate.dense.bias"]))
+        h = F.linear(h, sd[p + ".output.dense.weight"], sd[p + ".output.dense.bias"])
+        x = F.layer_norm(h + x, (x.shape[-1],), sd[p + ".output.LayerNorm.weight"], sd[p + ".output.LayerNorm.bias"], eps)
+    return x
+
+
+def reference_lm_head_model(sd, input_ids, attention_mask, heads, encoder_hidden_states, encoder_attention_mask,
+                            labels=None, eps=1e-12):
+    """xbert ``BertLMHeadModel.forward`` of ``text_decoder`` (is_decoder=True, reduction "none"):
+    (logits [B, S, V], loss [B] or None): cls.predictions (dense, GELU, LayerNorm, decoder + bias)
+    on the last hidden state; the loss is CrossEntropyLoss(reduction="none") of logits[:, :-1]
+    against labels[:, 1:] (-100 ignored), ``.view(B, -1).sum(1)``."""
+    x = reference_xbert(sd, "text_decoder.bert.", input_ids, attention_mask, heads, True, encoder_hidden_states,
+                        encoder_attention_mask, eps)
+    p = "text_decoder.cls.predictions."
+    h = F.gelu(F.linear(x, sd[p + "transform.dense.weight"], sd[p + "transform.dense.bias"]))
+    h = F.layer_norm(h, (h.shape[-1],), sd[p + "transform.LayerNorm.weight"], sd[p + "transform.LayerNorm.bias"], eps)
+    logits = F.linear(h, sd[p + "decoder.weight"]) + sd[p + "bias"]
+    if labels is None:
+        return logits, None
+    V = logits.shape[-1]
+    loss = torch.nn.CrossEntropyLoss(reduction="none")(logits[:, :-1, :].contiguous().view(-1, V),
+                                                       labels[:, 1:].contiguous().view(-1))
+    return logits, loss.view(logits.shape[0], -1).sum(1)
+
+
+def reference_qa_vision(sd, video_BCTHW, heads):
+    """The QA vision encoder (``PretrainVisionTransformer`` with mask None, no pool_norm): Conv3d
+    patches + the sin-cos table, every block, the final LayerNorm (eps 1e-6) -> [B, N, C]."""
+    dtype = video_BCTHW.dtype
+    sd = {k[len("vision_encoder."):]: v.to(dtype) for k, v in sd.items() if k.startswith("vision_encoder.encoder.")}
+    depth = len({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.blocks\.(\d+)\.", k))})
+    w = sd["encoder.patch_embed.proj.weight"]
+    x = F.conv3d(video_BCTHW, w, sd["encoder.patch_embed.proj.bias"], stride=w.shape[2:]).flatten(2).transpose(1, 2)
+    x = x + sinusoid_table(x.shape[1], x.shape[2]).to(dtype)
+    for i in range(depth):
+        x = vit_block(x, sd, f"encoder.blocks.{i}", heads)
+    return _ln(x, sd, "encoder.norm", 1e-6)
+
+
+def reference_qa_question_states(sd, video_BCTHW, question_ids, question_mask, vision_heads, text_heads):
+    """``UMT_QA.forward``'s question encoding: image_embeds = the vision encoder, image_atts all ones;
+    ``text_encoder(question, attention_mask, encoder_hidden_states=image_embeds)`` -> [B, Sq, H]."""
+    image_embeds = reference_qa_vision(sd, video_BCTHW, vision_heads)
+    image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
+    return reference_xbert(sd, "text_encoder.", question_ids, question_mask, text_heads, False, image_embeds, image_atts)
+
+
+def reference_qa_train_loss(sd, video_BCTHW, question_ids, question_mask, answer_ids, answer_mask, k, weights,
+                            vision_heads, text_heads, pad_token_id=0):
+    """``UMT_QA.forward(train=True)``: the question states tiled per answer (question b's row
+    ``k[b]`` times, in order), answer targets = ids with pads -> -100, the decoder's per-answer
+    loss (reduction "none"), ``(weights * loss).sum() / B``."""
+    states = reference_qa_question_states(sd, video_BCTHW, question_ids, question_mask, vision_heads, text_heads)
+    answer_targets = answer_ids.masked_fill(answer_ids == pad_token_id, -100)
+    question_states, question_atts = [], []
+    for b, n in enumerate(k):
+        question_states += [states[b]] * n
+        question_atts += [question_mask[b]] * n
+    question_states, question_atts = torch.stack(question_states, 0), torch.stack(question_atts, 0)
+    _, loss = reference_lm_head_model(sd, answer_ids, answer_mask, text_heads, question_states, question_atts,
+                                      labels=answer_targets)
+    return (weights * loss).sum() / video_BCTHW.shape[0]
+
+
+def reference_tile(x, dim, n_tile):
+    """multi_modality/models/utils.py ``tile``."""
+    init_dim = x.size(dim)
+    repeat_idx = [1] * x.dim()
+    repeat_idx[dim] = n_tile
+    x = x.repeat(*repeat_idx)
+    order_index = torch.LongTensor(np.concatenate([init_dim * np.arange(n_tile) + i for i in range(init_dim)]))
+    return torch.index_select(x, dim, order_index)
+
+
+def reference_rank_answer(sd, question_states, question_atts, answer_ids, answer_atts, k, text_heads, pad_token_id=0):
+    """``UMT_QA.rank_answer``, line for line: [CLS] -> first-token softmax, the probabilities at
+    every answer's first token, top k; those k answers decoded whole (targets pads -> -100);
+    log_probs = cat([log p_first, -answer_loss]) summed; softmax over the k; top k again.
+    Returns (topk_ids [Nq, k], topk_probs [Nq, k])."""
+    num_ques = question_states.size(0)
+    start_ids = answer_ids[0, 0].repeat(num_ques, 1)
+    logits, _ = reference_lm_head_model(sd, start_ids, None, text_heads, question_states, question_atts)
+    logits = logits[:, 0, :]
+    answer_first_token = answer_ids[:, 1]
+    prob_first_token = F.softmax(logits, dim=1).index_select(dim=1, index=answer_first_token)
+    topk_probs, topk_ids = prob_first_token.topk(k, dim=1)
+    input_ids, input_atts = [], []
+    for b, topk_id in enumerate(topk_ids):
+        input_ids.append(answer_ids.index_select(dim=0, index=topk_id))
+        input_atts.append(answer_atts.index_select(dim=0, index=topk_id))
+    input_ids, input_atts = torch.cat(input_ids, dim=0), torch.cat(input_atts, dim=0)
+    targets_ids = input_ids.masked_fill(input_ids == pad_token_id, -100)
+    question_states = reference_tile(question_states, 0, k)
+    question_atts = reference_tile(question_atts, 0, k)
+    _, answer_loss = reference_lm_head_model(sd, input_ids, input_atts, text_heads, question_states, question_atts,
+                                             labels=targets_ids)
+    answer_loss = answer_loss.view(input_ids.size(0), -1)
+    topk_probs = topk_probs.view(-1, 1)
+    log_probs = torch.cat([topk_probs.log(), -answer_loss], dim=1)
+    log_probs_sum = log_probs.sum(1).view(num_ques, k)
+    topk_probs = F.softmax(log_probs_sum, dim=-1)
+    topk_probs, rerank_id = topk_probs.topk(k, dim=1)
+    topk_ids = torch.gather(topk_ids, 1, rerank_id)
+    return topk_ids, topk_probs
+
+
+def reference_qa_from_stage2(state_dict, fusion_layer):
+    """tasks/shared_utils.py ``setup_model`` (not resuming, ``has_decoder=True``): the key loop that
+    turns a stage-2 state dict into UMT_QA's, on a copy; ``fusion_layer`` is the index of the first
+    fused BERT layer (9 for BERT-base). The reference then loads it with strict=False; the keys
+    UMT_QA does not have (the teacher, the projections, the VTM head, ...) are returned apart."""
+    state_dict = dict(state_dict)
+    for key in list(state_dict.keys()):
+        if "bert" in key:
+            encoder_key = key.replace("bert.", "")
+            state_dict[encoder_key] = state_dict[key]
+        if "text_encoder" in key:
+            if "layer" in key:
+                encoder_keys = key.split(".")
+                layer_num = int(encoder_keys[4])
+                if layer_num < fusion_layer:
+                    del state_dict[key]
+                    continue
+                else:
+                    decoder_layer_num = layer_num - fusion_layer
+                    encoder_keys[4] = str(decoder_layer_num)
+                    encoder_key = ".".join(encoder_keys)
+            else:
+                encoder_key = key
+            decoder_key = encoder_key.replace("text_encoder", "text_decoder")
+            state_dict[decoder_key] = state_dict[key]
+            del state_dict[key]
+    return state_dict
+
+
+class ReferenceVQANormaliser:
+    """tasks/vqa_utils.py ``VQAEval``'s answer normalisation, restated: the contraction table (the
+    entries a test uses), the number words, the articles, the punctuation rules and the period
+    regex exactly as written there (including its ``sub(..., re.UNICODE)``, which passes 32 as
+    ``count``)."""
+
+    contractions = {"dont": "don't", "isnt": "isn't", "cant": "can't", "whats": "what's", "Im": "I'm",
+                    "wont": "won't", "youre": "you're", "thats": "that's"}
+    manualMap = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+    articles = ["a", "an", "the"]
+    periodStrip = re.compile(r"(?!<=\d)(\.)(?!\d)")
+    commaStrip = re.compile(r"(\d)(,)(\d)")
+    punct = [';', r"/", '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',', '?', '!']
+
+    def processPunctuation(self, inText):
+        outText = inText
+        for p in self.punct:
+            if (p + ' ' in inText or ' ' + p in inText) or (re.search(self.commaStrip, inText) is not None):
+                outText = outText.replace(p, '')
+            else:
+                outText = outText.replace(p, ' ')
+        return self.periodStrip.sub("", outText, re.UNICODE)
+
+    def processDigitArticle(self, inText):
+        outText = []
+        for word in inText.lower().split():
+            word = self.manualMap.setdefault(word, word)
+            if word not in self.articles:
+                outText.append(word)
+        for wordId, word in enumerate(outText):
+            if word in self.contractions:
+                outText[wordId] = self.contractions[word]
+        return ' '.join(outText)
+
+    def question_accuracy(self, pred, gt_answers):
+        """``VQAEval.evaluate`` for one question: the prediction (whitespace, punctuation, digits and
+        articles normalised) against the annotators' answers (punctuation only, and only when
+        they disagree), min(1, matches / 3) averaged over the leave-one-out subsets."""
+        if len(set(gt_answers)) > 1:
+            gt_answers = [self.processPunctuation(e) for e in gt_answers]
+        res = pred.replace('\n', ' ').replace('\t', ' ').strip()
+        res = self.processDigitArticle(self.processPunctuation(res))
+        accs = []
+        for idx in range(len(gt_answers)):
+            others = gt_answers[:idx] + gt_answers[idx + 1:]
+            accs.append(min(1, float(len([e for e in others if e == res])) / 3))
+        return float(sum(accs)) / len(accs)
+
+
+def reference_simple_qa_acc(gt, pred):
+    """tasks/vqa_utils.py ``eval_simple_qa_acc`` (what the reference reports for MSRVTT-QA, MSVD-QA
+    and ActivityNet-QA): exact string match by question_id, a missing prediction wrong,
+    ``round(100 * correct / total, 2)``."""
+    gt_qid2answer = {d["question_id"]: d["answer"] for d in gt}
+    pred_qid2answer = {d["question_id"]: d["answer"] for d in pred}
+    hits = [int(pred_qid2answer[q] == a) if q in pred_qid2answer else 0 for q, a in gt_qid2answer.items()]
+    return round(100. * sum(hits) / len(hits), 2)

@@ -56,11 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         from umt_fast.recipes.retrieval_mc import main as mc_main
 
         return mc_main(argv[1:])
+    if argv and argv[0] == "qa":  # open-ended video question answering (MSRVTT-QA, MSVD-QA, ActivityNet-QA)
+        from umt_fast.recipes.qa import main as qa_main
+
+        return qa_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m umt_fast.evaluate",
         description="Multi-view top-1/top-5 of a video classifier on an annotation list, or the top-5 labels of one "
         "video. `python -m umt_fast.evaluate retrieval --help`: zero-shot video-text retrieval; `... zeroshot --help`: "
-        "zero-shot classification; `... mc --help`: multiple-choice video-text retrieval (MSRVTT-MC).",
+        "zero-shot classification; `... mc --help`: multiple-choice video-text retrieval (MSRVTT-MC); `... qa --help`: "
+        "open-ended video question answering (MSRVTT-QA, MSVD-QA, ActivityNet-QA).",
     )
     parser.add_argument("--checkpoint", required=True, help="a fine-tuning run dir or checkpoint, an export, or a reference fine-tuned file")
     what = parser.add_mutually_exclusive_group(required=True)
