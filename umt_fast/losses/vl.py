@@ -69,13 +69,24 @@ def clamp_temperature(temp: torch.Tensor) -> torch.Tensor:
     return temp.clamp(TEMP_MIN, TEMP_MAX)
 
 
+def similarity(vision_feat: torch.Tensor, text_feat_HE: torch.Tensor) -> torch.Tensor:
+    """Video-text similarities: [G, E] vision and [H, E] text embeddings -> [G, H] dot products;
+    per-frame vision embeddings [G, F, E] -> the mean over the F frames of the per-frame dot
+    products (the reference's ``get_sim``, as retrieval scores at test time). Leading dims of
+    groups are kept: [n, K, E] or [n, K, F, E] with [n, K, E] text -> [n, K, K]."""
+    if vision_feat.dim() == text_feat_HE.dim():
+        return vision_feat @ text_feat_HE.transpose(-1, -2)
+    return torch.einsum("...gfe,...he->...gh", vision_feat, text_feat_HE) / vision_feat.shape[-2]
+
+
 def vtc_loss(
     vision_feat_BE: torch.Tensor, text_feat_BE: torch.Tensor, ids_B: torch.Tensor, temp: torch.Tensor
 ) -> torch.Tensor:
     """Video-text contrastive loss over the batch gathered from every rank (with gradients).
 
     Args:
-        vision_feat_BE, text_feat_BE: L2-normalised embeddings of this rank's pairs.
+        vision_feat_BE, text_feat_BE: L2-normalised embeddings of this rank's pairs; the vision
+            side may also be per frame, [B, F, E] unit vectors (`similarity`).
         ids_B: int64 media ids; pairs with the same id (captions of one video) are all positives.
         temp: the learnable temperature, 0-dim or [1] (clamped to [0.001, 0.5] here).
 
@@ -86,7 +97,7 @@ def vtc_loss(
     v = gather_with_grad(vision_feat_BE)
     t = gather_with_grad(text_feat_BE)
     ids = gather_no_grad(ids_B)
-    logits_GG = v @ t.t() / clamp_temperature(temp)
+    logits_GG = similarity(v, t) / clamp_temperature(temp)
     pos_GG = (ids[:, None] == ids[None, :]).to(logits_GG.dtype)
     target_GG = pos_GG / pos_GG.sum(1, keepdim=True)
     loss_v2t = -(F.log_softmax(logits_GG, dim=1) * target_GG).sum(1).mean()
@@ -155,7 +166,8 @@ def hard_negatives(
 
     Args:
         vision_feat_BE, text_feat_BE: this rank's unit embeddings (B a multiple of K; this rank's
-            first pair starts a group).
+            first pair starts a group); the vision side may be per frame, [B, F, E]
+            (`similarity`).
         ids_B: int64 media ids (same id: never a negative).
         temp: the temperature (clamped as in VTC).
         uniform_2BK: `hard_negative_noise` of this rank's pairs; None = one group of all B pairs,
@@ -165,15 +177,15 @@ def hard_negatives(
         (neg_text_B, valid_v_B, neg_video_B, valid_t_B): int64 indices into this rank's batch, and
         whether the row had a candidate of another id in its group.
     """
-    B, E = vision_feat_BE.shape
+    B, E = text_feat_BE.shape
     if uniform_2BK is None:
         uniform_2BK = torch.rand((2, B, B), device=vision_feat_BE.device)
     K = uniform_2BK.shape[-1]
     n = B // K
     with torch.no_grad():
-        v = vision_feat_BE.detach().float().view(n, K, E)
+        v = vision_feat_BE.detach().float().view(n, K, *vision_feat_BE.shape[1:])
         t = text_feat_BE.detach().float().view(n, K, E)
-        sim_nKK = v @ t.transpose(1, 2) / clamp_temperature(temp.detach().float())
+        sim_nKK = similarity(v, t) / clamp_temperature(temp.detach().float())
         ids_nK = ids_B.view(n, K)
         neg_text, valid_v = sample_hard_negatives(sim_nKK, ids_nK, uniform_XKK=uniform_2BK[0].reshape(n, K, K))
         neg_video, valid_t = sample_hard_negatives(sim_nKK.transpose(1, 2), ids_nK,

@@ -12,6 +12,12 @@ Same engine as stage 1: bf16 autocast on the GPU, the kernels, DDP or FSDP2 unde
 run directory, DCP checkpoints that resume at the exact data position, the progress line. At the
 end the model is also written in the reference's stage-2 naming to <run_dir>/umt_stage2.pth.
 
+Retrieval fine-tuning (the ``ret_*`` presets) is the same loop with the terms of weight 0 left
+out (UTA: teacher.loss_weight, then no teacher is built and the student sees every token; MLM:
+text.mlm_weight), VTC and the hard negatives on per-frame embeddings (model.keep_temporal), and
+the retrieval evaluation of data.test_list (`umt_fast.recipes.retrieval.evaluate`) at the end of
+training and every eval.every_steps, into metrics.jsonl and <run_dir>/retrieval.json.
+
 World-size invariance, as stage 1: step s reads global batch s of its media type (rank r holds
 pairs [r*b, (r+1)*b) of it), and the augmentation, the masks, the drop path, the MLM masking and
 the hard negatives are functions of (seed, s, the pair's index in the global batch); the VTM and
@@ -22,24 +28,30 @@ which draws from torch's generator, seeded per (seed, step, rank).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from umt_fast.config.vl import DEMO_DATA, VLPretrainConfig
 from umt_fast.data import captions as vl_data
 from umt_fast.data.transforms import normalize_video
 from umt_fast.engine import checkpoint as ckpt
 from umt_fast.engine.distributed import DistInfo, barrier, unwrap, wrap_model
-from umt_fast.engine.flops import pretrain_flops_per_clip, text_flops_per_pair
+from umt_fast.engine.flops import pretrain_flops_per_clip, text_flops_per_pair, transformer_forward_flops
 from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
 from umt_fast.engine.trainer import Recipe, Setup, TrainResult, run
 from umt_fast.interop import build_teacher
 from umt_fast.models.fp8 import teachers_at_precision
+from umt_fast.losses import alignment_loss
+from umt_fast.losses import vl as L
 from umt_fast.losses.vl import hard_negative_noise, mask_tokens, mlm_noise
 from umt_fast.masking import mask_and_targets, visible_tokens_per_clip
 from umt_fast.models import build_student
@@ -60,19 +72,87 @@ log = logging.getLogger(__name__)
 
 LOSS_NAMES = ("loss", "uta", "vtc", "vtm", "mlm")
 EXPORT_NAME = "umt_stage2.pth"
+RETRIEVAL_REPORT = "retrieval.json"
+"""The last retrieval evaluation of data.test_list, in the run directory."""
 
 
 # ----------------------------------------------------------------------------------- building
 
 
-def build_model(cfg: VLPretrainConfig, teacher_dim: int, load_text: bool = True) -> VisionLanguageModel:
-    """The stage-2 model of `cfg`: a fresh student of student.size, the text tower of text.weights."""
+class VLTrainingModel(VisionLanguageModel):
+    """`VisionLanguageModel` training the run's choice of terms (same parameters, same state-dict
+    keys). With all four terms on the pooled embedding (stage-2 pre-training) its forward is
+    `VisionLanguageModel.forward`. Otherwise a term switched off (``uta``: teacher.loss_weight 0,
+    ``mlm``: text.mlm_weight 0) is not computed (0 in its place) and its head is frozen (no
+    gradient: the alignment heads, or the MLM head's transform and bias, not the word embeddings
+    its decoder shares), and with ``keep_temporal`` VTC and the hard negatives use one embedding
+    per frame (`frame_features`), as the reference's retrieval fine-tuning does."""
+
+    uta: bool = True
+    mlm: bool = True
+    keep_temporal: bool = False
+
+    def select_terms(self, uta: bool, mlm: bool, keep_temporal: bool) -> None:
+        self.uta, self.mlm, self.keep_temporal = uta, mlm, keep_temporal
+        if not uta:
+            self.student.clip_decoder.requires_grad_(False)
+        if not mlm:
+            head = self.text_encoder.cls.predictions
+            head.transform.requires_grad_(False)
+            head.bias.requires_grad_(False)
+
+    def frame_features(self, tokens_BND: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """-> [B, T, E] unit vectors: per frame, the projection of pool_norm of the mean of its tokens
+        (every frame holds N / T of the tokens, in frame order)."""
+        B, N, D = tokens_BND.shape
+        pooled_BTD = self.pool_norm(tokens_BND.view(B, num_frames, N // num_frames, D).mean(2))
+        return F.normalize(self.vision_proj(pooled_BTD), dim=-1)
+
+    def forward(self, batch: VLBatch) -> dict[str, torch.Tensor]:
+        if self.uta and self.mlm and not self.keep_temporal:
+            return super().forward(batch)
+        if self.uta:
+            tokens, aligned, vision_feat = self.encode_vision(batch.video, batch.visible_idx, batch.drop_scales)
+            uta = alignment_loss(aligned.float(), batch.targets.float())
+        else:
+            tokens = self.student.forward_features(batch.video, batch.visible_idx, batch.drop_scales)[-1]
+            vision_feat, uta = None, tokens.new_zeros((), dtype=torch.float32)
+        if self.keep_temporal:
+            vision_feat = self.frame_features(tokens, batch.video.shape[2])
+        elif vision_feat is None:
+            vision_feat = F.normalize(self.vision_proj(self.pool_norm(tokens.mean(1))), dim=-1)
+        text, text_feat = self.encode_text(batch.text_ids, batch.text_mask)
+        vtc = L.vtc_loss(vision_feat.float(), text_feat.float(), batch.ids, self.temp)
+        # VTM: the positives, then one hard negative text per video and one hard negative video
+        # per text, drawn within the group from the similarity the VTC above uses.
+        B = tokens.shape[0]
+        neg_text, valid_v, neg_video, valid_t = L.hard_negatives(vision_feat, text_feat, batch.ids, self.temp,
+                                                                 batch.negative_noise)  # fmt: skip
+        logits = self.match_logits(torch.cat([text, text[neg_text], text]),
+                                   torch.cat([batch.text_mask, batch.text_mask[neg_text], batch.text_mask]),
+                                   torch.cat([tokens, tokens, tokens[neg_video]]))  # fmt: skip
+        labels = (torch.arange(3 * B, device=tokens.device) < B).long()  # 1 = match: the first B
+        weights = torch.cat([torch.ones(B, device=tokens.device), valid_v.float(), valid_t.float()])
+        vtm = L.vtm_loss(logits, labels, weights)
+        mlm = tokens.new_zeros((), dtype=torch.float32)
+        if self.mlm:
+            fused = self.text_encoder.forward_fusion(self.text_encoder.forward_text(batch.mlm_ids, batch.text_mask),
+                                                     batch.text_mask, tokens)  # fmt: skip
+            mlm = L.mlm_loss(self.text_encoder.mlm_logits(fused), batch.mlm_labels)
+        return {"uta": uta, "vtc": vtc, "vtm": vtm, "mlm": mlm}
+
+
+def build_model(cfg: VLPretrainConfig, teacher_dim: int, load_text: bool = True) -> VLTrainingModel:
+    """The stage-2 model of `cfg`: a fresh student of student.size, the text tower of text.weights,
+    training the terms the config turns on (`VLTrainingModel`)."""
     student = build_student(cfg, teacher_dim, head_norm_eps=HEAD_NORM_EPS)
     student.set_grad_checkpointing(num_blocks=cfg.train.checkpointed_blocks(student.arch.depth))
     dropout = cfg.text.dropout if cfg.text.dropout >= 0 else None
     text = build_text_encoder(cfg.text.weights, cfg.text.fusion_layers, student.arch.width, load=load_text,
                               dropout=dropout)  # fmt: skip
-    return VisionLanguageModel(student, text, cfg.model.embed_dim)
+    model = VLTrainingModel(student, text, cfg.model.embed_dim)
+    model.select_terms(uta=cfg.teacher.uta, mlm=cfg.text.mlm_weight > 0, keep_temporal=cfg.model.keep_temporal)
+    return model
 
 
 @dataclass(frozen=True)
@@ -162,26 +242,77 @@ def shardable_blocks(model: VisionLanguageModel) -> list[nn.Module]:
     return list(model.student.encoder.blocks) + list(text.bert.encoder.layer) + list(text.fusion)
 
 
-def caption_datasets(cfg: VLPretrainConfig, info: DistInfo) -> list[vl_data.CaptionDataset]:
-    video_list, image_list = cfg.data.video_list, cfg.data.image_list
-    if DEMO_DATA in (video_list, image_list):
+def caption_lists(cfg: VLPretrainConfig, info: DistInfo) -> dict[str, str]:
+    """The paths of data.video_list, data.image_list and data.test_list ('' where unset), the
+    demo's lists written into <run_dir>/demo_data where one is 'demo' (collective)."""
+    lists = {"video": cfg.data.video_list, "image": cfg.data.image_list, "test": cfg.data.test_list}
+    if DEMO_DATA in lists.values():
         demo_dir = os.path.join(cfg.run_dir, "demo_data")
         if info.is_main:
             vl_data.write_demo_caption_lists(demo_dir)
         barrier()
-        demo_video, demo_image = (os.path.join(demo_dir, n) for n in ("demo_videos.json", "demo_images.json"))
-        video_list = demo_video if video_list == DEMO_DATA else video_list
-        image_list = demo_image if image_list == DEMO_DATA else image_list
+        demo = {"video": "demo_videos.json", "image": "demo_images.json", "test": "demo_videos.json"}
+        lists = {k: os.path.join(demo_dir, demo[k]) if v == DEMO_DATA else v for k, v in lists.items()}
+    return lists
+
+
+def read_entries(cfg: VLPretrainConfig, path: str) -> list[dict]:
+    """A caption list's entries (`read_caption_json`), each entry's captions joined into one
+    paragraph with data.paragraph."""
+    entries = vl_data.read_caption_json(path, cfg.data.root)
+    return vl_data.join_paragraphs(entries) if cfg.data.paragraph else entries
+
+
+def ids_by_file_name(records: list[vl_data.CaptionRecord]) -> list[vl_data.CaptionRecord]:
+    """data.video_ids=file_name: the records' media ids renumbered so that records whose media
+    has the same file name share one (the reference's retrieval fine-tuning keys its match ids by
+    ``basename(path)``), numbered in order of first appearance."""
+    ids: dict[str, int] = {}
+    return [dataclasses.replace(r, media_id=ids.setdefault(os.path.basename(r.path), len(ids))) for r in records]
+
+
+def caption_datasets(cfg: VLPretrainConfig, info: DistInfo, lists: dict[str, str] | None = None) -> list[vl_data.CaptionDataset]:
+    lists = lists or caption_lists(cfg, info)
     out = []
-    for media, path in (("video", video_list), ("image", image_list)):
+    for media in ("video", "image"):
+        path = lists[media]
         if not path:
             continue
-        records = vl_data.caption_records(vl_data.read_caption_json(path, cfg.data.root), media)
+        records = vl_data.caption_records(read_entries(cfg, path), media)
         if not records:
             raise ValueError(f"data.{media}_list={path!r} holds no {media} entries")
+        if cfg.data.video_ids == "file_name":
+            records = ids_by_file_name(records)
         out.append(vl_data.CaptionDataset(records, media, cfg.data.num_frames, cfg.data.img_size,
                                           seed=cfg.train.seed, flip=cfg.data.flip))  # fmt: skip
     return out
+
+
+def test_entries(cfg: VLPretrainConfig, path: str) -> list[dict]:
+    """data.test_list's entries, checked before training: one media type, every entry captioned."""
+    entries = read_entries(cfg, path)
+    if not entries or len({e["media"] for e in entries}) != 1:
+        raise ValueError(f"data.test_list={path!r} must hold entries of one media type (all videos or all images)")
+    missing = [i for i, e in enumerate(entries) if not e["captions"]]
+    if missing:
+        raise ValueError(f"data.test_list={path!r}: entry {missing[0]} has no caption")
+    return entries
+
+
+def evaluate_retrieval(model: VisionLanguageModel, tokenizer, cfg: VLPretrainConfig, entries: list[dict],
+                       device: torch.device, autocast_dtype) -> dict:  # fmt: skip
+    """The retrieval evaluation of ``python -m umt_fast.evaluate retrieval`` on ``entries`` at the
+    run's frames, size and text length: {"vtc": metrics, "vtm": metrics, "videos", "unreadable"}."""
+    from umt_fast.recipes import retrieval
+
+    T, S = cfg.data.num_frames, cfg.data.img_size
+    kept, videos, failed = retrieval.load_entries(entries, T, S)
+    if not kept:
+        raise ValueError(f"data.test_list={cfg.data.test_list!r}: none of its {len(failed)} media could be read")
+    results = retrieval.evaluate(model, tokenizer, kept, num_frames=T, img_size=S, device=device, k=cfg.eval.k,
+                                 max_len=cfg.text.max_len, batch_size=cfg.eval.batch_size,
+                                 autocast_dtype=autocast_dtype, videos=videos)  # fmt: skip
+    return {**results, "videos": len(kept), "unreadable": [{"path": p, "reason": r} for p, r in failed]}
 
 
 # ----------------------------------------------------------------------------------- the step
@@ -189,7 +320,8 @@ def caption_datasets(cfg: VLPretrainConfig, info: DistInfo) -> list[vl_data.Capt
 
 class VLStep:
     """Callable ``(media, batch, step) -> [5] device tensor (total, uta, vtc, vtm, mlm)``; no host sync.
-    The total weighs UTA (the teacher's term) by teacher.loss_weight.
+    The total weighs UTA (the teacher's term) by teacher.loss_weight and MLM by text.mlm_weight; a
+    term of weight 0 is not computed (0 in the vector).
 
     ``batch`` is this rank's share of the step's global batch of ``B * world_size`` pairs (rank r
     holds pairs [r*B, (r+1)*B)). The masks, drop path, MLM masking and hard-negative noise are
@@ -202,12 +334,14 @@ class VLStep:
 
     def __init__(self, model, teacher, optimizer, tokenizer, cfg: VLPretrainConfig, device, autocast_dtype, rank=0,
                  world_size=1):  # fmt: skip
+        """``teacher``: None with UTA off (teacher.loss_weight 0): the student then sees every token."""
         self.model, self.teacher, self.optimizer, self.tokenizer = model, teacher, optimizer, tokenizer
         self.cfg, self.device, self.autocast_dtype = cfg, device, autocast_dtype
         self.rank, self.world_size = rank, world_size
         # MLM never picks [CLS] or [PAD], as the reference; any other id (e.g. [UNK]) may be picked.
         self.special_ids = torch.tensor([tokenizer.cls_token_id, tokenizer.pad_token_id], device=device)
         self.vocab_size = unwrap(model).text_encoder.arch.vocab_size
+        self.patches_per_frame = unwrap(model).student.arch.patches_per_frame
 
     @functools.cached_property
     def keep_prob(self) -> torch.Tensor | None:
@@ -229,20 +363,29 @@ class VLStep:
             raise ValueError(f"train.vtm_group_size={group} must divide the per-rank batch ({B})")
         ratio = cfg.mask.video_ratio if media == "video" else cfg.mask.image_ratio
         first_clip = self.rank * B
-        with torch.no_grad(), self._autocast():
-            teacher_out = self.teacher(video)
-            idx, targets = mask_and_targets(teacher_out, cfg.mask.policy, ratio=ratio, seed=seed, offset=step,
-                                            first_clip=first_clip)  # fmt: skip
+        idx, targets = None, None
+        if ratio == 0:  # every token visible
+            idx = torch.arange(T * self.patches_per_frame, device=self.device).expand(B, -1)
+        if self.teacher is not None:
+            with torch.no_grad(), self._autocast():
+                teacher_out = self.teacher(video)
+                if idx is None:
+                    idx, targets = mask_and_targets(teacher_out, cfg.mask.policy, ratio=ratio, seed=seed, offset=step,
+                                                    first_clip=first_clip)  # fmt: skip
+                else:
+                    targets = teacher_out.targets(idx)
         if "text_ids" not in batch:  # tokenized in the loader workers (CaptionCollate), else here
             text_ids, text_mask = tokenize_captions(self.tokenizer, batch["captions"], cfg.text.max_len)
             batch = {**batch, "text_ids": text_ids, "text_mask": text_mask}
         ids = batch["text_ids"].to(self.device, non_blocking=True)
         mask = batch["text_mask"].to(self.device, non_blocking=True)
-        special = torch.isin(ids, self.special_ids) | (mask == 0)
         keyed = dict(seed=seed, offset=step, first_clip=first_clip, device=self.device)
-        mlm_ids, mlm_labels = mask_tokens(ids, special, mask_token_id=self.tokenizer.mask_token_id,
-                                          vocab_size=self.vocab_size, prob=cfg.text.mlm_prob,
-                                          uniform_3BS=mlm_noise(B, ids.shape[1], **keyed))  # fmt: skip
+        mlm_ids = mlm_labels = None
+        if cfg.text.mlm_weight > 0:
+            special = torch.isin(ids, self.special_ids) | (mask == 0)
+            mlm_ids, mlm_labels = mask_tokens(ids, special, mask_token_id=self.tokenizer.mask_token_id,
+                                              vocab_size=self.vocab_size, prob=cfg.text.mlm_prob,
+                                              uniform_3BS=mlm_noise(B, ids.shape[1], **keyed))  # fmt: skip
         drop_scales = None
         if self.keep_prob is not None:
             drop_scales = drop_path_scales(self.keep_prob, B, seed=seed, offset=step, first_clip=first_clip)
@@ -256,7 +399,8 @@ class VLStep:
         vl_batch = self.make_batch(media, batch, step)
         with self._autocast():
             losses = self.model(vl_batch)
-        total = self.cfg.teacher.loss_weight * losses["uta"] + losses["vtc"] + losses["vtm"] + losses["mlm"]
+        total = (self.cfg.teacher.loss_weight * losses["uta"] + losses["vtc"] + losses["vtm"]
+                 + self.cfg.text.mlm_weight * losses["mlm"])
         total.backward()
         self.optimizer.step()
         return torch.stack([total, losses["uta"], losses["vtc"], losses["vtm"], losses["mlm"]]).detach().float()
@@ -276,8 +420,14 @@ def export_reference(model: nn.Module, text_arch, path: str, info: DistInfo) -> 
     return path
 
 
+def _write_json(report: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+
+
 class VLPretrainRecipe(Recipe):
-    """Stage 2: UTA + VTC + VTM + MLM on interleaved video and image caption batches."""
+    """Stage 2: UTA + VTC + VTM + MLM on interleaved video and image caption batches (the terms of
+    weight 0 left out), evaluated on data.test_list when it is set."""
 
     unit = "pairs"
     loss_names = LOSS_NAMES
@@ -288,19 +438,24 @@ class VLPretrainRecipe(Recipe):
 
     def build(self, info: DistInfo, resume_path: str | None) -> Setup:
         cfg, device = self.cfg, info.device
-        self.datasets = caption_datasets(cfg, info)
+        lists = caption_lists(cfg, info)
+        self.datasets = caption_datasets(cfg, info, lists)
+        self.test_entries = test_entries(cfg, lists["test"]) if lists["test"] else None
+        self.report = None
         B, G = self.batch_plan.per_rank, self.batch_plan.global_batch
         counts = [vl_data.MediaBatchSampler(len(d), B, info.rank, info.world_size).batches_per_epoch for d in self.datasets]
         steps_per_epoch = sum(counts)
         total_steps = cfg.optim.epochs * steps_per_epoch
         schedule = WarmupCosineSchedule(cfg.optim.lr, cfg.optim.min_lr, total_steps,
                                         cfg.optim.warmup_epochs * steps_per_epoch, cfg.optim.warmup_lr)  # fmt: skip
-        low_precision = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
-        teacher = build_teacher(cfg).to(device)
-        if low_precision is not None:
-            teacher = teacher.to(low_precision)
-        teacher = teachers_at_precision([teacher], cfg.teacher.precision, device)[0]
-        model = build_model(cfg, teacher.arch.output_dim)
+        self.low_precision = low_precision = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
+        teacher = None
+        if cfg.teacher.uta:
+            teacher = build_teacher(cfg).to(device)
+            if low_precision is not None:
+                teacher = teacher.to(low_precision)
+            teacher = teachers_at_precision([teacher], cfg.teacher.precision, device)[0]
+        model = build_model(cfg, teacher.arch.output_dim if teacher is not None else cfg.teacher.output_dim())
         if cfg.model.init and resume_path is None:
             what = initialise(model, cfg.model.init)
             log.info("initialised the %s from %s", what, cfg.model.init)
@@ -310,8 +465,8 @@ class VLPretrainRecipe(Recipe):
         self.text_arch = text_arch = model.text_encoder.arch
         self.tokenizer = load_tokenizer(cfg.text.weights)
         if cfg.train.compile != "none":  # in place, names unchanged, before FSDP2 wraps the same blocks
-            compile_blocks([*teacher.compilable_blocks, *shardable_blocks(model)], model, "blocks",
-                           cfg.train.compile_backend)  # fmt: skip
+            teacher_blocks = teacher.compilable_blocks if teacher is not None else []
+            compile_blocks([*teacher_blocks, *shardable_blocks(model)], model, "blocks", cfg.train.compile_backend)
         self.model = wrapped = wrap_model(model, shardable_blocks(model), cfg.dist.strategy, info, low_precision)
         optimizer = build_optimizer(wrapped, schedule(0), cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
         self.step_fn = VLStep(wrapped, teacher, optimizer, self.tokenizer, cfg, device, low_precision, rank=info.rank,
@@ -320,10 +475,18 @@ class VLPretrainRecipe(Recipe):
         student = model.student
         P = student.arch.patches_per_frame
         pair_flops = {}  # per media type: the vision side as in stage 1 (an image is one frame), + the text tower
+        text_flops = text_flops_per_pair(text_arch, cfg.text.max_len)
+        if not model.mlm:  # no second pass of the caption through every layer
+            text_flops -= 3 * transformer_forward_flops(cfg.text.max_len, cfg.text.max_len, text_arch.hidden,
+                                                        text_arch.num_layers)  # fmt: skip
         for media, T, ratio in (("video", student.arch.num_frames, cfg.mask.video_ratio), ("image", 1, cfg.mask.image_ratio)):
-            visible = visible_tokens_per_clip(cfg.mask.policy, T, P, ratio)
-            pair_flops[media] = (pretrain_flops_per_clip(teacher.arch, student.arch, teacher.arch.grid, visible, T)
-                                 + text_flops_per_pair(text_arch, cfg.text.max_len))  # fmt: skip
+            visible = T * P if ratio == 0 else visible_tokens_per_clip(cfg.mask.policy, T, P, ratio)
+            if teacher is not None:
+                vision = pretrain_flops_per_clip(teacher.arch, student.arch, teacher.arch.grid, visible, T)
+            else:  # the student alone, forward and backward
+                vision = 3 * transformer_forward_flops(visible, visible, student.arch.width, student.arch.depth,
+                                                       student.arch.mlp_ratio)  # fmt: skip
+            pair_flops[media] = vision + text_flops
         # the steps of an epoch are video or image steps: the mean over them
         flops = G * sum(n * pair_flops[d.media] for n, d in zip(counts, self.datasets)) / steps_per_epoch
         describe = (f"preset {cfg.preset} | student {cfg.student.size} + text {text_arch.num_layers} layers "
@@ -331,7 +494,11 @@ class VLPretrainRecipe(Recipe):
                     f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | "
                     + ", ".join(f"{len(d)} {d.media} captions" for d in self.datasets)
                     + f" | global batch {G} = {info.world_size} ranks x {B}, hard negatives in groups of "
-                    f"{self.batch_plan.vtm_group}")  # fmt: skip
+                    f"{self.batch_plan.vtm_group} | terms "
+                    + " + ".join(n for n, on in (("UTA", model.uta), ("VTC", True), ("VTM", True), ("MLM", model.mlm))
+                                 if on)
+                    + (", per-frame VTC" if model.keep_temporal else "")
+                    + (f" | retrieval test: {len(self.test_entries)} entries" if self.test_entries else ""))  # fmt: skip
         return Setup(wrapped, optimizer, schedule, steps_per_epoch, total_steps, G, flops, describe)
 
     def batches(self, start_step: int):
@@ -357,6 +524,52 @@ class VLPretrainRecipe(Recipe):
         self.media_counts = {"video": 0, "image": 0}
         return record
 
+    def after_step(self, done: int, is_last: bool, metrics) -> None:
+        every = self.cfg.eval.every_steps
+        if self.test_entries is None or not ((every and done % every == 0) or is_last):
+            return
+        self.report = self.evaluate(done, metrics)
+
+    def evaluation_model(self) -> VisionLanguageModel | None:
+        """Collective: on rank 0 the model to evaluate (the module itself; under FSDP2 a whole copy
+        built from the gathered weights), None on the other ranks."""
+        cfg, info = self.cfg, self.info
+        if not (info.distributed and cfg.dist.strategy == "fsdp"):
+            return unwrap(self.model) if info.is_main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not info.is_main:
+            return None
+        model = build_model(cfg, unwrap(self.model).student.arch.teacher_dim, load_text=False)
+        model.load_state_dict(sd)
+        return model.to(info.device)
+
+    def evaluate(self, done: int, metrics) -> dict | None:
+        """Collective: the retrieval evaluation of data.test_list. Rank 0 runs it, writes eval/* to
+        metrics.jsonl and <run_dir>/retrieval.json and returns the report; the other ranks wait
+        and return None."""
+        cfg, info = self.cfg, self.info
+        model, report = self.evaluation_model(), None
+        if info.is_main:
+            start = time.perf_counter()
+            try:
+                report = evaluate_retrieval(model, self.tokenizer, cfg, self.test_entries, info.device,
+                                            self.low_precision)  # fmt: skip
+            finally:
+                self.model.train()
+            from umt_fast.recipes.retrieval import format_table
+
+            report = {"step": done, "test_list": cfg.data.test_list, "k": cfg.eval.k, "num_frames": cfg.data.num_frames,
+                      "img_size": cfg.data.img_size, **report}  # fmt: skip
+            record = {f"eval/{scores}_{name}": value for scores in ("vtc", "vtm") for name, value in report[scores].items()}
+            metrics.write({"step": done, **record, "eval/videos": report["videos"], "time": time.time()})
+            ckpt.atomic_write(os.path.join(cfg.run_dir, RETRIEVAL_REPORT), functools.partial(_write_json, report))
+            log.info("retrieval on %s at step %d (%d videos, %.1f s):\n%s", cfg.data.test_list, done,
+                     report["videos"], time.perf_counter() - start, format_table({s: report[s] for s in ("vtc", "vtm")}))
+        barrier()
+        return report if info.is_main else None
+
     def finish(self, info: DistInfo) -> None:
         self.export_path = export_reference(self.model, self.text_arch, os.path.join(self.cfg.run_dir, EXPORT_NAME), info)
         if self.export_path:
@@ -364,6 +577,7 @@ class VLPretrainRecipe(Recipe):
 
     def result(self, result: TrainResult) -> TrainResult:
         result.export_path = getattr(self, "export_path", None)
+        result.eval_report = getattr(self, "report", None)
         return result
 
 
