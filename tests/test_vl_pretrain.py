@@ -69,6 +69,7 @@ def test_published_presets_need_their_inputs_and_bad_values_are_named(tmp_path, 
     cfg = build_config(["--preset", "umt_l16_25m", "--teacher.weights", "clip.pth", "--text.weights", "bert-large",
                         "--data.video_list", "webvid10m.json", "--data.image_list", "cc.json"])  # fmt: skip
     assert (cfg.student.size, cfg.teacher.arch, cfg.teacher.input_resolution) == ("large", "vit_l14", 196)
+    assert cfg.model.embed_dim == 768  # the reference's exp/pretraining/l16_*.py (b16_*: 512)
     assert (cfg.text.fusion_layers, cfg.text.max_len, cfg.data.num_frames, cfg.train.batch_size) == (5, 32, 4, 128)
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.betas, cfg.optim.weight_decay) == (1e-4, 1e-6, (0.9, 0.999), 0.02)
     assert (cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.mask.video_ratio, cfg.mask.image_ratio) == (10, 1, 0.8, 0.5)

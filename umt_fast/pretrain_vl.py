@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from umt_fast.config.vl import build_config, check_paths
+from umt_fast.config.vl import FIXED_ON_RESUME, build_config, check_paths
 from umt_fast.engine.launch import location_lines, run_training_command
 
 
@@ -36,12 +36,6 @@ def _load_train():
     from umt_fast.recipes.pretrain_vl import train
 
     return train
-
-
-FIXED_ON_RESUME = ("model.", "student.", "teacher.", "text.", "data.video_list", "data.image_list", "data.root",
-                  "data.num_frames", "data.img_size")
-"""The fields of the model and the data: a resume that would change them is refused (unless
---allow-config-changes)."""
 
 
 def main(argv: list[str] | None = None) -> int:

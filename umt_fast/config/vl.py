@@ -381,7 +381,7 @@ def _demo_vl() -> VLPretrainConfig:
 
 def _recipe(size: str, corpus: str) -> VLPretrainConfig:
     cfg = VLPretrainConfig(preset=f"umt_{'b' if size == 'base' else 'l'}16_{corpus}")
-    cfg.model = ModelConfig(init="", embed_dim=512)
+    cfg.model = ModelConfig(init="", embed_dim=512 if size == "base" else 768)  # exp/pretraining/{b,l}16_*.py
     cfg.student = StudentConfig(size=size, patch_size=16, drop_path=0.1 if size == "base" else 0.2, return_layers=6)
     cfg.teacher = VLTeacherConfig(arch="vit_b16" if size == "base" else "vit_l14", weights="",
                                 input_resolution=224 if size == "base" else 196)  # fmt: skip
