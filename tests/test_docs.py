@@ -5,7 +5,7 @@ import re
 import pytest
 
 from umt_fast import config
-from umt_fast.config import finetune as finetune_config, vl as config_vl
+from umt_fast.config import finetune as finetune_config, qa as config_qa, vl as config_vl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -15,6 +15,7 @@ MANUALS = {
     "pretrain": (config, "docs/pretrain.md"),
     "pretrain_vl": (config_vl, "docs/pretrain_vl.md"),
     "finetune": (finetune_config, "docs/finetune.md"),
+    "finetune_qa": (config_qa, "docs/qa.md"),
 }
 # written in --help's own text as the general form, not an option
 PLACEHOLDERS = {"--section.field"}

@@ -359,6 +359,9 @@ def read_run_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, A
     kind = state.get("kind", "student")
     data = config.get("data", {})
     stage = run_stage(config)
+    if stage == "qa":
+        raise ValueError(f"{path} is {STAGE_NAMES[stage]}: its model is the run's umt_qa.pth, for python -m "
+                         "umt_fast.evaluate qa --checkpoint RUN_DIR/umt_qa.pth")  # fmt: skip
     weights = state["student"]
     if stage == "stage2":  # the vision-language model: its student is the stage-1 student
         weights = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
@@ -384,11 +387,13 @@ def read_run_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 
 STAGE_NAMES = {"stage1": "a stage-1 pre-training run", "stage2": "a stage-2 (vision-language) run",
-               "finetune": "a fine-tuning run"}  # fmt: skip
+               "finetune": "a fine-tuning run", "qa": "a video-QA fine-tuning run"}  # fmt: skip
 
 
 def run_stage(config: dict[str, Any]) -> str:
-    """Which command made a run, from its config's sections: stage1, stage2 or finetune."""
+    """Which command made a run, from its config's sections: stage1, stage2, finetune or qa."""
+    if "answer_list" in config.get("data", {}):
+        return "qa"
     if "text" in config:
         return "stage2"
     if "eval" in config or "aug" in config:

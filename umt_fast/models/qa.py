@@ -51,10 +51,12 @@ class QAVisionEncoder(nn.Module):
         self.arch = replace(arch, return_layers=1, extra_heads=())
         self.encoder = SparseVideoStudent(self.arch).encoder
 
-    def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+    def forward(self, video_BCTHW: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None) -> torch.Tensor:
+        """``drop_scales_LB2``: [depth, B, 2] drop-path factors (`umt_fast.models.student.drop_path_scales`),
+        used in training mode; None draws drop path from torch's generator."""
         B, _, T = video_BCTHW.shape[:3]
         idx = torch.arange(T * self.arch.patches_per_frame, device=video_BCTHW.device).expand(B, -1)
-        return self.encoder(video_BCTHW, idx)[-1]
+        return self.encoder(video_BCTHW, idx, drop_scales_LB2)[-1]
 
 
 def decoder_arch(text_arch: TextArch) -> TextArch:
@@ -84,9 +86,9 @@ class VideoQAModel(nn.Module):
         self.pad_token_id = arch.pad_token_id
 
     # ---------------------------------------------------------------- encoders
-    def encode_vision(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        """Normalised [B, 3, T, H, W] -> every token [B, T*P, D]."""
-        return self.vision_encoder(video_BCTHW)
+    def encode_vision(self, video_BCTHW: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised [B, 3, T, H, W] -> every token [B, T*P, D] (drop path: `QAVisionEncoder.forward`)."""
+        return self.vision_encoder(video_BCTHW, drop_scales_LB2)
 
     def encode_question(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor, vision_BND: torch.Tensor) -> torch.Tensor:
         """The question states [B, Sq, H]: the text tower, its fusion layers attending to all of
@@ -125,7 +127,7 @@ class VideoQAModel(nn.Module):
     # ---------------------------------------------------------------- training
     def forward(self, video_BCTHW: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
                 answer_ids: torch.Tensor, answer_mask: torch.Tensor, answer_counts_B: torch.Tensor,
-                answer_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                answer_weights: torch.Tensor, drop_scales_LB2: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """The reference's QA loss (0-dim): sum over every answer of weight * nll, / B.
 
         Args:
@@ -134,8 +136,10 @@ class VideoQAModel(nn.Module):
             answer_counts_B: int64 [B], how many answers each question has (sum = M).
             answer_weights: [M], each answer's weight (the reference: its share of the question's
                 annotated answers).
+            drop_scales_LB2: the vision encoder's drop-path factors [depth, B, 2] (training mode);
+                None draws drop path from torch's generator.
         """
-        vision = self.encode_vision(video_BCTHW)
+        vision = self.encode_vision(video_BCTHW, drop_scales_LB2)
         states = self.encode_question(question_ids, question_mask, vision)
         M = answer_ids.shape[0]
         states = states.repeat_interleave(answer_counts_B, dim=0, output_size=M)

@@ -202,7 +202,7 @@ def read_init_state_dict(path: str) -> dict[str, torch.Tensor]:
     if os.path.isdir(path):  # a run directory or one of its checkpoints
         state = ckpt.load_checkpoint(ckpt.resolve_checkpoint(path))
         stage = ckpt.run_stage(state.get("config") or {})
-        if stage == "finetune":
+        if stage in ("finetune", "qa"):
             raise ValueError(f"model.init={path!r} is {ckpt.STAGE_NAMES[stage]}; stage 2 starts from a stage-1 run "
                              "or file (or a stage-2 one)")  # fmt: skip
         return state["student"]

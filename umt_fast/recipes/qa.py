@@ -308,8 +308,11 @@ def evaluate_qa(model, tokenizer, entries: list[dict], answer_list: list[str], *
                 autocast_dtype=None) -> QAResult:  # fmt: skip
     """Answers every question of `entries` (`read_qa_json`), reading its videos `batch_size` at a
     time (each video once, however many questions it has); an unreadable video's questions are
-    skipped and the video listed."""
-    model = model.to(device).eval()
+    skipped and the video listed. A model already on `device` is not moved (``Module.to`` would
+    reshard an FSDP2 model that the caller unsharded for the evaluation)."""
+    if any(p.device != torch.device(device) for p in model.parameters()):
+        model = model.to(device)
+    model.eval()
     answer_ids, answer_mask = (t.to(device) for t in tokenize_answers(tokenizer, answer_list, max_a_len))
     videos: dict[str, list[int]] = {}
     for i, e in enumerate(entries):
