@@ -19,35 +19,15 @@ Resume with the same command (``--resume auto`` is the default). ``--help`` list
 """
 from __future__ import annotations
 
-import os
 import sys
 
-from umt_fast.config.vl import FIXED_ON_RESUME, build_retrieval_config, check_paths
-from umt_fast.engine.launch import location_lines, run_training_command
-
-
-def _summary(result) -> list[str]:
-    lines = location_lines(result)
-    if result.export_path:
-        lines.append(f"weights:       {os.path.abspath(result.export_path)} (reference stage-2 naming)")
-    report = result.eval_report
-    if report:
-        vtm = report["vtm"]
-        lines.append(f"retrieval:     t2v R@1/5/10 {vtm['t2v_r1']:.1f}/{vtm['t2v_r5']:.1f}/{vtm['t2v_r10']:.1f}, "
-                     f"v2t R@1 {vtm['v2t_r1']:.1f} (VTM re-ranked, {report['videos']} videos, step {report['step']})")
-    if result.last_loss is not None:
-        lines.append(f"final loss:    {result.last_loss:.4f} after {result.steps_done} steps")
-    return lines
-
-
-def _load_train():
-    from umt_fast.recipes.pretrain_vl import train
-
-    return train
+from umt_fast import pretrain_vl
+from umt_fast.config.vl import build_retrieval_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_training_command(argv, build_retrieval_config, check_paths, _load_train, _summary, FIXED_ON_RESUME)
+    """Stage 2's command with the retrieval presets (``ret_demo`` by default)."""
+    return pretrain_vl.main(argv, build=build_retrieval_config)
 
 
 if __name__ == "__main__":

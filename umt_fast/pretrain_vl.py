@@ -27,6 +27,11 @@ def _summary(result) -> list[str]:
     lines = location_lines(result)
     if result.export_path:
         lines.append(f"weights:       {os.path.abspath(result.export_path)} (reference stage-2 naming)")
+    report = result.eval_report
+    if report:  # the retrieval evaluation of data.test_list
+        vtm = report["vtm"]
+        lines.append(f"retrieval:     t2v R@1/5/10 {vtm['t2v_r1']:.1f}/{vtm['t2v_r5']:.1f}/{vtm['t2v_r10']:.1f}, "
+                     f"v2t R@1 {vtm['v2t_r1']:.1f} (VTM re-ranked, {report['videos']} videos, step {report['step']})")
     if result.last_loss is not None:
         lines.append(f"final loss:    {result.last_loss:.4f} after {result.steps_done} steps")
     return lines
@@ -38,8 +43,8 @@ def _load_train():
     return train
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_training_command(argv, build_config, check_paths, _load_train, _summary, FIXED_ON_RESUME)
+def main(argv: list[str] | None = None, build=build_config) -> int:
+    return run_training_command(argv, build, check_paths, _load_train, _summary, FIXED_ON_RESUME)
 
 
 if __name__ == "__main__":

@@ -44,13 +44,12 @@ from umt_fast.config.sections import (
     CompileMode,
     DistConfig,
     LogConfig,
-    OptimConfig,
     Precision,
     StudentSize,
     TrainConfig,
     refuse_unsupported,
 )
-from umt_fast.config.vl import BUNDLED_TEXT, DEMO_DATA
+from umt_fast.config.vl import BUNDLED_TEXT, DEMO_DATA, VLEvalConfig, VLOptimConfig
 
 QA_COMPILE_MODES = ("none", "blocks")
 
@@ -165,44 +164,26 @@ class QADataConfig(Section):
 
 
 @dataclass
-class QAEvalConfig(Section):
+class QAEvalConfig(VLEvalConfig):
     """The evaluation of data.test_list during and after training."""
 
-    SECTION = "eval"
-
-    every_steps: int = 0
-    """Also evaluate every this many optimizer steps (0 = only at the end of the run); >= 0."""
     k: int = 128
     """Candidates per question scored by their whole sequence (rank_answer; the reference's k_test
     128); >= 1."""
     batch_size: int = 8
     """Videos read and encoded at a time in the evaluation; >= 1."""
 
-    def validate(self) -> None:
-        super().validate()
-        require(self.every_steps >= 0, "eval.every_steps", self.every_steps, "must be >= 0 (0 = at the end)")
-        require(self.k >= 1, "eval.k", self.k, "must be >= 1")
-        require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
-
 
 @dataclass
-class QAOptimConfig(OptimConfig):
+class QAOptimConfig(VLOptimConfig):
     """AdamW and its schedule (linear warm-up, then cosine per step); learning rates are absolute."""
 
     lr: float = 2e-5
     """Peak learning rate (absolute, not scaled by the batch)."""
     min_lr: float = 2e-7
     """Final cosine learning rate (1% of the peak in the reference's recipes); in [0, lr]."""
-    warmup_lr: float = 0.0
-    """Learning rate at the start of the linear warm-up (the recipes warm up from 0); in [0, lr]."""
-    weight_decay: float = 0.02
-    """AdamW weight decay (not on 1-D parameters and biases); >= 0."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW (beta1, beta2); on the command line: 0.9,0.999."""
     epochs: int = 8
     """Length of the schedule in epochs (passes over the training questions); >= 1."""
-    warmup_epochs: int = 1
-    """Epochs of linear warm-up; in [0, epochs]."""
 
 
 @dataclass
