@@ -162,3 +162,20 @@ def test_a_full_disk_stops_with_one_line_and_loses_nothing_saved(tmp_path):
     assert not [n for n in os.listdir(os.path.join(full, "checkpoints")) if n.startswith(".tmp")]
     assert main(["--run-dir", full] + args) == 0
     assert _losses_by_step(full) == _losses_by_step(straight)
+
+
+def test_an_uncaught_error_with_a_loader_open_exits_instead_of_waiting_for_its_workers(tmp_path):
+    """The loader workers ignore SIGTERM (for the stops above); a script that dies with a loader
+    still open must exit anyway, not hang in multiprocessing's exit handler."""
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "from umt_fast.data import PretrainClipDataset, VideoRecord, build_pretrain_loader, sample_clip_paths\n"
+        "records = [VideoRecord(p, None) for p in sample_clip_paths()]\n"
+        "batches = iter(build_pretrain_loader(PretrainClipDataset(records, 2, 32, seed=0), 2, 0, num_workers=2,\n"
+        "                                     pin_memory=False))\n"
+        "next(batches)\n"
+        "raise RuntimeError('a bug in the training script')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    assert proc.returncode == 1 and "a bug in the training script" in proc.stderr

@@ -17,9 +17,13 @@ stops a run whose data is mostly unreadable.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
+import multiprocessing
+import multiprocessing.util  # noqa: F401 (its exit handler registered first, so ours runs before it)
 import signal
+import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -402,6 +406,23 @@ def init_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register
+def _stop_workers_left_at_exit() -> None:
+    """Stop the daemonic children still alive when the interpreter exits (loader workers of a
+    loader left open by an uncaught exception) as multiprocessing's exit handler would, with
+    SIGTERM, but then kill those that ignore it (`init_worker`'s workers do) after a second,
+    where that handler would wait for them forever. Runs before it (registered after it)."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + 1.0
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join()
 
 
 def build_pretrain_loader(
