@@ -166,6 +166,12 @@ def test_the_published_presets_hold_the_references_values():
     cfg = build_config(["--preset", "qa_msrvtt_b16", "--text.weights", "bert-base", "--data.train_list", "t.json"])
     assert (cfg.model.size, cfg.model.drop_path, cfg.text.fusion_layers, cfg.optim.lr, cfg.optim.epochs) == \
         ("base", 0.2, 3, 2e-5, 8)
+    # exp/finetuning/qa_msvd/{b16,l16}_25m.py and qa_anet/{b16,l16}_25m.py: drop_path_rate, lr, scheduler.epochs
+    for preset, values in {"qa_msvd_b16": ("base", 0.2, 3, 6e-5, 6), "qa_msvd_l16": ("large", 0.4, 5, 6e-5, 6),
+                           "qa_anet_b16": ("base", 0.2, 3, 4e-5, 12), "qa_anet_l16": ("large", 0.3, 5, 4e-5, 10)}.items():
+        cfg = build_config(["--preset", preset, "--text.weights", "bert", "--data.train_list", "t.json"])
+        assert (cfg.model.size, cfg.model.drop_path, cfg.text.fusion_layers, cfg.optim.lr, cfg.optim.epochs) == values
+        assert (cfg.data.num_frames, cfg.data.max_q_len, cfg.data.max_a_len, cfg.train.batch_size) == (12, 25, 5, 32)
 
 
 def test_config_errors_name_the_field_before_any_work(tmp_path, capsys):

@@ -24,6 +24,8 @@ The published presets need ``--init`` (a stage-2 model: the reference's file or 
 """
 from __future__ import annotations
 
+import functools
+
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -300,6 +302,10 @@ class QARecipe:
 QA_RECIPES: dict[str, QARecipe] = {
     "qa_msrvtt_b16": QARecipe("multi_modality/exp/finetuning/qa_msrvtt/b16_5m.py", "base", 3, 0.2, 2e-5, 8),
     "qa_msrvtt_l16": QARecipe("multi_modality/exp/finetuning/qa_msrvtt/l16_25m.py", "large", 5, 0.4, 4e-5, 5),
+    "qa_msvd_b16": QARecipe("multi_modality/exp/finetuning/qa_msvd/b16_25m.py", "base", 3, 0.2, 6e-5, 6),
+    "qa_msvd_l16": QARecipe("multi_modality/exp/finetuning/qa_msvd/l16_25m.py", "large", 5, 0.4, 6e-5, 6),
+    "qa_anet_b16": QARecipe("multi_modality/exp/finetuning/qa_anet/b16_25m.py", "base", 3, 0.2, 4e-5, 12),
+    "qa_anet_l16": QARecipe("multi_modality/exp/finetuning/qa_anet/l16_25m.py", "large", 5, 0.3, 4e-5, 10),
 }
 
 
@@ -324,6 +330,7 @@ PRESETS: dict[str, Callable[[], QAFinetuneConfig]] = {
     "qa_demo": _qa_demo,
     "qa_msrvtt_b16": lambda: _qa_recipe("qa_msrvtt_b16"),
     "qa_msrvtt_l16": lambda: _qa_recipe("qa_msrvtt_l16"),
+    **{name: functools.partial(_qa_recipe, name) for name in ("qa_msvd_b16", "qa_msvd_l16", "qa_anet_b16", "qa_anet_l16")},
 }
 PRESET_HELP = {
     "qa_demo": "tiny vision tower + bundled MiniLM BERT on the sample clips with built-in questions (CPU, seconds)",
@@ -331,6 +338,10 @@ PRESET_HELP = {
                      "(reference qa_msrvtt/b16_5m.py; published 44.3)",
     "qa_msrvtt_l16": "MSRVTT-QA, UMT-L/16 + BERT-large (5 fused), 12 frames, lr 4e-5, 5 epochs "
                      "(reference qa_msrvtt/l16_25m.py; published 47.1)",
+    "qa_msvd_b16": "MSVD-QA, UMT-B/16, 12 frames, lr 6e-5, 6 epochs (reference qa_msvd/b16_25m.py; published 49.5)",
+    "qa_msvd_l16": "MSVD-QA, UMT-L/16, 12 frames, lr 6e-5, 6 epochs (reference qa_msvd/l16_25m.py; published 55.2)",
+    "qa_anet_b16": "ActivityNet-QA, UMT-B/16, 12 frames, lr 4e-5, 12 epochs (reference qa_anet/b16_25m.py)",
+    "qa_anet_l16": "ActivityNet-QA, UMT-L/16, drop path 0.3, 12 frames, lr 4e-5, 10 epochs (reference qa_anet/l16_25m.py)",
 }  # fmt: skip
 
 
