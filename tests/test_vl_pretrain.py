@@ -170,3 +170,17 @@ def test_zeroshot_classification_of_the_demo_model(demo_run, tmp_path, capsys):
     assert report["top1"] == pytest.approx(100.0 * (scores.argmax(1) == labels).float().mean().item())
     assert report["top5"] == 100.0 and report["videos"] == 4  # 3 classes: every label is in the top 5
     assert "zero-shot top-1" in capsys.readouterr().out
+
+
+def test_evaluation_media_decoded_in_worker_processes_equal_those_decoded_here(tmp_path, capsys):
+    from umt_fast.data.captions import write_demo_caption_lists
+    from umt_fast.recipes.retrieval import load_entries
+
+    video_list, image_list = write_demo_caption_lists(str(tmp_path / "lists"))
+    entries = [{"media": m, "path": p} for m, lst in (("video", video_list), ("image", image_list))
+               for p in (e.get(m) for e in json.load(open(lst)))]  # fmt: skip
+    entries.insert(2, {"media": "video", "path": str(tmp_path / "gone.mp4")})
+    here, workers = load_entries(entries, 2, 32), load_entries(entries, 2, 32, num_workers=2)
+    assert [e["path"] for e in workers[0]] == [e["path"] for e in here[0]] == [e["path"] for e in entries if "gone" not in e["path"]]
+    assert all(torch.equal(a, b) for a, b in zip(here[1], workers[1])) and len(here[1]) == len(entries) - 1
+    assert workers[2] == here[2] and here[2][0][0].endswith("gone.mp4")

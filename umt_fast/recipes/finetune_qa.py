@@ -481,7 +481,8 @@ class QAFinetuneRecipe(Recipe):
                 result = evaluate_qa(model, self.tokenizer, self.test_entries, self.answer_list,
                                      num_frames=cfg.data.num_frames, img_size=cfg.data.img_size, device=info.device,
                                      k=cfg.eval.k, max_q_len=cfg.data.max_q_len, max_a_len=cfg.data.max_a_len,
-                                     batch_size=cfg.eval.batch_size, autocast_dtype=self.low_precision)  # fmt: skip
+                                     batch_size=cfg.eval.batch_size, autocast_dtype=self.low_precision,
+                                     num_workers=cfg.data.num_workers)  # fmt: skip
             finally:
                 if fsdp:
                     model.reshard()

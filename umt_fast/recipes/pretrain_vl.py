@@ -306,7 +306,7 @@ def evaluate_retrieval(model: VisionLanguageModel, tokenizer, cfg: VLPretrainCon
     from umt_fast.recipes import retrieval
 
     T, S = cfg.data.num_frames, cfg.data.img_size
-    kept, videos, failed = retrieval.load_entries(entries, T, S)
+    kept, videos, failed = retrieval.load_entries(entries, T, S, num_workers=cfg.data.num_workers)
     if not kept:
         raise ValueError(f"data.test_list={cfg.data.test_list!r}: none of its {len(failed)} media could be read")
     results = retrieval.evaluate(model, tokenizer, kept, num_frames=T, img_size=S, device=device, k=cfg.eval.k,

@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from umt_fast.recipes.retrieval import load_entries, make_parser, run_input_size, write_report
+from umt_fast.recipes.retrieval import iter_media, make_parser, run_input_size, write_report
 
 # ----------------------------------------------------------------------------------- VQAEval
 
@@ -305,9 +305,10 @@ class QAResult:
 
 def evaluate_qa(model, tokenizer, entries: list[dict], answer_list: list[str], *, num_frames: int, img_size: int,
                 device, k: int = K_TEST, max_q_len: int = MAX_Q_LEN, max_a_len: int = MAX_A_LEN, batch_size: int = 8,
-                autocast_dtype=None) -> QAResult:  # fmt: skip
+                autocast_dtype=None, num_workers: int = 0) -> QAResult:  # fmt: skip
     """Answers every question of `entries` (`read_qa_json`), reading its videos `batch_size` at a
-    time (each video once, however many questions it has); an unreadable video's questions are
+    time (each video once, however many questions it has; decoded in ``num_workers`` processes,
+    0: in this one); an unreadable video's questions are
     skipped and the video listed. A model already on `device` is not moved (``Module.to`` would
     reshard an FSDP2 model that the caller unsharded for the evaluation)."""
     if any(p.device != torch.device(device) for p in model.parameters()):
@@ -321,20 +322,30 @@ def evaluate_qa(model, tokenizer, entries: list[dict], answer_list: list[str], *
     chosen: dict[int, tuple[int, float]] = {}
     failed: list[tuple[str, str]] = []
     start = time.perf_counter()
-    for first in range(0, len(paths), batch_size):
-        chunk = [{"media": "video", "path": p} for p in paths[first:first + batch_size]]
-        kept, media, bad = load_entries(chunk, num_frames, img_size)
-        failed += bad
-        if kept:
-            qs = [q for j, e in enumerate(kept) for q in videos[e["path"]]]
-            owner = [j for j, e in enumerate(kept) for _ in videos[e["path"]]]
-            idx, prob = answer_questions(model, tokenizer, torch.stack(media).to(device), [entries[q]["question"] for q in qs],
-                                         owner, answer_ids, answer_mask, k=k, max_q_len=max_q_len,
-                                         autocast_dtype=autocast_dtype)  # fmt: skip
-            chosen.update({q: (int(a), float(p)) for q, a, p in zip(qs, idx, prob)})
-        done = min(first + batch_size, len(paths))
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        print(f"answered {len(chosen)} questions of {done}/{len(paths)} videos | {rate:.1f} videos/s", file=sys.stderr, flush=True)
+
+    def answer(batch: list[tuple[int, torch.Tensor]]) -> None:
+        qs = [q for j, _ in batch for q in videos[paths[j]]]
+        owner = [n for n, (j, _) in enumerate(batch) for _ in videos[paths[j]]]
+        idx, prob = answer_questions(model, tokenizer, torch.stack([m for _, m in batch]).to(device),
+                                     [entries[q]["question"] for q in qs], owner, answer_ids, answer_mask, k=k,
+                                     max_q_len=max_q_len, autocast_dtype=autocast_dtype)  # fmt: skip
+        chosen.update({q: (int(a), float(p)) for q, a, p in zip(qs, idx, prob)})
+
+    batch: list[tuple[int, torch.Tensor]] = []
+    media = iter_media([{"media": "video", "path": p} for p in paths], num_frames, img_size, num_workers)
+    for done, (j, item, reason) in enumerate(media, start=1):
+        if item is None:
+            failed.append((paths[j], reason))
+            print(f"unreadable video skipped: {paths[j]}: {reason}", file=sys.stderr, flush=True)
+        else:
+            batch.append((j, item))
+        if len(batch) == batch_size or (done == len(paths) and batch):
+            answer(batch)
+            batch = []
+        if done % batch_size == 0 or done == len(paths):
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            print(f"answered {len(chosen)} questions of {done}/{len(paths)} videos | {rate:.1f} videos/s",
+                  file=sys.stderr, flush=True)  # fmt: skip
     predictions = [{"question_id": entries[q]["question_id"], "video": entries[q]["path"], "question": entries[q]["question"],
                     "answer": entries[q]["answer"], "prediction": answer_list[chosen[q][0]], "score": chosen[q][1]}
                    for q in sorted(chosen)]  # fmt: skip
@@ -374,6 +385,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
     try:
         if args.k < 1:
             raise ValueError(f"--k={args.k} must be >= 1")
+        if args.num_workers < 0:
+            raise ValueError(f"--num-workers={args.num_workers} must be >= 0")
         if args.max_len < 2 or args.max_a_len < 3:
             raise ValueError("--max-len must be >= 2 and --max-a-len >= 3 ([CLS], a token, [SEP])")
         if args.output:
@@ -390,7 +403,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
     dtype = torch.bfloat16 if device.type == "cuda" else None
     result = evaluate_qa(model, tokenizer, entries, answer_list, num_frames=num_frames, img_size=img_size, device=device,
                          k=args.k, max_q_len=args.max_len, max_a_len=args.max_a_len, batch_size=args.batch_size,
-                         autocast_dtype=dtype)  # fmt: skip
+                         autocast_dtype=dtype, num_workers=args.num_workers)  # fmt: skip
     if not result.predictions:
         print(f"error: {args.test_list}: none of its {len(result.unreadable)} videos could be read", file=sys.stderr)
         return 2

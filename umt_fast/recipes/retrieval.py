@@ -259,21 +259,49 @@ def _autocast(device, dtype):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def load_entries(entries: list[dict], num_frames: int, img_size: int, progress=None):
-    """(the readable entries, their uint8 media, [(path, reason)] of the unreadable ones)."""
-    from umt_fast.data.captions import load_media
-    from umt_fast.data.decoding import VideoDecodeError
+class _Media(torch.utils.data.Dataset):
+    """Entry i -> (i, its uint8 media or None, why it is unreadable or None): decoded as in testing."""
 
-    kept, videos, failed = [], [], []
-    for i, e in enumerate(entries, start=1):
+    def __init__(self, entries: list[dict], num_frames: int, img_size: int):
+        self.entries, self.num_frames, self.img_size = entries, num_frames, img_size
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int):
+        from umt_fast.data.captions import load_media
+        from umt_fast.data.decoding import VideoDecodeError
+
+        e = self.entries[i]
         try:
-            videos.append(load_media(e["path"], e["media"], num_frames, img_size, rng=None))
-            kept.append(e)
+            return i, load_media(e["path"], e["media"], self.num_frames, self.img_size, rng=None), None
         except (VideoDecodeError, OSError) as exc:
-            failed.append((e["path"], getattr(exc, "reason", None) or str(exc)))
-            print(f"unreadable {e['media']} skipped: {e['path']}: {failed[-1][1]}", file=sys.stderr, flush=True)
+            return i, None, getattr(exc, "reason", None) or str(exc)
+
+
+def iter_media(entries: list[dict], num_frames: int, img_size: int, num_workers: int = 0):
+    """Yields (i, entry i's uint8 media or None, why it is unreadable or None) in list order,
+    decoded as in testing in ``num_workers`` processes (0: in this one)."""
+    from umt_fast.data.dataset import init_worker
+
+    yield from torch.utils.data.DataLoader(_Media(entries, num_frames, img_size), batch_size=None,
+                                           num_workers=num_workers, worker_init_fn=init_worker if num_workers else None)
+
+
+def load_entries(entries: list[dict], num_frames: int, img_size: int, progress=None, num_workers: int = 0):
+    """(the readable entries, their uint8 media, [(path, reason)] of the unreadable ones), in list
+    order; decoded in ``num_workers`` processes (0: in this one)."""
+    kept, videos, failed = [], [], []
+    for done, (i, item, reason) in enumerate(iter_media(entries, num_frames, img_size, num_workers), start=1):
+        e = entries[i]
+        if item is None:
+            failed.append((e["path"], reason))
+            print(f"unreadable {e['media']} skipped: {e['path']}: {reason}", file=sys.stderr, flush=True)
+        else:
+            kept.append(e)
+            videos.append(item)
         if progress is not None:
-            progress(i, len(entries))
+            progress(done, len(entries))
     return kept, videos, failed
 
 
@@ -323,6 +351,7 @@ def make_parser(prog: str = "python -m umt_fast.evaluate retrieval", *,
         p.add_argument("--k", type=int, default=128, help="candidates re-ranked by VTM per query; default 128")
     p.add_argument("--max-len", type=int, default=32, help="caption tokens; default 32")
     p.add_argument("--batch-size", type=int, default=8, help="videos per forward; default 8")
+    p.add_argument("--num-workers", type=int, default=2, help="decoding worker processes (0 = in this one); default 2")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", "--output", dest="output", default="",
                    help="write the metrics as JSON here (--output is the older spelling)")
@@ -358,6 +387,8 @@ def prepare_inputs(args: argparse.Namespace, read_list) -> Stage2Inputs:
 
     if args.output:
         check_writable(args.output, "--out")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers={args.num_workers} must be >= 0")
     run_frames, run_size = run_input_size(args.weights)
     num_frames, img_size = args.num_frames or run_frames or 4, args.img_size or run_size or 224
     entries = read_list(args.test_list, args.root)
@@ -369,7 +400,7 @@ def prepare_inputs(args: argparse.Namespace, read_list) -> Stage2Inputs:
             rate = done / max(time.perf_counter() - start, 1e-9)
             print(f"read {done}/{total} | {rate:.1f}/s | ETA {(total - done) / rate:.0f} s", file=sys.stderr, flush=True)
 
-    entries, videos, failed = load_entries(entries, num_frames, img_size, progress)
+    entries, videos, failed = load_entries(entries, num_frames, img_size, progress, args.num_workers)
     if not entries:
         raise ValueError(f"{args.test_list}: none of its {len(failed)} media could be read")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")

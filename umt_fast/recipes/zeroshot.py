@@ -68,12 +68,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
     p.add_argument("--img-size", type=int, default=None, help="default: the run's, else 224")
     p.add_argument("--max-len", type=int, default=32, help="prompt tokens; default 32")
     p.add_argument("--batch-size", type=int, default=8, help="videos per forward; default 8")
+    p.add_argument("--num-workers", type=int, default=2, help="decoding worker processes (0 = in this one); default 2")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default="", help="write the report as JSON here")
     args = p.parse_args(argv)
     try:
         if args.out:
             check_writable(args.out, "--out")
+        if args.num_workers < 0:
+            raise ValueError(f"--num-workers={args.num_workers} must be >= 0")
         names = read_class_names(args.class_names)
         templates = list(DEFAULT_TEMPLATES)
         if args.templates:
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
         print(f"error: {exc}", file=sys.stderr)
         return 2
     entries = [{"path": r.path, "media": "video", "captions": [], "label": r.label} for r in records]
-    entries, videos, failed = load_entries(entries, num_frames, img_size)
+    entries, videos, failed = load_entries(entries, num_frames, img_size, num_workers=args.num_workers)
     if not entries:
         print(f"error: {args.list}: none of its {len(failed)} videos could be read", file=sys.stderr)
         return 2
