@@ -174,8 +174,10 @@ def test_shard_reencodes_and_a_killed_run_resumes_to_the_same_checksums(tmp_path
     listing.write_text("".join(f"{c},{i % 4}\n" for i, c in enumerate(clips * 2)) + f"{tmp_path / 'notes.mp4'},1\n")
     options = ["--reencode", "--fps", "10", "--short-side", "48", "--max-seconds", "1.5", "--shard-size", "1",
                "--num-workers", "1"]  # fmt: skip
-    straight = tmp_path / "straight"
-    assert prepare.main(["shard", str(listing), "--out", str(straight)] + options) == 0
+    straight = tmp_path / "straight"  # an uninterrupted command, in a process of its own as the resumed one
+    command = [sys.executable, "-m", "umt_fast.prepare", "shard", str(listing)]
+    done = subprocess.run(command + ["--out", str(straight)] + options, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
     manifest = json.loads((straight / "manifest.json").read_text())
     assert manifest["options"]["reencode"] == {"codec": "h264", "fps": 10.0, "short_side": 48, "keyframe_interval": 1.0,
                                                "max_seconds": 1.5, "crf": 23}  # fmt: skip
