@@ -251,3 +251,28 @@ def test_scan_of_a_caption_list_checks_videos_and_images_and_writes_a_clean_json
     clean = json.loads((out / "clean.json").read_text())
     assert clean == entries[:1] + entries[3:]  # the entries as written, without the two bad ones
     assert f"of {len(entries) - len(images) - 1} videos and {len(images) + 1} images readable; 2 unreadable" in capsys.readouterr().out
+
+
+def test_a_killed_shard_run_resumes_to_the_checksums_of_an_uninterrupted_one(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    clips = sample_clip_paths()
+    listing = tmp_path / "list.csv"
+    listing.write_text("".join(f"{c},{i % 4}\n" for i, c in enumerate(clips * 10)))
+    command = [sys.executable, "-m", "umt_fast.prepare", "shard", str(listing), "--shard-size", "1", "--num-workers", "1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert subprocess.run(command + ["--out", str(straight)], capture_output=True).returncode == 0
+    proc = subprocess.Popen(command + ["--out", str(resumed)], stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while len(list(resumed.glob("shard-*.tar"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "manifest.json").exists(), "the run finished before it was killed"
+    result = subprocess.run(command + ["--out", str(resumed)], capture_output=True, text=True)
+    assert result.returncode == 0 and "already written" in result.stderr and ", 0 already written" not in result.stderr
+    checksums = [[s["sha256"] for s in json.loads((d / "manifest.json").read_text())["shards"]] for d in (straight, resumed)]
+    assert len(checksums[0]) == 40 and checksums[0] == checksums[1]
