@@ -159,15 +159,29 @@ def test_reencode_sets_size_keyframes_length_and_codec(tmp_path, codec, ext):
     assert scan_video(str(out))["constant_frame_rate"] and options.extension == ext
 
 
+def _kill_after_shards(command: list[str], out, shards: int) -> None:
+    """Runs ``prepare shard`` (``command``) and SIGKILLs its process group once ``out`` holds
+    ``shards`` finished shards; asserts it had not finished by then."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while len(list(out.glob("shard-*.tar"))) < shards and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it was killed"
+
+
 def test_shard_reencodes_and_a_killed_run_resumes_keeping_its_finished_shards(tmp_path):
     """Byte-identical re-encoding across processes is not asserted: one run in a long test
     session encoded a clip differently (see docs/prepare.md); unencoded shards are byte-stable
     (the test above)."""
     import hashlib
-    import signal
     import subprocess
     import sys
-    import time
 
     from umt_fast.data import read_annotation_list
     from umt_fast.data.decoding import scan_video
@@ -197,13 +211,7 @@ def test_shard_reencodes_and_a_killed_run_resumes_keeping_its_finished_shards(tm
 
     resumed = tmp_path / "resumed"
     cmd = [sys.executable, "-m", "umt_fast.prepare", "shard", str(listing), "--out", str(resumed)] + options
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while len(list(resumed.glob("shard-*.tar"))) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (resumed / "manifest.json").exists(), "the run finished before it was killed"
+    _kill_after_shards(cmd, resumed, 3)
     finished = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in resumed.glob("shard-*.tar")}
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -254,10 +262,8 @@ def test_scan_of_a_caption_list_checks_videos_and_images_and_writes_a_clean_json
 
 
 def test_a_killed_shard_run_resumes_to_the_checksums_of_an_uninterrupted_one(tmp_path):
-    import signal
     import subprocess
     import sys
-    import time
 
     clips = sample_clip_paths()
     listing = tmp_path / "list.csv"
@@ -265,13 +271,7 @@ def test_a_killed_shard_run_resumes_to_the_checksums_of_an_uninterrupted_one(tmp
     command = [sys.executable, "-m", "umt_fast.prepare", "shard", str(listing), "--shard-size", "1", "--num-workers", "1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert subprocess.run(command + ["--out", str(straight)], capture_output=True).returncode == 0
-    proc = subprocess.Popen(command + ["--out", str(resumed)], stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while len(list(resumed.glob("shard-*.tar"))) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (resumed / "manifest.json").exists(), "the run finished before it was killed"
+    _kill_after_shards(command + ["--out", str(resumed)], resumed, 3)
     result = subprocess.run(command + ["--out", str(resumed)], capture_output=True, text=True)
     assert result.returncode == 0 and "already written" in result.stderr and ", 0 already written" not in result.stderr
     checksums = [[s["sha256"] for s in json.loads((d / "manifest.json").read_text())["shards"]] for d in (straight, resumed)]
