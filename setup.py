@@ -9,8 +9,7 @@ setup(
     version="0.1.0",
     description="Fast Unmasked-Teacher (UMT) video foundation-model training",
     python_requires=">=3.10",
-    packages=find_packages(include=["umt_fast", "umt_fast.*"]) + ["umt_kernels"],
-    package_dir={"umt_kernels": "kernels"},
+    packages=find_packages(include=["umt_fast", "umt_fast.*", "umt_kernels"]),
     install_requires=[
         "torch>=2.6",
         "numpy",

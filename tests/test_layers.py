@@ -16,3 +16,17 @@ def test_import_contracts_are_kept():
                             cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "0 broken" in result.stdout
+
+
+def test_each_package_directory_is_named_as_it_imports():
+    """A top-level directory imports under its own name from the repository root (tests and
+    commands run there). One named otherwise would shadow a third-party module of that name: a
+    ``kernels/`` directory once made transformers take it for the Hugging Face ``kernels`` package."""
+    import importlib.util
+
+    packages = sorted(name for name in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, name, "__init__.py")))
+    assert {"umt_fast", "umt_kernels"} <= set(packages)
+    assert set(packages) <= {"umt_fast", "umt_kernels", "tests", "benchmarks"}, packages
+    for name in ("umt_fast", "umt_kernels"):
+        origin = importlib.util.find_spec(name).origin
+        assert os.path.samefile(origin, os.path.join(ROOT, name, "__init__.py")), (name, origin)
