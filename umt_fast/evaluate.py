@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-import time
 
 import torch
 
@@ -35,9 +34,12 @@ from umt_fast.recipes.evaluation import (  # noqa: F401 (the library's names, im
     accuracy_report,
     autocast_for,
     class_name,
+    finish_evaluation,
     format_report,
+    init_evaluation,
     load_classifier,
     predict_videos,
+    progress_printer,
     resolve_device,
 )
 
@@ -90,34 +92,31 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--num-clips={args.num_clips} must be >= 1")
         if args.out:
             check_writable(args.out, "--out")  # before any decoding
-        device = resolve_device(args.device)
+        device = resolve_device(args.device)  # before the weights are read: a bad --device is named first
         model, known = load_classifier(args.checkpoint, args.num_frames, args.img_size, args.patch_size)
         if model.arch.num_classes == 0:
             raise ValueError(
                 f"--checkpoint {args.checkpoint} holds an encoder without a classification head (a pre-trained "
                 "model); fine-tune it first (python -m umt_fast.finetune), or extract features (python -m umt_fast.extract)"
             )
-        model = model.to(device)
         names = read_class_names(args.class_names) if args.class_names else known.get("class_names")
         if names is not None and len(names) != model.arch.num_classes:
             raise ValueError(f"{len(names)} class names, but the classifier has {model.arch.num_classes} classes")
         if args.video:
-            return _predict_one(model, args, device, names)
+            return _predict_one(model.to(device), args, device, names)
         records = read_labelled_list(args.list, args.root, model.arch.num_classes, "--list")
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        if done % 50 == 0 or done == total:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            print(f"evaluated {done}/{total} videos | {rate:.1f} videos/s", file=sys.stderr, flush=True)
-
+    info = init_evaluation(args.device)  # under torchrun: each rank on its own GPU, scoring its share
+    model = model.to(info.device)
     preds = predict_videos(
         model, [r.path for r in records], num_clips=args.num_clips, num_crops=args.num_crops, batch_size=args.batch_size,
-        device=device, precision=args.precision, num_workers=args.num_workers, on_video=progress,
+        device=info.device, precision=args.precision, num_workers=args.num_workers,
+        on_video=progress_printer("evaluated", info), info=info,
     )  # fmt: skip
+    if not finish_evaluation(info):
+        return 0
     label_of = {r.path: r.label for r in records}
     labels = torch.tensor([label_of[p] for p in preds.paths], dtype=torch.long)
     report = accuracy_report(preds.probs, labels, names)

@@ -151,6 +151,21 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def my_share(n: int, info: DistInfo) -> list[int]:
+    """The indices of ``n`` items that rank ``info.rank`` handles: rank, rank + W, rank + 2W, ..."""
+    return list(range(info.rank, n, info.world_size))
+
+
+def gather_by_index(results: dict[int, object], info: DistInfo) -> dict[int, object]:
+    """Every rank's ``{item index: result}`` (picklable, on the CPU) merged, in index order, on
+    every rank; the ranks' indices must not overlap (each handled `my_share`). Collective when
+    ``info`` is distributed; a rank working alone (``DistInfo()``) keeps its own."""
+    merged = {}
+    for part in all_gather_objects(results) if info.distributed else [results]:
+        merged.update(part)
+    return dict(sorted(merged.items()))
+
+
 def exchange_with(peer: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Sends ``tensors`` to rank ``peer`` and returns that rank's tensors of the same shapes
     (both ranks call it naming each other; a rank naming itself gets its own tensors back)."""

@@ -4,10 +4,13 @@ averaged; top-1 / top-5, per-class accuracy and the worst classes with what they
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -17,7 +20,13 @@ from torch.utils.data import DataLoader, Dataset
 from umt_fast.data.decoding import VideoDecodeError
 from umt_fast.data.labelled import multi_view_clip
 from umt_fast.data.transforms import normalize_video
-from umt_fast.engine.distributed import DistInfo, all_gather_objects, all_gather_stacked
+from umt_fast.engine.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_gather_stacked,
+    destroy_distributed,
+    init_distributed,
+)
 from umt_fast.models.classifier import VideoViT
 
 log = logging.getLogger(__name__)
@@ -274,3 +283,38 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available")
     return torch.device(name)
+
+
+def init_evaluation(device: str) -> DistInfo:
+    """The evaluation's device and, under torchrun, its process group (each rank on its own GPU);
+    one line on the main rank says how many ranks share the work."""
+    resolve_device(device)  # refuses cuda where there is none, naming --device
+    started = torch.distributed.is_initialized()
+    info = init_distributed(device)  # a group already started (an earlier evaluation in this process) is kept
+    if info.distributed and not started:
+        atexit.register(destroy_distributed)
+    if info.distributed and info.is_main:
+        print(f"evaluating on {info.world_size} ranks, each its share of the list", file=sys.stderr, flush=True)
+    return info
+
+
+def progress_printer(verb: str, info: DistInfo = DistInfo(), every: int = 50):
+    """``progress(done, total)`` printing "VERB done/total | rate | ETA" on stderr every ``every``
+    items and at the end; under torchrun only the main rank prints (its share's progress)."""
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if info.is_main and (done % every == 0 or done == total):
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            share = f" (this rank's share of {info.world_size})" if info.distributed else ""
+            print(f"{verb} {done}/{total}{share} | {rate:.1f}/s | ETA {(total - done) / rate:.0f} s", file=sys.stderr,
+                  flush=True)  # fmt: skip
+
+    return progress
+
+
+def finish_evaluation(info: DistInfo) -> bool:
+    """True on the rank that reports a torchrun evaluation (the main one; every rank holds the
+    merged results). The process group lives on for a later evaluation in the same process and
+    ends at exit."""
+    return info.is_main

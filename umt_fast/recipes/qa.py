@@ -35,7 +35,15 @@ import time
 
 import torch
 
-from umt_fast.recipes.retrieval import iter_media, make_parser, run_input_size, write_report
+from umt_fast.engine.distributed import DistInfo, gather_by_index, my_share
+from umt_fast.recipes.retrieval import (
+    finish_evaluation,
+    init_evaluation,
+    iter_media,
+    make_parser,
+    run_input_size,
+    write_report,
+)
 
 # ----------------------------------------------------------------------------------- VQAEval
 
@@ -305,12 +313,14 @@ class QAResult:
 
 def evaluate_qa(model, tokenizer, entries: list[dict], answer_list: list[str], *, num_frames: int, img_size: int,
                 device, k: int = K_TEST, max_q_len: int = MAX_Q_LEN, max_a_len: int = MAX_A_LEN, batch_size: int = 8,
-                autocast_dtype=None, num_workers: int = 0) -> QAResult:  # fmt: skip
+                autocast_dtype=None, num_workers: int = 0, info: DistInfo = DistInfo()) -> QAResult:  # fmt: skip
     """Answers every question of `entries` (`read_qa_json`), reading its videos `batch_size` at a
     time (each video once, however many questions it has; decoded in ``num_workers`` processes,
     0: in this one); an unreadable video's questions are
     skipped and the video listed. A model already on `device` is not moved (``Module.to`` would
-    reshard an FSDP2 model that the caller unsharded for the evaluation)."""
+    reshard an FSDP2 model that the caller unsharded for the evaluation). Under torchrun
+    (``info``, collective) each rank answers the questions of its share of the videos
+    (`my_share`), and every rank returns all the answers."""
     if any(p.device != torch.device(device) for p in model.parameters()):
         model = model.to(device)
     model.eval()
@@ -319,8 +329,9 @@ def evaluate_qa(model, tokenizer, entries: list[dict], answer_list: list[str], *
     for i, e in enumerate(entries):
         videos.setdefault(e["path"], []).append(i)
     paths = list(videos)
+    mine = my_share(len(paths), info)
     chosen: dict[int, tuple[int, float]] = {}
-    failed: list[tuple[str, str]] = []
+    failed: dict[int, tuple[str, str]] = {}
     start = time.perf_counter()
 
     def answer(batch: list[tuple[int, torch.Tensor]]) -> None:
@@ -332,24 +343,27 @@ def evaluate_qa(model, tokenizer, entries: list[dict], answer_list: list[str], *
         chosen.update({q: (int(a), float(p)) for q, a, p in zip(qs, idx, prob)})
 
     batch: list[tuple[int, torch.Tensor]] = []
-    media = iter_media([{"media": "video", "path": p} for p in paths], num_frames, img_size, num_workers)
-    for done, (j, item, reason) in enumerate(media, start=1):
+    media = iter_media([{"media": "video", "path": paths[j]} for j in mine], num_frames, img_size, num_workers)
+    share = f" (this rank's share of {info.world_size})" if info.distributed else ""
+    for done, (n, item, reason) in enumerate(media, start=1):
+        j = mine[n]
         if item is None:
-            failed.append((paths[j], reason))
+            failed[j] = (paths[j], reason)
             print(f"unreadable video skipped: {paths[j]}: {reason}", file=sys.stderr, flush=True)
         else:
             batch.append((j, item))
-        if len(batch) == batch_size or (done == len(paths) and batch):
+        if len(batch) == batch_size or (done == len(mine) and batch):
             answer(batch)
             batch = []
-        if done % batch_size == 0 or done == len(paths):
+        if info.is_main and (done % batch_size == 0 or done == len(mine)):
             rate = done / max(time.perf_counter() - start, 1e-9)
-            print(f"answered {len(chosen)} questions of {done}/{len(paths)} videos | {rate:.1f} videos/s",
+            print(f"answered {len(chosen)} questions of {done}/{len(mine)} videos{share} | {rate:.1f} videos/s",
                   file=sys.stderr, flush=True)  # fmt: skip
+    chosen = gather_by_index(chosen, info)
     predictions = [{"question_id": entries[q]["question_id"], "video": entries[q]["path"], "question": entries[q]["question"],
-                    "answer": entries[q]["answer"], "prediction": answer_list[chosen[q][0]], "score": chosen[q][1]}
-                   for q in sorted(chosen)]  # fmt: skip
-    return QAResult(predictions, failed)
+                    "answer": entries[q]["answer"], "prediction": answer_list[a], "score": score}
+                   for q, (a, score) in chosen.items()]  # fmt: skip
+    return QAResult(predictions, list(gather_by_index(failed, info).values()))
 
 
 # ----------------------------------------------------------------------------------- command line
@@ -399,11 +413,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    info = init_evaluation(args.device)
+    device, dtype = info.device, torch.bfloat16 if info.device.type == "cuda" else None
     result = evaluate_qa(model, tokenizer, entries, answer_list, num_frames=num_frames, img_size=img_size, device=device,
                          k=args.k, max_q_len=args.max_len, max_a_len=args.max_a_len, batch_size=args.batch_size,
-                         autocast_dtype=dtype, num_workers=args.num_workers)  # fmt: skip
+                         autocast_dtype=dtype, num_workers=args.num_workers, info=info)  # fmt: skip
+    if not finish_evaluation(info):
+        return 0
     if not result.predictions:
         print(f"error: {args.test_list}: none of its {len(result.unreadable)} videos could be read", file=sys.stderr)
         return 2

@@ -30,10 +30,12 @@ import logging
 import os
 import re
 import sys
-import time
 
 import numpy as np
 import torch
+
+from umt_fast.engine.distributed import DistInfo
+from umt_fast.recipes.evaluation import finish_evaluation, init_evaluation, progress_printer
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +173,12 @@ def load_stage2_model(weights: str, text_weights: str, num_frames: int, img_size
 
 @torch.no_grad()
 def encode_videos(model, videos_uint8: list[torch.Tensor], device, batch_size: int = 8, autocast_dtype=None):
-    """uint8 [T, H, W, 3] each (same T within a batch) -> (tokens [Nv, N, D], frame feats [Nv, T, E])."""
+    """uint8 [T, H, W, 3] each (same T within a batch) -> (tokens [Nv, N, D], frame feats [Nv, T, E]);
+    (None, None) for no videos (a rank whose share is empty)."""
     from umt_fast.data.transforms import normalize_video
 
+    if not videos_uint8:
+        return None, None
     tokens, feats = [], []
     for i in range(0, len(videos_uint8), batch_size):
         chunk = torch.stack(videos_uint8[i:i + batch_size]).to(device)
@@ -212,9 +217,15 @@ NOT_RERANKED = -100.0
 
 
 @torch.no_grad()
-def vtm_rerank(model, sim_TV, text_x, text_mask, vision_tokens, k: int, batch_size: int = 64, autocast_dtype=None):
+def vtm_rerank(model, sim_TV, text_x, text_mask, vision_tokens, k: int, batch_size: int = 64, autocast_dtype=None,
+               video_positions: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Re-scores each text's top-k videos and each video's top-k texts with the VTM match logit
     alone (the VTC score is not added), as the reference does.
+
+    Args:
+        vision_tokens: [Nv, N, D] every video's tokens, or under torchrun ([n, N, D] or None) this
+            rank's share: the videos at ``video_positions``. Each rank then scores the pairs of
+            its own videos, and every rank returns all the scores.
 
     Returns:
         (t2v scores [Nt, Nv], v2t scores [Nt, Nv]) float32; entries outside the top k are
@@ -224,7 +235,11 @@ def vtm_rerank(model, sim_TV, text_x, text_mask, vision_tokens, k: int, batch_si
     nt, nv = sim_TV.shape
 
     def score(pairs_t, pairs_v):
-        return vtm_pair_logits(model, text_x, text_mask, vision_tokens, pairs_t, pairs_v, batch_size, autocast_dtype)[:, 1]
+        if video_positions is None:
+            return vtm_pair_logits(model, text_x, text_mask, vision_tokens, pairs_t, pairs_v, batch_size,
+                                   autocast_dtype)[:, 1]  # fmt: skip
+        return _score_own_pairs(model, text_x, text_mask, vision_tokens, video_positions, pairs_t, pairs_v, nv,
+                                batch_size, autocast_dtype)  # fmt: skip
 
     k_v, k_t = min(k, nv), min(k, nt)
     t2v = torch.full((nt, nv), NOT_RERANKED, device=device)
@@ -236,6 +251,24 @@ def vtm_rerank(model, sim_TV, text_x, text_mask, vision_tokens, k: int, batch_si
     cols = torch.arange(nv, device=device).repeat(k_t)
     v2t[top_t.flatten(), cols] = score(top_t.flatten(), cols)
     return t2v, v2t
+
+
+def _score_own_pairs(model, text_x, text_mask, vision_tokens, video_positions, pairs_t, pairs_v, nv: int,
+                     batch_size: int, autocast_dtype) -> torch.Tensor:  # fmt: skip
+    """[P] match logits of every pair, each scored by the rank that holds its video's tokens."""
+    from umt_fast.engine.distributed import all_gather_objects
+
+    local_of = torch.full((nv,), -1, dtype=torch.long, device=pairs_v.device)
+    local_of[torch.tensor(video_positions, dtype=torch.long, device=pairs_v.device)] = \
+        torch.arange(len(video_positions), device=pairs_v.device)  # fmt: skip
+    local_v = local_of[pairs_v]
+    mine = (local_v >= 0).nonzero()[:, 0]
+    logits = vtm_pair_logits(model, text_x, text_mask, vision_tokens, pairs_t[mine], local_v[mine], batch_size,
+                             autocast_dtype)[:, 1] if len(mine) else torch.empty(0)  # fmt: skip
+    out = torch.empty(len(pairs_v))
+    for idx, values in all_gather_objects((mine.cpu(), logits.cpu())):
+        out[idx] = values
+    return out.to(pairs_v.device)
 
 
 @torch.no_grad()
@@ -288,40 +321,83 @@ def iter_media(entries: list[dict], num_frames: int, img_size: int, num_workers:
                                            num_workers=num_workers, worker_init_fn=init_worker if num_workers else None)
 
 
+@dataclasses.dataclass
+class MediaShard:
+    """A list's media as one rank holds them (`load_shard`); in one process, all of them."""
+
+    entries: list[dict]  # every readable entry of the list, in list order (on every rank)
+    videos: list[torch.Tensor]  # this rank's share of their uint8 [T, S, S, 3] media
+    positions: list[int]  # where each of `videos` sits in `entries`
+    failed: list[tuple[str, str]]  # (path, reason) of every unreadable entry, in list order
+
+
+def load_shard(entries: list[dict], num_frames: int, img_size: int, info=None, progress=None,
+               num_workers: int = 0) -> MediaShard:  # fmt: skip
+    """Decodes, as in testing, the media of this rank's share of ``entries`` (`my_share`: every
+    world_size-th entry from the rank's own; in one process, all), in ``num_workers`` processes
+    (0: in this one), naming each unreadable one on stderr. Collective under torchrun: every rank
+    learns which entries were readable."""
+    from umt_fast.engine.distributed import DistInfo, gather_by_index, my_share
+
+    info = info or DistInfo()
+    mine = my_share(len(entries), info)
+    readable, videos, failed = {}, [], {}
+    for done, (j, item, reason) in enumerate(iter_media([entries[i] for i in mine], num_frames, img_size, num_workers),
+                                             start=1):  # fmt: skip
+        i = mine[j]
+        if item is None:
+            failed[i] = (entries[i]["path"], reason)
+            print(f"unreadable {entries[i]['media']} skipped: {entries[i]['path']}: {reason}", file=sys.stderr, flush=True)
+        else:
+            readable[i] = True
+            videos.append(item)
+        if progress is not None:
+            progress(done, len(mine))
+    order = list(gather_by_index(readable, info))
+    position = {i: p for p, i in enumerate(order)}
+    return MediaShard([entries[i] for i in order], videos, [position[i] for i in mine if i in readable],
+                      list(gather_by_index(failed, info).values()))  # fmt: skip
+
+
 def load_entries(entries: list[dict], num_frames: int, img_size: int, progress=None, num_workers: int = 0):
     """(the readable entries, their uint8 media, [(path, reason)] of the unreadable ones), in list
     order; decoded in ``num_workers`` processes (0: in this one)."""
-    kept, videos, failed = [], [], []
-    for done, (i, item, reason) in enumerate(iter_media(entries, num_frames, img_size, num_workers), start=1):
-        e = entries[i]
-        if item is None:
-            failed.append((e["path"], reason))
-            print(f"unreadable {e['media']} skipped: {e['path']}: {reason}", file=sys.stderr, flush=True)
-        else:
-            kept.append(e)
-            videos.append(item)
-        if progress is not None:
-            progress(done, len(entries))
-    return kept, videos, failed
+    shard = load_shard(entries, num_frames, img_size, progress=progress, num_workers=num_workers)
+    return shard.entries, shard.videos, shard.failed
 
 
 def evaluate(model, tokenizer, entries: list[dict], *, num_frames: int, img_size: int, device, k: int = 128,
-             max_len: int = 32, batch_size: int = 8, autocast_dtype=None, videos=None) -> dict[str, dict[str, float]]:  # fmt: skip
+             max_len: int = 32, batch_size: int = 8, autocast_dtype=None, videos=None,
+             positions: list[int] | None = None, info: DistInfo = DistInfo()) -> dict[str, dict[str, float]]:  # fmt: skip
     """Zero-shot retrieval over `entries` (read_caption_json's output): {"vtc": metrics, "vtm": metrics}.
-    ``videos``: the entries' media, already loaded (`load_entries`); else loaded here."""
+
+    ``videos``: the entries' media, already loaded (`load_entries`); else loaded here. Under
+    torchrun (``info``, collective): this rank's share of them, the entries at ``positions``
+    (`load_shard`); each rank encodes its own videos and re-ranks their pairs, and every rank
+    returns the metrics."""
+    from umt_fast.engine.distributed import all_gather_objects, gather_by_index
+
     if videos is None:
-        entries, videos, failed = load_entries(entries, num_frames, img_size)
-        if failed:
-            raise ValueError(f"{len(failed)} unreadable media, e.g. {failed[0][0]}: {failed[0][1]}")
-    if len({v.shape[0] for v in videos}) != 1:
+        shard = load_shard(entries, num_frames, img_size, info)
+        if shard.failed:
+            raise ValueError(f"{len(shard.failed)} unreadable media, e.g. {shard.failed[0][0]}: {shard.failed[0][1]}")
+        entries, videos, positions = shard.entries, shard.videos, shard.positions
+    if not info.distributed:
+        positions = None
+    frames = {v.shape[0] for v in videos}
+    if len(set().union(*all_gather_objects(frames)) if info.distributed else frames) != 1:
         raise ValueError("a retrieval list must hold one media type (all videos or all images)")
     captions = [c for e in entries for c in e["captions"]]
     text_to_video = [i for i, e in enumerate(entries) for _ in e["captions"]]
     model = model.to(device).eval()
     tokens, frame_feat = encode_videos(model, videos, device, batch_size, autocast_dtype)
+    if info.distributed:  # every rank gets every video's frame embeddings (small: [Nv, T, E])
+        own = {} if frame_feat is None else dict(zip(positions, frame_feat.cpu()))
+        frame_feat = torch.stack(list(gather_by_index(own, info).values())).to(device)
     text_x, text_mask, text_feat = encode_texts(model, tokenizer, captions, device, max_len, autocast_dtype=autocast_dtype)
     sim = vtc_similarity(text_feat, frame_feat)
-    t2v, v2t = vtm_rerank(model, sim, text_x, text_mask, tokens, k, autocast_dtype=autocast_dtype)
+    t2v, v2t = vtm_rerank(model, sim, text_x, text_mask, tokens, k, autocast_dtype=autocast_dtype,
+                          video_positions=positions)  # fmt: skip
     return {"vtc": retrieval_metrics(sim, text_to_video), "vtm": retrieval_metrics(t2v, text_to_video, v2t)}
 
 
@@ -365,19 +441,22 @@ class Stage2Inputs:
     model: torch.nn.Module  # in eval mode, on `device`
     tokenizer: object
     entries: list[dict]  # the readable entries, in list order
-    videos: list[torch.Tensor]  # their uint8 [T, S, S, 3] media
+    videos: list[torch.Tensor]  # their uint8 [T, S, S, 3] media (under torchrun, this rank's share)
     failed: list[tuple[str, str]]  # (path, reason) of the unreadable ones
     num_frames: int
     img_size: int
     device: torch.device
     autocast_dtype: torch.dtype | None  # bf16 on a GPU, else None
+    positions: list[int] | None = None  # under torchrun: where each of `videos` sits in `entries`
+    info: DistInfo = DistInfo()
 
 
 def prepare_inputs(args: argparse.Namespace, read_list) -> Stage2Inputs:
     """What `make_parser`'s options ask for: checks ``--out`` is writable, takes the input size
     from the options, else the run's, else 4 x 224, reads the list (``read_list(path, root)`` ->
     entries as `read_caption_json` gives them), loads the model, then decodes every entry's media
-    with a progress line, skipping (and naming) the unreadable ones.
+    with a progress line, skipping (and naming) the unreadable ones. Under torchrun each rank
+    decodes its share (`load_shard`) and runs on its own GPU.
 
     Raises:
         ValueError, FileNotFoundError: a bad option, list or weights file (before any decoding),
@@ -393,19 +472,13 @@ def prepare_inputs(args: argparse.Namespace, read_list) -> Stage2Inputs:
     num_frames, img_size = args.num_frames or run_frames or 4, args.img_size or run_size or 224
     entries = read_list(args.test_list, args.root)
     model, tokenizer = load_stage2_model(args.weights, args.text_weights, num_frames, img_size)
-    start = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        if done % 50 == 0 or done == total:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            print(f"read {done}/{total} | {rate:.1f}/s | ETA {(total - done) / rate:.0f} s", file=sys.stderr, flush=True)
-
-    entries, videos, failed = load_entries(entries, num_frames, img_size, progress, args.num_workers)
-    if not entries:
-        raise ValueError(f"{args.test_list}: none of its {len(failed)} media could be read")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    return Stage2Inputs(model.to(device).eval(), tokenizer, entries, videos, failed, num_frames, img_size, device, dtype)
+    info = init_evaluation(args.device)
+    shard = load_shard(entries, num_frames, img_size, info, progress_printer("read", info), args.num_workers)
+    if not shard.entries:
+        raise ValueError(f"{args.test_list}: none of its {len(shard.failed)} media could be read")
+    dtype = torch.bfloat16 if info.device.type == "cuda" else None
+    return Stage2Inputs(model.to(info.device).eval(), tokenizer, shard.entries, shard.videos, shard.failed, num_frames,
+                        img_size, info.device, dtype, shard.positions if info.distributed else None, info)  # fmt: skip
 
 
 def write_report(path: str, report: dict) -> None:
@@ -429,7 +502,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
         return 2
     results = evaluate(run.model, run.tokenizer, run.entries, num_frames=run.num_frames, img_size=run.img_size,
                        device=run.device, k=args.k, max_len=args.max_len, batch_size=args.batch_size,
-                       autocast_dtype=run.autocast_dtype, videos=run.videos)  # fmt: skip
+                       autocast_dtype=run.autocast_dtype, videos=run.videos, positions=run.positions,
+                       info=run.info)  # fmt: skip
+    if not finish_evaluation(run.info):
+        return 0
     print(format_table(results))
     if run.failed:
         print(f"{len(run.failed)} unreadable media skipped (their captions too): the metrics are over the other "

@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from umt_fast.engine.distributed import gather_by_index
 from umt_fast.recipes.retrieval import (
     encode_texts,
     encode_videos,
+    finish_evaluation,
     make_parser,
     prepare_inputs,
     vtm_pair_logits,
@@ -179,9 +181,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    scores = mc_scores(run.model, run.tokenizer, run.videos, [e["captions"] for e in run.entries], run.device,
-                       batch_size=args.batch_size, max_len=args.max_len, autocast_dtype=run.autocast_dtype)  # fmt: skip
-    choices = {m: c.cpu() for m, c in mc_choices(scores).items()}
+    positions = run.positions if run.positions is not None else list(range(len(run.entries)))
+    own = {}  # position -> {method: its chosen candidate}, for this rank's videos
+    if positions:
+        scores = mc_scores(run.model, run.tokenizer, run.videos, [run.entries[p]["captions"] for p in positions],
+                           run.device, batch_size=args.batch_size, max_len=args.max_len,
+                           autocast_dtype=run.autocast_dtype)  # fmt: skip
+        chosen = {m: c.cpu().tolist() for m, c in mc_choices(scores).items()}
+        own = {p: {m: chosen[m][j] for m in METHODS} for j, p in enumerate(positions)}
+    merged = gather_by_index(own, run.info)
+    if not finish_evaluation(run.info):
+        return 0
+    choices = {m: torch.tensor([merged[p][m] for p in range(len(run.entries))]) for m in METHODS}
     answers = torch.tensor([e["answer"] for e in run.entries])
     results = mc_accuracy(choices, answers)
     print(format_mc_table(results, len(run.entries)))

@@ -15,11 +15,15 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from umt_fast.engine.distributed import gather_by_index
 from umt_fast.recipes.retrieval import (
     encode_texts,
     encode_videos,
-    load_entries,
+    finish_evaluation,
+    init_evaluation,
+    load_shard,
     load_stage2_model,
+    progress_printer,
     run_input_size,
     vtc_similarity,
 )
@@ -93,15 +97,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
         print(f"error: {exc}", file=sys.stderr)
         return 2
     entries = [{"path": r.path, "media": "video", "captions": [], "label": r.label} for r in records]
-    entries, videos, failed = load_entries(entries, num_frames, img_size, num_workers=args.num_workers)
+    info = init_evaluation(args.device)
+    shard = load_shard(entries, num_frames, img_size, info, progress_printer("read", info), args.num_workers)
+    entries, failed = shard.entries, shard.failed
     if not entries:
         print(f"error: {args.list}: none of its {len(failed)} videos could be read", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    device, dtype = info.device, torch.bfloat16 if info.device.type == "cuda" else None
     model = model.to(device).eval()
-    scores = zeroshot_scores(model, tokenizer, videos, names, templates, device, args.batch_size, args.max_len, dtype)
-    report = topk_accuracy(scores.cpu(), torch.tensor([e["label"] for e in entries]))
+    own = {}  # position in entries -> the video's [C] scores, for this rank's share
+    if shard.videos:
+        scores = zeroshot_scores(model, tokenizer, shard.videos, names, templates, device, args.batch_size,
+                                 args.max_len, dtype).cpu()  # fmt: skip
+        own = dict(zip(shard.positions, scores))
+    scores = torch.stack(list(gather_by_index(own, info).values()))
+    if not finish_evaluation(info):
+        return 0
+    report = topk_accuracy(scores, torch.tensor([e["label"] for e in entries]))
     print(f"zero-shot top-1 {report['top1']:.1f} %, top-5 {report['top5']:.1f} % on {report['videos']} videos, "
           f"{len(names)} classes, {len(templates)} templates")  # fmt: skip
     if failed:
