@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from umt_fast.config import SAMPLE_CLIPS
 from umt_fast.data.annotations import read_labelled_list
 from umt_fast.engine.checkpoint import atomic_write, check_writable
 from umt_fast.data.labelled import read_class_names
@@ -41,6 +42,7 @@ from umt_fast.recipes.evaluation import (  # noqa: F401 (the library's names, im
     predict_videos,
     progress_printer,
     resolve_device,
+    sample_clips_path,
 )
 
 
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--checkpoint", required=True, help="a fine-tuning run dir or checkpoint, an export, or a reference fine-tuned file")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--list", help="annotation list of 'path,label' lines")
+    what.add_argument("--list", help="annotation list of 'path,label' lines; 'sample_clips' = the sample clips, "
+                      "labelled by their index")  # fmt: skip
     what.add_argument("--video", help="one video file: print its top-5 labels")
     parser.add_argument("--root", default="", help="prefix for relative paths in --list")
     parser.add_argument("--class-names", default="", help="file with one class name per line (line i = label i)")
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{len(names)} class names, but the classifier has {model.arch.num_classes} classes")
         if args.video:
             return _predict_one(model.to(device), args, device, names)
-        records = read_labelled_list(args.list, args.root, model.arch.num_classes, "--list")
+        records = read_labelled_list(sample_clips_path(args.list), args.root, model.arch.num_classes, "--list")
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -121,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.tensor([label_of[p] for p in preds.paths], dtype=torch.long)
     report = accuracy_report(preds.probs, labels, names)
     report.update(
-        checkpoint=os.path.abspath(args.checkpoint), list=os.path.abspath(args.list), num_clips=args.num_clips,
-        num_crops=args.num_crops, views_per_video=preds.views_per_video, num_frames=model.arch.num_frames,
+        checkpoint=os.path.abspath(args.checkpoint), list=args.list if args.list == SAMPLE_CLIPS else os.path.abspath(args.list),
+        num_clips=args.num_clips, num_crops=args.num_crops, views_per_video=preds.views_per_video, num_frames=model.arch.num_frames,
         img_size=model.arch.img_size, unreadable=[{"path": p, "reason": r} for p, r in preds.failed],
     )  # fmt: skip
     print(format_report(report, preds.failed))

@@ -327,13 +327,18 @@ def skimage_data_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "data")
 
 
+def demo_video_entries() -> list[dict]:
+    """The sample clips with their built-in captions: ``[{"video": path, "caption": [str]}]``."""
+    from umt_fast.data.sample_clips import sample_clip_paths
+
+    return [{"video": p, "caption": DEMO_VIDEO_CAPTIONS[os.path.basename(p)]} for p in sample_clip_paths()]
+
+
 def write_demo_caption_lists(directory: str) -> tuple[str, str]:
     """Write ``demo_videos.json`` (the sample clips) and ``demo_images.json`` (scikit-image's photographs)
     with built-in captions into `directory`; returns their paths."""
-    from umt_fast.data.sample_clips import sample_clip_paths
-
     os.makedirs(directory, exist_ok=True)
-    videos = [{"video": p, "caption": DEMO_VIDEO_CAPTIONS[os.path.basename(p)]} for p in sample_clip_paths()]
+    videos = demo_video_entries()
     data_dir = skimage_data_dir()
     images = [{"image": os.path.join(data_dir, name), "caption": caps} for name, caps in DEMO_IMAGE_CAPTIONS.items()]
     missing = [e["image"] for e in images if not os.path.isfile(e["image"])]

@@ -9,7 +9,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -318,3 +320,27 @@ def finish_evaluation(info: DistInfo) -> bool:
     merged results). The process group lives on for a later evaluation in the same process and
     ends at exit."""
     return info.is_main
+
+
+DEMO = "demo"
+"""A list option's value that stands for the demo's own list on the sample clips."""
+
+
+def demo_path(value: str, write: Callable[[str], str], demo: str = DEMO) -> str:
+    """``value``, or where it is ``demo`` the demo's file, which ``write(directory)`` writes into a
+    temporary directory removed at exit and returns."""
+    if value != demo:
+        return value
+    directory = tempfile.mkdtemp(prefix="umt_fast_demo_")
+    atexit.register(shutil.rmtree, directory, True)
+    return write(directory)
+
+
+def sample_clips_path(value: str) -> str:
+    """``value``, or for ``sample_clips`` (as fine-tuning spells it) a temporary ``path,label``
+    list of the sample clips, clip i labelled i."""
+    from umt_fast.config import SAMPLE_CLIPS
+    from umt_fast.data.sample_clips import write_sample_clip_list
+
+    return demo_path(value, lambda directory: write_sample_clip_list(os.path.join(directory, "sample_clips.csv")),
+                     SAMPLE_CLIPS)  # fmt: skip

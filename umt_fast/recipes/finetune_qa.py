@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from umt_fast.config.qa import DEMO_QA, QAFinetuneConfig
+from umt_fast.config.qa import QAFinetuneConfig
 from umt_fast.config.vl import DEMO_DATA
 from umt_fast.config.sections import STUDENT_SIZES
 from umt_fast.data.captions import MediaBatchSampler, load_media, tokenize_captions
@@ -65,7 +65,15 @@ from umt_fast.models.student import StudentArch, drop_path_scales, keep_probabil
 from umt_fast.models.text import TextArch, build_text_encoder, load_tokenizer
 from umt_fast.models.vl import is_stage2_state_dict, state_dict_to_reference
 from umt_fast.recipes.pretrain import compile_blocks
-from umt_fast.recipes.qa import evaluate_qa, format_qa_table, qa_accuracy, read_answer_list, read_qa_json, tokenize_answers
+from umt_fast.recipes.qa import (  # noqa: F401 (write_demo_qa_lists: also the recipe's name)
+    evaluate_qa,
+    format_qa_table,
+    qa_accuracy,
+    read_answer_list,
+    read_qa_json,
+    tokenize_answers,
+    write_demo_qa_lists,
+)
 from umt_kernels.rng import mix_seed
 
 log = logging.getLogger(__name__)
@@ -186,22 +194,6 @@ def qa_loader(dataset: QADataset, per_rank: int, collate: QACollate, start_step:
     return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                            pin_memory=pin_memory, persistent_workers=num_workers > 0,
                            worker_init_fn=init_worker if num_workers > 0 else None))  # fmt: skip
-
-
-def write_demo_qa_lists(directory: str) -> tuple[str, str]:
-    """Write ``demo_qa.json`` (the sample clips with `DEMO_QA`'s questions) and ``demo_answers.json``
-    (their distinct answers, in order of first appearance) into `directory`; returns their paths."""
-    from umt_fast.data.sample_clips import sample_clip_paths
-
-    os.makedirs(directory, exist_ok=True)
-    entries = [{"video": p, "question": q, "answer": a} for p in sample_clip_paths()
-               for q, a in DEMO_QA[os.path.basename(p)]]  # fmt: skip
-    answers = list(dict.fromkeys(a for e in entries for a in ([e["answer"]] if isinstance(e["answer"], str) else e["answer"])))
-    paths = (os.path.join(directory, "demo_qa.json"), os.path.join(directory, "demo_answers.json"))
-    for path, data in zip(paths, (entries, answers)):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-    return paths
 
 
 def qa_lists(cfg: QAFinetuneConfig, info: DistInfo | None = None) -> dict[str, str]:

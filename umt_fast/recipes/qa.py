@@ -36,6 +36,7 @@ import time
 import torch
 
 from umt_fast.engine.distributed import DistInfo, gather_by_index, my_share
+from umt_fast.recipes.evaluation import demo_path
 from umt_fast.recipes.retrieval import (
     finish_evaluation,
     init_evaluation,
@@ -143,7 +144,8 @@ def qa_accuracy(predictions: list[str], answers: list[str | list[str]]) -> dict[
 # ----------------------------------------------------------------------------------- the lists
 
 QA_LIST_HELP = ("the reference's QA JSON (MSRVTT-QA, MSVD-QA, ActivityNet-QA): a list of {\"video\": path, "
-                "\"question\": str, \"answer\": str, \"question_id\" (optional)}")  # fmt: skip
+                "\"question\": str, \"answer\": str, \"question_id\" (optional)}; 'demo' = the sample clips with "
+                "questions written for them")  # fmt: skip
 
 
 def _read_json(path: str):
@@ -366,6 +368,23 @@ def evaluate_qa(model, tokenizer, entries: list[dict], answer_list: list[str], *
     return QAResult(predictions, list(gather_by_index(failed, info).values()))
 
 
+def write_demo_qa_lists(directory: str) -> tuple[str, str]:
+    """Write ``demo_qa.json`` (the sample clips with `DEMO_QA`'s questions) and ``demo_answers.json``
+    (their distinct answers, in order of first appearance) into `directory`; returns their paths."""
+    from umt_fast.config.qa import DEMO_QA
+    from umt_fast.data.sample_clips import sample_clip_paths
+
+    os.makedirs(directory, exist_ok=True)
+    entries = [{"video": p, "question": q, "answer": a} for p in sample_clip_paths()
+               for q, a in DEMO_QA[os.path.basename(p)]]  # fmt: skip
+    answers = list(dict.fromkeys(a for e in entries for a in ([e["answer"]] if isinstance(e["answer"], str) else e["answer"])))
+    paths = (os.path.join(directory, "demo_qa.json"), os.path.join(directory, "demo_answers.json"))
+    for path, data in zip(paths, (entries, answers)):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+    return paths
+
+
 # ----------------------------------------------------------------------------------- command line
 
 
@@ -386,7 +405,8 @@ def build_parser(prog: str = "python -m umt_fast.evaluate qa"):
     _reword(p, "max_len", f"question tokens ([CLS] included); default {MAX_Q_LEN}", MAX_Q_LEN)
     _reword(p, "num_frames", "frames per video (middle of each segment); default: the run's (a config.yaml beside the "
             "file), else 12 (the reference's QA recipes)")  # fmt: skip
-    p.add_argument("--answer-list", required=True, help="JSON list of the candidate answers (e.g. msrvtt_qa_answer_list.json)")
+    p.add_argument("--answer-list", required=True, help="JSON list of the candidate answers (e.g. "
+                   "msrvtt_qa_answer_list.json); 'demo' = the demo questions' answers")  # fmt: skip
     p.add_argument("--k", type=int, default=K_TEST, help=f"candidates ranked by their whole sequence per question; default {K_TEST}")
     p.add_argument("--max-a-len", type=int, default=MAX_A_LEN, help=f"answer tokens ([CLS] and [SEP] included); default {MAX_A_LEN}")
     return p
@@ -405,8 +425,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
             raise ValueError("--max-len must be >= 2 and --max-a-len >= 3 ([CLS], a token, [SEP])")
         if args.output:
             check_writable(args.output, "--out")
-        entries = read_qa_json(args.test_list, args.root)
-        answer_list = read_answer_list(args.answer_list)
+        entries = read_qa_json(demo_path(args.test_list, lambda d: write_demo_qa_lists(d)[0]), args.root)
+        answer_list = read_answer_list(demo_path(args.answer_list, lambda d: write_demo_qa_lists(d)[1]))
         run_frames, run_size = run_input_size(args.weights)
         num_frames, img_size = args.num_frames or run_frames or 12, args.img_size or run_size or 224
         model, tokenizer = load_qa_model(args.weights, args.text_weights, num_frames, img_size)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from umt_fast.engine.distributed import DistInfo
-from umt_fast.recipes.evaluation import finish_evaluation, init_evaluation, progress_printer
+from umt_fast.recipes.evaluation import demo_path, finish_evaluation, init_evaluation, progress_printer
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +404,8 @@ def evaluate(model, tokenizer, entries: list[dict], *, num_frames: int, img_size
 # ----------------------------------------------------------------------------------- command line
 
 
-RETRIEVAL_LIST_HELP = "JSON list of {\"video\": path, \"caption\": str or [str]} (MSRVTT style)"
+RETRIEVAL_LIST_HELP = ("JSON list of {\"video\": path, \"caption\": str or [str]} (MSRVTT style); 'demo' = the sample "
+                       "clips with their built-in captions")  # fmt: skip
 
 
 def make_parser(prog: str = "python -m umt_fast.evaluate retrieval", *,
@@ -451,10 +452,11 @@ class Stage2Inputs:
     info: DistInfo = DistInfo()
 
 
-def prepare_inputs(args: argparse.Namespace, read_list) -> Stage2Inputs:
+def prepare_inputs(args: argparse.Namespace, read_list, write_demo=None) -> Stage2Inputs:
     """What `make_parser`'s options ask for: checks ``--out`` is writable, takes the input size
     from the options, else the run's, else 4 x 224, reads the list (``read_list(path, root)`` ->
-    entries as `read_caption_json` gives them), loads the model, then decodes every entry's media
+    entries as `read_caption_json` gives them; ``--test-list demo``: the file ``write_demo(directory)``
+    writes), loads the model, then decodes every entry's media
     with a progress line, skipping (and naming) the unreadable ones. Under torchrun each rank
     decodes its share (`load_shard`) and runs on its own GPU.
 
@@ -470,7 +472,7 @@ def prepare_inputs(args: argparse.Namespace, read_list) -> Stage2Inputs:
         raise ValueError(f"--num-workers={args.num_workers} must be >= 0")
     run_frames, run_size = run_input_size(args.weights)
     num_frames, img_size = args.num_frames or run_frames or 4, args.img_size or run_size or 224
-    entries = read_list(args.test_list, args.root)
+    entries = read_list(demo_path(args.test_list, write_demo) if write_demo else args.test_list, args.root)
     model, tokenizer = load_stage2_model(args.weights, args.text_weights, num_frames, img_size)
     info = init_evaluation(args.device)
     shard = load_shard(entries, num_frames, img_size, info, progress_printer("read", info), args.num_workers)
@@ -496,7 +498,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
     try:
         if args.k < 1:
             raise ValueError(f"--k={args.k} must be >= 1")
-        run = prepare_inputs(args, read_caption_json)
+        run = prepare_inputs(args, read_caption_json, write_demo_retrieval_list)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -515,6 +517,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
                                    "num_frames": run.num_frames, "img_size": run.img_size, **results,
                                    "unreadable": [{"path": p, "reason": r} for p, r in run.failed]})  # fmt: skip
     return 0
+
+
+def write_demo_retrieval_list(directory: str) -> str:
+    """``demo_videos.json`` in ``directory``: the sample clips and their built-in captions."""
+    from umt_fast.data.captions import demo_video_entries
+
+    path = os.path.join(directory, "demo_videos.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(demo_video_entries(), f, indent=1)
+    return path
 
 
 def run_input_size(weights: str) -> tuple[int | None, int | None]:

@@ -25,6 +25,7 @@ Accuracies are in percent, like the reference's ``acc``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -47,7 +48,8 @@ VTM_WEIGHT, VTC_WEIGHT = 0.7, 0.3
 """The reference's ensemble weights: the match probability's, the VTC softmax's."""
 
 MC_LIST_HELP = ("the reference's MSRVTT-MC JSON: a list of {\"video\": path, \"caption\": [candidate captions], "
-                "\"answer\": index of the right one}")  # fmt: skip
+                "\"answer\": index of the right one}; 'demo' = the sample clips, each with every clip's first "
+                "built-in caption as its candidates")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- the list
@@ -169,6 +171,19 @@ def format_mc_table(results: dict[str, dict[str, float]], videos: int) -> str:
     return "\n".join(lines)
 
 
+def write_demo_mc_list(directory: str) -> str:
+    """``demo_mc.json`` in ``directory``: each sample clip with the first built-in caption of every
+    clip as its candidates, its own the answer."""
+    from umt_fast.data.captions import demo_video_entries
+
+    clips = demo_video_entries()
+    candidates = [e["caption"][0] for e in clips]
+    path = os.path.join(directory, "demo_mc.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump([{"video": e["video"], "caption": candidates, "answer": i} for i, e in enumerate(clips)], f, indent=1)
+    return path
+
+
 # ----------------------------------------------------------------------------------- command line
 
 
@@ -177,7 +192,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
                        "among its candidate captions by VTC, by VTM and by the reference's ensemble of both.",
                        test_list_help=MC_LIST_HELP, rerank=False).parse_args(argv)  # fmt: skip
     try:
-        run = prepare_inputs(args, read_mc_json)
+        run = prepare_inputs(args, read_mc_json, write_demo_mc_list)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from umt_fast.engine.distributed import gather_by_index
+from umt_fast.recipes.evaluation import demo_path, sample_clips_path
 from umt_fast.recipes.retrieval import (
     encode_texts,
     encode_videos,
@@ -54,6 +56,17 @@ def topk_accuracy(scores_VC: torch.Tensor, labels_V: torch.Tensor) -> dict[str, 
             "top5": 100.0 * hit[:, :5].any(1).float().mean().item(), "videos": len(labels_V)}  # fmt: skip
 
 
+def write_demo_class_names(directory: str) -> str:
+    """``demo_classes.txt`` in ``directory``: the first built-in caption of each sample clip, in
+    clip order (``--list sample_clips`` labels clip i with i)."""
+    from umt_fast.data.captions import demo_video_entries
+
+    path = os.path.join(directory, "demo_classes.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(e["caption"][0] + "\n" for e in demo_video_entries())
+    return path
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate zeroshot") -> int:
     from umt_fast.data.annotations import read_labelled_list
     from umt_fast.data.labelled import read_class_names
@@ -63,8 +76,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
     p.add_argument("--checkpoint", "--weights", dest="weights", required=True,
                    help="stage-2 weights: a reference-format file, a stage-2 run directory or one of its checkpoints")
     p.add_argument("--text-weights", required=True, help="the local BERT folder used in training ('minilm' = the bundled one)")
-    p.add_argument("--list", required=True, help="labelled list ('path,label' lines), as for fine-tuning")
-    p.add_argument("--class-names", required=True, help="one class name per line (line i = label i)")
+    p.add_argument("--list", required=True, help="labelled list ('path,label' lines), as for fine-tuning; "
+                   "'sample_clips' = the sample clips, labelled by their index")  # fmt: skip
+    p.add_argument("--class-names", required=True, help="one class name per line (line i = label i); 'demo' = "
+                   "each sample clip's first built-in caption")  # fmt: skip
     p.add_argument("--templates", default="", help="prompt templates, one per line with {} for the class name "
                    f"(default: {' | '.join(DEFAULT_TEMPLATES)})")
     p.add_argument("--root", default="", help="directory relative paths are resolved against")
@@ -81,7 +96,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
             check_writable(args.out, "--out")
         if args.num_workers < 0:
             raise ValueError(f"--num-workers={args.num_workers} must be >= 0")
-        names = read_class_names(args.class_names)
+        names = read_class_names(demo_path(args.class_names, write_demo_class_names))
         templates = list(DEFAULT_TEMPLATES)
         if args.templates:
             templates = [t.strip() for t in open(args.templates, encoding="utf-8") if t.strip()]
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
             if not templates or bad:
                 raise ValueError(f"--templates {args.templates}: every line needs {{}} for the class name"
                                  + (f" (not {bad[0]!r})" if bad else ""))  # fmt: skip
-        records = read_labelled_list(args.list, args.root, len(names), "--list")
+        records = read_labelled_list(sample_clips_path(args.list), args.root, len(names), "--list")
         run_frames, run_size = run_input_size(args.weights)
         num_frames, img_size = args.num_frames or run_frames or 4, args.img_size or run_size or 224
         model, tokenizer = load_stage2_model(args.weights, args.text_weights, num_frames, img_size)

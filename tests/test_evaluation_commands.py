@@ -1,5 +1,6 @@
-"""Every evaluation command under torchrun: two gloo ranks, each scoring its share of the list
-(3 and 2 of 5 entries, one of them unreadable), give the one-process report."""
+"""The evaluation commands: each one's demo lists on the sample clips, and each under torchrun,
+where two gloo ranks, each scoring its share of the list (3 and 2 of 5 entries, one of them
+unreadable), give the one-process report."""
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ def classifier(tmp_path_factory):
     from umt_fast.models.classifier import VideoViT, VideoViTArch
 
     torch.manual_seed(0)
-    model = VideoViT(VideoViTArch(width=128, depth=2, heads=2, num_frames=NUM_FRAMES, img_size=IMG_SIZE, num_classes=3))
+    model = VideoViT(VideoViTArch(width=128, depth=2, heads=2, num_frames=NUM_FRAMES, img_size=IMG_SIZE, num_classes=4))
     path = tmp_path_factory.mktemp("classifier") / "classifier.pth"
     torch.save(model.state_dict(), path)
     return path
@@ -101,3 +102,37 @@ def test_two_ranks_give_the_one_rank_reports(tmp_path, tiny_stage2, tiny_qa_file
     qa = json.loads((tmp_path / "one_qa.json").read_text())
     assert qa["questions"] == 5 and len(qa["predictions"]) == 5
     assert json.loads((tmp_path / "one_retrieval.json").read_text())["vtm"]["t2v_r10"] == 100.0  # 4 videos
+
+
+def test_each_command_runs_on_its_demo_lists(tmp_path, tiny_stage2, tiny_qa_file, tiny_bert, classifier, capsys):  # noqa: F811
+    """'demo' (and fine-tuning's 'sample_clips') stand for lists of the 4 sample clips: every clip
+    is read, each command's own demo content is there, and the report names the demo."""
+    from umt_fast.data.captions import DEMO_VIDEO_CAPTIONS
+    from umt_fast.evaluate import main as evaluate_main
+
+    stage2 = ["--checkpoint", str(tiny_stage2), "--text-weights", "minilm", "--num-workers", "0", *SIZE]
+    runs = {
+        "retrieval": [*stage2, "--test-list", "demo", "--k", "2"],
+        "mc": [*stage2, "--test-list", "demo"],
+        "zeroshot": [*stage2, "--list", "sample_clips", "--class-names", "demo"],
+        "qa": ["--checkpoint", str(tiny_qa_file), "--text-weights", tiny_bert, "--num-workers", "0", *SIZE,
+               "--test-list", "demo", "--answer-list", "demo", "--k", "2"],
+        "classifier": ["--checkpoint", str(classifier), "--list", "sample_clips", "--num-workers", "0", *SIZE,
+                       "--patch-size", "16", "--num-clips", "1", "--num-crops", "1"],
+    }  # fmt: skip
+    reports = {}
+    for name, argv in runs.items():
+        out = tmp_path / f"{name}.json"
+        assert evaluate_main(([] if name == "classifier" else [name]) + argv + ["--out", str(out)]) == 0, name
+        reports[name] = json.loads(out.read_text())
+        assert reports[name]["unreadable"] == [], name
+    captured = capsys.readouterr()
+    captions = [c for caps in DEMO_VIDEO_CAPTIONS.values() for c in caps]
+    assert reports["retrieval"]["test_list"] == "demo" and reports["retrieval"]["vtm"]["t2v_r10"] == 100.0
+    mc = reports["mc"]
+    assert mc["videos"] == 4 and mc["candidates"] == 16 and [p["answer"] for p in mc["predictions"]] == [0, 1, 2, 3]
+    assert reports["zeroshot"]["videos"] == 4 and reports["zeroshot"]["top5"] == 100.0  # 4 classes
+    qa = reports["qa"]
+    assert qa["videos"] == 4 and qa["questions"] >= 4 and all(p["prediction"] for p in qa["predictions"])
+    assert reports["classifier"]["list"] == "sample_clips" and reports["classifier"]["num_videos"] == 4
+    assert "zero-shot top-1" in captured.out and len(captions) > 4
