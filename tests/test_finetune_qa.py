@@ -27,7 +27,7 @@ def _losses(run_dir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("qa") / "demo"
-    assert main(["--run-dir", str(run_dir)] + SHORT) == 0
+    assert main(["--run-dir", str(run_dir), "--eval.every_epochs", "1", "--eval.keep_best", "true"] + SHORT) == 0
     return run_dir
 
 
@@ -46,7 +46,27 @@ def test_the_demo_trains_its_loss_falls_and_it_answers_the_test_list(demo_run):
     assert report["correct"] == correct and report["acc"] == pytest.approx(100.0 * correct / NUM_QUESTIONS)
     assert 0.0 <= report["acc"] <= 100.0 and report["unreadable"] == []
     evals = [r for r in read_metrics(str(demo_run / "metrics.jsonl")) if "eval/acc" in r]
-    assert [(r["step"], r["eval/acc"], r["eval/correct"]) for r in evals] == [(4, report["acc"], correct)]
+    assert [r["step"] for r in evals] == [2, 4]  # eval.every_epochs 1: 2 steps per epoch
+    assert (evals[-1]["eval/acc"], evals[-1]["eval/correct"]) == (report["acc"], correct)
+
+
+def test_the_best_evaluation_and_its_model_are_kept(demo_run, tmp_path):
+    """eval.keep_best: qa_eval_best.json is the first evaluation of the highest acc, and
+    umt_qa_best.pth the weights it evaluated (`evaluate qa` on it answers as that report says)."""
+    from umt_fast.evaluate import main as evaluate_main
+
+    evals = [r for r in read_metrics(str(demo_run / "metrics.jsonl")) if "eval/acc" in r]
+    accs = [r["eval/acc"] for r in evals]
+    best = json.loads((demo_run / "qa_eval_best.json").read_text())
+    assert best["acc"] == max(accs) and best["step"] == evals[accs.index(max(accs))]["step"]
+    out = tmp_path / "qa.json"
+    data = demo_run / "demo_data"
+    assert evaluate_main(["qa", "--checkpoint", str(demo_run / R.BEST_EXPORT_NAME), "--text-weights", "minilm",
+                          "--test-list", str(data / "demo_qa.json"), "--answer-list", str(data / "demo_answers.json"),
+                          "--k", "4", "--out", str(out)]) == 0  # fmt: skip
+    again = json.loads(out.read_text())
+    assert [p["prediction"] for p in again["predictions"]] == [p["prediction"] for p in best["predictions"]]
+    assert again["acc"] == best["acc"]
 
 
 def test_the_exported_model_gives_the_same_answers_through_evaluate_qa(demo_run, tmp_path):
@@ -162,6 +182,7 @@ def test_the_published_presets_hold_the_references_values():
     assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.warmup_epochs) == (4e-5, 5, 1)
     assert cfg.optim.min_lr == pytest.approx(4e-5 * 0.01)  # min_lr_multi 0.01
     assert (cfg.optim.betas, cfg.optim.weight_decay, cfg.train.batch_size, cfg.eval.k) == ((0.9, 0.999), 0.02, 32, 128)
+    assert (cfg.eval.every_epochs, cfg.eval.keep_best) == (1, True)  # evaluated every epoch, ckpt_best kept
     assert cfg.train.activation_checkpointing == "all"
     cfg = build_config(["--preset", "qa_msrvtt_b16", "--text.weights", "bert-base", "--data.train_list", "t.json"])
     assert (cfg.model.size, cfg.model.drop_path, cfg.text.fusion_layers, cfg.optim.lr, cfg.optim.epochs) == \

@@ -111,6 +111,7 @@ def test_each_preset_holds_its_reference_config(name):
     assert (cfg.teacher.loss_weight, cfg.text.mlm_weight, cfg.mask.video_ratio, cfg.mask.image_ratio) == (0, 0, 0, 0)
     assert cfg.model.keep_temporal and cfg.data.video_ids == "file_name"
     assert (cfg.eval.k, cfg.train.vtm_group_size, cfg.train.activation_checkpointing) == (128, 32, "all")
+    assert (cfg.eval.every_epochs, cfg.eval.keep_best) == (1, True)  # evaluated every epoch, ckpt_best kept
     assert (cfg.student.size, cfg.text.fusion_layers) == (("large", 5) if large else ("base", 3))
     assert cfg.teacher.output_dim() == embed_dim  # the stage-2 heads: CLIP-B/16 512, CLIP-L/14 768
     # a stage-2 file, a BERT folder and the lists are all it needs (no teacher weights)
@@ -232,6 +233,33 @@ def test_starts_from_a_stage2_file_and_evaluates_every_n_steps(demo_run, tmp_pat
     assert trained < fresh - 0.3, (trained, fresh)
     evals = [r["step"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if "eval/vtc_t2v_r1" in r]
     assert evals == [1, 2]
+
+
+def test_evaluates_every_epoch_and_keeps_the_best(demo_run, tmp_path):
+    """eval.every_epochs 1 and eval.keep_best (the presets'; the demo has 1 step per epoch): every
+    step evaluated, retrieval_best.json the first evaluation of the highest VTM r_mean (a resumed
+    run beats the best of the run so far, not its own), and umt_stage2_best.pth the weights it
+    evaluated: `evaluate retrieval` on that file gives the same report."""
+    from umt_fast.evaluate import main as evaluate_main
+
+    run_dir = tmp_path / "best"
+    args = ["--run-dir", str(run_dir), "--init", str(demo_run / "umt_stage2.pth"), "--eval.every_epochs", "1",
+            "--eval.keep_best", "true"] + SHORT  # fmt: skip
+    assert main(args + ["--train.max_steps", "2"]) == 0
+    assert main(args + ["--train.max_steps", "4", "--resume", "auto"]) == 0
+    evals = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "eval/vtm_r_mean" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3, 4]
+    scores = [r["eval/vtm_r_mean"] for r in evals]
+    best = json.loads((run_dir / "retrieval_best.json").read_text())
+    assert best["vtm"]["r_mean"] == max(scores) and best["step"] == evals[scores.index(max(scores))]["step"]
+    r = best["vtm"]
+    assert r["r_mean"] == pytest.approx(sum(r[f"{d}_r{k}"] for d in ("t2v", "v2t") for k in (1, 5, 10)) / 6)
+    out = tmp_path / "again.json"
+    assert evaluate_main(["retrieval", "--checkpoint", str(run_dir / "umt_stage2_best.pth"), "--text-weights", "minilm",
+                          "--test-list", "demo", "--num-workers", "0", "--out", str(out)]) == 0  # fmt: skip
+    again = json.loads(out.read_text())
+    assert (again["num_frames"], again["img_size"]) == (best["num_frames"], best["img_size"])
+    assert again["vtm"] == pytest.approx(best["vtm"], abs=1e-6) and again["vtc"] == pytest.approx(best["vtc"], abs=1e-6)
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -320,7 +320,7 @@ def _qa_recipe(name: str) -> QAFinetuneConfig:
     cfg.model = QAModelConfig(init="", size=r.size, patch_size=16, drop_path=r.drop_path)
     cfg.text = QATextConfig(weights="", fusion_layers=r.fusion_layers, dropout=-1.0)
     cfg.data = QADataConfig(num_frames=12, img_size=224, flip=True, max_q_len=25, max_a_len=5)
-    cfg.eval = QAEvalConfig(every_steps=0, k=128)
+    cfg.eval = QAEvalConfig(every_steps=0, every_epochs=1, keep_best=True, k=128)
     cfg.optim = QAOptimConfig(lr=r.lr, min_lr=r.lr / 100, warmup_lr=0.0, epochs=r.epochs, warmup_epochs=1)
     cfg.train = QATrainConfig(global_batch_size=0, batch_size=32, activation_checkpointing="all")
     return cfg

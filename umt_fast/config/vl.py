@@ -245,6 +245,14 @@ class VLEvalConfig(Section):
 
     every_steps: int = 0
     """Also evaluate every this many optimizer steps (0 = only at the end of the run); >= 0."""
+    every_epochs: int = 0
+    """Also evaluate at the end of every this many epochs (the reference's fine-tuning evaluates
+    after each); 0 = not by epoch; >= 0."""
+    keep_best: Bool = False
+    """After an evaluation that beats every earlier one of the run (retrieval: the VTM re-ranked
+    r_mean, the mean of R@1/5/10 of both directions; QA: acc), write the model beside the run's
+    export with a _best suffix and its report as <report>_best.json, as the reference keeps
+    ckpt_best.pth."""
     k: int = 128
     """Candidates per query re-ranked by VTM (the reference's k_test 128); >= 1."""
     batch_size: int = 8
@@ -253,6 +261,7 @@ class VLEvalConfig(Section):
     def validate(self) -> None:
         super().validate()
         require(self.every_steps >= 0, "eval.every_steps", self.every_steps, "must be >= 0 (0 = at the end)")
+        require(self.every_epochs >= 0, "eval.every_epochs", self.every_epochs, "must be >= 0 (0 = not by epoch)")
         require(self.k >= 1, "eval.k", self.k, "must be >= 1")
         require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 
@@ -459,7 +468,7 @@ def _retrieval(task: str, size: str) -> VLPretrainConfig:
     cfg.student.drop_path = r.drop_path
     cfg.text.max_len = r.max_len
     cfg.data = VLDataConfig(num_frames=12, img_size=224, paragraph=r.paragraph, video_ids="file_name")
-    cfg.eval = VLEvalConfig(every_steps=0, k=128)
+    cfg.eval = VLEvalConfig(every_steps=0, every_epochs=1, keep_best=True, k=128)
     cfg.optim = VLOptimConfig(lr=r.lr, min_lr=r.lr / 100, warmup_lr=0.0, epochs=r.epochs, warmup_epochs=r.warmup_epochs)
     cfg.train = VLTrainConfig(global_batch_size=0, batch_size=32, vtm_group_size=32, activation_checkpointing="all")
     return cfg

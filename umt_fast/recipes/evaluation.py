@@ -344,3 +344,46 @@ def sample_clips_path(value: str) -> str:
 
     return demo_path(value, lambda directory: write_sample_clip_list(os.path.join(directory, "sample_clips.csv")),
                      SAMPLE_CLIPS)  # fmt: skip
+
+
+class BestEvaluation:
+    """``eval.keep_best``: the best of a run's evaluations so far by one score of its report. The
+    report is kept as ``<run_dir>/<report>_best.json``, from which a resumed run takes the score
+    to beat."""
+
+    def __init__(self, run_dir: str, report_name: str, score: str, score_of: Callable[[dict], float]):
+        root, ext = os.path.splitext(report_name)
+        self.path, self.score, self.score_of = os.path.join(run_dir, f"{root}_best{ext}"), score, score_of
+        self.best: float | None = None
+        if os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                self.best = score_of(json.load(f))
+
+    def update(self, report: dict | None, info: DistInfo, save_model: Callable[[], None]) -> bool:
+        """Collective: whether the main rank's ``report`` (None elsewhere, or where the evaluation
+        read nothing) beats the best so far; if it does, ``save_model()`` runs on every rank (an
+        export that may gather a sharded model) and the main rank writes the report."""
+        from umt_fast.engine.checkpoint import atomic_write
+
+        better = None
+        if info.is_main and report is not None:
+            value = self.score_of(report)
+            better = self.best is None or value > self.best
+        if info.distributed:
+            better = all_gather_objects(better)[0]
+        if not better:
+            return False
+        save_model()
+        if info.is_main:
+            atomic_write(self.path, lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(report, indent=2)))
+            log.info("best evaluation so far (%s %.3f, before %s): wrote %s", self.score, value,
+                     "none" if self.best is None else f"{self.best:.3f}", self.path)  # fmt: skip
+            self.best = value
+        return True
+
+
+def evaluation_due(eval_cfg, done: int, is_last: bool, steps_per_epoch: int) -> bool:
+    """Whether a run evaluates after optimizer step ``done``: at its last step, every
+    ``eval_cfg.every_steps`` steps and at the end of every ``eval_cfg.every_epochs`` epochs."""
+    every, epochs = eval_cfg.every_steps, getattr(eval_cfg, "every_epochs", 0)
+    return is_last or bool(every and done % every == 0) or bool(epochs and done % (epochs * steps_per_epoch) == 0)

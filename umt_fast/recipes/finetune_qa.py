@@ -64,6 +64,7 @@ from umt_fast.models.qa import (
 from umt_fast.models.student import StudentArch, drop_path_scales, keep_probabilities
 from umt_fast.models.text import TextArch, build_text_encoder, load_tokenizer
 from umt_fast.models.vl import is_stage2_state_dict, state_dict_to_reference
+from umt_fast.recipes.evaluation import BestEvaluation, evaluation_due
 from umt_fast.recipes.pretrain import compile_blocks
 from umt_fast.recipes.qa import (  # noqa: F401 (write_demo_qa_lists: also the recipe's name)
     evaluate_qa,
@@ -80,6 +81,8 @@ log = logging.getLogger(__name__)
 
 EXPORT_NAME = "umt_qa.pth"
 """The fine-tuned model in the reference's UMT_QA naming, in the run directory."""
+BEST_EXPORT_NAME = "umt_qa_best.pth"
+"""eval.keep_best: the model of the best evaluation so far (by acc), in the same naming."""
 EVAL_REPORT = "qa_eval.json"
 """The last evaluation of data.test_list, in the run directory."""
 STREAM = "qa_questions"
@@ -401,12 +404,13 @@ class QAFinetuneRecipe(Recipe):
         cfg, device = self.cfg, info.device
         train, self.test_entries, self.answer_list = read_lists(cfg, qa_lists(cfg, info))
         self.report = None
+        self.best = BestEvaluation(cfg.run_dir, EVAL_REPORT, "acc", lambda r: r["acc"]) if cfg.eval.keep_best else None
         records = qa_records(train)
         if len(records) < self.global_batch:
             raise ValueError(f"data.train_list holds {len(records)} questions, fewer than one global batch of "
                              f"{self.global_batch} (train.global_batch_size / train.batch_size)")  # fmt: skip
         self.dataset = QADataset(records, cfg.data.num_frames, cfg.data.img_size, seed=cfg.train.seed, flip=cfg.data.flip)
-        steps_per_epoch = len(records) // self.global_batch
+        self.steps_per_epoch = steps_per_epoch = len(records) // self.global_batch
         total_steps = cfg.optim.epochs * steps_per_epoch
         schedule = WarmupCosineSchedule(cfg.optim.lr, cfg.optim.min_lr, total_steps,
                                         cfg.optim.warmup_epochs * steps_per_epoch, cfg.optim.warmup_lr)  # fmt: skip
@@ -452,10 +456,12 @@ class QAFinetuneRecipe(Recipe):
         return steps_done * self.global_batch
 
     def after_step(self, done: int, is_last: bool, metrics) -> None:
-        every = self.cfg.eval.every_steps
-        if self.test_entries is None or not ((every and done % every == 0) or is_last):
+        if self.test_entries is None or not evaluation_due(self.cfg.eval, done, is_last, self.steps_per_epoch):
             return
         self.report = self.evaluate(done, metrics)
+        if self.best is not None:
+            path = os.path.join(self.cfg.run_dir, BEST_EXPORT_NAME)
+            self.best.update(self.report, self.info, lambda: export_reference(self.model, self.text_arch, path, self.info))
 
     def evaluate(self, done: int, metrics) -> dict | None:
         """Collective: answers data.test_list. Rank 0 runs it (under FSDP2 every rank, on the unsharded

@@ -65,6 +65,7 @@ from umt_fast.models.vl import (
     is_stage2_state_dict,
     state_dict_to_reference,
 )
+from umt_fast.recipes.evaluation import BestEvaluation, evaluation_due
 from umt_fast.recipes.pretrain import compile_blocks
 from umt_kernels.rng import mix_seed
 
@@ -72,6 +73,8 @@ log = logging.getLogger(__name__)
 
 LOSS_NAMES = ("loss", "uta", "vtc", "vtm", "mlm")
 EXPORT_NAME = "umt_stage2.pth"
+BEST_EXPORT_NAME = "umt_stage2_best.pth"
+"""eval.keep_best: the model of the best evaluation so far, in the reference's stage-2 naming."""
 RETRIEVAL_REPORT = "retrieval.json"
 """The last retrieval evaluation of data.test_list, in the run directory."""
 
@@ -442,9 +445,11 @@ class VLPretrainRecipe(Recipe):
         self.datasets = caption_datasets(cfg, info, lists)
         self.test_entries = test_entries(cfg, lists["test"]) if lists["test"] else None
         self.report = None
+        self.best = BestEvaluation(cfg.run_dir, RETRIEVAL_REPORT, "vtm r_mean", lambda r: r["vtm"]["r_mean"]) \
+            if cfg.eval.keep_best else None  # fmt: skip
         B, G = self.batch_plan.per_rank, self.batch_plan.global_batch
         counts = [vl_data.MediaBatchSampler(len(d), B, info.rank, info.world_size).batches_per_epoch for d in self.datasets]
-        steps_per_epoch = sum(counts)
+        self.steps_per_epoch = steps_per_epoch = sum(counts)
         total_steps = cfg.optim.epochs * steps_per_epoch
         schedule = WarmupCosineSchedule(cfg.optim.lr, cfg.optim.min_lr, total_steps,
                                         cfg.optim.warmup_epochs * steps_per_epoch, cfg.optim.warmup_lr)  # fmt: skip
@@ -525,10 +530,12 @@ class VLPretrainRecipe(Recipe):
         return record
 
     def after_step(self, done: int, is_last: bool, metrics) -> None:
-        every = self.cfg.eval.every_steps
-        if self.test_entries is None or not ((every and done % every == 0) or is_last):
+        if self.test_entries is None or not evaluation_due(self.cfg.eval, done, is_last, self.steps_per_epoch):
             return
         self.report = self.evaluate(done, metrics)
+        if self.best is not None:
+            path = os.path.join(self.cfg.run_dir, BEST_EXPORT_NAME)
+            self.best.update(self.report, self.info, lambda: export_reference(self.model, self.text_arch, path, self.info))
 
     def evaluation_model(self) -> VisionLanguageModel | None:
         """Collective: on rank 0 the model to evaluate (the module itself; under FSDP2 a whole copy

@@ -79,7 +79,8 @@ def retrieval_metrics(sim_TV: np.ndarray | torch.Tensor, text_to_video: list[int
                       v2t_sim_TV: np.ndarray | torch.Tensor | None = None) -> dict[str, float]:  # fmt: skip
     """R@1/5/10 (percent), median and mean rank of both directions, ranked as the reference's
     ``itm_eval`` ranks (`reference_ranks`): R@k = 0-based rank < k; the median and mean are
-    reported 1-based (reference rank + 1).
+    reported 1-based (reference rank + 1). Also ``mean_r1`` (of the two directions) and the
+    reference's ``r_mean`` (the mean of the six recalls), by which its fine-tuning keeps the best.
 
     Text-to-video ranks each text's row of `sim_TV` (the right video); video-to-text ranks each
     video's column of `v2t_sim_TV` (default `sim_TV`) and keeps its best-ranked caption.
@@ -112,6 +113,7 @@ def retrieval_metrics(sim_TV: np.ndarray | torch.Tensor, text_to_video: list[int
         out[f"{name}_medr"] = float(np.median(ranks + 1))
         out[f"{name}_meanr"] = float((ranks + 1).mean())
     out["mean_r1"] = (out["t2v_r1"] + out["v2t_r1"]) / 2
+    out["r_mean"] = sum(out[f"{d}_r{k}"] for d in ("t2v", "v2t") for k in (1, 5, 10)) / 6  # the reference's r_mean
     return out
 
 
