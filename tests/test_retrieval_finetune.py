@@ -112,6 +112,7 @@ def test_each_preset_holds_its_reference_config(name):
     assert cfg.model.keep_temporal and cfg.data.video_ids == "file_name"
     assert (cfg.eval.k, cfg.train.vtm_group_size, cfg.train.activation_checkpointing) == (128, 32, "all")
     assert (cfg.eval.every_epochs, cfg.eval.keep_best) == (1, True)  # evaluated every epoch, ckpt_best kept
+    assert cfg.data.max_seconds == (30.0 if "didemo" in name else 0.0)  # the reference's trimmed30
     assert (cfg.student.size, cfg.text.fusion_layers) == (("large", 5) if large else ("base", 3))
     assert cfg.teacher.output_dim() == embed_dim  # the stage-2 heads: CLIP-B/16 512, CLIP-L/14 768
     # a stage-2 file, a BERT folder and the lists are all it needs (no teacher weights)
@@ -133,6 +134,50 @@ def test_the_objective_switches_are_checked():
     with pytest.raises(ValueError, match="preset"):
         build_retrieval_config(["--preset", "demo_vl"])  # the command's presets are the retrieval ones
     assert build_retrieval_config([]).preset == "ret_demo"
+
+
+# ----------------------------------------------------------------------------------- trimmed videos
+
+
+def test_test_frames_are_the_middle_frames_the_reference_picks():
+    """Stage 2, retrieval and QA read a test video's frames as the reference's vision-language code
+    does: (b[i] + b[i+1] - 1) // 2 of each segment, a short video's last frame repeated."""
+    from tests import umt_reference as ref
+    from umt_fast.data.transforms import segment_middle_indices
+
+    assert segment_middle_indices(8, 4) == [0, 2, 4, 6]  # segments of 2: their first frame
+    assert segment_middle_indices(25, 4) == [2, 8, 14, 21]
+    assert segment_middle_indices(3, 5) == [0, 1, 2, 2, 2]
+    for n in range(1, 80):
+        for t in (1, 2, 3, 4, 8, 12):
+            assert segment_middle_indices(n, t) == ref.reference_test_frame_indices(n, 30.0, t), (n, t)
+
+
+@pytest.mark.parametrize("seconds", [1.0, 2.5, 1000.0])
+def test_max_seconds_reads_the_frames_the_reference_trimmed30_reads(seconds):
+    """data.max_seconds (DiDeMo's 30 in the presets) at test time: the middle frames of equal
+    segments of the video's first int(seconds x fps) frames, as the reference's trimmed30 takes
+    them (a video no longer than that: the whole video)."""
+    import av
+
+    from tests import umt_reference as ref
+    from umt_fast.data import sample_clip_paths
+    from umt_fast.data.captions import load_media
+    from umt_fast.data.decoding import count_frames, decode_frames
+    from umt_fast.data.transforms import crop_resize_flip
+
+    for clip in sample_clip_paths()[:2]:
+        with av.open(clip) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate)
+            vlen = sum(1 for _ in container.decode(stream))
+        want = ref.reference_test_frame_indices(vlen, fps, 4, trimmed30=True, seconds=seconds)
+        assert count_frames(clip, seconds) == (vlen if vlen / fps <= seconds else int(seconds * fps))
+        frames = decode_frames(clip, want)
+        expected = crop_resize_flip(frames, (0, 0, frames.shape[2], frames.shape[1]), 32, False)
+        assert torch.equal(load_media(clip, "video", 4, 32, None, max_seconds=seconds), expected), (clip, seconds)
+        if seconds < vlen / fps:
+            assert max(want) < seconds * fps and load_media(clip, "video", 4, 32, None).ne(expected).any()
 
 
 # ----------------------------------------------------------------------------------- per-frame VTC

@@ -735,3 +735,22 @@ def reference_simple_qa_acc(gt, pred):
     pred_qid2answer = {d["question_id"]: d["answer"] for d in pred}
     hits = [int(pred_qid2answer[q] == a) if q in pred_qid2answer else 0 for q, a in gt_qid2answer.items()]
     return round(100. * sum(hits) / len(hits), 2)
+
+
+def reference_test_frame_indices(vlen: int, fps: float, num_frames: int, trimmed30: bool = False,
+                                 seconds: float = 30.0) -> list[int]:  # fmt: skip
+    """The reference's test-time frames of a video (dataset/video_utils.py ``read_frames_decord``
+    with ``get_frame_indices(sample="middle")``): with ``trimmed30`` and a video longer than 30 s,
+    only its first ``int(30 * fps)`` frames count; ``num_frames`` equal segments of them, the
+    middle of each."""
+    import numpy as np
+
+    if trimmed30 and vlen / float(fps) > seconds:
+        vlen = int(seconds * float(fps))
+    acc_samples = min(num_frames, vlen)
+    intervals = np.linspace(start=0, stop=vlen, num=acc_samples + 1).astype(int)
+    ranges = [(intervals[i], intervals[i + 1] - 1) for i in range(len(intervals) - 1)]
+    frame_indices = [int((x[0] + x[1]) // 2) for x in ranges]
+    if len(frame_indices) < num_frames:  # padded with the last frame
+        frame_indices = frame_indices + [frame_indices[-1]] * (num_frames - len(frame_indices))
+    return frame_indices

@@ -204,6 +204,10 @@ class VLDataConfig(Section):
     negatives): entry = the captions of one list entry (stage-2 pre-training); file_name = every
     caption whose media has the same file name, across entries (the reference's retrieval
     fine-tuning, whose training lists hold a video once per caption)."""
+    max_seconds: float = 0.0
+    """Read only each video's first this many seconds, its frames up to int(max_seconds x frame
+    rate), in training and in data.test_list (the reference's DiDeMo trimmed30: 30); 0 = the whole
+    video; >= 0."""
     test_list: str = ""
     """Retrieval test list (JSON, data.video_list's format; data.root applies) evaluated at the end
     of training and every eval.every_steps, as python -m umt_fast.evaluate retrieval does (VTC,
@@ -215,6 +219,7 @@ class VLDataConfig(Section):
         require(self.num_frames >= 1, "data.num_frames", self.num_frames, "must be >= 1")
         require(self.img_size > 0, "data.img_size", self.img_size, "must be > 0")
         require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        require(self.max_seconds >= 0, "data.max_seconds", self.max_seconds, "must be >= 0 (0 = the whole video)")
 
 
 @dataclass
@@ -438,14 +443,17 @@ class RetrievalRecipe:
     warmup_epochs: int  # scheduler.warmup_epochs
     drop_path: float  # vision_encoder.drop_path_rate
     paragraph: bool = False  # is_paragraph_retrieval
+    max_seconds: float = 0.0  # trimmed30: 30
 
 
 # (task, size) -> the reference's exp/finetuning/<dir>/<b16|l16>_25m.py
 RETRIEVAL_RECIPES: dict[tuple[str, str], RetrievalRecipe] = {
     ("msrvtt_9k", "base"): RetrievalRecipe(max_len=32, lr=1e-5, epochs=10, warmup_epochs=1, drop_path=0.2),
     ("msrvtt_9k", "large"): RetrievalRecipe(max_len=32, lr=2e-5, epochs=7, warmup_epochs=1, drop_path=0.3),
-    ("didemo", "base"): RetrievalRecipe(max_len=64, lr=2e-5, epochs=12, warmup_epochs=1, drop_path=0.1, paragraph=True),
-    ("didemo", "large"): RetrievalRecipe(max_len=64, lr=4e-5, epochs=5, warmup_epochs=1, drop_path=0.2, paragraph=True),
+    ("didemo", "base"): RetrievalRecipe(max_len=64, lr=2e-5, epochs=12, warmup_epochs=1, drop_path=0.1, paragraph=True,
+                                        max_seconds=30.0),
+    ("didemo", "large"): RetrievalRecipe(max_len=64, lr=4e-5, epochs=5, warmup_epochs=1, drop_path=0.2, paragraph=True,
+                                         max_seconds=30.0),
     ("anet", "base"): RetrievalRecipe(max_len=150, lr=4e-5, epochs=20, warmup_epochs=1, drop_path=0.1, paragraph=True),
     ("anet", "large"): RetrievalRecipe(max_len=150, lr=4e-5, epochs=20, warmup_epochs=1, drop_path=0.2, paragraph=True),
     ("msvd", "base"): RetrievalRecipe(max_len=64, lr=1e-5, epochs=5, warmup_epochs=0, drop_path=0.2),
@@ -467,7 +475,8 @@ def _retrieval(task: str, size: str) -> VLPretrainConfig:
     cfg.model.embed_dim = 512 if size == "base" else 768
     cfg.student.drop_path = r.drop_path
     cfg.text.max_len = r.max_len
-    cfg.data = VLDataConfig(num_frames=12, img_size=224, paragraph=r.paragraph, video_ids="file_name")
+    cfg.data = VLDataConfig(num_frames=12, img_size=224, paragraph=r.paragraph, video_ids="file_name",
+                            max_seconds=r.max_seconds)  # fmt: skip
     cfg.eval = VLEvalConfig(every_steps=0, every_epochs=1, keep_best=True, k=128)
     cfg.optim = VLOptimConfig(lr=r.lr, min_lr=r.lr / 100, warmup_lr=0.0, epochs=r.epochs, warmup_epochs=r.warmup_epochs)
     cfg.train = VLTrainConfig(global_batch_size=0, batch_size=32, vtm_group_size=32, activation_checkpointing="all")
@@ -553,7 +562,7 @@ def build_config(argv: list[str] | None = None, prog: str = "python -m umt_fast.
 
 
 FIXED_ON_RESUME = ("model.", "student.", "teacher.", "text.", "data.video_list", "data.image_list", "data.root",
-                   "data.num_frames", "data.img_size", "data.paragraph", "data.video_ids")
+                   "data.num_frames", "data.img_size", "data.paragraph", "data.video_ids", "data.max_seconds")
 """The fields of the model and the data: a resume that would change them is refused (unless
 --allow-config-changes)."""
 

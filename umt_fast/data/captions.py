@@ -37,7 +37,7 @@ from umt_fast.data.annotations import read_annotation_list
 from umt_fast.data.dataset import init_worker
 from umt_fast.data.decoding import VideoDecodeError, count_frames, decode_frames, remote_bytes
 from umt_fast.data.order import EpochPermutations, sample_rng
-from umt_fast.data.transforms import crop_resize_flip, random_resized_crop_box, tsn_frame_indices
+from umt_fast.data.transforms import crop_resize_flip, random_resized_crop_box, segment_middle_indices, tsn_frame_indices
 from umt_kernels.rng import derive_seed
 
 log = logging.getLogger(__name__)
@@ -149,15 +149,19 @@ def load_image(path: str) -> torch.Tensor:
     return array.view(1, h, w, 3)
 
 
-def load_media(path: str, media: str, num_frames: int, img_size: int, rng: random.Random | None, flip: bool = True) -> torch.Tensor:
+def load_media(path: str, media: str, num_frames: int, img_size: int, rng: random.Random | None, flip: bool = True,
+               max_seconds: float = 0.0) -> torch.Tensor:  # fmt: skip
     """Decode and augment one item: uint8 [T, img_size, img_size, 3] (T = 1 for an image).
 
-    `rng` None = test: middle frame of each segment, a plain resize, no flip."""
+    `rng` None = test: the middle frame of each segment as the reference's vision-language code
+    picks it (`segment_middle_indices`), a plain resize, no flip. ``max_seconds`` > 0: the
+    segments span only the video's first ``max_seconds`` (`count_frames`)."""
     if media == "image":
         frames = load_image(path)
     else:
-        n = count_frames(path)
-        frames = decode_frames(path, tsn_frame_indices(n, num_frames, rng))
+        n = count_frames(path, max_seconds)
+        frames = decode_frames(path, segment_middle_indices(n, num_frames) if rng is None else
+                               tsn_frame_indices(n, num_frames, rng))  # fmt: skip
     _, h, w, _ = frames.shape
     if rng is None:
         return crop_resize_flip(frames, (0, 0, w, h), img_size, False)
@@ -170,10 +174,10 @@ class CaptionDataset(Dataset):
     (epoch * len + offset into that epoch's permutation), like the stage-1 clip stream."""
 
     def __init__(self, records: list[CaptionRecord], media: str, num_frames: int, img_size: int, seed: int,
-                 flip: bool = True, max_substitutes: int = 16):  # fmt: skip
+                 flip: bool = True, max_substitutes: int = 16, max_seconds: float = 0.0):  # fmt: skip
         if not records:
             raise ValueError(f"no {media} records")
-        self.records, self.media = records, media
+        self.records, self.media, self.max_seconds = records, media, max_seconds
         self.num_frames = num_frames if media == "video" else 1
         self.img_size, self.seed, self.flip, self.max_substitutes = img_size, seed, flip, max_substitutes
         self._permutations = EpochPermutations(len(records), seed, f"{media}_captions")
@@ -192,7 +196,8 @@ class CaptionDataset(Dataset):
             record = self.records[(index + attempt) % len(self.records)]
             rng = sample_rng(self.seed, f"{self.media}_captions", position, attempt)
             try:
-                media = load_media(record.path, self.media, self.num_frames, self.img_size, rng, self.flip)
+                media = load_media(record.path, self.media, self.num_frames, self.img_size, rng, self.flip,
+                                   self.max_seconds)  # fmt: skip
             except VideoDecodeError as e:
                 log.warning("skipping undecodable %s %s: %s", self.media, record.path, e.reason)
                 skipped.append(record.path)

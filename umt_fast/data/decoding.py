@@ -137,18 +137,23 @@ def remote_bytes(path: str) -> bytes | None:
     return read_video_bytes(path) if needs_bytes(path) else None
 
 
-def count_frames(path: str) -> int:
+def count_frames(path: str, max_seconds: float = 0.0) -> int:
     """Number of frames of the first video stream of `path`.
 
     From the container's frame count when it has one, else duration x frame rate, else by
     demuxing every packet. Metadata can overstate what is decodable; `decode_frames` reports
-    the true count in `VideoDecodeError.num_decodable_frames` when it runs out.
+    the true count in `VideoDecodeError.num_decodable_frames` when it runs out. With
+    ``max_seconds`` > 0, at most ``int(max_seconds x frame rate)``: the frames of the video's
+    first ``max_seconds`` (the reference's ``trimmed30`` cut, which DiDeMo's recipes read).
 
     Raises:
-        VideoDecodeError: unreadable file, no video stream, or no frames.
+        VideoDecodeError: unreadable file, no video stream, no frames, or (with ``max_seconds``)
+            no frame rate.
     """
     with _open_video(path, remote_bytes(path)) as (container, stream):
         num_frames = _count_frames(container, stream)
+        if max_seconds > 0:
+            num_frames = min(num_frames, int(max_seconds * _frame_rate(stream, path)))
     if num_frames < 1:
         raise VideoDecodeError(path, "video stream has no frames")
     return num_frames

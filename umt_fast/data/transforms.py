@@ -23,6 +23,7 @@ __all__ = [
     "fixed_crop_offsets",
     "multiscale_crop_box",
     "normalize_video",
+    "segment_middle_indices",
     "tsn_frame_indices",
 ]
 
@@ -37,6 +38,22 @@ _FIXED_CROP_GRID = (
     (0, 2), (4, 2), (2, 4), (2, 0),
     (1, 1), (3, 1), (1, 3), (3, 3),
 )  # fmt: skip
+
+
+def segment_middle_indices(num_video_frames: int, num_segments: int) -> list[int]:
+    """The test-time frames of the reference's vision-language code (multi_modality's
+    ``get_frame_indices(sample="middle")``): ``min(num_segments, num_video_frames)`` segments
+    [b[i], b[i+1]) with b = linspace(0, num_video_frames, segments + 1) truncated to int, the
+    frame (b[i] + b[i+1] - 1) // 2 of each, the last one repeated up to ``num_segments`` for a
+    shorter video. (`tsn_frame_indices` takes (b[i] + b[i+1]) // 2, a frame later in an even
+    segment.)"""
+    if num_video_frames < 1:
+        raise ValueError(f"num_video_frames must be >= 1, got {num_video_frames}")
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    bounds = np.linspace(0, num_video_frames, min(num_segments, num_video_frames) + 1).astype(int).tolist()
+    indices = [(a + b - 1) // 2 for a, b in zip(bounds[:-1], bounds[1:])]
+    return indices + indices[-1:] * (num_segments - len(indices))
 
 
 def tsn_frame_indices(num_video_frames: int, num_segments: int, rng: random.Random | None) -> list[int]:

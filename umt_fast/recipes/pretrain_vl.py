@@ -287,7 +287,7 @@ def caption_datasets(cfg: VLPretrainConfig, info: DistInfo, lists: dict[str, str
         if cfg.data.video_ids == "file_name":
             records = ids_by_file_name(records)
         out.append(vl_data.CaptionDataset(records, media, cfg.data.num_frames, cfg.data.img_size,
-                                          seed=cfg.train.seed, flip=cfg.data.flip))  # fmt: skip
+                                          seed=cfg.train.seed, flip=cfg.data.flip, max_seconds=cfg.data.max_seconds))  # fmt: skip
     return out
 
 
@@ -309,7 +309,8 @@ def evaluate_retrieval(model: VisionLanguageModel, tokenizer, cfg: VLPretrainCon
     from umt_fast.recipes import retrieval
 
     T, S = cfg.data.num_frames, cfg.data.img_size
-    kept, videos, failed = retrieval.load_entries(entries, T, S, num_workers=cfg.data.num_workers)
+    kept, videos, failed = retrieval.load_entries(entries, T, S, num_workers=cfg.data.num_workers,
+                                                  max_seconds=cfg.data.max_seconds)  # fmt: skip
     if not kept:
         raise ValueError(f"data.test_list={cfg.data.test_list!r}: none of its {len(failed)} media could be read")
     results = retrieval.evaluate(model, tokenizer, kept, num_frames=T, img_size=S, device=device, k=cfg.eval.k,

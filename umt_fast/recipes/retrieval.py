@@ -297,8 +297,8 @@ def _autocast(device, dtype):
 class _Media(torch.utils.data.Dataset):
     """Entry i -> (i, its uint8 media or None, why it is unreadable or None): decoded as in testing."""
 
-    def __init__(self, entries: list[dict], num_frames: int, img_size: int):
-        self.entries, self.num_frames, self.img_size = entries, num_frames, img_size
+    def __init__(self, entries: list[dict], num_frames: int, img_size: int, max_seconds: float = 0.0):
+        self.entries, self.num_frames, self.img_size, self.max_seconds = entries, num_frames, img_size, max_seconds
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -309,17 +309,19 @@ class _Media(torch.utils.data.Dataset):
 
         e = self.entries[i]
         try:
-            return i, load_media(e["path"], e["media"], self.num_frames, self.img_size, rng=None), None
+            return i, load_media(e["path"], e["media"], self.num_frames, self.img_size, rng=None,
+                                 max_seconds=self.max_seconds), None  # fmt: skip
         except (VideoDecodeError, OSError) as exc:
             return i, None, getattr(exc, "reason", None) or str(exc)
 
 
-def iter_media(entries: list[dict], num_frames: int, img_size: int, num_workers: int = 0):
+def iter_media(entries: list[dict], num_frames: int, img_size: int, num_workers: int = 0, max_seconds: float = 0.0):
     """Yields (i, entry i's uint8 media or None, why it is unreadable or None) in list order,
-    decoded as in testing in ``num_workers`` processes (0: in this one)."""
+    decoded as in testing (from the first ``max_seconds`` of a video when > 0) in ``num_workers``
+    processes (0: in this one)."""
     from umt_fast.data.dataset import init_worker
 
-    yield from torch.utils.data.DataLoader(_Media(entries, num_frames, img_size), batch_size=None,
+    yield from torch.utils.data.DataLoader(_Media(entries, num_frames, img_size, max_seconds), batch_size=None,
                                            num_workers=num_workers, worker_init_fn=init_worker if num_workers else None)
 
 
@@ -334,7 +336,7 @@ class MediaShard:
 
 
 def load_shard(entries: list[dict], num_frames: int, img_size: int, info=None, progress=None,
-               num_workers: int = 0) -> MediaShard:  # fmt: skip
+               num_workers: int = 0, max_seconds: float = 0.0) -> MediaShard:  # fmt: skip
     """Decodes, as in testing, the media of this rank's share of ``entries`` (`my_share`: every
     world_size-th entry from the rank's own; in one process, all), in ``num_workers`` processes
     (0: in this one), naming each unreadable one on stderr. Collective under torchrun: every rank
@@ -344,8 +346,8 @@ def load_shard(entries: list[dict], num_frames: int, img_size: int, info=None, p
     info = info or DistInfo()
     mine = my_share(len(entries), info)
     readable, videos, failed = {}, [], {}
-    for done, (j, item, reason) in enumerate(iter_media([entries[i] for i in mine], num_frames, img_size, num_workers),
-                                             start=1):  # fmt: skip
+    media = iter_media([entries[i] for i in mine], num_frames, img_size, num_workers, max_seconds)
+    for done, (j, item, reason) in enumerate(media, start=1):
         i = mine[j]
         if item is None:
             failed[i] = (entries[i]["path"], reason)
@@ -361,10 +363,12 @@ def load_shard(entries: list[dict], num_frames: int, img_size: int, info=None, p
                       list(gather_by_index(failed, info).values()))  # fmt: skip
 
 
-def load_entries(entries: list[dict], num_frames: int, img_size: int, progress=None, num_workers: int = 0):
+def load_entries(entries: list[dict], num_frames: int, img_size: int, progress=None, num_workers: int = 0,
+                 max_seconds: float = 0.0):  # fmt: skip
     """(the readable entries, their uint8 media, [(path, reason)] of the unreadable ones), in list
     order; decoded in ``num_workers`` processes (0: in this one)."""
-    shard = load_shard(entries, num_frames, img_size, progress=progress, num_workers=num_workers)
+    shard = load_shard(entries, num_frames, img_size, progress=progress, num_workers=num_workers,
+                       max_seconds=max_seconds)  # fmt: skip
     return shard.entries, shard.videos, shard.failed
 
 
@@ -428,6 +432,9 @@ def make_parser(prog: str = "python -m umt_fast.evaluate retrieval", *,
     p.add_argument("--img-size", type=int, default=None, help="input side in pixels; default: the run's, else 224")
     if rerank:
         p.add_argument("--k", type=int, default=128, help="candidates re-ranked by VTM per query; default 128")
+        p.add_argument("--max-seconds", type=float, default=None,
+                       help="read only each video's first this many seconds (the reference's DiDeMo trimmed30: 30); "
+                       "default: the run's data.max_seconds, else 0 = the whole video")
     p.add_argument("--max-len", type=int, default=32, help="caption tokens; default 32")
     p.add_argument("--batch-size", type=int, default=8, help="videos per forward; default 8")
     p.add_argument("--num-workers", type=int, default=2, help="decoding worker processes (0 = in this one); default 2")
@@ -450,6 +457,7 @@ class Stage2Inputs:
     img_size: int
     device: torch.device
     autocast_dtype: torch.dtype | None  # bf16 on a GPU, else None
+    max_seconds: float = 0.0  # > 0: the videos were read from their first max_seconds
     positions: list[int] | None = None  # under torchrun: where each of `videos` sits in `entries`
     info: DistInfo = DistInfo()
 
@@ -472,17 +480,22 @@ def prepare_inputs(args: argparse.Namespace, read_list, write_demo=None) -> Stag
         check_writable(args.output, "--out")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers={args.num_workers} must be >= 0")
-    run_frames, run_size = run_input_size(args.weights)
-    num_frames, img_size = args.num_frames or run_frames or 4, args.img_size or run_size or 224
+    run_data = run_data_config(args.weights)
+    num_frames, img_size = args.num_frames or run_data.get("num_frames") or 4, args.img_size or run_data.get("img_size") or 224
+    max_seconds = getattr(args, "max_seconds", None)
+    if max_seconds is None:  # only retrieval has the option; the others read whole videos unless the run trimmed them
+        max_seconds = run_data.get("max_seconds") or 0.0
+    if max_seconds < 0:
+        raise ValueError(f"--max-seconds={max_seconds} must be >= 0 (0 = the whole video)")
     entries = read_list(demo_path(args.test_list, write_demo) if write_demo else args.test_list, args.root)
     model, tokenizer = load_stage2_model(args.weights, args.text_weights, num_frames, img_size)
     info = init_evaluation(args.device)
-    shard = load_shard(entries, num_frames, img_size, info, progress_printer("read", info), args.num_workers)
+    shard = load_shard(entries, num_frames, img_size, info, progress_printer("read", info), args.num_workers, max_seconds)
     if not shard.entries:
         raise ValueError(f"{args.test_list}: none of its {len(shard.failed)} media could be read")
     dtype = torch.bfloat16 if info.device.type == "cuda" else None
     return Stage2Inputs(model.to(info.device).eval(), tokenizer, shard.entries, shard.videos, shard.failed, num_frames,
-                        img_size, info.device, dtype, shard.positions if info.distributed else None, info)  # fmt: skip
+                        img_size, info.device, dtype, max_seconds, shard.positions if info.distributed else None, info)  # fmt: skip
 
 
 def write_report(path: str, report: dict) -> None:
@@ -516,7 +529,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
               f"{len(run.entries)}", file=sys.stderr)  # fmt: skip
     if args.output:
         write_report(args.output, {"weights": args.weights, "test_list": args.test_list, "k": args.k,
-                                   "num_frames": run.num_frames, "img_size": run.img_size, **results,
+                                   "num_frames": run.num_frames, "img_size": run.img_size,
+                                   "max_seconds": run.max_seconds, **results,
                                    "unreadable": [{"path": p, "reason": r} for p, r in run.failed]})  # fmt: skip
     return 0
 
@@ -531,9 +545,9 @@ def write_demo_retrieval_list(directory: str) -> str:
     return path
 
 
-def run_input_size(weights: str) -> tuple[int | None, int | None]:
-    """(frames, size) the run behind ``weights`` trained at: a run directory or checkpoint's
-    config, or the config.yaml beside an exported umt_stage2.pth; (None, None) when unknown."""
+def run_data_config(weights: str) -> dict:
+    """The ``data`` section of the run behind ``weights``: a run directory or checkpoint's config,
+    or the config.yaml beside an exported umt_stage2.pth; {} when unknown."""
     from umt_fast.config.cli import load_config_dict
 
     path = os.path.abspath(weights)
@@ -541,9 +555,14 @@ def run_input_size(weights: str) -> tuple[int | None, int | None]:
         if os.path.isdir(path) else [os.path.join(os.path.dirname(path), "config.yaml")]  # fmt: skip
     for candidate in candidates:
         if os.path.isfile(candidate):
-            data = load_config_dict(candidate).get("data") or {}
-            return data.get("num_frames"), data.get("img_size")
-    return None, None
+            return load_config_dict(candidate).get("data") or {}
+    return {}
+
+
+def run_input_size(weights: str) -> tuple[int | None, int | None]:
+    """(frames, size) the run behind ``weights`` trained at (`run_data_config`); (None, None) when unknown."""
+    data = run_data_config(weights)
+    return data.get("num_frames"), data.get("img_size")
 
 
 if __name__ == "__main__":
