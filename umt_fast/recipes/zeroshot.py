@@ -50,7 +50,7 @@ def zeroshot_scores(model, tokenizer, videos: list[torch.Tensor], class_names: l
 
 
 def topk_accuracy(scores_VC: torch.Tensor, labels_V: torch.Tensor) -> dict[str, float]:
-    ranked = scores_VC.argsort(dim=1, descending=True)
+    ranked = scores_VC.argsort(dim=1, descending=True, stable=True)  # equal scores: the lower class first
     hit = ranked == labels_V[:, None]
     return {"top1": 100.0 * hit[:, :1].any(1).float().mean().item(),
             "top5": 100.0 * hit[:, :5].any(1).float().mean().item(), "videos": len(labels_V)}  # fmt: skip
