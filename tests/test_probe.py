@@ -292,16 +292,3 @@ def test_the_probe_command_its_presets_and_its_errors():
     assert "python -m umt_fast.probe" in text and "--model.probe" in text and "probe_b16_k400" in text
     assert "default 'probe_demo'" in text
 
-
-def test_two_ranks_give_the_one_rank_losses_and_evaluation(attentive_run, tmp_path):
-    """DDP over 2 gloo ranks, the same global batch: the first 6 steps of the one-process run
-    (train.max_steps leaves the schedule as it is), and its evaluation at step 6."""
-    records = run_command("umt_fast.probe", tmp_path / "two", 2, attentive_run["args"] + ["--train.max_steps", "6"],
-                          port_base=35500)  # fmt: skip
-    one = read_metrics(str(attentive_run["run_dir"] / "metrics.jsonl"))
-    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
-    assert sorted(losses) == list(range(1, 7))
-    for step, loss in losses.items():
-        assert loss == pytest.approx(_losses_by_step(attentive_run["run_dir"])[step], abs=1e-4), step
-    evaluated = {r["step"]: r["eval/top1"] for r in records if "eval/top1" in r}
-    assert evaluated == {r["step"]: r["eval/top1"] for r in one if "eval/top1" in r and r["step"] == 6}
