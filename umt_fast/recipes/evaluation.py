@@ -387,3 +387,21 @@ def evaluation_due(eval_cfg, done: int, is_last: bool, steps_per_epoch: int) -> 
     ``eval_cfg.every_steps`` steps and at the end of every ``eval_cfg.every_epochs`` epochs."""
     every, epochs = eval_cfg.every_steps, getattr(eval_cfg, "every_epochs", 0)
     return is_last or bool(every and done % every == 0) or bool(epochs and done % (epochs * steps_per_epoch) == 0)
+
+
+def whole_model(model: torch.nn.Module, sharded: bool, build: Callable[[], torch.nn.Module], device: torch.device):
+    """The model every rank of a training run evaluates with: the module itself (one process,
+    DDP), or for an FSDP2-``sharded`` one (collective) a whole copy, ``build()`` loaded with the
+    gathered weights, whose forward runs no collective, so the ranks can score shares of
+    different sizes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from umt_fast.engine.distributed import unwrap
+
+    if not sharded:
+        return unwrap(model)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    copy = build()
+    copy.load_state_dict(state)
+    del state
+    return copy.to(device)

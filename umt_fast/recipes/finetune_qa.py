@@ -64,7 +64,7 @@ from umt_fast.models.qa import (
 from umt_fast.models.student import StudentArch, drop_path_scales, keep_probabilities
 from umt_fast.models.text import TextArch, build_text_encoder, load_tokenizer
 from umt_fast.models.vl import is_stage2_state_dict, state_dict_to_reference
-from umt_fast.recipes.evaluation import BestEvaluation, evaluation_due
+from umt_fast.recipes.evaluation import BestEvaluation, evaluation_due, whole_model
 from umt_fast.recipes.pretrain import compile_blocks
 from umt_fast.recipes.qa import (  # noqa: F401 (write_demo_qa_lists: also the recipe's name)
     evaluate_qa,
@@ -463,33 +463,35 @@ class QAFinetuneRecipe(Recipe):
             path = os.path.join(self.cfg.run_dir, BEST_EXPORT_NAME)
             self.best.update(self.report, self.info, lambda: export_reference(self.model, self.text_arch, path, self.info))
 
-    def evaluate(self, done: int, metrics) -> dict | None:
-        """Collective: answers data.test_list. Rank 0 runs it (under FSDP2 every rank, on the unsharded
-        model), writes eval/* to metrics.jsonl and <run_dir>/qa_eval.json, and returns the report;
-        other ranks wait and return None."""
+    def evaluation_model(self) -> VideoQAModel:
+        """Collective: the model every rank evaluates with (`whole_model`)."""
         cfg, info = self.cfg, self.info
-        model = unwrap(self.model)
-        fsdp = info.distributed and cfg.dist.strategy == "fsdp"
+        return whole_model(self.model, info.distributed and cfg.dist.strategy == "fsdp",
+                           lambda: build_model(cfg, load_text=False), info.device)
+
+    def evaluate(self, done: int, metrics) -> dict | None:
+        """Collective: answers data.test_list, each rank the questions of its share of the videos.
+        Rank 0 writes eval/* to metrics.jsonl and <run_dir>/qa_eval.json, and returns the report;
+        other ranks return None."""
+        cfg, info = self.cfg, self.info
+        model = self.evaluation_model()
         report = None
-        if info.is_main or fsdp:
-            start = time.perf_counter()
-            if fsdp:
-                model.unshard()
-            try:
-                result = evaluate_qa(model, self.tokenizer, self.test_entries, self.answer_list,
-                                     num_frames=cfg.data.num_frames, img_size=cfg.data.img_size, device=info.device,
-                                     k=cfg.eval.k, max_q_len=cfg.data.max_q_len, max_a_len=cfg.data.max_a_len,
-                                     batch_size=cfg.eval.batch_size, autocast_dtype=self.low_precision,
-                                     num_workers=cfg.data.num_workers)  # fmt: skip
-            finally:
-                if fsdp:
-                    model.reshard()
-                self.model.train()
-            if not result.predictions:  # training goes on (and saves): only the evaluation is lost
+        start = time.perf_counter()
+        try:
+            result = evaluate_qa(model, self.tokenizer, self.test_entries, self.answer_list,
+                                 num_frames=cfg.data.num_frames, img_size=cfg.data.img_size, device=info.device,
+                                 k=cfg.eval.k, max_q_len=cfg.data.max_q_len, max_a_len=cfg.data.max_a_len,
+                                 batch_size=cfg.eval.batch_size, autocast_dtype=self.low_precision,
+                                 num_workers=cfg.data.num_workers, info=info)  # fmt: skip
+        finally:
+            self.model.train()
+        if not result.predictions:  # every rank holds all the answers; training goes on, only the evaluation is lost
+            if info.is_main:
                 log.error("data.test_list=%r: none of its %d videos could be read; no evaluation at step %d",
                           cfg.data.test_list, len(result.unreadable), done)  # fmt: skip
-                barrier()
-                return None
+            barrier()
+            return None
+        if info.is_main:
             preds = result.predictions
             accuracy = qa_accuracy([p["prediction"] for p in preds], [p["answer"] for p in preds])
             report = {"step": done, "test_list": cfg.data.test_list, "answer_list": cfg.data.answer_list, "k": cfg.eval.k,
@@ -497,7 +499,6 @@ class QAFinetuneRecipe(Recipe):
                       "videos": len({p["video"] for p in preds}), "answers": len(self.answer_list), **accuracy,
                       "predictions": preds,
                       "unreadable": [{"path": p, "reason": r} for p, r in result.unreadable]}  # fmt: skip
-        if info.is_main:
             record = {f"eval/{name}": value for name, value in report.items()
                       if name in ("acc", "correct", "acc_normalised", "vqa_acc", "questions")}  # fmt: skip
             metrics.write({"step": done, **record, "time": time.time()})

@@ -65,7 +65,7 @@ from umt_fast.models.vl import (
     is_stage2_state_dict,
     state_dict_to_reference,
 )
-from umt_fast.recipes.evaluation import BestEvaluation, evaluation_due
+from umt_fast.recipes.evaluation import BestEvaluation, evaluation_due, whole_model
 from umt_fast.recipes.pretrain import compile_blocks
 from umt_kernels.rng import mix_seed
 
@@ -303,20 +303,21 @@ def test_entries(cfg: VLPretrainConfig, path: str) -> list[dict]:
 
 
 def evaluate_retrieval(model: VisionLanguageModel, tokenizer, cfg: VLPretrainConfig, entries: list[dict],
-                       device: torch.device, autocast_dtype) -> dict:  # fmt: skip
+                       device: torch.device, autocast_dtype, info: DistInfo = DistInfo()) -> dict:  # fmt: skip
     """The retrieval evaluation of ``python -m umt_fast.evaluate retrieval`` on ``entries`` at the
-    run's frames, size and text length: {"vtc": metrics, "vtm": metrics, "videos", "unreadable"}."""
+    run's frames, size and text length: {"vtc": metrics, "vtm": metrics, "videos", "unreadable"}.
+    Under torchrun (``info``, collective) each rank reads and encodes its share of the videos,
+    as the command does, and every rank returns the report."""
     from umt_fast.recipes import retrieval
 
     T, S = cfg.data.num_frames, cfg.data.img_size
-    kept, videos, failed = retrieval.load_entries(entries, T, S, num_workers=cfg.data.num_workers,
-                                                  max_seconds=cfg.data.max_seconds)  # fmt: skip
-    if not kept:
-        raise ValueError(f"data.test_list={cfg.data.test_list!r}: none of its {len(failed)} media could be read")
-    results = retrieval.evaluate(model, tokenizer, kept, num_frames=T, img_size=S, device=device, k=cfg.eval.k,
-                                 max_len=cfg.text.max_len, batch_size=cfg.eval.batch_size,
-                                 autocast_dtype=autocast_dtype, videos=videos)  # fmt: skip
-    return {**results, "videos": len(kept), "unreadable": [{"path": p, "reason": r} for p, r in failed]}
+    shard = retrieval.load_shard(entries, T, S, info, num_workers=cfg.data.num_workers, max_seconds=cfg.data.max_seconds)
+    if not shard.entries:
+        raise ValueError(f"data.test_list={cfg.data.test_list!r}: none of its {len(shard.failed)} media could be read")
+    results = retrieval.evaluate(model, tokenizer, shard.entries, num_frames=T, img_size=S, device=device, k=cfg.eval.k,
+                                 max_len=cfg.text.max_len, batch_size=cfg.eval.batch_size, autocast_dtype=autocast_dtype,
+                                 videos=shard.videos, positions=shard.positions, info=info)  # fmt: skip
+    return {**results, "videos": len(shard.entries), "unreadable": [{"path": p, "reason": r} for p, r in shard.failed]}
 
 
 # ----------------------------------------------------------------------------------- the step
@@ -538,34 +539,26 @@ class VLPretrainRecipe(Recipe):
             path = os.path.join(self.cfg.run_dir, BEST_EXPORT_NAME)
             self.best.update(self.report, self.info, lambda: export_reference(self.model, self.text_arch, path, self.info))
 
-    def evaluation_model(self) -> VisionLanguageModel | None:
-        """Collective: on rank 0 the model to evaluate (the module itself; under FSDP2 a whole copy
-        built from the gathered weights), None on the other ranks."""
+    def evaluation_model(self) -> VisionLanguageModel:
+        """Collective: the model every rank evaluates with (`whole_model`)."""
         cfg, info = self.cfg, self.info
-        if not (info.distributed and cfg.dist.strategy == "fsdp"):
-            return unwrap(self.model) if info.is_main else None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not info.is_main:
-            return None
-        model = build_model(cfg, unwrap(self.model).student.arch.teacher_dim, load_text=False)
-        model.load_state_dict(sd)
-        return model.to(info.device)
+        return whole_model(self.model, info.distributed and cfg.dist.strategy == "fsdp",
+                           lambda: build_model(cfg, unwrap(self.model).student.arch.teacher_dim, load_text=False),
+                           info.device)  # fmt: skip
 
     def evaluate(self, done: int, metrics) -> dict | None:
-        """Collective: the retrieval evaluation of data.test_list. Rank 0 runs it, writes eval/* to
-        metrics.jsonl and <run_dir>/retrieval.json and returns the report; the other ranks wait
-        and return None."""
+        """Collective: the retrieval evaluation of data.test_list, each rank reading and encoding
+        its share of the videos. Rank 0 writes eval/* to metrics.jsonl and <run_dir>/retrieval.json
+        and returns the report; the other ranks return None."""
         cfg, info = self.cfg, self.info
         model, report = self.evaluation_model(), None
+        start = time.perf_counter()
+        try:
+            report = evaluate_retrieval(model, self.tokenizer, cfg, self.test_entries, info.device, self.low_precision,
+                                        info)  # fmt: skip
+        finally:
+            self.model.train()
         if info.is_main:
-            start = time.perf_counter()
-            try:
-                report = evaluate_retrieval(model, self.tokenizer, cfg, self.test_entries, info.device,
-                                            self.low_precision)  # fmt: skip
-            finally:
-                self.model.train()
             from umt_fast.recipes.retrieval import format_table
 
             report = {"step": done, "test_list": cfg.data.test_list, "k": cfg.eval.k, "num_frames": cfg.data.num_frames,
