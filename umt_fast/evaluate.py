@@ -35,7 +35,6 @@ from umt_fast.recipes.evaluation import (  # noqa: F401 (the library's names, im
     accuracy_report,
     autocast_for,
     class_name,
-    finish_evaluation,
     format_report,
     init_evaluation,
     load_classifier,
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         device=info.device, precision=args.precision, num_workers=args.num_workers,
         on_video=progress_printer("evaluated", info), info=info,
     )  # fmt: skip
-    if not finish_evaluation(info):
+    if not info.is_main:  # the main rank reports; every rank holds the merged results
         return 0
     label_of = {r.path: r.label for r in records}
     labels = torch.tensor([label_of[p] for p in preds.paths], dtype=torch.long)

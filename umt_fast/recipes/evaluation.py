@@ -288,8 +288,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def init_evaluation(device: str) -> DistInfo:
-    """The evaluation's device and, under torchrun, its process group (each rank on its own GPU);
-    one line on the main rank says how many ranks share the work."""
+    """The evaluation's device and, under torchrun, its process group (each rank on its own GPU),
+    which lives on for a later evaluation in the same process and ends at exit; one line on the
+    main rank says how many ranks share the work."""
     resolve_device(device)  # refuses cuda where there is none, naming --device
     started = torch.distributed.is_initialized()
     info = init_distributed(device)  # a group already started (an earlier evaluation in this process) is kept
@@ -313,13 +314,6 @@ def progress_printer(verb: str, info: DistInfo = DistInfo(), every: int = 50):
                   flush=True)  # fmt: skip
 
     return progress
-
-
-def finish_evaluation(info: DistInfo) -> bool:
-    """True on the rank that reports a torchrun evaluation (the main one; every rank holds the
-    merged results). The process group lives on for a later evaluation in the same process and
-    ends at exit."""
-    return info.is_main
 
 
 DEMO = "demo"
@@ -385,7 +379,7 @@ class BestEvaluation:
 def evaluation_due(eval_cfg, done: int, is_last: bool, steps_per_epoch: int) -> bool:
     """Whether a run evaluates after optimizer step ``done``: at its last step, every
     ``eval_cfg.every_steps`` steps and at the end of every ``eval_cfg.every_epochs`` epochs."""
-    every, epochs = eval_cfg.every_steps, getattr(eval_cfg, "every_epochs", 0)
+    every, epochs = eval_cfg.every_steps, eval_cfg.every_epochs
     return is_last or bool(every and done % every == 0) or bool(epochs and done % (epochs * steps_per_epoch) == 0)
 
 

@@ -38,7 +38,6 @@ import torch
 from umt_fast.engine.distributed import DistInfo, gather_by_index, my_share
 from umt_fast.recipes.evaluation import demo_path
 from umt_fast.recipes.retrieval import (
-    finish_evaluation,
     init_evaluation,
     iter_media,
     make_parser,
@@ -438,7 +437,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
     result = evaluate_qa(model, tokenizer, entries, answer_list, num_frames=num_frames, img_size=img_size, device=device,
                          k=args.k, max_q_len=args.max_len, max_a_len=args.max_a_len, batch_size=args.batch_size,
                          autocast_dtype=dtype, num_workers=args.num_workers, info=info)  # fmt: skip
-    if not finish_evaluation(info):
+    if not info.is_main:  # the main rank reports; every rank holds the merged results
         return 0
     if not result.predictions:
         print(f"error: {args.test_list}: none of its {len(result.unreadable)} videos could be read", file=sys.stderr)

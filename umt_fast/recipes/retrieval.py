@@ -34,8 +34,8 @@ import sys
 import numpy as np
 import torch
 
-from umt_fast.engine.distributed import DistInfo
-from umt_fast.recipes.evaluation import demo_path, finish_evaluation, init_evaluation, progress_printer
+from umt_fast.engine.distributed import DistInfo, all_gather_objects, gather_by_index, my_share
+from umt_fast.recipes.evaluation import demo_path, init_evaluation, progress_printer
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +258,6 @@ def vtm_rerank(model, sim_TV, text_x, text_mask, vision_tokens, k: int, batch_si
 def _score_own_pairs(model, text_x, text_mask, vision_tokens, video_positions, pairs_t, pairs_v, nv: int,
                      batch_size: int, autocast_dtype) -> torch.Tensor:  # fmt: skip
     """[P] match logits of every pair, each scored by the rank that holds its video's tokens."""
-    from umt_fast.engine.distributed import all_gather_objects
-
     local_of = torch.full((nv,), -1, dtype=torch.long, device=pairs_v.device)
     local_of[torch.tensor(video_positions, dtype=torch.long, device=pairs_v.device)] = \
         torch.arange(len(video_positions), device=pairs_v.device)  # fmt: skip
@@ -341,8 +339,6 @@ def load_shard(entries: list[dict], num_frames: int, img_size: int, info=None, p
     world_size-th entry from the rank's own; in one process, all), in ``num_workers`` processes
     (0: in this one), naming each unreadable one on stderr. Collective under torchrun: every rank
     learns which entries were readable."""
-    from umt_fast.engine.distributed import DistInfo, gather_by_index, my_share
-
     info = info or DistInfo()
     mine = my_share(len(entries), info)
     readable, videos, failed = {}, [], {}
@@ -381,8 +377,6 @@ def evaluate(model, tokenizer, entries: list[dict], *, num_frames: int, img_size
     torchrun (``info``, collective): this rank's share of them, the entries at ``positions``
     (`load_shard`); each rank encodes its own videos and re-ranks their pairs, and every rank
     returns the metrics."""
-    from umt_fast.engine.distributed import all_gather_objects, gather_by_index
-
     if videos is None:
         shard = load_shard(entries, num_frames, img_size, info)
         if shard.failed:
@@ -521,7 +515,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
                        device=run.device, k=args.k, max_len=args.max_len, batch_size=args.batch_size,
                        autocast_dtype=run.autocast_dtype, videos=run.videos, positions=run.positions,
                        info=run.info)  # fmt: skip
-    if not finish_evaluation(run.info):
+    if not run.info.is_main:  # the main rank reports; every rank holds the merged results
         return 0
     print(format_table(results))
     if run.failed:

@@ -36,7 +36,6 @@ from umt_fast.engine.distributed import gather_by_index
 from umt_fast.recipes.retrieval import (
     encode_texts,
     encode_videos,
-    finish_evaluation,
     make_parser,
     prepare_inputs,
     vtm_pair_logits,
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
         chosen = {m: c.cpu().tolist() for m, c in mc_choices(scores).items()}
         own = {p: {m: chosen[m][j] for m in METHODS} for j, p in enumerate(positions)}
     merged = gather_by_index(own, run.info)
-    if not finish_evaluation(run.info):
+    if not run.info.is_main:  # the main rank reports; every rank holds the merged results
         return 0
     choices = {m: torch.tensor([merged[p][m] for p in range(len(run.entries))]) for m in METHODS}
     answers = torch.tensor([e["answer"] for e in run.entries])

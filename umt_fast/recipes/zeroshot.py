@@ -21,7 +21,6 @@ from umt_fast.recipes.evaluation import demo_path, sample_clips_path
 from umt_fast.recipes.retrieval import (
     encode_texts,
     encode_videos,
-    finish_evaluation,
     init_evaluation,
     load_shard,
     load_stage2_model,
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m umt_fast.evaluate
                                  args.max_len, dtype).cpu()  # fmt: skip
         own = dict(zip(shard.positions, scores))
     scores = torch.stack(list(gather_by_index(own, info).values()))
-    if not finish_evaluation(info):
+    if not info.is_main:  # the main rank reports; every rank holds the merged results
         return 0
     report = topk_accuracy(scores, torch.tensor([e["label"] for e in entries]))
     print(f"zero-shot top-1 {report['top1']:.1f} %, top-5 {report['top5']:.1f} % on {report['videos']} videos, "
