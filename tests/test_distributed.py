@@ -16,8 +16,8 @@ ARGS = ["--data.img_size", "64", "--teacher.input_resolution", "64", "--log.ever
         "--train.global_batch_size", "4", "--data.num_workers", "0", "--student.drop_path", "0.3"]
 
 
-def _run(run_dir, nproc, *extra):
-    records = run_command("umt_fast.pretrain", run_dir, nproc, ARGS + list(extra), port_base=29500)
+def _run(run_dir, nproc, *extra, launcher="fork"):
+    records = run_command("umt_fast.pretrain", run_dir, nproc, ARGS + list(extra), port_base=29500, launcher=launcher)
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
@@ -28,7 +28,10 @@ def single_rank_losses(tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=needs_fsdp_on_cpu)])
 def test_two_ranks_match_one_rank(tmp_path, single_rank_losses, strategy):
-    losses = _run(tmp_path / "run", 2, "--train.max_steps", "4", "--dist.strategy", strategy)
+    """DDP runs under torchrun itself, as users launch it; the other multi-rank tests start their
+    ranks from the preloaded fork server with torchrun's environment (tests.launch)."""
+    launcher = "torchrun" if strategy == "ddp" else "fork"
+    losses = _run(tmp_path / "run", 2, "--train.max_steps", "4", "--dist.strategy", strategy, launcher=launcher)
     assert sorted(losses) == [1, 2, 3, 4]
     for step, loss in single_rank_losses.items():
         assert loss == pytest.approx(losses[step], abs=1e-4), (step, single_rank_losses, losses)

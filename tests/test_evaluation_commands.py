@@ -1,26 +1,24 @@
-"""The evaluation commands: each one's demo lists on the sample clips, and each under torchrun,
-where two gloo ranks, each scoring its share of the list (3 and 2 of 5 entries, one of them
-unreadable), give the one-process report."""
+"""The evaluation commands: each one's demo lists on the sample clips, and each on two gloo
+ranks, where each rank scores its share of the list (3 and 2 of 5 entries, one of them
+unreadable) and together they give the one-process report."""
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.launch import REPO
+from tests.launch import start_ranks
 from tests.test_qa import ANSWER_LIST, _qa_entries, tiny_bert, tiny_qa_file  # noqa: F401 (fixtures)
 from tests.test_retrieval_mc import _clip_entries, tiny_stage2  # noqa: F401 (fixture)
 
 NUM_FRAMES, IMG_SIZE = 2, 32
 SIZE = ["--num-frames", str(NUM_FRAMES), "--img-size", str(IMG_SIZE)]
 
-DRIVER = """\
-import json, sys
-from umt_fast.evaluate import main
-sys.exit(max(main(argv) for argv in json.load(open(sys.argv[1]))))
-"""
+def _evaluate_each(commands_file: str) -> None:
+    """One rank's body: every ``umt_fast.evaluate`` command line of the file, in turn."""
+    from umt_fast.evaluate import main
+
+    sys.exit(max(main(argv) for argv in json.load(open(commands_file))))
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +84,11 @@ def test_two_ranks_give_the_one_rank_reports(tmp_path, tiny_stage2, tiny_qa_file
     capsys.readouterr()
     (tmp_path / "commands.json").write_text(json.dumps(
         [argv + ["--out", str(tmp_path / f"two_{name}.json")] for name, argv in zip(names, commands)]))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(34500 + os.getpid() % 1000), str(tmp_path / "driver.py"), str(tmp_path / "commands.json")]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("wrote ") == len(names)  # the main rank reports, once per command
-    assert "evaluating on 2 ranks" in proc.stderr
+    ranks = start_ranks(_evaluate_each, (str(tmp_path / "commands.json"),), nproc=2, env={"OMP_NUM_THREADS": "1"})
+    ranks.check()
+    (out, err), (other_out, _) = ranks.output(0), ranks.output(1)
+    assert out.count("wrote ") == len(names) and "wrote " not in other_out  # the main rank reports, once per command
+    assert "evaluating on 2 ranks" in err
     for name in names:
         one = json.loads((tmp_path / f"one_{name}.json").read_text())
         two = json.loads((tmp_path / f"two_{name}.json").read_text())

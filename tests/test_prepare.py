@@ -6,6 +6,7 @@ import os
 import av
 import pytest
 
+from tests.launch import run_module, start_command
 from umt_fast import prepare
 from umt_fast.data import sample_clip_paths
 
@@ -159,19 +160,17 @@ def test_reencode_sets_size_keyframes_length_and_codec(tmp_path, codec, ext):
     assert scan_video(str(out))["constant_frame_rate"] and options.extension == ext
 
 
-def _kill_after_shards(command: list[str], out, shards: int) -> None:
-    """Runs ``prepare shard`` (``command``) and SIGKILLs its process group once ``out`` holds
+def _kill_after_shards(argv: list[str], out, shards: int) -> None:
+    """Runs ``prepare *argv`` (one process, no worker pool) and SIGKILLs it once ``out`` holds
     ``shards`` finished shards; asserts it had not finished by then."""
-    import signal
-    import subprocess
     import time
 
-    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = start_command("umt_fast.prepare", argv).processes[0]
     deadline = time.time() + 120
-    while len(list(out.glob("shard-*.tar"))) < shards and time.time() < deadline and proc.poll() is None:
+    while len(list(out.glob("shard-*.tar"))) < shards and time.time() < deadline and process.exitcode is None:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    process.kill()
+    process.join()
     assert not (out / "manifest.json").exists(), "the run finished before it was killed"
 
 
@@ -180,8 +179,6 @@ def test_shard_reencodes_and_a_killed_run_resumes_keeping_its_finished_shards(tm
     session encoded a clip differently (see docs/prepare.md); unencoded shards are byte-stable
     (the test above)."""
     import hashlib
-    import subprocess
-    import sys
 
     from umt_fast.data import read_annotation_list
     from umt_fast.data.decoding import scan_video
@@ -193,8 +190,7 @@ def test_shard_reencodes_and_a_killed_run_resumes_keeping_its_finished_shards(tm
     options = ["--reencode", "--fps", "10", "--short-side", "48", "--max-seconds", "1.5", "--shard-size", "1",
                "--num-workers", "1"]  # fmt: skip
     straight = tmp_path / "straight"  # an uninterrupted command, in a process of its own as the resumed one
-    command = [sys.executable, "-m", "umt_fast.prepare", "shard", str(listing)]
-    done = subprocess.run(command + ["--out", str(straight)] + options, capture_output=True, text=True)
+    done = run_module("umt_fast.prepare", ["shard", str(listing), "--out", str(straight)] + options)
     assert done.returncode == 0, done.stderr
     manifest = json.loads((straight / "manifest.json").read_text())
     assert manifest["options"]["reencode"] == {"codec": "h264", "fps": 10.0, "short_side": 48, "keyframe_interval": 1.0,
@@ -210,10 +206,10 @@ def test_shard_reencodes_and_a_killed_run_resumes_keeping_its_finished_shards(tm
         assert (scan["fps"], scan["frames"], min(scan["width"], scan["height"]), scan["keyframe_interval"]) == (10.0, 15, 48, 10.0)
 
     resumed = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "umt_fast.prepare", "shard", str(listing), "--out", str(resumed)] + options
-    _kill_after_shards(cmd, resumed, 3)
+    argv = ["shard", str(listing), "--out", str(resumed)] + options
+    _kill_after_shards(argv, resumed, 3)
     finished = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in resumed.glob("shard-*.tar")}
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = run_module("umt_fast.prepare", argv)
     assert result.returncode == 0, result.stderr
     assert f"{len(finished)} already written, {9 - len(finished)} to write" in result.stderr
     again = json.loads((resumed / "manifest.json").read_text())
@@ -225,7 +221,7 @@ def test_shard_reencodes_and_a_killed_run_resumes_keeping_its_finished_shards(tm
     assert not (resumed / "progress.jsonl").exists()
 
     # other options: nothing is reused
-    assert subprocess.run(cmd[:-len(options)] + options + ["--crf", "30"], capture_output=True, text=True).stderr.count(
+    assert run_module("umt_fast.prepare", argv + ["--crf", "30"]).stderr.count(
         "0 already written, 9 to write") == 1
 
 
@@ -262,17 +258,14 @@ def test_scan_of_a_caption_list_checks_videos_and_images_and_writes_a_clean_json
 
 
 def test_a_killed_shard_run_resumes_to_the_checksums_of_an_uninterrupted_one(tmp_path):
-    import subprocess
-    import sys
-
     clips = sample_clip_paths()
     listing = tmp_path / "list.csv"
     listing.write_text("".join(f"{c},{i % 4}\n" for i, c in enumerate(clips * 10)))
-    command = [sys.executable, "-m", "umt_fast.prepare", "shard", str(listing), "--shard-size", "1", "--num-workers", "1"]
+    command = ["shard", str(listing), "--shard-size", "1", "--num-workers", "1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert subprocess.run(command + ["--out", str(straight)], capture_output=True).returncode == 0
+    assert run_module("umt_fast.prepare", command + ["--out", str(straight)]).returncode == 0
     _kill_after_shards(command + ["--out", str(resumed)], resumed, 3)
-    result = subprocess.run(command + ["--out", str(resumed)], capture_output=True, text=True)
+    result = run_module("umt_fast.prepare", command + ["--out", str(resumed)])
     assert result.returncode == 0 and "already written" in result.stderr and ", 0 already written" not in result.stderr
     checksums = [[s["sha256"] for s in json.loads((d / "manifest.json").read_text())["shards"]] for d in (straight, resumed)]
     assert len(checksums[0]) == 40 and checksums[0] == checksums[1]

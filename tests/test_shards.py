@@ -7,12 +7,10 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 
 import pytest
 
-from tests.launch import REPO, kill_at_checkpoint, run_command
+from tests.launch import kill_at_checkpoint, run_command, run_module
 from umt_fast import prepare
 from umt_fast.data import read_annotation_list
 from umt_fast.data.decoding import VideoDecodeError, probe_video
@@ -149,9 +147,8 @@ def test_bad_shards_are_named_and_counted_never_fatal(shard_set, tmp_path, caplo
     assert "shard-000003.tar#000000003.mp4" in reasons[3]  # FFmpeg's reason for the corrupt member
 
     # a run over it counts them as bad videos and stops with the examples named, not with a crash
-    proc = subprocess.run([sys.executable, "-m", "umt_fast.pretrain", "--run-dir", str(tmp_path / "run"),
-                           "--data.train_list", str(broken / "manifest.json"), "--train.max_steps", "2"] + SMALL,
-                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = run_module("umt_fast.pretrain", ["--run-dir", str(tmp_path / "run"), "--data.train_list",
+                                            str(broken / "manifest.json"), "--train.max_steps", "2"] + SMALL)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "could not be decoded" in proc.stderr and "shard-00000" in proc.stderr
 

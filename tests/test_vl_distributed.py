@@ -4,16 +4,14 @@ on one rank or two, under DDP and FSDP2, with drop path on (drawn per pair of th
 and the text tower's dropout off (the one draw that depends on the rank); the batch options
 that cannot give that are refused."""
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tests.markers import needs_fsdp_on_cpu
 from umt_fast.config.vl import build_config
-from tests.launch import run_command
+from tests.launch import run_command, start_ranks
 
 LOSSES = ("loss", "uta", "vtc", "vtm", "mlm")
 # The demo at 64 px and 2 frames: 6 video and 6 image captions, a global batch of 4 = 1 video and
@@ -32,13 +30,13 @@ def _features(seed=0):
     return v, t, ids
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(out_dir):
     import torch.distributed as dist
 
     from umt_fast.losses.vl import vtc_loss
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo")  # RANK, WORLD_SIZE, MASTER_ADDR/PORT: tests.launch.start_ranks
+    rank, world = dist.get_rank(), dist.get_world_size()
     try:
         v, t, ids = _features()
         b = v.shape[0] // world
@@ -55,16 +53,10 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vtc_gathered_over_two_gloo_ranks_equals_one_rank(tmp_path):
     from umt_fast.losses.vl import vtc_loss
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_worker, (str(tmp_path),), nproc=2).check()
     v, t, ids = _features()
     v.requires_grad_(True)
     t.requires_grad_(True)
