@@ -40,8 +40,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _enter(env: dict, stdout: str, stderr: str) -> None:
-    """Makes a process from the fork server look like one started fresh in ``env`` from REPO."""
+def _enter(env: dict, stdout: str, stderr: str, preexec=None, new_session: bool = False) -> None:
+    """Makes a process from the fork server look like one started fresh in ``env`` from REPO
+    (``preexec`` and ``new_session`` as subprocess.Popen's ``preexec_fn`` / ``start_new_session``)."""
+    if new_session:
+        os.setsid()
     for fd, path in ((1, stdout), (2, stderr)):
         out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(out, fd)
@@ -55,6 +58,8 @@ def _enter(env: dict, stdout: str, stderr: str) -> None:
         import torch
 
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    if preexec is not None:
+        preexec()
 
 
 def _run_module(module: str, argv: list[str]) -> None:
@@ -66,8 +71,8 @@ def _run_module(module: str, argv: list[str]) -> None:
         atexit._run_exitfuncs()  # a forked process ends in os._exit, which runs none
 
 
-def _run_function(target, args: tuple, env: dict, stdout: str, stderr: str) -> None:
-    _enter(env, stdout, stderr)
+def _run_function(target, args: tuple, enter: tuple) -> None:
+    _enter(*enter)
     target(*args)
 
 
@@ -111,10 +116,12 @@ class Ranks:
             assert code == 0, f"rank {rank} exited {code}:\n" + self.output(rank)[1][-3000:]
 
 
-def start_ranks(target, args: tuple, nproc: int = 1, env: dict | None = None) -> Ranks:
+def start_ranks(target, args: tuple, nproc: int = 1, env: dict | None = None, preexec=None,
+                new_session: bool = False) -> Ranks:
     """``target(*args)`` in ``nproc`` processes from the fork server, each in this process's
     environment updated by ``env`` and, on several ranks, torchrun's (rank 0 hosts the
-    rendezvous on a free port)."""
+    rendezvous on a free port). ``preexec`` (picklable) runs first in each process;
+    ``new_session`` makes each the leader of a process group of its own."""
     ctx = _fork_server()
     base = {**os.environ, **(env or {})}
     if nproc > 1:
@@ -127,7 +134,7 @@ def start_ranks(target, args: tuple, nproc: int = 1, env: dict | None = None) ->
     for rank in range(nproc):
         rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "ROLE_RANK": str(rank)} if nproc > 1 else base
         out, err = os.path.join(logs, f"{rank}.out"), os.path.join(logs, f"{rank}.err")
-        process = ctx.Process(target=_run_function, args=(target, args, rank_env, out, err))
+        process = ctx.Process(target=_run_function, args=(target, args, (rank_env, out, err, preexec, new_session)))
         process.start()
         ranks.processes.append(process)
         ranks.stdout.append(out)
@@ -135,9 +142,9 @@ def start_ranks(target, args: tuple, nproc: int = 1, env: dict | None = None) ->
     return ranks
 
 
-def start_command(module: str, argv: list[str], nproc: int = 1, env: dict | None = None) -> Ranks:
-    """``python -m module *argv`` on ``nproc`` ranks (see start_ranks)."""
-    return start_ranks(_run_module, (module, argv), nproc, env)
+def start_command(module: str, argv: list[str], nproc: int = 1, env: dict | None = None, **options) -> Ranks:
+    """``python -m module *argv`` on ``nproc`` ranks (see start_ranks for ``options``)."""
+    return start_ranks(_run_module, (module, argv), nproc, env, **options)
 
 
 @dataclass
@@ -147,9 +154,9 @@ class Completed:
     stderr: str
 
 
-def run_module(module: str, argv: list[str], env: dict | None = None, timeout_s: float = 600) -> Completed:
-    """``python -m module *argv`` in a process of its own, to its end."""
-    ranks = start_command(module, argv, 1, env)
+def run_module(module: str, argv: list[str], env: dict | None = None, timeout_s: float = 600, **options) -> Completed:
+    """``python -m module *argv`` in a process of its own, to its end (``options``: start_ranks')."""
+    ranks = start_command(module, argv, 1, env, **options)
     code = ranks.wait(timeout_s)[0]
     return Completed(code, *ranks.output(0))
 

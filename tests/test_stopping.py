@@ -1,4 +1,5 @@
 """Stopping on SIGTERM / SIGUSR1 / Ctrl-C: a checkpoint after the current step, then an exact resume."""
+import functools
 import os
 import signal
 import subprocess
@@ -7,13 +8,11 @@ import time
 
 import pytest
 
+from tests.launch import REPO, run_module
 from umt_fast.engine import checkpoint as ckpt
 from umt_fast.pretrain import main
 from umt_fast.engine.metrics import read_metrics
 from umt_fast.engine.stopping import StopOnSignal, TrainingStopped
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _losses_by_step(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r}
@@ -135,12 +134,10 @@ def test_ctrl_c_saves_and_a_second_ctrl_c_stops_at_once(tmp_path):
 
 
 def _limit_file_size(limit_bytes):
-    def apply():
-        import resource
+    import resource
 
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-    return apply
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
 
 def test_a_full_disk_stops_with_one_line_and_loses_nothing_saved(tmp_path):
@@ -152,8 +149,7 @@ def test_a_full_disk_stops_with_one_line_and_loses_nothing_saved(tmp_path):
     straight, full = str(tmp_path / "straight"), str(tmp_path / "full")
     assert main(["--run-dir", straight] + args) == 0
     assert main(["--run-dir", full] + common + ["--train.max_steps", "2"]) == 0
-    proc = subprocess.run([sys.executable, "-m", "umt_fast.pretrain", "--run-dir", full] + args, cwd=REPO,
-                          capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(2**20))  # fmt: skip
+    proc = run_module("umt_fast.pretrain", ["--run-dir", full] + args, preexec=functools.partial(_limit_file_size, 2**20))
     assert proc.returncode == 1, proc.stderr
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "File too large" in error[0] and full in error[0], proc.stderr
