@@ -174,13 +174,14 @@ class CaptionDataset(Dataset):
     (epoch * len + offset into that epoch's permutation), like the stage-1 clip stream."""
 
     def __init__(self, records: list[CaptionRecord], media: str, num_frames: int, img_size: int, seed: int,
-                 flip: bool = True, max_substitutes: int = 16, max_seconds: float = 0.0):  # fmt: skip
+                 flip: bool = True, max_substitutes: int = 16, max_seconds: float = 0.0, stream: str = ""):  # fmt: skip
         if not records:
             raise ValueError(f"no {media} records")
         self.records, self.media, self.max_seconds = records, media, max_seconds
         self.num_frames = num_frames if media == "video" else 1
         self.img_size, self.seed, self.flip, self.max_substitutes = img_size, seed, flip, max_substitutes
-        self._permutations = EpochPermutations(len(records), seed, f"{media}_captions")
+        self.stream = stream or f"{media}_captions"  # names the order's and the augmentations' random stream
+        self._permutations = EpochPermutations(len(records), seed, self.stream)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -189,12 +190,14 @@ class CaptionDataset(Dataset):
         epoch, offset = divmod(position, len(self.records))
         return int(self._permutations[epoch][offset])
 
-    def __getitem__(self, position: int) -> dict[str, Any]:
+    def load(self, position: int) -> tuple[Any, torch.Tensor, list[str]]:
+        """(record, media uint8 [T, S, S, 3], skipped paths) at sample ``position``: an undecodable
+        item is replaced by the next record's (a new draw each attempt) and named in skipped."""
         index = self.record_index(position)
         skipped = []
         for attempt in range(self.max_substitutes + 1):
             record = self.records[(index + attempt) % len(self.records)]
-            rng = sample_rng(self.seed, f"{self.media}_captions", position, attempt)
+            rng = sample_rng(self.seed, self.stream, position, attempt)
             try:
                 media = load_media(record.path, self.media, self.num_frames, self.img_size, rng, self.flip,
                                    self.max_seconds)  # fmt: skip
@@ -202,9 +205,13 @@ class CaptionDataset(Dataset):
                 log.warning("skipping undecodable %s %s: %s", self.media, record.path, e.reason)
                 skipped.append(record.path)
                 continue
-            return {"media": media, "caption": record.caption, "id": record.media_id, "skipped": skipped}
+            return record, media, skipped
         raise RuntimeError(f"{self.media} sample {position}: {len(skipped)} items in a row could not be decoded "
                            f"(first: {skipped[0]})")  # fmt: skip
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        record, media, skipped = self.load(position)
+        return {"media": media, "caption": record.caption, "id": record.media_id, "skipped": skipped}
 
 
 def collate_captions(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -129,6 +129,13 @@ class VisionLanguageModel(nn.Module):
         whole batch."""
         tokens, aligned, vision_feat = self.encode_vision(batch.video, batch.visible_idx, batch.drop_scales)
         uta = alignment_loss(aligned.float(), batch.targets.float())
+        return self.caption_losses(batch, tokens, vision_feat, uta)
+
+    def caption_losses(self, batch: VLBatch, tokens: torch.Tensor, vision_feat: torch.Tensor, uta: torch.Tensor,
+                       mlm: bool = True) -> dict[str, torch.Tensor]:
+        """{uta, vtc, vtm, mlm}: VTC, VTM and (with ``mlm``; else 0) MLM of the vision tokens [B, N, D]
+        and unit embeddings ``vision_feat`` ([B, E], or [B, T, E] one per frame) against the batch's
+        captions, beside the given ``uta``."""
         text, text_feat = self.encode_text(batch.text_ids, batch.text_mask)
         vtc = L.vtc_loss(vision_feat.float(), text_feat.float(), batch.ids, self.temp)
 
@@ -146,10 +153,12 @@ class VisionLanguageModel(nn.Module):
         weights = torch.cat([torch.ones(B, device=tokens.device), valid_v.float(), valid_t.float()])
         vtm = L.vtm_loss(logits, labels, weights)
 
-        masked_text = self.text_encoder.forward_text(batch.mlm_ids, batch.text_mask)
-        fused = self.text_encoder.forward_fusion(masked_text, batch.text_mask, tokens)
-        mlm = L.mlm_loss(self.text_encoder.mlm_logits(fused), batch.mlm_labels)
-        return {"uta": uta, "vtc": vtc, "vtm": vtm, "mlm": mlm}
+        mlm_loss = tokens.new_zeros((), dtype=torch.float32)
+        if mlm:
+            masked_text = self.text_encoder.forward_text(batch.mlm_ids, batch.text_mask)
+            fused = self.text_encoder.forward_fusion(masked_text, batch.text_mask, tokens)
+            mlm_loss = L.mlm_loss(self.text_encoder.mlm_logits(fused), batch.mlm_labels)
+        return {"uta": uta, "vtc": vtc, "vtm": vtm, "mlm": mlm_loss}
 
 
 # -------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from umt_fast.engine.distributed import (
     destroy_distributed,
     init_distributed,
 )
+from umt_fast.engine.trainer import Recipe, TrainResult
 from umt_fast.models.classifier import VideoViT
 
 log = logging.getLogger(__name__)
@@ -374,6 +375,45 @@ class BestEvaluation:
                      "none" if self.best is None else f"{self.best:.3f}", self.path)  # fmt: skip
             self.best = value
         return True
+
+
+class EvaluatingRecipe(Recipe):
+    """A recipe that evaluates data.test_list as it trains (at the steps `evaluation_due` names),
+    keeps the best evaluation's model (eval.keep_best) and exports the model at the end.
+
+    Subclasses name their files (``export_name``, ``best_export_name``, and ``naming`` for the
+    log), define ``export(path)`` (collective) and ``evaluate(done, metrics)``, and set
+    ``test_entries`` (None: no evaluation), ``steps_per_epoch``, ``best`` (a BestEvaluation or
+    None) and ``report = None`` in ``build``.
+    """
+
+    export_name = best_export_name = naming = ""
+
+    def export(self, path: str) -> str | None:
+        """Collective: writes the model to ``path`` (from rank 0) and returns the path written."""
+        raise NotImplementedError
+
+    def evaluate(self, done: int, metrics) -> dict | None:
+        """Collective: the report of the evaluation after step ``done`` (on the main rank)."""
+        raise NotImplementedError
+
+    def after_step(self, done: int, is_last: bool, metrics) -> None:
+        if self.test_entries is None or not evaluation_due(self.cfg.eval, done, is_last, self.steps_per_epoch):
+            return
+        self.report = self.evaluate(done, metrics)
+        if self.best is not None:
+            path = os.path.join(self.cfg.run_dir, self.best_export_name)
+            self.best.update(self.report, self.info, lambda: self.export(path))
+
+    def finish(self, info: DistInfo) -> None:
+        self.export_path = self.export(os.path.join(self.cfg.run_dir, self.export_name))
+        if self.export_path:
+            log.info("wrote %s (%s)", self.export_path, self.naming)
+
+    def result(self, result: TrainResult) -> TrainResult:
+        result.export_path = getattr(self, "export_path", None)
+        result.eval_report = getattr(self, "report", None)
+        return result
 
 
 def evaluation_due(eval_cfg, done: int, is_last: bool, steps_per_epoch: int) -> bool:

@@ -38,21 +38,19 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from umt_fast.config.qa import QAFinetuneConfig
 from umt_fast.config.vl import DEMO_DATA
 from umt_fast.config.sections import STUDENT_SIZES
-from umt_fast.data.captions import MediaBatchSampler, load_media, tokenize_captions
+from umt_fast.data.captions import CaptionDataset, MediaBatchSampler, tokenize_captions
 from umt_fast.data.dataset import init_worker
-from umt_fast.data.decoding import VideoDecodeError
-from umt_fast.data.order import EpochPermutations, sample_rng
 from umt_fast.data.transforms import normalize_video
 from umt_fast.engine import checkpoint as ckpt
 from umt_fast.engine.distributed import DistInfo, barrier, unwrap, wrap_model
 from umt_fast.engine.flops import transformer_forward_flops
 from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
-from umt_fast.engine.trainer import Recipe, Setup, TrainResult, run
+from umt_fast.engine.trainer import Setup, TrainResult, run
 from umt_fast.models.qa import (
     QAVisionEncoder,
     VideoQAModel,
@@ -64,7 +62,7 @@ from umt_fast.models.qa import (
 from umt_fast.models.student import StudentArch, drop_path_scales, keep_probabilities
 from umt_fast.models.text import TextArch, build_text_encoder, load_tokenizer
 from umt_fast.models.vl import is_stage2_state_dict, state_dict_to_reference
-from umt_fast.recipes.evaluation import BestEvaluation, evaluation_due, whole_model
+from umt_fast.recipes.evaluation import BestEvaluation, EvaluatingRecipe, whole_model
 from umt_fast.recipes.pretrain import compile_blocks
 from umt_fast.recipes.qa import (  # noqa: F401 (write_demo_qa_lists: also the recipe's name)
     evaluate_qa,
@@ -121,42 +119,19 @@ def qa_records(entries: list[dict]) -> list[QARecord]:
     return out
 
 
-class QADataset(Dataset):
-    """Augmented questions indexed by sample position (epoch * len + offset into that epoch's
-    permutation, as `umt_fast.data.captions.CaptionDataset`): the record and all of its randomness
-    (frames, crop, flip) are functions of (seed, position) alone. An undecodable video is replaced
-    by the next record's (a new draw each attempt), named in ``skipped``."""
+class QADataset(CaptionDataset):
+    """Augmented questions indexed by sample position, as `umt_fast.data.captions.CaptionDataset`
+    (whose order, augmentation and substitution of undecodable videos it shares, on a stream of
+    its own): the record and all of its randomness (frames, crop, flip) are functions of
+    (seed, position) alone."""
 
     def __init__(self, records: list[QARecord], num_frames: int, img_size: int, seed: int, flip: bool = True,
                  max_substitutes: int = 16):  # fmt: skip
-        if not records:
-            raise ValueError("no QA records")
-        self.records, self.num_frames, self.img_size = records, num_frames, img_size
-        self.seed, self.flip, self.max_substitutes = seed, flip, max_substitutes
-        self._permutations = EpochPermutations(len(records), seed, STREAM)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def record_index(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.records))
-        return int(self._permutations[epoch][offset])
+        super().__init__(records, "video", num_frames, img_size, seed, flip, max_substitutes, stream=STREAM)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
-        index = self.record_index(position)
-        skipped = []
-        for attempt in range(self.max_substitutes + 1):
-            record = self.records[(index + attempt) % len(self.records)]
-            rng = sample_rng(self.seed, STREAM, position, attempt)
-            try:
-                video = load_media(record.path, "video", self.num_frames, self.img_size, rng, self.flip)
-            except VideoDecodeError as e:
-                log.warning("skipping undecodable video %s: %s", record.path, e.reason)
-                skipped.append(record.path)
-                continue
-            return {"video": video, "record": record, "position": position, "skipped": skipped}
-        raise RuntimeError(f"QA sample {position}: {len(skipped)} videos in a row could not be decoded "
-                           f"(first: {skipped[0]})")  # fmt: skip
+        record, video, skipped = self.load(position)
+        return {"video": video, "record": record, "position": position, "skipped": skipped}
 
 
 class QACollate:
@@ -390,10 +365,11 @@ def export_reference(model: nn.Module, text_arch: TextArch, path: str, info: Dis
     return path
 
 
-class QAFinetuneRecipe(Recipe):
+class QAFinetuneRecipe(EvaluatingRecipe):
     """Video QA fine-tuning: the reference's weighted answer loss, then the evaluation of data.test_list."""
 
     unit = "questions"
+    export_name, best_export_name, naming = EXPORT_NAME, BEST_EXPORT_NAME, "the reference's UMT_QA naming"
     loss_names = ("loss",)
 
     def plan(self, info: DistInfo) -> None:
@@ -455,14 +431,6 @@ class QAFinetuneRecipe(Recipe):
     def data_position(self, steps_done: int) -> int:
         return steps_done * self.global_batch
 
-    def after_step(self, done: int, is_last: bool, metrics) -> None:
-        if self.test_entries is None or not evaluation_due(self.cfg.eval, done, is_last, self.steps_per_epoch):
-            return
-        self.report = self.evaluate(done, metrics)
-        if self.best is not None:
-            path = os.path.join(self.cfg.run_dir, BEST_EXPORT_NAME)
-            self.best.update(self.report, self.info, lambda: export_reference(self.model, self.text_arch, path, self.info))
-
     def evaluation_model(self) -> VideoQAModel:
         """Collective: the model every rank evaluates with (`whole_model`)."""
         cfg, info = self.cfg, self.info
@@ -510,15 +478,8 @@ class QAFinetuneRecipe(Recipe):
         barrier()
         return report if info.is_main else None
 
-    def finish(self, info: DistInfo) -> None:
-        self.export_path = export_reference(self.model, self.text_arch, os.path.join(self.cfg.run_dir, EXPORT_NAME), info)
-        if self.export_path:
-            log.info("wrote %s (the reference's UMT_QA naming)", self.export_path)
-
-    def result(self, result: TrainResult) -> TrainResult:
-        result.export_path = getattr(self, "export_path", None)
-        result.eval_report = getattr(self, "report", None)
-        return result
+    def export(self, path: str) -> str | None:
+        return export_reference(self.model, self.text_arch, path, self.info)
 
 
 def train(cfg: QAFinetuneConfig) -> TrainResult:

@@ -47,11 +47,10 @@ from umt_fast.engine import checkpoint as ckpt
 from umt_fast.engine.distributed import DistInfo, barrier, unwrap, wrap_model
 from umt_fast.engine.flops import pretrain_flops_per_clip, text_flops_per_pair, transformer_forward_flops
 from umt_fast.engine.optim import WarmupCosineSchedule, build_optimizer
-from umt_fast.engine.trainer import Recipe, Setup, TrainResult, run
+from umt_fast.engine.trainer import Setup, TrainResult, run
 from umt_fast.interop import build_teacher
 from umt_fast.models.fp8 import teachers_at_precision
 from umt_fast.losses import alignment_loss
-from umt_fast.losses import vl as L
 from umt_fast.losses.vl import hard_negative_noise, mask_tokens, mlm_noise
 from umt_fast.masking import mask_and_targets, visible_tokens_per_clip
 from umt_fast.models import build_student
@@ -65,7 +64,7 @@ from umt_fast.models.vl import (
     is_stage2_state_dict,
     state_dict_to_reference,
 )
-from umt_fast.recipes.evaluation import BestEvaluation, evaluation_due, whole_model
+from umt_fast.recipes.evaluation import BestEvaluation, EvaluatingRecipe, whole_model
 from umt_fast.recipes.pretrain import compile_blocks
 from umt_kernels.rng import mix_seed
 
@@ -84,8 +83,8 @@ RETRIEVAL_REPORT = "retrieval.json"
 
 class VLTrainingModel(VisionLanguageModel):
     """`VisionLanguageModel` training the run's choice of terms (same parameters, same state-dict
-    keys). With all four terms on the pooled embedding (stage-2 pre-training) its forward is
-    `VisionLanguageModel.forward`. Otherwise a term switched off (``uta``: teacher.loss_weight 0,
+    keys). With all four terms on the pooled embedding (stage-2 pre-training) its forward computes
+    what `VisionLanguageModel.forward` does. Otherwise a term switched off (``uta``: teacher.loss_weight 0,
     ``mlm``: text.mlm_weight 0) is not computed (0 in its place) and its head is frozen (no
     gradient: the alignment heads, or the MLM head's transform and bias, not the word embeddings
     its decoder shares), and with ``keep_temporal`` VTC and the hard negatives use one embedding
@@ -112,8 +111,6 @@ class VLTrainingModel(VisionLanguageModel):
         return F.normalize(self.vision_proj(pooled_BTD), dim=-1)
 
     def forward(self, batch: VLBatch) -> dict[str, torch.Tensor]:
-        if self.uta and self.mlm and not self.keep_temporal:
-            return super().forward(batch)
         if self.uta:
             tokens, aligned, vision_feat = self.encode_vision(batch.video, batch.visible_idx, batch.drop_scales)
             uta = alignment_loss(aligned.float(), batch.targets.float())
@@ -124,25 +121,7 @@ class VLTrainingModel(VisionLanguageModel):
             vision_feat = self.frame_features(tokens, batch.video.shape[2])
         elif vision_feat is None:
             vision_feat = F.normalize(self.vision_proj(self.pool_norm(tokens.mean(1))), dim=-1)
-        text, text_feat = self.encode_text(batch.text_ids, batch.text_mask)
-        vtc = L.vtc_loss(vision_feat.float(), text_feat.float(), batch.ids, self.temp)
-        # VTM: the positives, then one hard negative text per video and one hard negative video
-        # per text, drawn within the group from the similarity the VTC above uses.
-        B = tokens.shape[0]
-        neg_text, valid_v, neg_video, valid_t = L.hard_negatives(vision_feat, text_feat, batch.ids, self.temp,
-                                                                 batch.negative_noise)  # fmt: skip
-        logits = self.match_logits(torch.cat([text, text[neg_text], text]),
-                                   torch.cat([batch.text_mask, batch.text_mask[neg_text], batch.text_mask]),
-                                   torch.cat([tokens, tokens, tokens[neg_video]]))  # fmt: skip
-        labels = (torch.arange(3 * B, device=tokens.device) < B).long()  # 1 = match: the first B
-        weights = torch.cat([torch.ones(B, device=tokens.device), valid_v.float(), valid_t.float()])
-        vtm = L.vtm_loss(logits, labels, weights)
-        mlm = tokens.new_zeros((), dtype=torch.float32)
-        if self.mlm:
-            fused = self.text_encoder.forward_fusion(self.text_encoder.forward_text(batch.mlm_ids, batch.text_mask),
-                                                     batch.text_mask, tokens)  # fmt: skip
-            mlm = L.mlm_loss(self.text_encoder.mlm_logits(fused), batch.mlm_labels)
-        return {"uta": uta, "vtc": vtc, "vtm": vtm, "mlm": mlm}
+        return self.caption_losses(batch, tokens, vision_feat, uta, mlm=self.mlm)
 
 
 def build_model(cfg: VLPretrainConfig, teacher_dim: int, load_text: bool = True) -> VLTrainingModel:
@@ -430,11 +409,12 @@ def _write_json(report: dict, path: str) -> None:
         json.dump(report, f, indent=2)
 
 
-class VLPretrainRecipe(Recipe):
+class VLPretrainRecipe(EvaluatingRecipe):
     """Stage 2: UTA + VTC + VTM + MLM on interleaved video and image caption batches (the terms of
     weight 0 left out), evaluated on data.test_list when it is set."""
 
     unit = "pairs"
+    export_name, best_export_name, naming = EXPORT_NAME, BEST_EXPORT_NAME, "the reference's stage-2 naming"
     loss_names = LOSS_NAMES
 
     def plan(self, info: DistInfo) -> None:
@@ -531,14 +511,6 @@ class VLPretrainRecipe(Recipe):
         self.media_counts = {"video": 0, "image": 0}
         return record
 
-    def after_step(self, done: int, is_last: bool, metrics) -> None:
-        if self.test_entries is None or not evaluation_due(self.cfg.eval, done, is_last, self.steps_per_epoch):
-            return
-        self.report = self.evaluate(done, metrics)
-        if self.best is not None:
-            path = os.path.join(self.cfg.run_dir, BEST_EXPORT_NAME)
-            self.best.update(self.report, self.info, lambda: export_reference(self.model, self.text_arch, path, self.info))
-
     def evaluation_model(self) -> VisionLanguageModel:
         """Collective: the model every rank evaluates with (`whole_model`)."""
         cfg, info = self.cfg, self.info
@@ -571,15 +543,8 @@ class VLPretrainRecipe(Recipe):
         barrier()
         return report if info.is_main else None
 
-    def finish(self, info: DistInfo) -> None:
-        self.export_path = export_reference(self.model, self.text_arch, os.path.join(self.cfg.run_dir, EXPORT_NAME), info)
-        if self.export_path:
-            log.info("wrote %s (the reference's stage-2 naming)", self.export_path)
-
-    def result(self, result: TrainResult) -> TrainResult:
-        result.export_path = getattr(self, "export_path", None)
-        result.eval_report = getattr(self, "report", None)
-        return result
+    def export(self, path: str) -> str | None:
+        return export_reference(self.model, self.text_arch, path, self.info)
 
 
 def train(cfg: VLPretrainConfig) -> TrainResult:
