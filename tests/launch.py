@@ -11,6 +11,7 @@ import atexit
 import multiprocessing
 import os
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,11 +41,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _enter(env: dict, stdout: str, stderr: str, preexec=None, new_session: bool = False) -> None:
+def _enter(env: dict, stdout: str, stderr: str, preexec=None) -> None:
     """Makes a process from the fork server look like one started fresh in ``env`` from REPO
-    (``preexec`` and ``new_session`` as subprocess.Popen's ``preexec_fn`` / ``start_new_session``)."""
-    if new_session:
-        os.setsid()
+    (``preexec`` as subprocess.Popen's ``preexec_fn``)."""
     for fd, path in ((1, stdout), (2, stderr)):
         out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(out, fd)
@@ -116,12 +115,11 @@ class Ranks:
             assert code == 0, f"rank {rank} exited {code}:\n" + self.output(rank)[1][-3000:]
 
 
-def start_ranks(target, args: tuple, nproc: int = 1, env: dict | None = None, preexec=None,
-                new_session: bool = False) -> Ranks:
+def start_ranks(target, args: tuple, nproc: int = 1, env: dict | None = None, preexec=None) -> Ranks:
     """``target(*args)`` in ``nproc`` processes from the fork server, each in this process's
     environment updated by ``env`` and, on several ranks, torchrun's (rank 0 hosts the
-    rendezvous on a free port). ``preexec`` (picklable) runs first in each process;
-    ``new_session`` makes each the leader of a process group of its own."""
+    rendezvous on a free port). ``preexec`` (picklable) runs first in each process. The output
+    files are removed when this process exits."""
     ctx = _fork_server()
     base = {**os.environ, **(env or {})}
     if nproc > 1:
@@ -130,11 +128,12 @@ def start_ranks(target, args: tuple, nproc: int = 1, env: dict | None = None, pr
                     LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", GROUP_WORLD_SIZE="1",
                     TORCHELASTIC_RUN_ID=f"test-{port}")  # fmt: skip
     logs = tempfile.mkdtemp(prefix="ranks-")
+    atexit.register(shutil.rmtree, logs, True)
     ranks = Ranks([], [], [])
     for rank in range(nproc):
         rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "ROLE_RANK": str(rank)} if nproc > 1 else base
         out, err = os.path.join(logs, f"{rank}.out"), os.path.join(logs, f"{rank}.err")
-        process = ctx.Process(target=_run_function, args=(target, args, (rank_env, out, err, preexec, new_session)))
+        process = ctx.Process(target=_run_function, args=(target, args, (rank_env, out, err, preexec)))
         process.start()
         ranks.processes.append(process)
         ranks.stdout.append(out)
