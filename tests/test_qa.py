@@ -5,12 +5,12 @@ checkpoint naming and its fine-tuning start from stage 2, VQAEval's normalisatio
 accuracies on hand-worked cases, and `python -m umt_fast.evaluate qa` end to end on the sample clips."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
 from tests import umt_reference as ref
+from tests.tiny_text import write_bert_folder
 from umt_fast.models.qa import (
     QAVisionEncoder,
     VideoQAModel,
@@ -20,7 +20,7 @@ from umt_fast.models.qa import (
     to_reference_qa_state_dict,
 )
 from umt_fast.models.student import StudentArch
-from umt_fast.models.text import build_text_encoder, bundled_minilm_dir, load_tokenizer, tokenize_captions
+from umt_fast.models.text import build_text_encoder, load_tokenizer, tokenize_captions
 from umt_fast.recipes import qa as qa_recipe
 
 WIDTH, HIDDEN, TEXT_LAYERS, FUSION, TEXT_HEADS, VOCAB, MAX_POS = 64, 64, 3, 2, 2, 30522, 40
@@ -33,17 +33,9 @@ ARCH = StudentArch(width=WIDTH, depth=2, heads=1, teacher_dim=WIDTH, return_laye
 def tiny_bert(tmp_path_factory):
     """A local BERT folder: MiniLM's uncased WordPiece vocabulary and tokenizer, a 3-layer BERT of
     width 64 (2 heads) as its config; its weights are never read (the models are built random)."""
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    src = bundled_minilm_dir()
-    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
-        shutil.copy(os.path.join(src, name), folder)
-    with open(os.path.join(src, "config.json")) as f:
-        config = json.load(f)
-    config.update(hidden_size=HIDDEN, num_hidden_layers=TEXT_LAYERS, num_attention_heads=TEXT_HEADS,
-                  intermediate_size=96, max_position_embeddings=MAX_POS, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0)  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(config))
-    return str(folder)
+    return write_bert_folder(tmp_path_factory.mktemp("tiny_bert"), hidden_size=HIDDEN, num_hidden_layers=TEXT_LAYERS,
+                             num_attention_heads=TEXT_HEADS, intermediate_size=96, max_position_embeddings=MAX_POS,
+                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

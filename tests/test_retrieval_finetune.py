@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from tests.launch import run_command
 from tests.markers import needs_fsdp_on_cpu
+from tests.tiny_text import tiny_text_weights
 from umt_fast.config.vl import build_config, build_retrieval_config, get_preset
 from umt_fast.data.captions import CaptionRecord, clean_caption, join_paragraphs
 from umt_fast.engine.metrics import read_metrics
@@ -310,7 +311,7 @@ def test_evaluates_every_epoch_and_keeps_the_best(demo_run, tmp_path):
 def test_resume_continues_exactly(tmp_path):
     """With paragraphs too: the demo's 4 clips, one caption each (1 step per epoch)."""
     straight_dir, run_dir = tmp_path / "straight", tmp_path / "resumed"
-    args = ["--data.test_list", "", "--data.paragraph", "true"] + SHORT
+    args = ["--data.test_list", "", "--data.paragraph", "true", "--text.weights", tiny_text_weights()] + SHORT
     assert main(["--run-dir", str(straight_dir), "--train.max_steps", "4"] + args) == 0
     assert main(["--run-dir", str(run_dir), "--train.max_steps", "2"] + args) == 0
     assert main(["--run-dir", str(run_dir), "--train.max_steps", "4", "--resume", "auto"] + args) == 0
@@ -321,7 +322,7 @@ def test_resume_continues_exactly(tmp_path):
             assert resumed[step][name] == pytest.approx(straight[step][name], rel=1e-5, abs=1e-6), (step, name)
 
 
-TWO_RANK_ARGS = ["--train.global_batch_size", "4", "--train.batch_size", "0", "--train.vtm_group_size", "2",
+TWO_RANK_ARGS = ["--text.weights", tiny_text_weights(), "--train.global_batch_size", "4", "--train.batch_size", "0", "--train.vtm_group_size", "2",
                  "--student.drop_path", "0.1", "--train.max_steps", "3", "--log.every_steps", "1",
                  "--data.num_workers", "0"] + SHORT  # fmt: skip
 

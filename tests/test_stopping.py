@@ -94,12 +94,14 @@ def test_finetuning_stops_on_sigusr1_after_saving(tmp_path, monkeypatch):
 
 
 def test_stage2_stops_on_sigterm_after_saving(tmp_path, monkeypatch):
+    from tests.tiny_text import tiny_text_weights
     from umt_fast.config.vl import build_config
     from umt_fast.recipes import pretrain_vl as vl_train
 
     monkeypatch.setattr(vl_train.VLStep, "__call__", _signal_at(1, signal.SIGTERM)(vl_train.VLStep.__call__))
     run_dir = str(tmp_path / "run")
-    cfg = build_config(["--run-dir", run_dir, "--optim.epochs", "3", "--checkpoint.every_steps", "100"])
+    cfg = build_config(["--run-dir", run_dir, "--optim.epochs", "3", "--checkpoint.every_steps", "100",
+                        "--text.weights", tiny_text_weights()])  # fmt: skip
     with pytest.raises(TrainingStopped) as stopped:
         vl_train.train(cfg)
     assert stopped.value.step == 2 and stopped.value.exit_code == 128 + signal.SIGTERM
