@@ -84,11 +84,14 @@ def test_the_exported_model_gives_the_same_answers_through_evaluate_qa(demo_run,
     assert theirs["acc"] == ours["acc"]
 
 
-def test_resume_after_a_kill_continues_exactly(demo_run, tmp_path):
-    killed = tmp_path / "killed"
-    kill_at_checkpoint("umt_fast.finetune_qa", killed, SHORT, 2)
-    assert main(["--run-dir", str(killed), "--resume", "auto"] + SHORT) == 0
-    straight, resumed = _losses(demo_run), _losses(killed)
+def test_resume_after_a_kill_continues_exactly(tmp_path):
+    """With drop path on and the small text tower of tests/tiny_text.py."""
+    args = SHORT + ["--text.weights", tiny_text_weights(), "--model.drop_path", "0.2", "--data.test_list", ""]
+    straight_dir, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(["--run-dir", str(straight_dir)] + args) == 0
+    kill_at_checkpoint("umt_fast.finetune_qa", killed, args, 2)
+    assert main(["--run-dir", str(killed), "--resume", "auto"] + args) == 0
+    straight, resumed = _losses(straight_dir), _losses(killed)
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), (step, resumed, straight)
