@@ -53,6 +53,10 @@ def _enter(env: dict, stdout: str, stderr: str, preexec=None) -> None:
     os.chdir(REPO)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # The server's children inherit its "forkserver" start method: their DataLoader workers would
+    # be the server's children, not the command's, and outlive a killed command. A fresh
+    # interpreter has the platform's default (fork on Linux).
+    multiprocessing.set_start_method(None, force=True)
     if "OMP_NUM_THREADS" in env:  # the OpenMP runtime read the server's environment when it loaded
         import torch
 
