@@ -110,8 +110,8 @@ def test_a_qa_run_starts_from_the_exported_qa_model(demo_run, tmp_path):
 # ----------------------------------------------------------------------------------- any world size
 
 # The small text tower of tests/tiny_text.py, at a learning rate that moves it within 3 steps.
-DIST_ARGS = ["--text.weights", tiny_text_weights(), "--optim.lr", "1e-2", "--data.num_frames", "2", "--data.img_size", "32", "--train.global_batch_size", "4",
-             "--train.batch_size", "0", "--model.drop_path", "0.2", "--text.dropout", "0", "--train.max_steps", "3",
+DIST_ARGS = ["--text.weights", tiny_text_weights(), "--optim.lr", "1e-2", "--data.num_frames", "2",
+             "--data.img_size", "32", "--train.global_batch_size", "4", "--train.batch_size", "0", "--model.drop_path", "0.2", "--text.dropout", "0", "--train.max_steps", "3",
              "--log.every_steps", "1", "--checkpoint.every_steps", "3", "--data.num_workers", "0"]  # fmt: skip
 
 

@@ -322,8 +322,8 @@ def test_resume_continues_exactly(tmp_path):
             assert resumed[step][name] == pytest.approx(straight[step][name], rel=1e-5, abs=1e-6), (step, name)
 
 
-TWO_RANK_ARGS = ["--text.weights", tiny_text_weights(), "--train.global_batch_size", "4", "--train.batch_size", "0", "--train.vtm_group_size", "2",
-                 "--student.drop_path", "0.1", "--train.max_steps", "3", "--log.every_steps", "1",
+TWO_RANK_ARGS = ["--text.weights", tiny_text_weights(), "--train.global_batch_size", "4", "--train.batch_size", "0",
+                 "--train.vtm_group_size", "2", "--student.drop_path", "0.1", "--train.max_steps", "3", "--log.every_steps", "1",
                  "--data.num_workers", "0"] + SHORT  # fmt: skip
 
 

@@ -203,7 +203,8 @@ def test_stage2_trains_on_caption_shards_as_on_its_json_lists(tmp_path):
     for videos, images in ((video_list, image_list), tuple(manifests)):
         run_dir = tmp_path / f"run{len(losses)}"
         assert pretrain_vl(["--run-dir", str(run_dir), "--data.video_list", videos, "--data.image_list", images,
-                            "--optim.epochs", "3", "--train.max_steps", "2", "--text.weights", tiny_text_weights()]) == 0  # fmt: skip
+                            "--optim.epochs", "3", "--train.max_steps", "2",
+                            "--text.weights", tiny_text_weights()]) == 0  # fmt: skip
         losses.append([(r["step"], r["loss"], r["vtc"], r["mlm"]) for r in read_metrics(str(run_dir / "metrics.jsonl"))
                        if "loss" in r])  # fmt: skip
     assert len(losses[0]) == 2 and losses[0] == losses[1]

@@ -16,9 +16,10 @@ from tests.tiny_text import tiny_text_weights
 
 LOSSES = ("loss", "uta", "vtc", "vtm", "mlm")
 # The demo at 64 px and 2 frames: 6 video and 6 image captions, a global batch of 4 = 1 video and
-# 1 image step per epoch; hard negatives within pairs (2 groups of the global batch). The small text tower of
-# tests/tiny_text.py, at a learning rate that moves it within these 4 steps.
-ARGS = ["--text.weights", tiny_text_weights(), "--optim.lr", "1e-2", "--data.img_size", "64", "--teacher.input_resolution", "64", "--data.num_frames", "2",
+# 1 image step per epoch; hard negatives within pairs (2 groups of the global batch). The small
+# text tower of tests/tiny_text.py, at a learning rate that moves it within these 4 steps.
+ARGS = ["--text.weights", tiny_text_weights(), "--optim.lr", "1e-2",
+        "--data.img_size", "64", "--teacher.input_resolution", "64", "--data.num_frames", "2",
         "--train.global_batch_size", "4", "--train.batch_size", "0", "--train.vtm_group_size", "2",
         "--student.drop_path", "0.1", "--text.dropout", "0", "--train.max_steps", "4",
         "--log.every_steps", "1", "--checkpoint.every_steps", "4", "--data.num_workers", "0"]  # fmt: skip

@@ -2,11 +2,11 @@
 tokenize as with the bundled MiniLM) under a BERT config of our choosing.
 
 `tiny_text_weights()` is the text tower of the tests that train the vision-language recipes for
-their engine (resume, world size, stops, compiled blocks, evaluation plumbing) rather than for
-what MiniLM knows. The bundled MiniLM-L6 (22.7 M parameters, 384 wide) makes every stage-2
+their engine (world size, resume, stops, shards) rather than for what MiniLM knows. The bundled MiniLM-L6 (22.7 M parameters, 384 wide) makes every stage-2
 checkpoint ~350 MB and every step update 25 M parameters; this tower has 3 layers of width 64,
 randomly initialised from a fixed seed: about 2.1 M parameters, most of them word embeddings.
-The demos' golden losses, the tokenizer tests and the MiniLM loading tests keep the MiniLM.
+The demos and their golden losses, the tokenizer and MiniLM loading tests and the tests that
+need a trained tower's varied scores keep the MiniLM.
 """
 import atexit
 import functools
