@@ -140,11 +140,38 @@ def test_evaluation_averages_exactly_clips_x_crops_views_per_video(num_clips, nu
 
 
 def test_view_geometry_follows_the_reference_test():
-    assert multi_view_frame_indices(100, 4, 1) == [[12, 37, 62, 87]]  # segment middles
-    assert multi_view_frame_indices(100, 4, 3)[0] == [6, 31, 56, 81]
+    from tests import umt_reference as ref
+
+    # segments of 99 / 4 = 24.75 frames, starting at round(24.75 i) = 0, 25, 50, 74
+    assert multi_view_frame_indices(100, 4, 1) == [[12, 37, 62, 86]]  # + int(24.75 / 2)
+    assert multi_view_frame_indices(100, 4, 3)[0] == [6, 31, 56, 80]  # + int(24.75 / 4)
+    for n in range(1, 70):
+        for t, clips in ((1, 1), (4, 2), (8, 3), (16, 5)):
+            want = [ref.reference_sparse_frame_indices(n, t, k, clips) for k in range(clips)]
+            assert multi_view_frame_indices(n, t, clips) == want, (n, t, clips)
     assert spatial_crop_offsets(300, 224, 3) == [0, 38, 76] and spatial_crop_offsets(300, 224, 1) == [38]
     wide = multi_view_clip(sample_clip_paths()[1], 2, 48, 1, 3)  # bikes: 640x272, crops along the width
     assert not torch.equal(wide[0], wide[2])
+
+
+def test_training_frames_are_the_random_frames_the_reference_draws():
+    """A fine-tuning clip's frames are the reference's sparse training draw: the same frames from
+    the same generator state, one per segment of [round(s i), round(s (i + 1))], ends included."""
+    import random
+
+    from tests import umt_reference as ref
+    from umt_fast.data.transforms import sparse_random_indices
+
+    for n in range(1, 70):
+        for t in (1, 2, 4, 8, 16):
+            for seed in range(3):
+                want = ref.reference_sparse_frame_indices(n, t, -1, py_random=random.Random(seed))
+                assert sparse_random_indices(n, t, random.Random(seed)) == want, (n, t, seed)
+    rng = random.Random(0)
+    drawn = [sparse_random_indices(9, 4, rng) for _ in range(400)]  # s = 2: [0, 2] [2, 4] [4, 6] [6, 8]
+    assert [sorted({d[i] for d in drawn}) for i in range(4)] == [[0, 1, 2], [2, 3, 4], [4, 5, 6], [6, 7, 8]]
+    with pytest.raises(ValueError, match="num_video_frames"):
+        sparse_random_indices(0, 4, rng)
 
 
 def test_accuracy_report_names_the_worst_classes_and_their_confusions():

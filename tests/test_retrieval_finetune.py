@@ -154,6 +154,44 @@ def test_test_frames_are_the_middle_frames_the_reference_picks():
             assert segment_middle_indices(n, t) == ref.reference_test_frame_indices(n, 30.0, t), (n, t)
 
 
+def test_training_frames_are_the_random_frames_the_reference_draws():
+    """Stage 2, retrieval and QA training draw a video's frames as the reference's
+    vision-language code does: a random frame of [b[i], b[i+1] - 1) per segment (never its last
+    frame), the same draw from the same generator state; where a segment is one frame, distinct
+    random frames, sorted; a short video's last frame repeated."""
+    import itertools
+    import random
+
+    import numpy as np
+
+    from tests import umt_reference as ref
+    from umt_fast.data.transforms import segment_random_indices
+
+    rng = random.Random(0)
+    assert all(segment_random_indices(8, 4, rng) == [0, 2, 4, 6] for _ in range(20))  # segments of 2: the first
+    drawn = [segment_random_indices(25, 4, rng) for _ in range(400)]  # segments [0, 6) [6, 12) [12, 18) [18, 25)
+    assert [sorted({d[i] for d in drawn}) for i in range(4)] == [
+        list(range(0, 5)), list(range(6, 11)), list(range(12, 17)), list(range(18, 24))]
+    for n, t in itertools.product(range(1, 60), (1, 2, 3, 4, 8, 12)):
+        bounds = np.linspace(0, n, min(n, t) + 1).astype(int)
+        for seed in range(3):
+            ours = segment_random_indices(n, t, random.Random(seed))
+            if np.diff(bounds).min() >= 2:  # the reference's own draws, from the same state
+                assert ours == ref.reference_train_frame_indices(n, t, random.Random(seed), None), (n, t, seed)
+            else:  # its fallback: distinct frames, sorted, then the last repeated
+                count = min(n, t)
+                assert ours[:count] == sorted(set(ours[:count])) and len(set(ours)) == count, (n, t, ours)
+                assert ours[count:] == ours[count - 1:count] * (t - count) and 0 <= min(ours) and max(ours) < n
+    # where the reference falls back, every set of frames it can give, and only those, is drawn
+    for n, t in ((5, 4), (6, 4), (3, 5)):
+        ours = {tuple(segment_random_indices(n, t, random.Random(s))) for s in range(300)}
+        theirs = {tuple(ref.reference_train_frame_indices(n, t, random.Random(s), np.random.RandomState(s)))
+                  for s in range(300)}  # fmt: skip
+        assert ours == theirs, (n, t)
+    with pytest.raises(ValueError, match="num_video_frames"):
+        segment_random_indices(0, 4, rng)
+
+
 @pytest.mark.parametrize("seconds", [1.0, 2.5, 1000.0])
 def test_max_seconds_reads_the_frames_the_reference_trimmed30_reads(seconds):
     """data.max_seconds (DiDeMo's 30 in the presets) at test time: the middle frames of equal

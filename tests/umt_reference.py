@@ -754,3 +754,42 @@ def reference_test_frame_indices(vlen: int, fps: float, num_frames: int, trimmed
     if len(frame_indices) < num_frames:  # padded with the last frame
         frame_indices = frame_indices + [frame_indices[-1]] * (num_frames - len(frame_indices))
     return frame_indices
+
+
+def reference_train_frame_indices(vlen: int, num_frames: int, py_random, np_random) -> list[int]:
+    """The reference's training frames of a video (dataset/video_utils.py
+    ``get_frame_indices(sample="rand")``), with its global ``random`` and ``np.random`` passed in
+    (a ``random.Random`` and a ``np.random.RandomState``)."""
+    import numpy as np
+
+    acc_samples = min(num_frames, vlen)
+    intervals = np.linspace(start=0, stop=vlen, num=acc_samples + 1).astype(int)
+    ranges = [(intervals[i], intervals[i + 1] - 1) for i in range(len(intervals) - 1)]
+    try:
+        frame_indices = [int(py_random.choice(range(x[0], x[1]))) for x in ranges]
+    except IndexError:  # an empty range: a segment of one frame
+        frame_indices = sorted(int(i) for i in np_random.permutation(vlen)[:acc_samples])
+    if len(frame_indices) < num_frames:  # padded with the last frame
+        frame_indices = frame_indices + [frame_indices[-1]] * (num_frames - len(frame_indices))
+    return frame_indices
+
+
+def reference_sparse_frame_indices(video_size: int, num_frames: int, clip_idx: int = -1, test_num_segment: int = 1,
+                                   py_random=None) -> list[int]:  # fmt: skip
+    """The reference's fine-tuning frames (the sparse Kinetics dataset's ``_get_seq_frames``):
+    ``clip_idx`` -1 draws a training clip with ``py_random`` (its global ``random``); clip k of
+    ``test_num_segment`` temporal test clips otherwise."""
+    import numpy as np
+
+    seg_size = max(0., float(video_size - 1) / num_frames)
+    max_frame = int(video_size) - 1
+    seq = []
+    for i in range(num_frames):
+        start = int(np.round(seg_size * i))
+        if clip_idx == -1:
+            end = int(np.round(seg_size * (i + 1)))
+            seq.append(min(py_random.randint(start, end), max_frame))
+        else:
+            duration = seg_size / (test_num_segment + 1)
+            seq.append(min(start + int(duration * (clip_idx + 1)), max_frame))
+    return seq

@@ -37,7 +37,8 @@ from umt_fast.data.annotations import read_annotation_list
 from umt_fast.data.dataset import init_worker
 from umt_fast.data.decoding import VideoDecodeError, count_frames, decode_frames, remote_bytes
 from umt_fast.data.order import EpochPermutations, sample_rng
-from umt_fast.data.transforms import crop_resize_flip, random_resized_crop_box, segment_middle_indices, tsn_frame_indices
+from umt_fast.data.transforms import (crop_resize_flip, random_resized_crop_box, segment_middle_indices,
+                                      segment_random_indices)
 from umt_kernels.rng import derive_seed
 
 log = logging.getLogger(__name__)
@@ -153,15 +154,17 @@ def load_media(path: str, media: str, num_frames: int, img_size: int, rng: rando
                max_seconds: float = 0.0) -> torch.Tensor:  # fmt: skip
     """Decode and augment one item: uint8 [T, img_size, img_size, 3] (T = 1 for an image).
 
-    `rng` None = test: the middle frame of each segment as the reference's vision-language code
-    picks it (`segment_middle_indices`), a plain resize, no flip. ``max_seconds`` > 0: the
-    segments span only the video's first ``max_seconds`` (`count_frames`)."""
+    Training (``rng`` given): the reference's random frames (`segment_random_indices`), a random
+    resized crop and a flip. ``rng`` None = test: the middle frame of each segment as the
+    reference's vision-language code picks it (`segment_middle_indices`), a plain resize, no flip.
+    ``max_seconds`` > 0: the segments span only the video's first ``max_seconds``
+    (`count_frames`)."""
     if media == "image":
         frames = load_image(path)
     else:
         n = count_frames(path, max_seconds)
         frames = decode_frames(path, segment_middle_indices(n, num_frames) if rng is None else
-                               tsn_frame_indices(n, num_frames, rng))  # fmt: skip
+                               segment_random_indices(n, num_frames, rng))  # fmt: skip
     _, h, w, _ = frames.shape
     if rng is None:
         return crop_resize_flip(frames, (0, 0, w, h), img_size, False)

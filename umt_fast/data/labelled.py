@@ -1,9 +1,10 @@
 """Labelled clips for fine-tuning and evaluation: the reference's augmentation and test views.
 
-Training (per video, `FinetuneClipDataset`): TSN sampling (one random frame per segment) ->
-decoded once -> ``repeated_aug`` independent augmentations, each: RandomResizedCrop (area
-``min_scale``..1, aspect 3/4..4/3) resized to ``img_size`` -> horizontal flip -> RandAugment
-(torchvision.transforms.v2, one draw of operations and magnitudes for all frames of the clip).
+Training (per video, `FinetuneClipDataset`): the reference's sparse sampling (one random frame
+per segment, `sparse_random_indices`) -> decoded once -> ``repeated_aug`` independent
+augmentations, each: RandomResizedCrop (area ``min_scale``..1, aspect 3/4..4/3) resized to
+``img_size`` -> horizontal flip -> RandAugment (torchvision.transforms.v2, one draw of
+operations and magnitudes for all frames of the clip).
 All randomness of a sample comes from (seed, position, attempt, repeat), so the stream does not
 depend on the worker count and resumes exactly. Normalisation, random erasing and
 mixup / cutmix run on the batch on the training device (`umt_fast.finetune`).
@@ -12,9 +13,9 @@ One difference from the reference, for speed: RandAugment runs on the crop (img_
 img_size) instead of the full decoded frame before the crop.
 
 Evaluation (`multi_view_clip`): ``num_clips`` temporal clips x ``num_crops`` spatial crops per
-video, as the reference's test: temporal clip k takes, in each of the num_frames segments, the
-frame at (k + 1) / (num_clips + 1) of the segment; the short side is resized to img_size and the
-crops sit at the start, centre and end of the long side.
+video, as the reference's test: temporal clip k takes, in each of the num_frames segments of the
+span [0, last frame], the frame at (k + 1) / (num_clips + 1) of the segment; the short side is
+resized to img_size and the crops sit at the start, centre and end of the long side.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from .annotations import VideoRecord
 from .dataset import PositionSampler, init_worker
 from .decoding import VideoDecodeError, count_frames, decode_frames
 from .order import EpochPermutations, sample_rng
-from .transforms import random_resized_crop_box, tsn_frame_indices
+from .transforms import random_resized_crop_box, sparse_random_indices
 
 __all__ = [
     "FinetuneClipDataset",
@@ -126,7 +127,7 @@ class FinetuneClipDataset(Dataset):
             record = self.records[self.record_index(position, attempt)]
             rng = sample_rng(self.seed, self.STREAM, position, attempt)
             try:
-                indices = tsn_frame_indices(count_frames(record.path), self.num_frames, rng)
+                indices = sparse_random_indices(count_frames(record.path), self.num_frames, rng)
                 frames = decode_frames(record.path, indices)
             except VideoDecodeError as e:
                 if e.path not in self._warned:
@@ -175,12 +176,14 @@ def build_finetune_loader(
 
 
 def multi_view_frame_indices(num_video_frames: int, num_frames: int, num_clips: int) -> list[list[int]]:
-    """[num_clips][num_frames] frame indices: clip k takes, in each of num_frames equal segments,
-    the frame at (k + 1) / (num_clips + 1) of the segment (the reference's sparse test sampling)."""
-    segment = num_video_frames / num_frames
-    offset_unit = segment / (num_clips + 1)
+    """[num_clips][num_frames] frame indices, as the reference's sparse test sampling
+    (``_get_seq_frames`` with clip_idx k): segments of s = (num_video_frames - 1) / num_frames
+    frames, and clip k takes frame round(s * i) + int(s / (num_clips + 1) * (k + 1)) of segment
+    i, at most the last frame."""
+    step = max(0.0, (num_video_frames - 1) / num_frames)
+    offset_unit = step / (num_clips + 1)
     return [
-        [min(int(round(segment * i)) + int(offset_unit * (k + 1)), num_video_frames - 1) for i in range(num_frames)]
+        [min(round(step * i) + int(offset_unit * (k + 1)), num_video_frames - 1) for i in range(num_frames)]
         for k in range(num_clips)
     ]
 

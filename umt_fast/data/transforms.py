@@ -24,6 +24,8 @@ __all__ = [
     "multiscale_crop_box",
     "normalize_video",
     "segment_middle_indices",
+    "segment_random_indices",
+    "sparse_random_indices",
     "tsn_frame_indices",
 ]
 
@@ -40,6 +42,13 @@ _FIXED_CROP_GRID = (
 )  # fmt: skip
 
 
+def _check_counts(num_video_frames: int, count: int, name: str) -> None:
+    if num_video_frames < 1:
+        raise ValueError(f"num_video_frames must be >= 1, got {num_video_frames}")
+    if count < 1:
+        raise ValueError(f"{name} must be >= 1, got {count}")
+
+
 def segment_middle_indices(num_video_frames: int, num_segments: int) -> list[int]:
     """The test-time frames of the reference's vision-language code (multi_modality's
     ``get_frame_indices(sample="middle")``): ``min(num_segments, num_video_frames)`` segments
@@ -47,13 +56,44 @@ def segment_middle_indices(num_video_frames: int, num_segments: int) -> list[int
     frame (b[i] + b[i+1] - 1) // 2 of each, the last one repeated up to ``num_segments`` for a
     shorter video. (`tsn_frame_indices` takes (b[i] + b[i+1]) // 2, a frame later in an even
     segment.)"""
-    if num_video_frames < 1:
-        raise ValueError(f"num_video_frames must be >= 1, got {num_video_frames}")
-    if num_segments < 1:
-        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    _check_counts(num_video_frames, num_segments, "num_segments")
     bounds = np.linspace(0, num_video_frames, min(num_segments, num_video_frames) + 1).astype(int).tolist()
     indices = [(a + b - 1) // 2 for a, b in zip(bounds[:-1], bounds[1:])]
     return indices + indices[-1:] * (num_segments - len(indices))
+
+
+def segment_random_indices(num_video_frames: int, num_segments: int, rng: random.Random) -> list[int]:
+    """The training frames of the reference's vision-language code (multi_modality's
+    ``get_frame_indices(sample="rand")``), drawn from ``rng``.
+
+    The segments are `segment_middle_indices`'s. Each gives a uniformly random frame of [b[i],
+    b[i+1] - 1), so never its own last frame (``rng.randrange``, the draw the reference's
+    ``random.choice`` over that range makes). Where a segment is a single frame, that range is
+    empty and the reference falls back to ``min(num_segments, num_video_frames)`` distinct frames
+    uniformly at random, sorted; so does this. A shorter video repeats its last frame up to
+    ``num_segments``. (`tsn_frame_indices` draws from [b[i], b[i+1]), last frame included.)"""
+    _check_counts(num_video_frames, num_segments, "num_segments")
+    count = min(num_segments, num_video_frames)
+    bounds = np.linspace(0, num_video_frames, count + 1).astype(int).tolist()
+    if all(b - a >= 2 for a, b in zip(bounds[:-1], bounds[1:])):
+        indices = [rng.randrange(a, b - 1) for a, b in zip(bounds[:-1], bounds[1:])]
+    else:
+        indices = sorted(rng.sample(range(num_video_frames), count))
+    return indices + indices[-1:] * (num_segments - count)
+
+
+def sparse_random_indices(num_video_frames: int, num_frames: int, rng: random.Random) -> list[int]:
+    """The training frames of the reference's fine-tuning data (the sparse Kinetics dataset's
+    ``_get_seq_frames`` with clip_idx -1), drawn from ``rng``.
+
+    The span [0, num_video_frames - 1] is cut into ``num_frames`` segments of s =
+    (num_video_frames - 1) / num_frames frames; segment i gives a uniformly random frame of
+    [round(s * i), round(s * (i + 1))], both ends included (``rng.randint``, the reference's draw),
+    so neighbouring segments share their boundary frame. `labelled.multi_view_frame_indices` is
+    its test-time counterpart."""
+    _check_counts(num_video_frames, num_frames, "num_frames")
+    step = (num_video_frames - 1) / num_frames
+    return [min(rng.randint(round(step * i), round(step * (i + 1))), num_video_frames - 1) for i in range(num_frames)]
 
 
 def tsn_frame_indices(num_video_frames: int, num_segments: int, rng: random.Random | None) -> list[int]:
@@ -67,10 +107,7 @@ def tsn_frame_indices(num_video_frames: int, num_segments: int, rng: random.Rand
     Returns:
         num_segments sorted frame indices in [0, num_video_frames).
     """
-    if num_video_frames < 1:
-        raise ValueError(f"num_video_frames must be >= 1, got {num_video_frames}")
-    if num_segments < 1:
-        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    _check_counts(num_video_frames, num_segments, "num_segments")
     bounds = np.linspace(0, num_video_frames, num_segments + 1).astype(int).tolist()
     indices = []
     for a, b in zip(bounds[:-1], bounds[1:]):
