@@ -174,6 +174,53 @@ def test_training_frames_are_the_random_frames_the_reference_draws():
         sparse_random_indices(0, 4, rng)
 
 
+def test_test_views_resize_as_the_reference_cv2_resize():
+    """Evaluation views: the short side to the input size with the long side truncated, bilinear
+    without antialiasing (the reference's cv2.INTER_LINEAR), then the crops along the long side:
+    within one level of the exact float64 resize everywhere."""
+    import numpy as np
+
+    from tests import umt_reference as ref
+    from umt_fast.data.decoding import count_frames, decode_frames
+
+    for clip in sample_clip_paths()[:2]:  # 1280x720 and 640x272
+        views = multi_view_clip(clip, 2, 48, 1, 3)
+        frames = decode_frames(clip, multi_view_frame_indices(count_frames(clip), 2, 1)[0])
+        new_h, new_w = ref.reference_short_side_size(frames.shape[1], frames.shape[2], 48)
+        assert new_h == 48 and new_w == int(48 * frames.shape[2] / frames.shape[1])
+        exact = ref.reference_bilinear_resize(frames.numpy(), new_h, new_w)
+        for view, offset in zip(views, spatial_crop_offsets(new_w, 48, 3)):
+            worst = np.abs(view.numpy().astype(np.float64) - exact[:, :, offset:offset + 48]).max()
+            assert worst <= 1.0, (clip, offset, worst)
+
+
+def test_training_crops_resize_as_the_reference_interpolate():
+    """A training clip (RandAugment off): the random box of the clip's generator, resized
+    bilinearly without antialiasing (the reference's F.interpolate on the crop), then the flip;
+    within one level of the exact float64 resize (ours rounds to uint8 before normalising)."""
+    import random
+
+    import numpy as np
+
+    from tests import umt_reference as ref
+    from umt_fast.data.annotations import VideoRecord
+    from umt_fast.data.decoding import decode_frames
+    from umt_fast.data.labelled import FinetuneClipDataset
+    from umt_fast.data.transforms import random_resized_crop_box
+
+    clip = sample_clip_paths()[1]  # bikes, 640x272
+    dataset = FinetuneClipDataset([VideoRecord(clip, 0)], num_frames=2, img_size=40, seed=0)
+    frames = decode_frames(clip, [10, 200])
+    for seed in range(4):
+        rng = random.Random(seed)  # the draws augment makes, in its order: the box, then the flip
+        x0, y0, w, h = random_resized_crop_box(640, 272, rng, scale=(0.08, 1.0))
+        exact = ref.reference_bilinear_resize(frames[:, y0:y0 + h, x0:x0 + w].numpy(), 40, 40)
+        if rng.random() < 0.5:
+            exact = exact[:, :, ::-1]
+        got = dataset.augment(frames, random.Random(seed)).numpy().astype(np.float64)
+        assert np.abs(got - exact).max() <= 1.0, seed
+
+
 def test_accuracy_report_names_the_worst_classes_and_their_confusions():
     probs = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
     labels = torch.tensor([0, 1, 1, 2])

@@ -192,6 +192,38 @@ def test_training_frames_are_the_random_frames_the_reference_draws():
         segment_random_indices(0, 4, rng)
 
 
+def test_video_and_image_resizes_are_the_reference_bicubic_ones(tmp_path):
+    """Stage 2, retrieval and QA resize as the reference's transforms did on uint8 tensors
+    (torchvision 0.13): bicubic without antialiasing, at test (the whole frame) and in training
+    (the random crop, then the flip); an image as a one-frame video."""
+    import random
+
+    import skimage.data
+    from PIL import Image
+
+    from tests import umt_reference as ref
+    from umt_fast.data import sample_clip_paths
+    from umt_fast.data.captions import RRC_RATIO, RRC_SCALE, load_media
+    from umt_fast.data.decoding import count_frames, decode_frames
+    from umt_fast.data.transforms import random_resized_crop_box, segment_middle_indices, segment_random_indices
+
+    clip = sample_clip_paths()[1]  # bikes, 640x272
+    frames = decode_frames(clip, segment_middle_indices(count_frames(clip), 3)).permute(0, 3, 1, 2)
+    assert torch.equal(load_media(clip, "video", 3, 48, None), ref.reference_vl_resize(frames, 48).permute(0, 2, 3, 1))
+    for seed in range(4):
+        rng = random.Random(seed)  # the draws load_media makes, in its order: frames, crop, flip
+        indices = segment_random_indices(count_frames(clip), 3, rng)
+        box = random_resized_crop_box(640, 272, rng, scale=RRC_SCALE, ratio=RRC_RATIO)
+        flip = rng.random() < 0.5
+        crop = ref.reference_vl_resize(decode_frames(clip, indices).permute(0, 3, 1, 2), 48, box)
+        want = (crop.flip(-1) if flip else crop).permute(0, 2, 3, 1)
+        assert torch.equal(load_media(clip, "video", 3, 48, random.Random(seed)), want), seed
+    photo = skimage.data.astronaut()  # 512x512 RGB
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    want = ref.reference_vl_resize(torch.from_numpy(photo).permute(2, 0, 1)[None], 40).permute(0, 2, 3, 1)
+    assert torch.equal(load_media(str(tmp_path / "photo.png"), "image", 4, 40, None), want)
+
+
 @pytest.mark.parametrize("seconds", [1.0, 2.5, 1000.0])
 def test_max_seconds_reads_the_frames_the_reference_trimmed30_reads(seconds):
     """data.max_seconds (DiDeMo's 30 in the presets) at test time: the middle frames of equal
@@ -203,7 +235,6 @@ def test_max_seconds_reads_the_frames_the_reference_trimmed30_reads(seconds):
     from umt_fast.data import sample_clip_paths
     from umt_fast.data.captions import load_media
     from umt_fast.data.decoding import count_frames, decode_frames
-    from umt_fast.data.transforms import crop_resize_flip
 
     for clip in sample_clip_paths()[:2]:
         with av.open(clip) as container:
@@ -213,7 +244,7 @@ def test_max_seconds_reads_the_frames_the_reference_trimmed30_reads(seconds):
         want = ref.reference_test_frame_indices(vlen, fps, 4, trimmed30=True, seconds=seconds)
         assert count_frames(clip, seconds) == (vlen if vlen / fps <= seconds else int(seconds * fps))
         frames = decode_frames(clip, want)
-        expected = crop_resize_flip(frames, (0, 0, frames.shape[2], frames.shape[1]), 32, False)
+        expected = ref.reference_vl_resize(frames.permute(0, 3, 1, 2), 32).permute(0, 2, 3, 1)
         assert torch.equal(load_media(clip, "video", 4, 32, None, max_seconds=seconds), expected), (clip, seconds)
         if seconds < vlen / fps:
             assert max(want) < seconds * fps and load_media(clip, "video", 4, 32, None).ne(expected).any()

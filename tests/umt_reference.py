@@ -793,3 +793,50 @@ def reference_sparse_frame_indices(video_size: int, num_frames: int, clip_idx: i
             duration = seg_size / (test_num_segment + 1)
             seq.append(min(start + int(duration * (clip_idx + 1)), max_frame))
     return seq
+
+
+def reference_vl_resize(frames_TCHW, size: int, box=None):
+    """The reference's vision-language resize (dataset/__init__.py: ``Resize((size, size))`` at
+    test, ``RandomResizedCrop(size, scale=(0.5, 1))`` in training, both BICUBIC) as torchvision
+    0.13, the version it ran on, applies it to uint8 tensors: crop to ``box`` (x0, y0, w, h),
+    bicubic interpolation in float without antialiasing, clamp to [0, 255], round to uint8."""
+    import torch
+    import torch.nn.functional as F
+
+    if box is not None:
+        x0, y0, w, h = box
+        frames_TCHW = frames_TCHW[:, :, y0:y0 + h, x0:x0 + w]
+    out = F.interpolate(frames_TCHW.float(), size=(size, size), mode="bicubic", align_corners=False)
+    return out.clamp(0, 255).round().to(torch.uint8)
+
+
+def reference_short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """video_transforms.py ``get_resize_sizes``: the short side to ``size``, the long side
+    truncated -> (new height, new width)."""
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def reference_bilinear_resize(frames_THWC, out_h: int, out_w: int):
+    """cv2.resize(..., INTER_LINEAR), what the reference's test ``Resize`` calls on each decoded
+    frame, computed exactly in float64: half-pixel centres, no antialiasing, edge samples clamped.
+    (cv2 itself rounds its fixed-point sums, so it may differ from this by one level.)
+    uint8 [T, H, W, C] -> float64 [T, out_h, out_w, C]."""
+    import numpy as np
+
+    x = np.asarray(frames_THWC, dtype=np.float64)
+    _, h, w, _ = x.shape
+
+    def taps(out_n, in_n):
+        src = (np.arange(out_n) + 0.5) * (in_n / out_n) - 0.5
+        i0 = np.floor(src).astype(int)
+        frac = src - i0
+        frac[i0 < 0], i0[i0 < 0] = 0.0, 0
+        frac[i0 >= in_n - 1], i0[i0 >= in_n - 1] = 0.0, in_n - 1
+        return i0, np.minimum(i0 + 1, in_n - 1), frac
+
+    y0, y1, fy = taps(out_h, h)
+    x0, x1, fx = taps(out_w, w)
+    rows = x[:, y0] * (1 - fy)[None, :, None, None] + x[:, y1] * fy[None, :, None, None]
+    return rows[:, :, x0] * (1 - fx)[None, None, :, None] + rows[:, :, x1] * fx[None, None, :, None]

@@ -157,6 +157,7 @@ def load_media(path: str, media: str, num_frames: int, img_size: int, rng: rando
     Training (``rng`` given): the reference's random frames (`segment_random_indices`), a random
     resized crop and a flip. ``rng`` None = test: the middle frame of each segment as the
     reference's vision-language code picks it (`segment_middle_indices`), a plain resize, no flip.
+    Both resize as the reference does: bicubic, without antialiasing.
     ``max_seconds`` > 0: the segments span only the video's first ``max_seconds``
     (`count_frames`)."""
     if media == "image":
@@ -167,9 +168,9 @@ def load_media(path: str, media: str, num_frames: int, img_size: int, rng: rando
                                segment_random_indices(n, num_frames, rng))  # fmt: skip
     _, h, w, _ = frames.shape
     if rng is None:
-        return crop_resize_flip(frames, (0, 0, w, h), img_size, False)
+        return crop_resize_flip(frames, (0, 0, w, h), img_size, False, bicubic=True)
     box = random_resized_crop_box(w, h, rng, scale=RRC_SCALE, ratio=RRC_RATIO)
-    return crop_resize_flip(frames, box, img_size, flip and rng.random() < 0.5)
+    return crop_resize_flip(frames, box, img_size, flip and rng.random() < 0.5, bicubic=True)
 
 
 class CaptionDataset(Dataset):

@@ -3,8 +3,8 @@
 Training (per video, `FinetuneClipDataset`): the reference's sparse sampling (one random frame
 per segment, `sparse_random_indices`) -> decoded once -> ``repeated_aug`` independent
 augmentations, each: RandomResizedCrop (area ``min_scale``..1, aspect 3/4..4/3) resized to
-``img_size`` -> horizontal flip -> RandAugment (torchvision.transforms.v2, one draw of
-operations and magnitudes for all frames of the clip).
+``img_size`` (bilinear, without antialiasing, as the reference) -> horizontal flip -> RandAugment
+(torchvision.transforms.v2, one draw of operations and magnitudes for all frames of the clip).
 All randomness of a sample comes from (seed, position, attempt, repeat), so the stream does not
 depend on the worker count and resumes exactly. Normalisation, random erasing and
 mixup / cutmix run on the batch on the training device (`umt_fast.finetune`).
@@ -15,7 +15,8 @@ img_size) instead of the full decoded frame before the crop.
 Evaluation (`multi_view_clip`): ``num_clips`` temporal clips x ``num_crops`` spatial crops per
 video, as the reference's test: temporal clip k takes, in each of the num_frames segments of the
 span [0, last frame], the frame at (k + 1) / (num_clips + 1) of the segment; the short side is
-resized to img_size and the crops sit at the start, centre and end of the long side.
+resized to img_size (bilinear without antialiasing, the long side truncated, as the reference's
+cv2 resize) and the crops sit at the start, centre and end of the long side.
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ class FinetuneClipDataset(Dataset):
         x0, y0, w, h = random_resized_crop_box(width, height, rng, scale=(self.min_scale, 1.0))
         x_TCHW = TF.resized_crop(
             frames_THWC.permute(0, 3, 1, 2), top=y0, left=x0, height=h, width=w, size=[self.img_size] * 2,
-            interpolation=InterpolationMode.BILINEAR, antialias=True,
+            interpolation=InterpolationMode.BILINEAR, antialias=False,  # as the reference's interpolate
         )  # fmt: skip
         if self.flip and rng.random() < 0.5:
             x_TCHW = x_TCHW.flip(-1)
@@ -215,13 +216,14 @@ def multi_view_clip(path: str, num_frames: int, img_size: int, num_clips: int, n
         frames = decode_frames(path, wanted)
     row = {index: r for r, index in enumerate(wanted)}
     _, height, width, _ = frames.shape
-    # Short side -> img_size (aspect kept), then crops along the long side.
+    # Short side -> img_size (the long side truncated, aspect kept), bilinear without antialiasing
+    # as the reference's cv2.INTER_LINEAR; then crops along the long side.
     if height <= width:
-        new_h, new_w = img_size, max(img_size, int(round(width * img_size / height)))
+        new_h, new_w = img_size, int(img_size * width / height)
     else:
-        new_w, new_h = img_size, max(img_size, int(round(height * img_size / width)))
+        new_w, new_h = img_size, int(img_size * height / width)
     resized = TF.resize(frames.permute(0, 3, 1, 2), [new_h, new_w], interpolation=InterpolationMode.BILINEAR,
-                        antialias=True)  # fmt: skip
+                        antialias=False)  # fmt: skip
     views = []
     for clip in clip_indices:
         clip_TCHW = resized[[row[i] for i in clip]]

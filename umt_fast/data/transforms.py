@@ -163,7 +163,7 @@ def multiscale_crop_box(
 
 
 def crop_resize_flip(
-    frames_THWC: torch.Tensor, box: tuple[int, int, int, int], out_size: int, flip: bool
+    frames_THWC: torch.Tensor, box: tuple[int, int, int, int], out_size: int, flip: bool, bicubic: bool = False
 ) -> torch.Tensor:
     """Crop every frame to `box`, resize to out_size x out_size, optionally mirror.
 
@@ -173,6 +173,10 @@ def crop_resize_flip(
             frame read as zeros.
         out_size: output side length.
         flip: mirror horizontally after resizing.
+        bicubic: resize bicubically without antialiasing, rounded back to uint8: what the
+            reference's vision-language transforms do (torchvision 0.13's Resize and
+            RandomResizedCrop on uint8 tensors). False: bilinear with antialiasing, like PIL's
+            resize in stage 1's reference pipeline.
 
     Returns:
         uint8 [T, out_size, out_size, 3], contiguous.
@@ -180,12 +184,19 @@ def crop_resize_flip(
     if frames_THWC.dtype != torch.uint8 or frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
         raise ValueError(f"expected uint8 [T, H, W, 3], got {frames_THWC.dtype} {list(frames_THWC.shape)}")
     x0, y0, crop_w, crop_h = box
-    # A channels-last [T, 3, H, W] view: torchvision's fast uint8 antialiased path.
+    # A channels-last [T, 3, H, W] view: torchvision's fast uint8 antialiased bilinear path.
     x_TCHW = frames_THWC.permute(0, 3, 1, 2)
-    x_TCHW = F.resized_crop(
-        x_TCHW, top=y0, left=x0, height=crop_h, width=crop_w, size=[out_size, out_size],
-        interpolation=InterpolationMode.BILINEAR, antialias=True,
-    )  # fmt: skip
+    if bicubic:
+        # In float and rounded to nearest, as torchvision 0.13 did: today's uint8 bicubic kernel
+        # rounds differently (1 level off in about 1% of the values).
+        x_TCHW = F.crop(x_TCHW, top=y0, left=x0, height=crop_h, width=crop_w)
+        x_TCHW = torch.nn.functional.interpolate(x_TCHW.float(), size=(out_size, out_size), mode="bicubic",
+                                                 align_corners=False).clamp_(0, 255).round_().to(torch.uint8)  # fmt: skip
+    else:
+        x_TCHW = F.resized_crop(
+            x_TCHW, top=y0, left=x0, height=crop_h, width=crop_w, size=[out_size, out_size],
+            interpolation=InterpolationMode.BILINEAR, antialias=True,
+        )  # fmt: skip
     if flip:
         x_TCHW = x_TCHW.flip(-1)
     return x_TCHW.permute(0, 2, 3, 1).contiguous()
