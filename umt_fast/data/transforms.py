@@ -189,9 +189,12 @@ def crop_resize_flip(
     if bicubic:
         # In float and rounded to nearest, as torchvision 0.13 did: today's uint8 bicubic kernel
         # rounds differently (1 level off in about 1% of the values).
-        x_TCHW = F.crop(x_TCHW, top=y0, left=x0, height=crop_h, width=crop_w)
-        x_TCHW = torch.nn.functional.interpolate(x_TCHW.float(), size=(out_size, out_size), mode="bicubic",
-                                                 align_corners=False).clamp_(0, 255).round_().to(torch.uint8)  # fmt: skip
+        # One frame at a time, so the float copy is one frame's (25 MB at 1080p), not the clip's.
+        x_TCHW = torch.cat([
+            torch.nn.functional.interpolate(frame.float(), size=(out_size, out_size), mode="bicubic",
+                                            align_corners=False).clamp_(0, 255).round_().to(torch.uint8)
+            for frame in F.crop(x_TCHW, top=y0, left=x0, height=crop_h, width=crop_w).split(1)
+        ])  # fmt: skip
     else:
         x_TCHW = F.resized_crop(
             x_TCHW, top=y0, left=x0, height=crop_h, width=crop_w, size=[out_size, out_size],
