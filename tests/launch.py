@@ -114,9 +114,12 @@ class Ranks:
             return out.read(), err.read()
 
     def check(self, timeout_s: float = 600) -> None:
-        """Waits and asserts that every rank exited 0, with the failing rank's stderr."""
-        for rank, code in enumerate(self.wait(timeout_s)):
-            assert code == 0, f"rank {rank} exited {code}:\n" + self.output(rank)[1][-3000:]
+        """Waits and asserts that every rank exited 0, with the stderr of every rank that did not
+        (a rank that loses its peer fails too: the first failure is not always the cause)."""
+        codes = self.wait(timeout_s)
+        failed = [rank for rank, code in enumerate(codes) if code != 0]
+        assert not failed, "\n".join(f"rank {rank} exited {codes[rank]}:\n" + self.output(rank)[1][-3000:]
+                                      for rank in failed)  # fmt: skip
 
 
 def start_ranks(target, args: tuple, nproc: int = 1, env: dict | None = None, preexec=None) -> Ranks:
