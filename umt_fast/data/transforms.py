@@ -49,6 +49,13 @@ def _check_counts(num_video_frames: int, count: int, name: str) -> None:
         raise ValueError(f"{name} must be >= 1, got {count}")
 
 
+def _segments(num_video_frames: int, num_segments: int) -> list[tuple[int, int]]:
+    """The reference's vision-language segments: [b[i], b[i+1]) for b = linspace(0,
+    num_video_frames, min(num_segments, num_video_frames) + 1) truncated to int."""
+    bounds = np.linspace(0, num_video_frames, min(num_segments, num_video_frames) + 1).astype(int).tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def segment_middle_indices(num_video_frames: int, num_segments: int) -> list[int]:
     """The test-time frames of the reference's vision-language code (multi_modality's
     ``get_frame_indices(sample="middle")``): ``min(num_segments, num_video_frames)`` segments
@@ -57,8 +64,7 @@ def segment_middle_indices(num_video_frames: int, num_segments: int) -> list[int
     shorter video. (`tsn_frame_indices` takes (b[i] + b[i+1]) // 2, a frame later in an even
     segment.)"""
     _check_counts(num_video_frames, num_segments, "num_segments")
-    bounds = np.linspace(0, num_video_frames, min(num_segments, num_video_frames) + 1).astype(int).tolist()
-    indices = [(a + b - 1) // 2 for a, b in zip(bounds[:-1], bounds[1:])]
+    indices = [(a + b - 1) // 2 for a, b in _segments(num_video_frames, num_segments)]
     return indices + indices[-1:] * (num_segments - len(indices))
 
 
@@ -73,13 +79,12 @@ def segment_random_indices(num_video_frames: int, num_segments: int, rng: random
     uniformly at random, sorted; so does this. A shorter video repeats its last frame up to
     ``num_segments``. (`tsn_frame_indices` draws from [b[i], b[i+1]), last frame included.)"""
     _check_counts(num_video_frames, num_segments, "num_segments")
-    count = min(num_segments, num_video_frames)
-    bounds = np.linspace(0, num_video_frames, count + 1).astype(int).tolist()
-    if all(b - a >= 2 for a, b in zip(bounds[:-1], bounds[1:])):
-        indices = [rng.randrange(a, b - 1) for a, b in zip(bounds[:-1], bounds[1:])]
+    segments = _segments(num_video_frames, num_segments)
+    if all(b - a >= 2 for a, b in segments):
+        indices = [rng.randrange(a, b - 1) for a, b in segments]
     else:
-        indices = sorted(rng.sample(range(num_video_frames), count))
-    return indices + indices[-1:] * (num_segments - count)
+        indices = sorted(rng.sample(range(num_video_frames), len(segments)))
+    return indices + indices[-1:] * (num_segments - len(segments))
 
 
 def sparse_random_indices(num_video_frames: int, num_frames: int, rng: random.Random) -> list[int]:
